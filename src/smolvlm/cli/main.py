@@ -1,0 +1,49 @@
+"""The `smolvlm` command: one table of subcommands; parsing and dispatch only.
+
+Each command lives in its own module exposing ``register(parser)`` (add arguments) and
+``run(args) -> int``. Errors that are the user's (bad file, bad flag, missing weights) are
+raised as ``UserError`` and printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("smolvlm.cli.doctor", "check the installation and print versions"),
+}
+
+
+class UserError(Exception):
+    """An error caused by input; printed as one line without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smolvlm", description="SmolVLM vision-language models in PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        mod = import_module(module)
+        mod.register(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (UserError, FileNotFoundError, ValueError, OSError) as e:
+        # ValueError/OSError from our own validation carry a clear message; no traceback.
+        print(f"smolvlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
