@@ -14,6 +14,8 @@ from importlib import import_module
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("smolvlm.cli.doctor", "check the installation and print versions"),
+    "generate": ("smolvlm.cli.generate", "answer one prompt about images/video, streaming the text"),
+    "chat": ("smolvlm.cli.chat", "interactive multi-turn chat on stdin (/image PATH, /reset, /quit)"),
 }
 
 

@@ -1,0 +1,114 @@
+"""Pieces shared by `smolvlm generate` and `smolvlm chat`: model flags, generation flags, loading."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, TextIO
+
+# The model used when --model is not given. None for now (then --model is required); a built-in
+# default checkpoint plugs in here and nowhere else.
+DEFAULT_MODEL: str | None = None
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None, metavar="DIR_OR_REPO",
+                   help="checkpoint folder or Hugging Face repo id (owner/name)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights/activations dtype (default: float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="new tokens at most (default: the checkpoint's generation config, else 20)")
+    g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=False,
+                   help="sample instead of greedy decoding (default: greedy)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (sampling; default 50, 0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (sampling; default off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x top probability (sampling)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token counts, timings) instead of streaming text")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags -> keyword arguments of ``generate_ids`` / ``smolvlm.stream``."""
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop_strings=args.stop)
+
+
+def setup_torch(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
+    """Checkpoint folder or repo id -> (SmolVLM in eval mode, SmolVLMProcessor). The one place a default goes."""
+    import torch
+
+    from smolvlm.model.vlm import SmolVLM
+    from smolvlm.processing.processor import SmolVLMProcessor
+    from smolvlm.weights.hub import resolve_checkpoint_dir
+
+    model_arg = model_arg or DEFAULT_MODEL
+    if not model_arg:
+        raise ValueError("no model given: pass --model DIR_OR_REPO")
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"invalid --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available")
+    directory = resolve_checkpoint_dir(model_arg)
+    model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev).eval()
+    processor = SmolVLMProcessor.from_pretrained(directory)
+    return model, processor
+
+
+def stats_dict(stats: Any) -> dict[str, Any]:
+    return {
+        "text": stats.text,
+        "prompt_tokens": stats.prompt_tokens,
+        "new_tokens": stats.new_tokens,
+        "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
+        "tokens_per_s": round(stats.tokens_per_s, 2),
+        "total_s": round(stats.total_s, 4),
+    }
+
+
+def write_stream(pieces: Any, out: TextIO | None = None) -> None:
+    """Print text pieces as they come; the answer's leading whitespace (the model's first token
+    usually carries a space after "Assistant:") is not shown."""
+    out = out or sys.stdout
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            out.write(piece)
+            out.flush()
+    out.write("\n")
+    out.flush()
+
+
+def print_json(stats: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    out.write(json.dumps(stats_dict(stats), ensure_ascii=False) + "\n")
+    out.flush()

@@ -1,0 +1,73 @@
+"""Static, preallocated key/value cache (gpt-fast style).
+
+One (B, n_kv_heads, max_len, head_dim) buffer pair per decoder layer. Callers write the keys and
+values of the tokens at absolute slots ``input_pos`` (T,), the same slots for every row; the
+text model then attends over the first L slots with a mask (see ``text.build_mask``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated per-layer K/V buffers. Zero-initialised so unused slots are never NaN."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    def __len__(self) -> int:
+        return len(self.k)
+
+    def check_positions(self, input_pos: torch.Tensor) -> None:
+        """Raise a clear error for slots outside [0, max_len). Skipped under torch.compile (it syncs)."""
+        if torch.compiler.is_compiling() or input_pos.numel() == 0:
+            return
+        lo, hi = int(input_pos.min()), int(input_pos.max())
+        if lo < 0 or hi >= self.max_len:
+            raise ValueError(
+                f"KV cache overflow: writing slots {lo}..{hi} but the cache holds max_len={self.max_len} "
+                f"positions; allocate a larger cache (new_kv_cache(batch_size, max_len=...))"
+            )
+
+    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, hd) at slots ``input_pos`` (T,); return this layer's full (k, v) buffers."""
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"KV cache was allocated for batch size {self.batch_size}, got a batch of {k.shape[0]}")
+        if k.shape[2] != input_pos.shape[0]:
+            raise ValueError(f"input_pos has {input_pos.shape[0]} slots for {k.shape[2]} new tokens")
+        if layer_idx == 0:
+            self.check_positions(input_pos)
+        kc, vc = self.k[layer_idx], self.v[layer_idx]
+        kc.index_copy_(2, input_pos, k.to(kc.dtype))
+        vc.index_copy_(2, input_pos, v.to(vc.dtype))
+        return kc, vc
+
+    def reset(self) -> None:
+        for t in (*self.k, *self.v):
+            t.zero_()

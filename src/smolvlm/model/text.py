@@ -1,0 +1,157 @@
+"""Llama / SmolLM2 decoder (``model.text_model``), with optional static KV cache (SPEC 1.6).
+
+Mirrors transformers 5.23 ``LlamaModel``: embed_tokens -> N x (pre-RMSNorm GQA attention with
+rotate-half RoPE, pre-RMSNorm SiLU MLP) -> final norm. No embedding scaling, no biases (unless
+the config asks for them).
+
+Masking. Without a cache this is the ordinary full forward: causal + optional 2-D padding mask
+(B, T), default position ids ``arange(T)``. With a cache, ``input_pos`` (T,) are the absolute
+cache slots written by this call and ``attention_mask`` (B, L) is a 0/1 mask over cache slots
+(L >= input_pos[-1] + 1); key slot j is visible to query slot i iff ``j <= i and mask[b, j]``.
+Default RoPE positions are ``input_pos``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from smolvlm.config import TextConfig
+from smolvlm.model.kv_cache import KVCache
+from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
+
+
+def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Boolean attention mask (B or 1, 1, T, L): causal by slot, AND key validity.
+
+    A query with no visible key (a left-padding position) would make SDPA return NaN; such rows
+    are allowed to see their own slot only. Their outputs are meaningless either way (the
+    reference makes them uniform over all keys) but stay finite, and no real token attends to them.
+    """
+    slots = torch.arange(key_len, device=query_pos.device)
+    allowed = (slots[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T, L)
+    if key_valid is not None:
+        allowed = allowed & key_valid.to(torch.bool)[:, None, None, :]  # (B, 1, T, L)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    return allowed | (empty & (slots[None, :] == query_pos[:, None]))
+
+
+class TextAttention(nn.Module):
+    """GQA self-attention (``LlamaAttention``)."""
+
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=cfg.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+        key_len: int = 0,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, max_len, hd)
+            k, v = k[:, :, :key_len].to(q.dtype), v[:, :, :key_len].to(q.dtype)  # (B, Hkv, L, hd)
+        is_causal = mask is None and kv_cache is None and t > 1
+        return self.o_proj(attention(q, k, v, mask, is_causal=is_causal))  # (B, T, D)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = TextAttention(cfg, layer_idx)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, **cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, **cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """``model.text_model``: returns the final-norm hidden states (B, T, D)."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"unsupported text hidden_act {cfg.hidden_act!r}; SmolLM2 uses silu")
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = inputs_embeds.shape
+        dev = inputs_embeds.device
+        if kv_cache is None:
+            if input_pos is not None:
+                raise ValueError("input_pos is only meaningful together with kv_cache")
+            slots = torch.arange(t, device=dev)
+            key_len = t
+            if attention_mask is not None and attention_mask.shape != (b, t):
+                raise ValueError(f"attention_mask must have shape (batch, seq) = {(b, t)}, got {tuple(attention_mask.shape)}")
+            # An all-ones mask is the same as no mask; skip it for the fused causal kernel.
+            padded = attention_mask is not None and not bool(attention_mask.all())
+            mask = build_mask(slots, t, attention_mask) if padded else None
+        else:
+            if input_pos is None:
+                raise ValueError("kv_cache needs input_pos: the (T,) cache slots written by this call")
+            slots = input_pos.to(dev)
+            key_len = self._cache_key_len(kv_cache, slots, attention_mask, t)
+            mask = build_mask(slots, key_len, attention_mask)
+        if position_ids is None:
+            position_ids = slots[None].expand(b, t)
+        cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config.head_dim, self.config.rope_theta, dev), inputs_embeds.dtype)
+        cache = {"kv_cache": kv_cache, "input_pos": slots, "key_len": key_len} if kv_cache is not None else {}
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, **cache)
+        return self.norm(x)
+
+    @staticmethod
+    def _cache_key_len(kv_cache: KVCache, slots: torch.Tensor, attention_mask: torch.Tensor | None, t: int) -> int:
+        """Number of leading cache slots to attend over (L): the mask width, or last slot + 1."""
+        if slots.shape != (t,):
+            raise ValueError(f"input_pos must have shape ({t},) for {t} new tokens, got {tuple(slots.shape)}")
+        kv_cache.check_positions(slots)
+        if attention_mask is None:
+            return kv_cache.max_len if torch.compiler.is_compiling() else int(slots.max()) + 1
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != kv_cache.batch_size:
+            raise ValueError(
+                f"with a KV cache, attention_mask must be (batch, L) over cache slots with batch={kv_cache.batch_size}; "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        key_len = attention_mask.shape[1]
+        if key_len > kv_cache.max_len:
+            raise ValueError(f"attention_mask covers {key_len} slots but the KV cache holds only {kv_cache.max_len}")
+        if not torch.compiler.is_compiling() and int(slots.max()) >= key_len:
+            raise ValueError(
+                f"attention_mask covers {key_len} cache slots but this call writes slot {int(slots.max())}; "
+                "it must cover at least input_pos[-1] + 1 slots"
+            )
+        return key_len

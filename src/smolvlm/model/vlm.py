@@ -1,0 +1,204 @@
+"""The full SmolVLM / Idefics3 model: vision -> connector -> merge into <image> slots -> Llama -> lm_head.
+
+Mirrors transformers 5.23 ``SmolVLMForConditionalGeneration`` / ``Idefics3ForConditionalGeneration``
+(SPEC 1.1-1.8). Module attribute paths equal the checkpoint keys, so loading needs no rename table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolvlm.config import SmolVLMConfig
+from smolvlm.model.connector import Connector
+from smolvlm.model.kv_cache import KVCache
+from smolvlm.model.text import TextModel
+from smolvlm.model.vision import VisionTransformer
+
+
+@dataclass
+class SmolVLMOutput:
+    logits: torch.Tensor  # (B, T or logits_to_keep, vocab)
+    loss: torch.Tensor | None = None
+
+
+def ties_lm_head(config: SmolVLMConfig) -> bool:
+    """Whether lm_head shares the token embedding.
+
+    transformers 5.23 ties on the *top-level* ``tie_word_embeddings`` (``PreTrainedModel.
+    get_expanded_tied_weights_keys`` reads ``self.config``), whereas SPEC 1.8 (from 4.57) says the
+    text config decides. The reference wins. Released checkpoints set both to false.
+    """
+    return bool(config.tie_word_embeddings)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``ForCausalLMLoss``: fp32 logits, labels shifted left (pad -100), CE mean over labels != -100."""
+    labels = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)  # (B, T)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class SmolVLMModel(nn.Module):
+    """``model``: holds ``vision_model``, ``connector`` and ``text_model``."""
+
+    def __init__(self, config: SmolVLMConfig) -> None:
+        super().__init__()
+        self.vision_model = VisionTransformer(config.vision_config)
+        self.connector = Connector(config)
+        self.text_model = TextModel(config.text_config)
+
+
+class SmolVLM(nn.Module):
+    """SmolVLM / SmolVLM2 vision-language model (``XForConditionalGeneration``)."""
+
+    def __init__(self, config: SmolVLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.generation_config: dict[str, Any] | None = None
+        self.model = SmolVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.tie_weights()
+
+    # -- construction / checkpoints -------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share lm_head.weight with embed_tokens.weight when the config says so (re-run after assign-loading)."""
+        if ties_lm_head(self.config):
+            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str = "cpu") -> "SmolVLM":
+        """Load a HF-format checkpoint folder (or hub repo id). dtype: torch.dtype, "auto" (config), None = float32."""
+        from smolvlm.weights.load import load_pretrained
+
+        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device)
+
+    @classmethod
+    def from_config(cls, config: SmolVLMConfig, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str = "cpu") -> "SmolVLM":
+        """Randomly initialised model (normal(0, initializer_range) linears/embeddings, unit norms)."""
+        from smolvlm.weights.load import init_random
+
+        return init_random(cls, config, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
+        """Write config.json + (sharded) safetensors that transformers loads back unchanged."""
+        from smolvlm.weights.save import save_pretrained
+
+        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """Zeroed static cache for this model (default dtype: the model's)."""
+        tc = self.config.text_config
+        return KVCache(tc.num_hidden_layers, batch_size, tc.num_key_value_heads, max_len, tc.head_dim,
+                       dtype=dtype or self.dtype, device=self.device)
+
+    # -- images ---------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values (B, N, 3, H, W), pixel_attention_mask (B, N, H, W) -> (n_real, S, D_text).
+
+        Padding images (every value exactly 0.0 after the cast to the model dtype) are dropped;
+        real ones keep sample-major order (SPEC 1.4). If none is real the first is kept, as
+        ``SmolVLMModel.get_image_features`` does; we apply that to Idefics3 too, whose 5.23 code
+        has no such rule and crashes in the vision embeddings on an empty batch instead.
+        """
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be (batch, num_images, 3, H, W); got shape {tuple(pixel_values.shape)}")
+        b, n, c, h, w = pixel_values.shape
+        pv = pixel_values.to(self.model.vision_model.embeddings.patch_embedding.weight.dtype).reshape(b * n, c, h, w)
+        real = (pv != 0).flatten(1).any(dim=1)  # (B*N,)
+        if not bool(real.any()):
+            real[0] = True
+        pv = pv[real]  # (n_real, 3, H, W)
+        patch_mask = None
+        if pixel_attention_mask is not None:
+            if pixel_attention_mask.shape != (b, n, h, w):
+                raise ValueError(f"pixel_attention_mask must have shape {(b, n, h, w)}, got {tuple(pixel_attention_mask.shape)}")
+            patch_mask = self._patch_mask(pixel_attention_mask.reshape(b * n, h, w)[real])
+        feats = self.model.vision_model(pv, patch_mask)  # (n_real, h*w/p^2, D_vis)
+        return self.model.connector(feats)  # (n_real, S, D_text)
+
+    def _patch_mask(self, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """(n, H, W) pixel mask -> (n, H//p, W//p) patch mask: a patch is valid if any pixel is (remainder dropped)."""
+        p = self.config.vision_config.patch_size
+        n, h, w = pixel_mask.shape
+        m = pixel_mask[:, : h // p * p, : w // p * p].reshape(n, h // p, p, w // p, p)
+        return (m != 0).any(dim=4).any(dim=2)
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with image features written into the <image> positions."""
+        embeds = self.model.text_model.embed_tokens(input_ids)  # (B, T, D)
+        if image_features is None:
+            return embeds
+        return self._merge(embeds, input_ids == self.config.image_token_id, image_features)
+
+    def _merge(self, embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Scatter feature rows into ``image_mask`` positions in flattened (batch, position) order (masked_scatter)."""
+        d = embeds.shape[-1]
+        if image_features.shape[-1] != d:
+            raise ValueError(f"image features have width {image_features.shape[-1]}, text embeddings {d}")
+        n_tokens = int(image_mask.sum())
+        n_rows = image_features.numel() // d
+        if n_tokens != n_rows:
+            s = self.config.image_seq_len
+            raise ValueError(
+                f"the input has {n_tokens} <image> tokens (id {self.config.image_token_id}) but the images give "
+                f"{n_rows} feature rows ({n_rows // s} image(s)/tile(s) x {s}); the prompt and images do not match"
+            )
+        feats = image_features.reshape(-1, d).to(embeds.dtype)
+        return embeds.masked_scatter(image_mask[..., None], feats)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        image_features: torch.Tensor | None = None,
+    ) -> SmolVLMOutput:
+        """Logits (and loss if ``labels``). See ``text.py`` for the cache/mask contract."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or precomputed image_features, not both")
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, pixel_attention_mask)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, image_features)
+        elif image_features is not None:
+            # As the reference: with embeddings only, image slots are those equal to the <image> embedding.
+            tok = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            image_mask = (inputs_embeds == self.model.text_model.embed_tokens(tok)).all(-1)
+            inputs_embeds = self._merge(inputs_embeds, image_mask, image_features)
+        hidden = self.model.text_model(inputs_embeds, attention_mask, position_ids, kv_cache, input_pos)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # (B, T', vocab)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return SmolVLMOutput(logits=logits, loss=loss)
+
+    def generate(self, **kwargs: Any) -> Any:
+        """Delegates to ``smolvlm.generation.generate.generate_ids`` (imported lazily)."""
+        from smolvlm.generation.generate import generate_ids
+
+        return generate_ids(self, **kwargs)

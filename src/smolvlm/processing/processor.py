@@ -1,0 +1,322 @@
+"""SmolVLMProcessor: chat messages / prompts + images -> model inputs (SPEC §2, §3).
+
+Mirrors transformers 5.23 ``Idefics3Processor`` (SmolVLM v1 checkpoints) and ``SmolVLMProcessor``
+(SmolVLM2) with the PIL image backend: ``__call__`` expands every ``<image>`` marker into its
+tile layout (``prompt.py``), tokenizes (``tokenizer.py``), and returns ``input_ids``,
+``attention_mask`` and, with images, ``pixel_values`` / ``pixel_attention_mask`` (``image.py``)
+with the reference's shapes and dtypes. Differences from the reference, on purpose:
+
+* ``__call__`` always pads ids to the longest prompt (5.23 needs ``padding=True`` for that);
+  ``padding_side`` defaults to the tokenizer's ("right"); pass "left" for batched generation.
+* ``apply_chat_template`` defaults to ``add_generation_prompt=True`` and rejects string content
+  (see ``chat.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from PIL import Image
+
+from smolvlm.processing import chat
+from smolvlm.processing.errors import PromptError
+from smolvlm.processing.image import ImageInput, ImageLayout, ImageProcessor
+from smolvlm.processing.prompt import ImageTokens, check_marker_counts, expand_prompt, image_prompt_string
+from smolvlm.processing.tokenizer import Tokenizer
+
+_HUB_PATTERNS = ["*.json", "*.txt", "*.jinja"]
+
+
+class ProcessorOutput(dict):
+    """dict of model inputs; also ``out.input_ids`` and ``out.to(device)`` (BatchFeature-like)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any = None, dtype: Any = None) -> "ProcessorOutput":
+        """Move tensors to ``device``; ``dtype`` applies to floating tensors only (pixel_values)."""
+        out = ProcessorOutput()
+        for k, v in self.items():
+            if hasattr(v, "to"):
+                v = v.to(device=device, dtype=dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+            out[k] = v
+        return out
+
+
+def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
+    """A local directory, or a hub repo id fetched (config/tokenizer files only) with huggingface_hub."""
+    p = Path(path_or_repo_id).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_repo_id)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise FileNotFoundError(f"checkpoint directory not found: {s}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(s, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:  # not cached yet: try the network below
+        pass
+    try:
+        return Path(snapshot_download(s, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, network error
+        raise FileNotFoundError(
+            f"{s!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); are you offline?"
+        ) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _image_seq_len(d: Path) -> int:
+    """processor_config.json ``image_seq_len``; else derived from config.json (SPEC §3.2)."""
+    pc = _read_json(d / "processor_config.json")
+    if "image_seq_len" in pc:
+        return int(pc["image_seq_len"])
+    cfg = _read_json(d / "config.json")
+    v = cfg.get("vision_config", {})
+    if "image_size" in v and "patch_size" in v and "scale_factor" in cfg:
+        return int((v["image_size"] // v["patch_size"]) ** 2 // cfg["scale_factor"] ** 2)
+    raise FileNotFoundError(f"image_seq_len not found: no processor_config.json (or usable config.json) in {d}")
+
+
+def _is_image(x: Any) -> bool:
+    return isinstance(x, (str, Path, bytes, bytearray, Image.Image, np.ndarray))
+
+
+class SmolVLMProcessor:
+    """Tokenizer + image processor + chat template of one checkpoint (transformers 5.23 semantics)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        image_seq_len: int,
+        chat_template: str,
+        *,
+        processor_class: str = "Idefics3Processor",
+        image_tokens: ImageTokens = ImageTokens(),
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_seq_len = int(image_seq_len)
+        self.chat_template = chat_template
+        self.processor_class = processor_class
+        self.image_tokens = image_tokens
+        for t in (image_tokens.image, image_tokens.fake):
+            if tokenizer.token_to_id(t) is None:
+                raise ValueError(f"tokenizer has no {t!r} token; not a SmolVLM tokenizer")
+        self._image_token_counts = lru_cache(maxsize=256)(self._count_image_tokens)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | Path, *, revision: str | None = None, allow_remote: bool = False
+    ) -> "SmolVLMProcessor":
+        """Load from a checkpoint directory (or hub repo id): tokenizer, preprocessor, template."""
+        d = resolve_checkpoint_dir(path_or_repo_id, revision)
+        tokenizer = Tokenizer.from_pretrained(d)
+        pc = _read_json(d / "processor_config.json")
+        processor_class = pc.get("processor_class") or _read_json(d / "preprocessor_config.json").get(
+            "processor_class", "Idefics3Processor")
+        tokens = ImageTokens()
+        if processor_class == "SmolVLMProcessor":
+            # 5.23 SmolVLMProcessor reads these tokenizer attributes when a tokenizer_config defines them.
+            tc = tokenizer.config
+            tokens = ImageTokens(tc.get("image_token", tokens.image), tc.get("fake_image_token", tokens.fake),
+                                 tc.get("global_image_token", tokens.global_img))
+        return cls(
+            tokenizer,
+            ImageProcessor.from_pretrained(d, allow_remote=allow_remote),
+            _image_seq_len(d),
+            chat.load_chat_template(d),
+            processor_class=processor_class,
+            image_tokens=tokens,
+        )
+
+    def __repr__(self) -> str:
+        return f"SmolVLMProcessor({self.processor_class}, S={self.image_seq_len}, {self.image_processor!r})"
+
+    # -- ids -----------------------------------------------------------------------------------
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.token_to_id(self.image_tokens.image)  # type: ignore[return-value]
+
+    @property
+    def fake_image_token_id(self) -> int:
+        return self.tokenizer.token_to_id(self.image_tokens.fake)  # type: ignore[return-value]
+
+    @property
+    def end_of_utterance_token_id(self) -> int | None:
+        return self.tokenizer.token_to_id("<end_of_utterance>")
+
+    # -- chat ----------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[chat.Message] | Sequence[Sequence[chat.Message]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+    ) -> str | list[str] | list[int]:
+        """Render the checkpoint's template; a list of conversations gives a list of strings.
+
+        ``tokenize=True`` returns the ids of the full processed prompt (markers expanded, using the
+        images the messages carry), like 5.23's ``tokenize=True`` ``input_ids``, as a plain list.
+        """
+        batched = bool(messages) and isinstance(messages[0], Sequence) and not isinstance(messages[0], (str, dict))
+        convs = list(messages) if batched else [messages]
+        specials = {a: getattr(self.tokenizer, a) for a in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        texts = []
+        for conv in convs:
+            template = chat_template or self.chat_template
+            if chat_template is None and self.processor_class == "SmolVLMProcessor" and chat.has_video(conv):
+                template = chat.DEFAULT_VIDEO_CHAT_TEMPLATE
+            texts.append(chat.render_chat(template, conv, add_generation_prompt=add_generation_prompt,
+                                          special_tokens=specials))
+        if not tokenize:
+            return texts if batched else texts[0]
+        images = [self.collect_images(c) for c in convs]
+        out = self(text=texts, images=images if any(images) else None, return_tensors="np")
+        ids = [row[m.astype(bool)].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
+        return ids if batched else ids[0]  # type: ignore[return-value]
+
+    @staticmethod
+    def collect_images(messages: Sequence[chat.Message]) -> list[Any]:
+        """Images referenced by ``{"type": "image", "image"|"url"|"path"|"base64": ...}`` items, in order."""
+        return chat.collect_images(messages)
+
+    # -- main call -----------------------------------------------------------------------------
+
+    def _nest_images(self, images: Any, texts: list[str] | None) -> list[list[ImageInput]]:
+        """Accept one image, a flat list, or one list per prompt (5.23 prepare_inputs_layout)."""
+        if _is_image(images):
+            return [[images]]
+        images = list(images)
+        if images and all(isinstance(x, (list, tuple)) for x in images):
+            return [list(x) for x in images]
+        if not all(_is_image(x) for x in images):
+            raise PromptError("images must be an image, a list of images, or one list of images per prompt")
+        if texts is None or len(texts) == 1:
+            return [images]
+        counts = [t.count(self.image_tokens.image) for t in texts]
+        if sum(counts) != len(images):
+            raise PromptError(
+                f"the prompts hold {sum(counts)} {self.image_tokens.image} marker(s) in total {counts} but "
+                f"{len(images)} image(s) were given"
+            )
+        starts = np.cumsum([0, *counts])
+        return [images[starts[i]:starts[i + 1]] for i in range(len(texts))]
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Any = None,
+        return_tensors: Literal["pt", "np"] = "pt",
+        padding_side: Literal["left", "right"] | None = None,
+        do_image_splitting: bool | None = None,
+    ) -> ProcessorOutput:
+        """Prompts (with ``<image>`` markers) + images -> input_ids, attention_mask, pixel_values, ..."""
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        side = padding_side or self.tokenizer.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        if text is None and images is None:
+            raise PromptError("give text, images, or both")
+        texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
+        if texts is not None and not all(isinstance(t, str) for t in texts):
+            raise PromptError("text must be a string or a list of strings")
+        nested = self._nest_images(images, texts) if images is not None else None
+        if texts is not None:
+            check_marker_counts(texts, [len(s) for s in nested] if nested else [0] * len(texts), self.image_tokens)
+
+        out = ProcessorOutput()
+        if texts is not None:
+            if nested and any(nested):
+                batch = self.image_processor(nested, do_image_splitting)
+                texts = [
+                    expand_prompt(t, [self.image_string(lay) for lay in lays], self.image_tokens)
+                    for t, lays in zip(texts, batch.layouts)
+                ]
+            else:
+                batch = None
+            out.update(self._pad(self.tokenizer.encode_batch(texts), side))
+        else:
+            batch = self.image_processor(nested, do_image_splitting)  # type: ignore[arg-type]
+        if batch is not None:
+            out["pixel_values"] = batch.pixel_values
+            out["pixel_attention_mask"] = batch.pixel_attention_mask
+        if return_tensors == "pt":
+            import torch
+
+            for k, v in out.items():
+                out[k] = torch.from_numpy(v)
+        return out
+
+    def _pad(self, ids: list[list[int]], side: str) -> dict[str, np.ndarray]:
+        pad_id = self.tokenizer.pad_token_id
+        length = max(len(x) for x in ids)
+        if pad_id is None and any(len(x) != length for x in ids):
+            raise ValueError("tokenizer has no pad token; cannot batch prompts of different lengths")
+        input_ids = np.full((len(ids), length), pad_id if pad_id is not None else 0, dtype=np.int64)  # (B, T)
+        mask = np.zeros((len(ids), length), dtype=np.int64)  # (B, T)
+        for i, x in enumerate(ids):
+            sl = slice(length - len(x), length) if side == "left" else slice(0, len(x))
+            input_ids[i, sl] = x
+            mask[i, sl] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def image_string(self, layout: ImageLayout) -> str:
+        """Prompt text that replaces one ``<image>`` marker for an image with this layout."""
+        return image_prompt_string(layout.rows, layout.cols, self.image_seq_len, self.image_tokens)
+
+    def _count_image_tokens(self, rows: int, cols: int) -> int:
+        # Tokenized in isolation: the block starts and ends with special tokens, so BPE never
+        # merges across its edges and the count equals the in-context count.
+        return len(self.tokenizer.encode(image_prompt_string(rows, cols, self.image_seq_len, self.image_tokens)))
+
+    # -- decoding / counting ---------------------------------------------------------------------
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    def count_tokens(
+        self, text: str | None = None, images: Sequence[ImageInput] | None = None,
+        do_image_splitting: bool | None = None,
+    ) -> dict[str, Any]:
+        """Token budget of one prompt without building pixel tensors.
+
+        ``text`` defaults to one ``<image>`` marker per image. Returns ``{"images": [{"width",
+        "height", "resized", "grid", "rows", "cols", "tiles", "tokens"}, ...], "image_tokens",
+        "text_tokens", "total_tokens"}`` (sizes as (height, width); ``tiles`` counts the arrays the
+        image adds to ``pixel_values``, global image included).
+        """
+        images = list(images or [])
+        text = self.image_tokens.image * len(images) if text is None else text
+        check_marker_counts([text], [len(images)], self.image_tokens)
+        per_image, reps = [], []
+        for img in images:
+            lay = self.image_processor.layout(img, do_image_splitting)
+            n = self._image_token_counts(lay.rows, lay.cols)
+            per_image.append({
+                "width": lay.size[1], "height": lay.size[0], "resized": list(lay.resized), "grid": list(lay.grid),
+                "rows": lay.rows, "cols": lay.cols, "tiles": lay.num_arrays, "tokens": n,
+            })
+            reps.append(self.image_string(lay))
+        total = len(self.tokenizer.encode(expand_prompt(text, reps, self.image_tokens)))
+        image_tokens = sum(x["tokens"] for x in per_image)
+        return {"images": per_image, "image_tokens": image_tokens, "text_tokens": total - image_tokens,
+                "total_tokens": total}

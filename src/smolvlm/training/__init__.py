@@ -1,0 +1,1 @@
+"""Training: data -> labels, collation, LoRA, the SFT loop, checkpoints, recipes."""

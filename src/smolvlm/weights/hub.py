@@ -1,0 +1,44 @@
+"""Checkpoint location: a local folder, or a Hugging Face Hub repo id (the only network code).
+
+A string naming an existing directory is used as is. Otherwise, a string shaped like a repo id
+(``owner/name``) is fetched with ``huggingface_hub.snapshot_download`` (config, tokenizer,
+chat-template and safetensors files only; the repos also hold ONNX exports we never need).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Files a SmolVLM checkpoint needs: configs/tokenizer/chat template (json, txt, jinja) and weights.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class CheckpointDownloadError(FileNotFoundError):
+    """A repo id could not be fetched from the Hub (offline, unknown repo, no access...)."""
+
+
+def _snapshot_download(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+
+
+def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
+    """Local directory holding the checkpoint files; downloads a repo id if it is not a local folder."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; pass the checkpoint directory (with config.json) instead")
+    name = str(path_or_repo_id)
+    if isinstance(path_or_repo_id, Path) or not _REPO_ID.match(name):
+        raise FileNotFoundError(f"no checkpoint directory at {name!r} (and it does not look like a hub repo id 'owner/name')")
+    try:
+        return Path(_snapshot_download(name, revision))
+    except Exception as e:  # any hub/network failure: offline, 404, gated, ...
+        raise CheckpointDownloadError(
+            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"If you have the checkpoint files, pass the local directory path instead."
+        ) from e

@@ -1,0 +1,198 @@
+"""Checkpoint I/O: strict loading errors, meta-device loading, sharding, dtype, safe re-save, hub errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+import smolvlm.weights.hub as hub
+import smolvlm.weights.save as save_mod
+from smolvlm import SmolVLM
+from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
+from smolvlm.weights.load import CheckpointError, resolve_dtype
+
+
+def tiny_config(model_type: str = "idefics3", tie: bool = False, dtype: str | None = None) -> SmolVLMConfig:
+    return SmolVLMConfig(
+        model_type=model_type,
+        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=8),
+        text_config=TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               rope_theta=100000.0, tie_word_embeddings=tie),
+        image_token_id=299, scale_factor=2, tie_word_embeddings=tie, torch_dtype=dtype,
+    )
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    d = tmp_path / "ckpt"
+    SmolVLM.from_config(tiny_config()).save_pretrained(d)
+    return d
+
+
+def logits(model: SmolVLM) -> torch.Tensor:
+    ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])
+    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pv.to(model.dtype)).logits
+
+
+def rewrite(d: Path, edit) -> None:
+    sd = load_file(d / "model.safetensors")
+    edit(sd)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_round_trip_single_file(ckpt):
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
+    a = SmolVLM.from_pretrained(ckpt)
+    b = SmolVLM.from_pretrained(ckpt)
+    assert_close(logits(a), logits(b), rtol=0, atol=0)
+    assert a.generation_config is None
+
+
+def test_strict_error_lists_everything(ckpt):
+    def edit(sd):
+        del sd["model.connector.modality_projection.proj.weight"]
+        del sd["model.text_model.norm.weight"]
+        sd["model.vision_model.head.probe"] = torch.zeros(3)
+        sd["model.text_model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 4)
+
+    rewrite(ckpt, edit)
+    with pytest.raises(CheckpointError) as e:
+        SmolVLM.from_pretrained(ckpt)
+    msg = str(e.value)
+    assert isinstance(e.value, ValueError)
+    assert "2 missing: model.connector.modality_projection.proj.weight, model.text_model.norm.weight" in msg
+    assert "1 unexpected: model.vision_model.head.probe" in msg
+    assert "1 wrong shape: model.text_model.layers.1.mlp.up_proj.weight (checkpoint [3, 4] vs model [128, 64])" in msg
+
+
+@pytest.mark.parametrize("case", ["drop", "add", "shape"])
+def test_each_strict_error_alone(ckpt, case):
+    key = "model.vision_model.encoder.layers.0.self_attn.k_proj.bias"
+    edits = {"drop": lambda sd: sd.pop(key), "add": lambda sd: sd.update(extra=torch.ones(1)),
+             "shape": lambda sd: sd.update({key: torch.ones(33)})}
+    rewrite(ckpt, edits[case])
+    with pytest.raises(CheckpointError, match={"drop": f"1 missing: {key}$", "add": "1 unexpected: extra$",
+                                               "shape": rf"1 wrong shape: {key} \(checkpoint \[33\] vs model \[32\]\)"}[case]):
+        SmolVLM.from_pretrained(ckpt)
+
+
+def test_inv_freq_keys_ignored(ckpt):
+    rewrite(ckpt, lambda sd: sd.update({"model.text_model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    SmolVLM.from_pretrained(ckpt)
+
+
+def test_tied_checkpoint_without_lm_head(tmp_path):
+    SmolVLM.from_config(tiny_config(tie=True)).save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    m = SmolVLM.from_pretrained(tmp_path)
+    assert m.lm_head.weight is m.model.text_model.embed_tokens.weight
+    # Untied config + no lm_head in the file is an error.
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="1 missing: lm_head.weight"):
+        SmolVLM.from_pretrained(tmp_path)
+
+
+def test_loading_never_materialises_random_weights(ckpt, monkeypatch):
+    devices = []
+    orig = torch.nn.Linear.reset_parameters
+
+    def spy(self):
+        devices.append(self.weight.device.type)
+        orig(self)
+
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", spy)
+    m = SmolVLM.from_pretrained(ckpt)
+    assert devices and set(devices) == {"meta"}
+    assert not any(p.is_meta for p in m.parameters())
+
+
+def test_sharded_round_trip_and_transformers_loads_it(tmp_path):
+    import transformers
+
+    m = SmolVLM.from_config(tiny_config("smolvlm"))
+    m.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert set(index["weight_map"]) == set(m.state_dict())
+    back = SmolVLM.from_pretrained(tmp_path)
+    assert_close(logits(back), logits(m), rtol=0, atol=0)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])
+    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(ref(input_ids=ids, pixel_values=pv).logits, logits(m), rtol=1e-5, atol=1e-5)
+
+
+def test_resave_changes_layout_and_keeps_other_files(tmp_path):
+    m = SmolVLM.from_config(tiny_config())
+    m.save_pretrained(tmp_path, max_shard_size="100KB")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    m.save_pretrained(tmp_path)  # now a single file: the old shards and index must go
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.json", "model.safetensors", "tokenizer.json"]
+    SmolVLM.from_pretrained(tmp_path)
+
+
+def test_failed_save_keeps_existing_checkpoint(ckpt, monkeypatch):
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(save_mod, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        SmolVLM.from_config(tiny_config()).save_pretrained(ckpt)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert [p.name for p in ckpt.parent.iterdir()] == ["ckpt"]  # temp folder cleaned up
+
+
+def test_dtype_options_and_generation_config(tmp_path):
+    m = SmolVLM.from_config(tiny_config(dtype="bfloat16"), dtype=torch.bfloat16)
+    m.generation_config = {"bos_token_id": 0, "eos_token_id": 49279, "pad_token_id": 2}
+    m.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert SmolVLM.from_pretrained(tmp_path).dtype == torch.float32  # None = float32
+    auto = SmolVLM.from_pretrained(tmp_path, dtype="auto")
+    assert auto.dtype == torch.bfloat16
+    assert auto.generation_config == m.generation_config
+    assert SmolVLM.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
+    # A float32 model saved from it records float32, so "auto" round-trips the stored dtype.
+    SmolVLM.from_pretrained(tmp_path).save_pretrained(tmp_path / "f32")
+    assert SmolVLM.from_pretrained(tmp_path / "f32", dtype="auto").dtype == torch.float32
+    assert json.loads((tmp_path / "f32" / "generation_config.json").read_text())["eos_token_id"] == 49279
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        resolve_dtype("int8", tiny_config())
+
+
+def test_missing_things_give_clear_errors(tmp_path, ref256, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        SmolVLM.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        SmolVLM.from_pretrained(ref256)  # the published 256M config set ships no weights here
+
+    def offline(repo_id, revision):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(hub, "_snapshot_download", offline)
+    with pytest.raises(hub.CheckpointDownloadError, match="could not download 'HuggingFaceTB/SmolVLM-256M-Instruct'.*local directory"):
+        SmolVLM.from_pretrained("HuggingFaceTB/SmolVLM-256M-Instruct")
+
+
+def test_repo_id_goes_through_snapshot_download(ckpt, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hub, "_snapshot_download", lambda repo_id, revision: calls.append(repo_id) or str(ckpt))
+    m = SmolVLM.from_pretrained("someone/tiny-smolvlm")
+    assert calls == ["someone/tiny-smolvlm"] and m.config.text_config.hidden_size == 64
