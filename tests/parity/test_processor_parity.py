@@ -331,3 +331,16 @@ def test_bytes_io_roundtrip_png(tiny256):
     _rgb(33, 12, 8).save(buf, format="PNG")
     ours, _ = tiny256
     assert_same(ours(text="<image>", images=[[buf.getvalue()]]), ours(text="<image>", images=[[_rgb(33, 12, 8)]]))
+
+
+def test_resize_sizes_match_reference_helper():
+    """Step-1 sizes (incl. the 4096 cap, reachable with L > 4096) equal 5.23's own helper."""
+    from transformers.models.idefics3.image_processing_pil_idefics3 import get_resize_output_image_size
+
+    from smolvlm.processing.image import resize_longest_edge
+
+    rng = _rng(3)
+    for L in (1536, 2048, 6000):
+        for h, w in [(1, 1), (1, 4000), (4000, 1), *rng.integers(1, 9000, (300, 2)).tolist()]:
+            want = get_resize_output_image_size(np.zeros((1, h, w)), resolution_max_side=L)
+            assert resize_longest_edge(h, w, L) == tuple(want), (h, w, L)

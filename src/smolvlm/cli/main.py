@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("smolvlm.cli.doctor", "check the installation and print versions"),
     "generate": ("smolvlm.cli.generate", "answer one prompt about images/video, streaming the text"),
     "chat": ("smolvlm.cli.chat", "interactive multi-turn chat on stdin (/image PATH, /reset, /quit)"),
+    "tokens": ("smolvlm.cli.tokens", "count tiles and prompt tokens for images (no model needed)"),
 }
 
 

@@ -126,6 +126,8 @@ class TextModel(nn.Module):
             mask = build_mask(slots, key_len, attention_mask)
         if position_ids is None:
             position_ids = slots[None].expand(b, t)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids[None].expand(b, t)
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config.head_dim, self.config.rope_theta, dev), inputs_embeds.dtype)
         cache = {"kv_cache": kv_cache, "input_pos": slots, "key_len": key_len} if kv_cache is not None else {}
         x = inputs_embeds

@@ -92,13 +92,14 @@ class SmolVLM(nn.Module):
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
+    # Read from the embedding: it is never swapped out (quantization/LoRA replace Linear layers).
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.text_model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.text_model.embed_tokens.weight.device
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """Zeroed static cache for this model (default dtype: the model's)."""
