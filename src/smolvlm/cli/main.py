@@ -14,6 +14,7 @@ from importlib import import_module
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("smolvlm.cli.doctor", "check the installation and print versions"),
+    "train": ("smolvlm.cli.train", "fine-tune or train a model from a YAML recipe (full, frozen parts, LoRA; resumable)"),
     "generate": ("smolvlm.cli.generate", "answer one prompt about images/video, streaming the text"),
     "chat": ("smolvlm.cli.chat", "interactive multi-turn chat on stdin (/image PATH, /reset, /quit)"),
     "tokens": ("smolvlm.cli.tokens", "count tiles and prompt tokens for images (no model needed)"),

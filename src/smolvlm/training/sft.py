@@ -313,7 +313,7 @@ def train(model: nn.Module, train_data: Sequence, collate_fn: Callable[[list], B
     end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
     while step < end:
         t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler moves it after)
+        lr = optim.lr * lr_factor(step, sched, cfg.max_steps)  # base lr of this step (groups scale alike)
         micro = []
         for _ in range(cfg.grad_accum):
             micro.append(collate_fn([train_data[i] for i in order.indices(seen, cfg.batch_size)]))
