@@ -38,7 +38,8 @@ NEW = 64
 TEXT = ("Here is a short passage about the history of astronomy. Early observers tracked the motion of the "
         "planets against the fixed stars, built calendars from the cycles of the Sun and the Moon, and later "
         "used telescopes to discover moons, rings and distant galaxies. Please summarise it in a few sentences, "
-        "then list three open questions that modern astronomers still study today.")
+        "then list three open questions that modern astronomers still study today, and explain in one line "
+        "why each of them matters for our picture of the universe.")
 
 
 def build_models(dtype: torch.dtype) -> tuple[torch.nn.Module, SmolVLM]:

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import smolvlm
 import transformers
 from smolvlm import SmolVLM, SmolVLMProcessor
 from smolvlm.generation.feature_cache import FeatureCache
@@ -266,6 +267,7 @@ def test_stream_text_equals_generate_decode(ours, proc, ckpt):
     assert stats.prompt_tokens == T and stats.new_tokens == ids.shape[1] - T
     # the string form: images first, then the text, one user turn
     assert "".join(stream(ours, ours_proc, "Describe this image.", images=[IMG_A], max_new_tokens=15)) == full
+    assert smolvlm.generate(ours, ours_proc, msgs, max_new_tokens=15) == full  # the non-streaming form
     stop = full[3:5]
     cut = "".join(stream(ours, ours_proc, msgs, max_new_tokens=15, stop_strings=[stop]))
     assert cut == apply_stop_strings(full, [stop]) and len(cut) < len(full)

@@ -211,3 +211,11 @@ def generate_ids(
     new = list(gen)
     prompt = input_ids if input_ids.dim() == 2 else input_ids[None]
     return torch.cat([prompt.to(new[0].device), torch.stack(new, dim=1)], dim=1)  # (B, T + n)
+
+
+def generate(model: Any, processor: Any, messages_or_prompt: str | list[dict[str, Any]],
+             images: Sequence[Any] | None = None, **gen_kwargs: Any) -> str:
+    """The whole answer as one string: ``"".join(smolvlm.stream(...))`` (same arguments)."""
+    from smolvlm.generation.stream import stream
+
+    return "".join(stream(model, processor, messages_or_prompt, images, **gen_kwargs))

@@ -95,7 +95,7 @@ def train_embedding_rows(model: nn.Module, param_names: Sequence[str], rows: Seq
         mask[idx] = 1
         p.requires_grad_(True)
         p._row_mask = mask
-        p.register_hook(lambda g, m=mask: g * m.to(g.dtype))
+        p.register_hook(lambda g, m=mask: g * m.to(device=g.device, dtype=g.dtype))
 
 
 # -- optimizer and schedule ----------------------------------------------------------------------
@@ -308,7 +308,7 @@ def train(model: nn.Module, train_data: Sequence, collate_fn: Callable[[list], B
     order = DataOrder(len(train_data), cfg.seed, cfg.shuffle)
     amp = AUTOCAST[cfg.autocast]
     step, seen, elapsed = state["step"], state["samples_seen"], state.get("elapsed", 0.0)
-    last_loss, eval_loss, saved = float("nan"), state.get("eval_loss"), None
+    last_loss, eval_loss, saved = state.get("last_loss", float("nan")), state.get("eval_loss"), None
     bar = _progress(cfg, step)
     end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
     while step < end:
@@ -335,7 +335,8 @@ def train(model: nn.Module, train_data: Sequence, collate_fn: Callable[[list], B
             bar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{rec['samples_per_s']:.1f}")
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
             saved = ckpt.save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                                         {"samples_seen": seen, "elapsed": elapsed, "eval_loss": eval_loss},
+                                         {"samples_seen": seen, "elapsed": elapsed, "eval_loss": eval_loss,
+                                          "last_loss": last_loss},
                                          keep_last=cfg.keep_last)
     if bar is not None:
         bar.close()

@@ -1,0 +1,58 @@
+"""`smolvlm train`: the default-model recipe, shrunk with --set overrides, runs 2 steps end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from smolvlm.cli.main import main
+from smolvlm.model.vlm import SmolVLM
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = str(REPO / "configs" / "default-model.yaml")
+
+
+def tiny_overrides(ref: Path, out: Path) -> list[str]:
+    sets = [
+        "model.text_backbone=random",
+        "model.text={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+        "num_key_value_heads: 2, head_dim: 8, max_position_embeddings: 1024}",
+        "model.vision={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+        "image_size: 48, patch_size: 8}",
+        "model.scale_factor=3",  # 6x6 patches -> 2x2 = 4 tokens per tile
+        "model.processor={do_image_splitting: false, size: {longest_edge: 48}}",
+        f"model.tokenizer={ref}",
+        "data.n_train=4", "data.n_eval=2",
+        "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.eval_every=2",
+        "train.checkpoint_every=1", "train.progress=false", f"train.output_dir={out}",
+    ]
+    return [x for s in sets for x in ("--set", s)]
+
+
+def test_train_cli_smoke(ref256, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out)]) == 0
+    assert "trained to step 2" in capsys.readouterr().out
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2] and "eval_loss" in recs[-1]
+    assert all(k in recs[0] for k in ("loss", "lr", "samples_per_s", "elapsed"))
+    assert (out / "loss.png").is_file() and (out / "recipe.yaml").is_file()
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
+    model = SmolVLM.from_pretrained(out / "final")
+    assert model.config.vision_config.image_size == 48 and model.config.image_seq_len == 4
+    # resuming a finished run is a no-op that still succeeds; without --resume it refuses
+    assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out), "--resume"]) == 0
+    assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_train_cli_bad_recipe_key_is_one_line_error(tmp_path, capsys):
+    assert main(["train", "--recipe", RECIPE, "--set", "train.max_stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_stepz" in err and "Traceback" not in err
+    assert main(["train", "--recipe", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_train_cli_dry_run_prints_resolved_recipe(capsys):
+    assert main(["train", "--recipe", RECIPE, "--set", "train.max_steps=10", "--dry-run"]) == 0
+    assert "max_steps: 10" in capsys.readouterr().out
