@@ -11,7 +11,7 @@ Not run in CI (minutes of CPU and GBs of RAM). For each chosen config set in sha
 4. The parent compares logits (max |diff|, argmax agreement) and writes bench/PARITY.md.
 
     .venv/bin/python bench/parity_full_size.py                       # 256M and 500M
-    .venv/bin/python bench/parity_full_size.py --models 2.2B         # one 2.2B set (about 10 GB RAM per engine)
+    .venv/bin/python bench/parity_full_size.py --models 2.2B         # one 2.2B set (about 13 GB peak RSS per engine)
 
 Results accumulate in bench/.cache/parity_results.json, so sizes can be run separately; each
 run rewrites PARITY.md from all rows measured so far.
@@ -218,7 +218,7 @@ def write_report(rows: dict[str, dict]) -> None:
         "```",
         ".venv/bin/python bench/parity_full_size.py --models 256M 500M",
         ".venv/bin/python bench/parity_full_size.py --models 256M --attn eager",
-        ".venv/bin/python bench/parity_full_size.py --models 2.2B v2-2.2B   # ~10 GB RAM per engine, one at a time",
+        ".venv/bin/python bench/parity_full_size.py --models 2.2B v2-2.2B   # ~13 GB peak RSS per engine, one at a time",
         "```",
         "",
     ]

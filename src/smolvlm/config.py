@@ -164,8 +164,9 @@ class SmolVLMConfig:
 
     @property
     def tied(self) -> bool:
-        # The reference ties only when the text config asks for it (SPEC 1.8).
-        return bool(self.text_config.tie_word_embeddings)
+        # transformers 5.23 ties lm_head to embed_tokens on the *top-level* flag (checked with
+        # all four combinations; SPEC 1.8 says text_config, the reference wins).
+        return bool(self.tie_word_embeddings)
 
     # -- (de)serialisation ----------------------------------------------------------------
     @classmethod

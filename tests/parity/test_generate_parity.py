@@ -239,17 +239,20 @@ def test_stop_strings_match_transformers(hf, ours, proc):
     assert mine.shape[1] < free.shape[1]
 
 
-def test_context_overflow_raises_before_work(ours, proc):
-    batch = inputs(proc, CASES["text"])
+def test_context_overflow_raises_before_work(ours, proc, monkeypatch):
+    batch = inputs(proc, CASES["one_image"])
     T = batch["input_ids"].shape[1]
-    calls = []
-    ours.new_kv_cache, orig = (lambda *a, **k: calls.append(1)), ours.new_kv_cache
-    try:
-        with pytest.raises(ValueError, match=rf"{T} tokens.*max_new_tokens={MAX_POS}.*{MAX_POS}"):
-            generate_tokens(ours, **batch, max_new_tokens=MAX_POS)
-    finally:
-        del ours.new_kv_cache
-    assert not calls and orig is not None
+    work = []
+    monkeypatch.setattr(ours, "new_kv_cache", lambda *a, **k: work.append("cache"))
+    monkeypatch.setattr(ours, "get_image_features", lambda *a, **k: work.append("vision"))
+    monkeypatch.setattr(ours, "forward", lambda *a, **k: work.append("forward"))
+    with pytest.raises(ValueError, match=rf"{T} tokens.*max_new_tokens={MAX_POS - T + 1}.*={MAX_POS}"):
+        generate_ids(ours, **batch, max_new_tokens=MAX_POS - T + 1, feature_cache=FeatureCache())
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate_tokens(ours, **batch, max_new_tokens=MAX_POS)  # raised on the call, not on first next()
+    assert work == []
+    monkeypatch.undo()
+    assert generate_ids(ours, **batch, max_new_tokens=MAX_POS - T, eos_token_id=[]).shape[1] == MAX_POS  # fits
 
 
 def test_stream_text_equals_generate_decode(ours, proc, ckpt):
