@@ -47,6 +47,7 @@ DEFAULT_VIDEO_CHAT_TEMPLATE = (
 )
 
 IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")  # 5.23 _multimodal_inputs_from_conversations order
+VIDEO_SOURCE_KEYS = ("video", "url", "path")  # same function, video items
 
 
 def load_chat_template(directory: str | Path) -> str:
@@ -193,29 +194,45 @@ def has_video(messages: Sequence[Message]) -> bool:
     )
 
 
+def _collect(messages: Sequence[Message], kind: str, keys: tuple[str, ...]) -> list[Any]:
+    """Sources of the ``kind`` items, in order: the first of ``keys`` each item has."""
+    validate_messages(messages)
+    found, missing = [], []
+    for i, m in enumerate(messages):
+        for j, item in enumerate(m["content"]):
+            if item["type"] != kind:
+                continue
+            present = [k for k in keys if k in item]
+            if not present:
+                missing.append(f"message {i} item {j}")
+                continue
+            src = item[present[0]]
+            if present[0] == "base64" and isinstance(src, str):
+                src = src if src.startswith("data:image/") else "data:image/unknown;base64," + src
+            found.append(src)
+    if found and missing:
+        raise ChatError(
+            f"{len(found)} {kind} item(s) carry a {kind} but {', '.join(missing)} do(es) not; give every {kind} "
+            f"item one of {', '.join(repr(k) for k in keys)}, or none of them and pass the {kind}s separately"
+        )
+    return found
+
+
 def collect_images(messages: Sequence[Message]) -> list[Any]:
     """Image sources referenced by the messages, in order (``image``/``url``/``path``/``base64`` keys).
 
     Returns ``[]`` when no image item carries data (images are then passed separately). Raises
     ``ChatError`` when only some do, since markers and images would no longer line up.
     """
-    validate_messages(messages)
-    found, missing = [], []
-    for i, m in enumerate(messages):
-        for j, item in enumerate(m["content"]):
-            if item["type"] != "image":
-                continue
-            keys = [k for k in IMAGE_SOURCE_KEYS if k in item]
-            if not keys:
-                missing.append(f"message {i} item {j}")
-                continue
-            src = item[keys[0]]
-            if keys[0] == "base64" and isinstance(src, str):
-                src = src if src.startswith("data:image/") else "data:image/unknown;base64," + src
-            found.append(src)
-    if found and missing:
-        raise ChatError(
-            f"{len(found)} image item(s) carry an image but {', '.join(missing)} do(es) not; give every image "
-            "item one of 'image', 'url', 'path', 'base64', or none of them and pass images separately"
-        )
-    return found
+    return _collect(messages, "image", IMAGE_SOURCE_KEYS)
+
+
+def collect_videos(messages: Sequence[Message]) -> list[Any]:
+    """Video sources of ``{"type": "video", "video"|"url"|"path": ...}`` items, in order.
+
+    A source is whatever ``SmolVLMProcessor`` takes as one video: a file path, a list of frames
+    (PIL images, arrays or image paths), a ``(T, H, W, 3)`` array or a preloaded ``VideoFrames``.
+    Key precedence as 5.23 ``_multimodal_inputs_from_conversations`` (which, unlike us, would take
+    *every* key present); ``[]`` / ``ChatError`` as in ``collect_images``.
+    """
+    return _collect(messages, "video", VIDEO_SOURCE_KEYS)
