@@ -91,10 +91,15 @@ def test_generate_errors_are_one_line(ckpt, capsys, argv_tail, message):
     assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_video_without_processor_support(ckpt, image, capsys):
-    # any existing file will do: the processor refuses video before decoding anything
-    rc = main(["generate", "--model", str(ckpt), "--video", str(image), "q"])
-    assert rc == 2 and "video input is not supported by this processor yet" in capsys.readouterr().err
+def test_video_on_v1_checkpoint(ckpt, tmp_path, capsys):
+    # A SmolVLM v1 (Idefics3) checkpoint has no video_sampling: 1 fps / 64 frames and the SmolVLM2 layout
+    # (processor.py docstring); SmolVLM2 video runs are tested in test_cli_video.py.
+    from tests._video_fixtures import encode_video
+
+    clip = encode_video(tmp_path / "c.avi", num_frames=35, fps=10, width=24, height=20)  # 3.5 s -> 4 frames
+    rc = main(["generate", "--model", str(ckpt), "--video", str(clip), "--json", "--max-new-tokens", "2", "q"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["video_frames"] == 4
 
 
 def test_missing_model_errors(capsys, tmp_path):

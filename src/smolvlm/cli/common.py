@@ -56,8 +56,22 @@ def setup_torch(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """Checkpoint folder or repo id -> (SmolVLM in eval mode, SmolVLMProcessor). The one place a default goes."""
+def load_processor(model_arg: str | None) -> Any:
+    """Checkpoint folder or repo id -> SmolVLMProcessor only (cheap: lets commands check inputs such as
+    a video before the slow model load)."""
+    from smolvlm.processing.processor import SmolVLMProcessor
+    from smolvlm.weights.hub import resolve_checkpoint_dir
+
+    model_arg = model_arg or DEFAULT_MODEL
+    if not model_arg:
+        raise ValueError("no model given: pass --model DIR_OR_REPO")
+    return SmolVLMProcessor.from_pretrained(resolve_checkpoint_dir(model_arg))
+
+
+def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu",
+                             processor: Any = None) -> tuple[Any, Any]:
+    """Checkpoint folder or repo id -> (SmolVLM in eval mode, SmolVLMProcessor). The one place a default goes.
+    ``processor``: one already loaded with ``load_processor`` (not loaded again)."""
     import torch
 
     from smolvlm.model.vlm import SmolVLM
@@ -77,7 +91,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
         raise ValueError(f"--device {device} requested but CUDA is not available")
     directory = resolve_checkpoint_dir(model_arg)
     model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev).eval()
-    processor = SmolVLMProcessor.from_pretrained(directory)
+    processor = processor if processor is not None else SmolVLMProcessor.from_pretrained(directory)
     return model, processor
 
 
@@ -108,7 +122,8 @@ def write_stream(pieces: Any, out: TextIO | None = None) -> None:
     out.flush()
 
 
-def print_json(stats: Any, out: TextIO | None = None) -> None:
+def print_json(stats: Any, out: TextIO | None = None, extra: dict[str, Any] | None = None) -> None:
+    """One JSON line: ``stats_dict(stats)`` plus ``extra`` keys (e.g. ``video_frames``)."""
     out = out or sys.stdout
-    out.write(json.dumps(stats_dict(stats), ensure_ascii=False) + "\n")
+    out.write(json.dumps({**stats_dict(stats), **(extra or {})}, ensure_ascii=False) + "\n")
     out.flush()

@@ -36,6 +36,24 @@ def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | 
     return allowed | (empty & (slots[None, :] == query_pos[:, None]))
 
 
+def _cache_mask(slots: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for a cached call writing ``slots`` (T,) and attending over ``key_len`` slots.
+
+    Fast paths, exact because they select the same keys as ``build_mask``: with no padding, one
+    query at the last slot sees every key (no mask at all), and a prompt written at slots
+    ``0..T-1`` is plain causal attention (SDPA's ``is_causal``, T == L). Anything else (padding,
+    chunked prefill at an offset, torch.compile's fixed ``key_len``) gets the explicit mask.
+    """
+    t = slots.shape[0]
+    if not torch.compiler.is_compiling() and (key_valid is None or bool(key_valid.all())):
+        last = int(slots[-1])
+        if t == 1 and last == key_len - 1:
+            return None, False
+        if t == key_len and last == t - 1 and torch.equal(slots, torch.arange(t, device=slots.device)):
+            return None, True
+    return build_mask(slots, key_len, key_valid), False
+
+
 class TextAttention(nn.Module):
     """GQA self-attention (``LlamaAttention``)."""
 
@@ -60,6 +78,7 @@ class TextAttention(nn.Module):
         kv_cache: KVCache | None = None,
         input_pos: torch.Tensor | None = None,
         key_len: int = 0,
+        is_causal: bool = False,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
@@ -67,9 +86,12 @@ class TextAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, max_len, hd)
-            k, v = k[:, :, :key_len].to(q.dtype), v[:, :, :key_len].to(q.dtype)  # (B, Hkv, L, hd)
-        is_causal = mask is None and kv_cache is None and t > 1
+            kc, vc = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, max_len, hd)
+            # A causal prompt at slots 0..T-1 attends over exactly the k, v just written; reuse them
+            # unless the cache rounded them (a cache narrower than the activations).
+            if not (is_causal and kc.dtype in (k.dtype, torch.float32)):
+                # Attend only over the L live slots; ``attention`` casts an fp32 cache as needed.
+                k, v = kc[:, :, :key_len], vc[:, :, :key_len]  # (B, Hkv, L, hd)
         return self.o_proj(attention(q, k, v, mask, is_causal=is_causal))  # (B, T, D)
 
 
@@ -118,18 +140,20 @@ class TextModel(nn.Module):
             # An all-ones mask is the same as no mask; skip it for the fused causal kernel.
             padded = attention_mask is not None and not bool(attention_mask.all())
             mask = build_mask(slots, t, attention_mask) if padded else None
+            causal = mask is None and t > 1
         else:
             if input_pos is None:
                 raise ValueError("kv_cache needs input_pos: the (T,) cache slots written by this call")
             slots = input_pos.to(dev)
             key_len = self._cache_key_len(kv_cache, slots, attention_mask, t)
-            mask = build_mask(slots, key_len, attention_mask)
+            mask, causal = _cache_mask(slots, key_len, attention_mask)
         if position_ids is None:
             position_ids = slots[None].expand(b, t)
         elif position_ids.dim() == 1:
             position_ids = position_ids[None].expand(b, t)
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config.head_dim, self.config.rope_theta, dev), inputs_embeds.dtype)
         cache = {"kv_cache": kv_cache, "input_pos": slots, "key_len": key_len} if kv_cache is not None else {}
+        cache["is_causal"] = causal
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask, **cache)

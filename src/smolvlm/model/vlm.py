@@ -72,11 +72,26 @@ class SmolVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu") -> "SmolVLM":
-        """Load a HF-format checkpoint folder (or hub repo id). dtype: torch.dtype, "auto" (config), None = float32."""
+                        device: torch.device | str = "cpu", quantize: str = "none") -> "SmolVLM":
+        """Load a HF-format checkpoint folder (or hub repo id). dtype: torch.dtype, "auto" (config), None = float32.
+
+        ``quantize`` ("none", "int8", "int4"): weight-only quantization applied after loading
+        (``smolvlm.quantization.quantize``). A folder written by ``save_quantized`` (it has a
+        ``quantization.json``) loads as saved; asking for a different mode then is an error.
+        """
+        from smolvlm import quantization
         from smolvlm.weights.load import load_pretrained
 
-        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device)
+        quantization.check_mode(quantize)
+        local = Path(path_or_repo_id).expanduser()
+        if (local / quantization.QUANT_FILE).is_file():
+            model = quantization.load_quantized(local, dtype=dtype, device=device)
+            saved = model.quantization["mode"]
+            if quantize not in ("none", saved):
+                raise quantization.QuantizationError(f"{local} holds {saved} weights; cannot load it as {quantize}")
+            return model
+        model = load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device)
+        return quantization.quantize(model, quantize)
 
     @classmethod
     def from_config(cls, config: SmolVLMConfig, dtype: torch.dtype | str | None = None,
@@ -102,10 +117,19 @@ class SmolVLM(nn.Module):
         return self.model.text_model.embed_tokens.weight.device
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """Zeroed static cache for this model (default dtype: the model's)."""
+        """Zeroed static cache for this model.
+
+        Default dtype: the model's, except bf16/fp16 models on CPU get an fp32 cache. It holds the
+        same (exactly representable) values; decode attention then runs in fp32 with no per-step
+        cast, because PyTorch's CPU SDPA is several times slower for one bf16 query (see
+        ``layers.attention``). Costs 2x cache memory (256M: 46 KB per token instead of 23 KB).
+        """
         tc = self.config.text_config
+        if dtype is None:
+            low = self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cpu"
+            dtype = torch.float32 if low else self.dtype
         return KVCache(tc.num_hidden_layers, batch_size, tc.num_key_value_heads, max_len, tc.head_dim,
-                       dtype=dtype or self.dtype, device=self.device)
+                       dtype=dtype, device=self.device)
 
     # -- images ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,6 +12,11 @@ plain JSON values: media objects (PIL images, arrays, bytes) are replaced by the
 Template lookup order (5.23 ``ProcessorMixin.from_pretrained``): ``chat_template.json``, then
 ``chat_template.jinja``, then ``tokenizer_config.json["chat_template"]``.
 
+Video: a conversation with a ``{"type": "video"}`` item is rendered with
+``DEFAULT_VIDEO_CHAT_TEMPLATE`` (video items -> ``<video>``) when no template is given, as 5.23
+``SmolVLMProcessor.apply_chat_template`` does (the processor applies it to SmolVLM v1 checkpoints
+too); ``collect_videos`` gathers the video sources like ``collect_images``.
+
 Deliberate difference: 5.23 renders a message whose ``content`` is a plain string as nothing
 (``"User: <end_of_utterance>\\n"``, because the template iterates the string's characters). We
 raise ``ChatError`` instead of silently dropping the text; wrap strings as

@@ -289,10 +289,45 @@ class ImageLayout:
         return self.rows * self.cols + 1 if self.rows or self.cols else 1
 
 
-def plan_layout(height: int, width: int, cfg: ImageProcessorConfig, do_image_splitting: bool) -> ImageLayout:
+@dataclass(frozen=True)
+class TileBudget:
+    """Opt-in tile policy (not in the reference; the default ``None`` keeps it exact).
+
+    ``no_upscale``: resize the longest edge to ``min(L, ceil_to_M(longest edge))`` instead of
+    always to L, so a small image is not blown up into a full grid (256M: a 512x512 photo is one
+    512 tile instead of 4x4 + global = 17). ``max_tiles``: lower L in steps of M until the grid has
+    at most this many tiles (the global image not counted; L = M means one unsplit image).
+    """
+
+    no_upscale: bool = False
+    max_tiles: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1, got {self.max_tiles}")
+
+    def longest_edge(self, height: int, width: int, cfg: ImageProcessorConfig) -> int:
+        """The resize target L' <= L this policy picks for an ``height x width`` image."""
+        m, edge = cfg.max_image_size, cfg.longest_edge
+        if self.no_upscale:
+            edge = min(edge, max(m, math.ceil(max(height, width) / m) * m))
+        if self.max_tiles is not None:
+            while edge > m and _grid_tiles(resize_longest_edge(height, width, edge), m) > self.max_tiles:
+                edge -= m
+        return edge
+
+
+def _grid_tiles(resized: tuple[int, int], m: int) -> int:
+    gh, gw = grid_size(*resized, m)
+    return ((gh - m) // m + 1) * ((gw - m) // m + 1) if gh > m or gw > m else 1
+
+
+def plan_layout(height: int, width: int, cfg: ImageProcessorConfig, do_image_splitting: bool,
+                budget: TileBudget | None = None) -> ImageLayout:
     """Sizes and grid for an ``height x width`` RGB image, without touching pixels."""
     m = cfg.max_image_size
-    resized = resize_longest_edge(height, width, cfg.longest_edge) if cfg.do_resize else (height, width)
+    edge = budget.longest_edge(height, width, cfg) if budget is not None else cfg.longest_edge
+    resized = resize_longest_edge(height, width, edge) if cfg.do_resize else (height, width)
     if not do_image_splitting:
         return ImageLayout((height, width), resized, (m, m), 0, 0, m)
     gh, gw = grid_size(*resized, m)
@@ -342,11 +377,12 @@ class ImageProcessor:
         c = self.config
         return f"ImageProcessor(L={c.longest_edge}, M={c.max_image_size}, split={c.do_image_splitting})"
 
-    def layout(self, image: ImageInput, do_image_splitting: bool | None = None) -> ImageLayout:
+    def layout(self, image: ImageInput, do_image_splitting: bool | None = None,
+               budget: TileBudget | None = None) -> ImageLayout:
         """Tile layout of one image (loads it, so EXIF orientation is honoured as in processing)."""
         img = self.load(image)
         split = self.config.do_image_splitting if do_image_splitting is None else do_image_splitting
-        return plan_layout(img.height, img.width, self.config, split)
+        return plan_layout(img.height, img.width, self.config, split, budget)
 
     def load(self, image: ImageInput) -> Image.Image:
         return load_image(image, allow_remote=self.allow_remote)
@@ -355,11 +391,12 @@ class ImageProcessor:
         # PIL returns an unmodified copy when the size is unchanged, as 5.23 relies on.
         return img.resize((width, height), resample=self.config.resample)
 
-    def split(self, image: ImageInput, do_image_splitting: bool | None = None) -> tuple[list[np.ndarray], ImageLayout]:
+    def split(self, image: ImageInput, do_image_splitting: bool | None = None,
+              budget: TileBudget | None = None) -> tuple[list[np.ndarray], ImageLayout]:
         """One image -> uint8 HWC arrays (tiles row-major, then the global image) and its layout."""
         split = self.config.do_image_splitting if do_image_splitting is None else do_image_splitting
         img = self.load(image)
-        lay = plan_layout(img.height, img.width, self.config, split)
+        lay = plan_layout(img.height, img.width, self.config, split, budget)
         m = lay.tile
         if self.config.do_resize:
             img = self._resize(img, *lay.resized)
@@ -386,7 +423,8 @@ class ImageProcessor:
         return x
 
     def __call__(
-        self, images: Sequence[Sequence[ImageInput]], do_image_splitting: bool | None = None
+        self, images: Sequence[Sequence[ImageInput]], do_image_splitting: bool | None = None,
+        budget: TileBudget | None = None,
     ) -> ImageBatch:
         """Nested list (one list per prompt) -> padded batch arrays (SPEC §2.8)."""
         arrays: list[list[np.ndarray]] = []
@@ -394,7 +432,7 @@ class ImageProcessor:
         for sample in images:
             sample_arrays, sample_layouts = [], []
             for image in sample:
-                parts, lay = self.split(image, do_image_splitting)
+                parts, lay = self.split(image, do_image_splitting, budget)
                 sample_arrays.extend(self.normalize(p) for p in parts)
                 sample_layouts.append(lay)
             arrays.append(sample_arrays)

@@ -1,0 +1,109 @@
+"""Weight-only int4: group-wise asymmetric quantization and ``Int4Linear``.
+
+Each row is split into groups of ``group_size`` input channels; a group with range
+[lo, hi] gets ``scale = (hi - lo) / 15`` and stores ``q = round((w - lo) / scale)`` in 0..15.
+Dequantized: ``w ~= (q - 8) * scale + zero`` with ``zero = lo + 8 * scale`` (gpt-fast's
+``WeightOnlyInt4QuantHandler`` convention, which is what PyTorch's CPU int4 kernel expects).
+
+Saved layout (independent of the torch version): ``weight_uint4`` (N, K/2) uint8, two values a
+byte (low nibble = even input channel), ``scales`` and ``zeros`` (N, K/group_size) float32.
+The kernel's own packed layout (``_convert_weight_to_int4pack_for_cpu``) is derived at load.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolvlm.quantization.int8 import KERNEL_MAX_ROWS  # same GEMV-vs-GEMM crossover (measured)
+
+_FAST = (torch.bfloat16,)  # the CPU int4 kernel takes bf16 activations (and fp16/fp32 on some builds)
+
+
+@torch.no_grad()
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) -> (uint8 values 0..15 (N, K), scales (N, K/g), zeros (N, K/g)) in float32."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"int4 needs in_features divisible by group_size; got {k} and {group_size}")
+    w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)  # (N, G, g)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, G)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-8)
+    q = torch.round((w - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
+    zeros = lo + 8.0 * scales
+    return q.reshape(n, k), scales, zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_int4` in float32, (N, K)."""
+    n, k = q.shape
+    g = k // scales.shape[1]
+    w = (q.to(torch.float32).reshape(n, -1, g) - 8.0) * scales[..., None] + zeros[..., None]
+    return w.reshape(n, k)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8, even channel in the low nibble."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: (N, K/2) -> (N, K) uint8."""
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1)
+
+
+class Int4Linear(nn.Module):
+    """Drop-in for ``nn.Linear`` with group-wise int4 weights (see module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if in_features % group_size or in_features % 2:
+            raise ValueError(f"Int4Linear needs in_features ({in_features}) divisible by group_size ({group_size})")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight_uint4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scales_and_zeros), derived
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
+        q, scales, zeros = quantize_int4(linear.weight, group_size)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                dtype=linear.weight.dtype, device=linear.weight.device)
+        m.weight_uint4, m.scales, m.zeros = pack_nibbles(q), scales, zeros
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(unpack_nibbles(self.weight_uint4), self.scales, self.zeros).to(dtype)
+
+    def _kernel_args(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._kernel is None or self._kernel[1].dtype != dtype:
+            q = unpack_nibbles(self.weight_uint4).to(torch.int32)  # (N, K)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
+            self._kernel = (packed, sz)
+        return self._kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _FAST and x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
+            packed, sz = self._kernel_args(x.dtype)
+            x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
+            y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)  # (M, N)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized_weight(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        self._kernel = None  # derived from the buffers being replaced
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int4 group_size={self.group_size}")

@@ -1,0 +1,92 @@
+"""Weight-only int8: per-output-channel symmetric quantization and ``Int8Linear``.
+
+``w[n, :] ~= weight_int8[n, :] * scale[n]`` with ``scale[n] = max|w[n, :]| / 127`` (no zero point,
+as gpt-fast's ``WeightOnlyInt8QuantHandler``). Activations stay in floating point. On CPU with
+bf16/fp16 activations the matmul is PyTorch's ``_weight_int8pack_mm`` kernel, which reads the
+int8 weights directly (half the memory traffic of bf16, the limit for batch-1 decode). fp32
+activations use a plain dequantize-then-``linear`` path: exact with respect to the quantized
+weights, but not faster than fp32 (use bf16 for speed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_FAST = (torch.bfloat16, torch.float16)
+# The int8 kernel is a GEMV at heart: at M=1 it beats bf16 ``linear`` ~2x (half the bytes), at
+# M=900 (prefill) it is ~4x slower than dequantize + oneDNN GEMM (measured on the 2-core AMD EPYC
+# bench machine, 1536x576). Above this many rows we dequantize to the activation dtype instead.
+KERNEL_MAX_ROWS = 8
+
+
+@torch.no_grad()
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> (int8 (N, K), float32 scale (N,)); rows of zeros get scale 1."""
+    w = weight.detach().to(torch.float32)
+    scale = w.abs().amax(dim=1) / 127.0  # (N,)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_int8` in float32, (N, K)."""
+    return q.to(torch.float32) * scale.to(torch.float32)[:, None]
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for ``nn.Linear`` (same ``in_features``/``out_features``/``bias``) with int8 weights.
+
+    State dict: ``weight_int8`` (N, K) int8, ``scale`` (N,) float32, ``bias`` (N,) if any. A
+    non-persistent copy of the scales in the activation dtype feeds the CPU kernel.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._scale_cast: torch.Tensor | None = None  # scale in the last activation dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, scale = quantize_int8(linear.weight)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                dtype=linear.weight.dtype, device=linear.weight.device)
+        m.weight_int8, m.scale = q, scale
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.weight_int8, self.scale).to(dtype)
+
+    def _scales_for(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self._scale_cast
+        if s is None or s.dtype != dtype or s.device != self.scale.device:
+            s = self._scale_cast = self.scale.to(dtype)
+        return s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _FAST and x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
+            x2 = x.reshape(-1, self.in_features)  # (M, K)
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            y = torch._weight_int8pack_mm(x2, self.weight_int8, self._scales_for(x.dtype))  # (M, N)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            # The per-row scale commutes with the matmul: (x @ q^T) * s == x @ (q * s)^T.
+            # (Prefill-sized inputs and fp32 land here: compute-bound, the weight cast is cheap.)
+            y = F.linear(x, self.weight_int8.to(x.dtype)) * self._scales_for(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        self._scale_cast = None  # derived from the buffers being replaced
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
