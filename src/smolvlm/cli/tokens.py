@@ -16,6 +16,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (or URLs with --allow-remote)")
     p.add_argument("--prompt", default=None, help="user text after the images (default: none)")
     p.add_argument("--no-split", action="store_true", help="do not split images into tiles (global image only)")
+    p.add_argument("--no-upscale", action="store_true",
+                   help="tile budget: do not upscale small images to the full grid (not the reference default)")
+    p.add_argument("--max-tiles", type=int, default=None, metavar="N",
+                   help="tile budget: at most N tiles per image, global image not counted (default: no limit)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--allow-remote", action="store_true", help="allow http(s) image URLs")
 
@@ -30,7 +34,8 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         content.append({"type": "text", "text": args.prompt})
     text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     split = False if args.no_split else None
-    result = proc.count_tokens(text, args.images, do_image_splitting=split)
+    result = proc.count_tokens(text, args.images, do_image_splitting=split,
+                               no_upscale=getattr(args, "no_upscale", False), max_tiles=getattr(args, "max_tiles", None))
     for name, im in zip(args.images, result["images"]):
         im["image"] = name
     result["image_seq_len"] = proc.image_seq_len

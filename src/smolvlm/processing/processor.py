@@ -53,7 +53,7 @@ from PIL import Image
 
 from smolvlm.processing import chat
 from smolvlm.processing.errors import PromptError
-from smolvlm.processing.image import ImageInput, ImageLayout, ImageProcessor
+from smolvlm.processing.image import ImageInput, ImageLayout, ImageProcessor, TileBudget
 from smolvlm.processing.prompt import ImageTokens, check_marker_counts, expand_prompt, image_prompt_string
 from smolvlm.processing.tokenizer import Tokenizer
 
@@ -116,6 +116,11 @@ def _image_seq_len(d: Path) -> int:
     if "image_size" in v and "patch_size" in v and "scale_factor" in cfg:
         return int((v["image_size"] // v["patch_size"]) ** 2 // cfg["scale_factor"] ** 2)
     raise FileNotFoundError(f"image_seq_len not found: no processor_config.json (or usable config.json) in {d}")
+
+
+def _budget(no_upscale: bool, max_tiles: int | None) -> TileBudget | None:
+    """The opt-in tile policy, or None (reference behaviour) when neither option is set."""
+    return TileBudget(no_upscale, max_tiles) if no_upscale or max_tiles is not None else None
 
 
 def _is_image(x: Any) -> bool:
@@ -357,9 +362,12 @@ class SmolVLMProcessor:
         num_frames: int | None = None,
         fps: float | None = None,
         max_frames: int | None = None,
+        no_upscale: bool = False,
+        max_tiles: int | None = None,
     ) -> ProcessorOutput:
         """Prompts (with ``<image>`` / ``<video>`` markers) + images / videos -> input_ids, attention_mask,
-        pixel_values, pixel_attention_mask. Video sampling arguments: see ``load_video``."""
+        pixel_values, pixel_attention_mask. Video sampling arguments: see ``load_video``.
+        ``no_upscale`` / ``max_tiles``: opt-in image tile budget (``image.TileBudget``; default off = reference)."""
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         side = padding_side or self.tokenizer.padding_side
@@ -382,7 +390,7 @@ class SmolVLMProcessor:
         elif texts is not None:
             self._check_video_markers(texts, None)
             if nested and any(nested):
-                batch = self.image_processor(nested, do_image_splitting)
+                batch = self.image_processor(nested, do_image_splitting, _budget(no_upscale, max_tiles))
                 texts = [
                     expand_prompt(t, [self.image_string(lay) for lay in lays], self.image_tokens)
                     for t, lays in zip(texts, batch.layouts)
@@ -391,7 +399,7 @@ class SmolVLMProcessor:
                 batch = None
             out.update(self._pad(self.tokenizer.encode_batch(texts), side))
         else:
-            batch = self.image_processor(nested, do_image_splitting)  # type: ignore[arg-type]
+            batch = self.image_processor(nested, do_image_splitting, _budget(no_upscale, max_tiles))  # type: ignore[arg-type]
         if videos is None and batch is not None:
             out["pixel_values"] = batch.pixel_values
             out["pixel_attention_mask"] = batch.pixel_attention_mask
@@ -530,9 +538,9 @@ class SmolVLMProcessor:
 
     def count_tokens(
         self, text: str | None = None, images: Sequence[ImageInput] | None = None,
-        do_image_splitting: bool | None = None,
+        do_image_splitting: bool | None = None, no_upscale: bool = False, max_tiles: int | None = None,
     ) -> dict[str, Any]:
-        """Token budget of one prompt without building pixel tensors.
+        """Token budget of one prompt without building pixel tensors (tile budget options as ``__call__``).
 
         ``text`` defaults to one ``<image>`` marker per image. Returns ``{"images": [{"width",
         "height", "resized", "grid", "rows", "cols", "tiles", "tokens"}, ...], "image_tokens",
@@ -544,7 +552,7 @@ class SmolVLMProcessor:
         check_marker_counts([text], [len(images)], self.image_tokens)
         per_image, reps = [], []
         for img in images:
-            lay = self.image_processor.layout(img, do_image_splitting)
+            lay = self.image_processor.layout(img, do_image_splitting, _budget(no_upscale, max_tiles))
             n = self._image_token_counts(lay.rows, lay.cols)
             per_image.append({
                 "width": lay.size[1], "height": lay.size[0], "resized": list(lay.resized), "grid": list(lay.grid),
