@@ -1,0 +1,157 @@
+"""RESULTS.md tables and results.png from the raw rows bench/run.py collected."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+# metric -> (label, unit, higher_is_better, target ratio or None)
+VLM_METRICS = {
+    "vision_s_per_tile": ("vision, s per tile", "s", False, 1.5),
+    "prefill_tok_s": ("prefill (900 tok)", "tok/s", True, None),
+    "decode_tok_s": ("decode @ ~900 ctx", "tok/s", True, 4.0),
+    "ttft_1536x1024": ("TTFT 1536x1024 image", "s", False, 1.5),
+    "ttft_512x512": ("TTFT 512x512 image", "s", False, 1.5),
+    "peak_rss_mb": ("peak RSS", "MiB", False, 1 / 0.7),
+    "load_s": ("load time", "s", False, None),
+}
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m = med(xs)
+    digits = 3 if m < 10 else 1 if m < 1000 else 0
+    if len(xs) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
+
+
+def ratio(ours: list[float], theirs: list[float], higher_better: bool) -> float | None:
+    if not ours or not theirs:
+        return None
+    return med(ours) / med(theirs) if higher_better else med(theirs) / med(ours)
+
+
+def vlm_table(rows: list[dict[str, Any]], model: str) -> list[str]:
+    out = [f"### {model}", "",
+           "ratio = how many times better ours is (speed: ours/theirs; time and memory: theirs/ours); "
+           "values are median [min-max] over the repetitions.", "",
+           "| dtype | metric | ours | transformers | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    for dtype in sorted({r["dtype"] for r in rows if r["model"] == model}, reverse=True):
+        sel = [r for r in rows if r["model"] == model and r["dtype"] == dtype]
+        for key, (label, unit, hib, target) in VLM_METRICS.items():
+            o = [r[key] for r in sel if r["engine"] == "ours" and key in r]
+            t = [r[key] for r in sel if r["engine"] == "transformers" and key in r]
+            q = ratio(o, t, hib)
+            tgt = "-" if target is None else (f"<= {1 / target:.1f}x RSS" if key == "peak_rss_mb" else f">= {target:g}x")
+            met = "-" if target is None or q is None else ("yes" if q >= target - 1e-9 else "**no**")
+            out.append(f"| {dtype} | {label} ({unit}) | {fmt(o)} | {fmt(t)} | {'-' if q is None else f'{q:.2f}x'} | {tgt} | {met} |")
+        tiles = [r for r in sel if r["engine"] == "ours"]
+        if tiles:
+            r0 = tiles[0]
+            out.append(f"| {dtype} | prompt: 1536x1024 = {r0['ttft_1536x1024_tiles']} tiles / {r0['ttft_1536x1024_tokens']} tok; "
+                       f"512x512 = {r0['ttft_512x512_tiles']} tiles / {r0['ttft_512x512_tokens']} tok | | | | | |")
+    return out + [""]
+
+
+def budget_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| model | dtype | 512x512 default: tiles / tokens / TTFT s | no_upscale=True: tiles / tokens / TTFT s | TTFT saving |",
+           "|---|---|---|---|---|"]
+    for (model, dtype) in sorted({(r["model"], r["dtype"]) for r in rows if r["engine"] == "ours"}):
+        sel = [r for r in rows if r["engine"] == "ours" and r["model"] == model and r["dtype"] == dtype]
+        d = [r["ttft_512x512"] for r in sel]
+        n = [r["ttft_512x512_no_upscale"] for r in sel]
+        r0 = sel[0]
+        out.append(f"| {model} | {dtype} | {r0['ttft_512x512_tiles']} / {r0['ttft_512x512_tokens']} / {fmt(d)} | "
+                   f"{r0['ttft_512x512_no_upscale_tiles']} / {r0['ttft_512x512_no_upscale_tokens']} / {fmt(n)} | "
+                   f"{med(d) / med(n):.1f}x |")
+    return out + [""]
+
+
+def prefix_agree(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def agreement(ref: list[list[int]], got: list[list[int]]) -> str:
+    pre = [prefix_agree(a, b) for a, b in zip(ref, got)]
+    same = sum(x == y for a, b in zip(ref, got) for x, y in zip(a, b))
+    total = sum(len(a) for a in ref)
+    return f"{'/'.join(map(str, pre))} (of {len(ref[0])}); {same / total:.0%} positions"
+
+
+def text_table(rows: list[dict[str, Any]]) -> list[str]:
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    llama = [r["decode_tok_s"] for r in rows if r["engine"].startswith("llama")]
+    ref = next((r for r in rows if r["engine"] == "ours-float32"), None)
+    out = ["| engine | decode tok/s | vs llama.cpp Q4_1 | prefill tok/s | weights MiB | peak RSS MiB | "
+           "greedy agreement with ours fp32 (leading tokens per prompt; positions) |", "|---|---|---|---|---|---|---|"]
+    for e in engines:
+        sel = [r for r in rows if r["engine"] == e]
+        dec = [r["decode_tok_s"] for r in sel]
+        q = f"{med(dec) / med(llama):.2f}x" if llama else "-"
+        agree = "-"
+        if ref is not None:
+            if "greedy" in sel[0]:
+                agree = agreement(ref["greedy"], sel[0]["greedy"])
+            else:  # llama.cpp: the decode prompt's tokens
+                n = min(len(ref["tokens"]), len(sel[0]["tokens"]))
+                agree = agreement([ref["tokens"][:n]], [sel[0]["tokens"][:n]])
+        w = sel[0].get("weight_mb")
+        out.append(f"| {e} | {fmt(dec)} | {q} | {fmt([r['prefill_tok_s'] for r in sel])} | "
+                   f"{'-' if w is None else f'{w:.0f}'} | {fmt([r['peak_rss_mb'] for r in sel])} | {agree} |")
+    return out + [""]
+
+
+def agree256_table(res: dict[str, Any]) -> list[str]:
+    out = ["| weights | weights MiB (whole VLM) | greedy agreement with fp32 (leading tokens per prompt; positions) |",
+           "|---|---|---|"]
+    for label, v in res.items():
+        a = "reference" if label == "fp32" else agreement(res["fp32"]["greedy"], v["greedy"])
+        out.append(f"| {label} | {v['weight_mb']:.0f} | {a} |")
+    return out + [""]
+
+
+def plot(vlm_rows: list[dict[str, Any]], text_rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["vision_s_per_tile", "prefill_tok_s", "decode_tok_s", "ttft_1536x1024", "ttft_512x512", "peak_rss_mb"]
+    groups = sorted({(r["model"], r["dtype"]) for r in vlm_rows})
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 1]})
+    ax = axes[0]
+    w = 0.8 / max(1, len(groups))
+    for i, (model, dtype) in enumerate(groups):
+        sel = [r for r in vlm_rows if r["model"] == model and r["dtype"] == dtype]
+        vals = []
+        for k in keys:
+            q = ratio([r[k] for r in sel if r["engine"] == "ours"], [r[k] for r in sel if r["engine"] == "transformers"],
+                      VLM_METRICS[k][2])
+            vals.append(q or 0.0)
+        ax.bar([j + i * w for j in range(len(keys))], vals, w, label=f"{model} {dtype}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + w * (len(groups) - 1) / 2 for j in range(len(keys))])
+    ax.set_xticklabels([VLM_METRICS[k][0] for k in keys], rotation=20, ha="right")
+    ax.set_ylabel("ours vs transformers (x better)")
+    ax.set_title("smolvlm vs transformers (random weights, real configs, CPU)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    engines = list(dict.fromkeys(r["engine"] for r in text_rows))
+    ax.bar(engines, [med([r["decode_tok_s"] for r in text_rows if r["engine"] == e]) for e in engines])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("SmolLM2-135M (Q4_1 GGUF) decode")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,138 @@
+"""One engine, one model, one dtype, in its own process: every VLM metric once, warm-up excluded.
+
+Prints ``RESULT {json}`` as its last line. The parent (bench/run.py) alternates engines and
+repeats; this file never compares anything. CPU only, so no device sync is needed: every timed
+call returns materialised tensors (greedy token ids / features) before the clock is read.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+PROMPT_LEN = 900  # decode is measured at a ~900-token context
+QUESTION = "Describe this image in detail."
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def test_image(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(width * 7 + height)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+class Ours:
+    def __init__(self, ckpt: Path, ref: Path, dtype: torch.dtype, quantize: str = "none") -> None:
+        from smolvlm import SmolVLM
+        from smolvlm.processing.processor import SmolVLMProcessor
+
+        self.model = SmolVLM.from_pretrained(ckpt, dtype=dtype, quantize=quantize)
+        self.proc = SmolVLMProcessor.from_pretrained(ref)
+        self.tile = self.proc.image_processor.config.max_image_size
+
+    @torch.inference_mode()
+    def vision(self, pv: torch.Tensor) -> torch.Tensor:  # pv (1, N, 3, M, M)
+        return self.model.get_image_features(pv, torch.ones(pv.shape[0], pv.shape[1], *pv.shape[-2:], dtype=torch.long))
+
+    def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        from smolvlm.generation.generate import generate_ids
+
+        return generate_ids(self.model, ids, max_new_tokens=n, eos_token_id=[])
+
+    def ttft(self, image: Image.Image, split: bool = True, **budget: Any) -> dict[str, Any]:
+        from smolvlm.generation.generate import generate_ids
+
+        def run() -> torch.Tensor:
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+            text = self.proc.apply_chat_template(msgs, add_generation_prompt=True)
+            inp = self.proc(text=text, images=[image], do_image_splitting=split, **budget)
+            out = generate_ids(self.model, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
+                               inp["pixel_attention_mask"], max_new_tokens=1, eos_token_id=[])
+            return out, inp["pixel_values"].shape[1]
+
+        t, (out, tiles) = timed(run)
+        return {"s": t, "prompt_tokens": out.shape[1] - 1, "tiles": tiles}
+
+
+class Theirs:
+    def __init__(self, ckpt: Path, ref: Path, dtype: torch.dtype) -> None:
+        import transformers
+
+        self.model = transformers.AutoModelForImageTextToText.from_pretrained(
+            ckpt, dtype=dtype, attn_implementation="sdpa").eval()
+        self.proc = transformers.AutoProcessor.from_pretrained(ref)
+        self.tile = self.proc.image_processor.max_image_size["longest_edge"]
+        self.eos = self.model.config.text_config.vocab_size + 1000  # never produced: no early stop
+
+    @torch.inference_mode()
+    def vision(self, pv: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(pv.shape[0], pv.shape[1], *pv.shape[-2:], dtype=torch.bool)
+        return self.model.model.get_image_features(pixel_values=pv, pixel_attention_mask=mask)
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                   min_new_tokens=n, do_sample=False, eos_token_id=self.eos, pad_token_id=0)
+
+    @torch.inference_mode()
+    def ttft(self, image: Image.Image, split: bool = True) -> dict[str, Any]:
+        def run() -> torch.Tensor:
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+            text = self.proc.apply_chat_template(msgs, add_generation_prompt=True)
+            inp = self.proc(text=text, images=[image], return_tensors="pt", do_image_splitting=split)
+            out = self.model.generate(**inp, max_new_tokens=1, do_sample=False)
+            return out, inp["pixel_values"].shape[1]
+
+        t, (out, tiles) = timed(run)
+        return {"s": t, "prompt_tokens": out.shape[1] - 1, "tiles": tiles}
+
+
+def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, threads: int | None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    t_load, eng = timed(lambda: (Ours if engine == "ours" else Theirs)(ckpt, ref, dtype))
+    m = eng.tile
+    n_tiles, k_new = (2, 16) if quick else (4, 32)
+    g = torch.Generator().manual_seed(0)
+    pv = (torch.rand(1, n_tiles, 3, m, m, generator=g) * 2 - 1).to(dtype)
+    ids = torch.randint(1000, 40000, (1, PROMPT_LEN), generator=g)
+    # warm-up: every code path once, small inputs
+    eng.vision(pv[:, :1])
+    eng.generate(ids[:, :32], 3)
+    small = test_image(64, 48)
+    eng.ttft(small, split=False)  # the pipeline once, one tile (vision kernels are warm already)
+    r: dict[str, Any] = {"engine": engine, "dtype": dtype_name, "threads": torch.get_num_threads(), "load_s": t_load}
+    t_vis, _ = timed(lambda: eng.vision(pv))
+    r["vision_s_per_tile"] = t_vis / n_tiles
+    t1, _ = timed(lambda: eng.generate(ids, 1))
+    tk, out = timed(lambda: eng.generate(ids, 1 + k_new))
+    r["prefill_tok_s"] = PROMPT_LEN / t1
+    r["decode_tok_s"] = k_new / (tk - t1)
+    r["decode_context"] = PROMPT_LEN
+    for name, (w, h) in {"ttft_1536x1024": (1536, 1024), "ttft_512x512": (512, 512)}.items():
+        res = eng.ttft(test_image(w, h))
+        r[name] = res["s"]
+        r[name + "_tiles"], r[name + "_tokens"] = res["tiles"], res["prompt_tokens"]
+    if engine == "ours":  # the opt-in tile budget (ours only: the reference has no such option)
+        res = eng.ttft(test_image(512, 512), no_upscale=True)
+        r["ttft_512x512_no_upscale"] = res["s"]
+        r["ttft_512x512_no_upscale_tiles"], r["ttft_512x512_no_upscale_tokens"] = res["tiles"], res["prompt_tokens"]
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return r
+
+
+def main(args: Any) -> None:
+    r = measure(args.engine, Path(args.ckpt), Path(args.ref), args.dtype, args.quick, args.threads)
+    print("RESULT " + json.dumps(r), flush=True)
