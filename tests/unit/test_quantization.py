@@ -166,3 +166,16 @@ def test_from_pretrained_quantize_flag(tmp_path):
 def test_load_quantized_missing_description(tmp_path):
     with pytest.raises(FileNotFoundError, match="quantization.json"):
         load_quantized(tmp_path)
+
+
+def test_cli_quantize_flag():
+    import argparse
+
+    from smolvlm.cli import common
+
+    p = argparse.ArgumentParser()
+    common.add_model_args(p)
+    assert p.parse_args(["--model", "x", "--quantize", "int8"]).quantize == "int8"
+    assert p.parse_args(["--model", "x"]).quantize == "none"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "x", "--quantize", "int3"])

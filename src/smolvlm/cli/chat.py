@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     common.setup_torch(args)
-    model, processor = common.load_model_and_processor(args.model, args.dtype, args.device)
+    model, processor = common.load_model_and_processor(args.model, args.dtype, args.device, quantize=args.quantize)
     session, cache = ChatSession(system=args.system), FeatureCache()
     interactive = stdin.isatty()
     if interactive:

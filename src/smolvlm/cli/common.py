@@ -20,6 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights/activations dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only quantization of the text model + lm_head at load (fast with --dtype bfloat16)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +71,7 @@ def load_processor(model_arg: str | None) -> Any:
 
 
 def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu",
-                             processor: Any = None) -> tuple[Any, Any]:
+                             processor: Any = None, quantize: str = "none") -> tuple[Any, Any]:
     """Checkpoint folder or repo id -> (SmolVLM in eval mode, SmolVLMProcessor). The one place a default goes.
     ``processor``: one already loaded with ``load_processor`` (not loaded again)."""
     import torch
@@ -90,7 +92,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available")
     directory = resolve_checkpoint_dir(model_arg)
-    model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev).eval()
+    model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize).eval()
     processor = processor if processor is not None else SmolVLMProcessor.from_pretrained(directory)
     return model, processor
 

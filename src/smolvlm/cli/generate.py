@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         extra["video_frames"] = len(video.frames)
     messages = build_messages(args.prompt, args.image, video)
     common.setup_torch(args)
-    model, processor = common.load_model_and_processor(args.model, args.dtype, args.device, processor=processor)
+    model, processor = common.load_model_and_processor(args.model, args.dtype, args.device, processor=processor,
+                                                         quantize=args.quantize)
     stats = StreamStats()
     pieces = stream(model, processor, messages, stats=stats, **common.generation_kwargs(args))
     if args.json:

