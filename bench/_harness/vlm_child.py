@@ -50,6 +50,13 @@ class Ours:
 
         return generate_ids(self.model, ids, max_new_tokens=n, eos_token_id=[])
 
+    def token_times(self, ids: torch.Tensor, n: int) -> list[float]:
+        """perf_counter() at each new token (first = after prefill), from the token generator."""
+        from smolvlm.generation.generate import generate_tokens
+
+        t0 = time.perf_counter()
+        return [t0] + [time.perf_counter() for _ in generate_tokens(self.model, ids, max_new_tokens=n, eos_token_id=[])]
+
     def ttft(self, image: Image.Image, split: bool = True, **budget: Any) -> dict[str, Any]:
         from smolvlm.generation.generate import generate_ids
 
@@ -85,6 +92,27 @@ class Theirs:
         return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                    min_new_tokens=n, do_sample=False, eos_token_id=self.eos, pad_token_id=0)
 
+    def token_times(self, ids: torch.Tensor, n: int) -> list[float]:
+        """perf_counter() at each new token, from a streamer (generate calls put() once per step)."""
+        times = [time.perf_counter()]
+
+        class Clock:
+            def __init__(self) -> None:
+                self.prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if self.prompt_seen:
+                    times.append(time.perf_counter())
+                self.prompt_seen = True  # the first put() is the prompt itself
+
+            def end(self) -> None:
+                pass
+
+        with torch.inference_mode():
+            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, eos_token_id=self.eos, pad_token_id=0, streamer=Clock())
+        return times
+
     @torch.inference_mode()
     def ttft(self, image: Image.Image, split: bool = True) -> dict[str, Any]:
         def run() -> torch.Tensor:
@@ -116,10 +144,14 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
     r: dict[str, Any] = {"engine": engine, "dtype": dtype_name, "threads": torch.get_num_threads(), "load_s": t_load}
     t_vis, _ = timed(lambda: eng.vision(pv))
     r["vision_s_per_tile"] = t_vis / n_tiles
-    t1, _ = timed(lambda: eng.generate(ids, 1))
-    tk, out = timed(lambda: eng.generate(ids, 1 + k_new))
-    r["prefill_tok_s"] = PROMPT_LEN / t1
-    r["decode_tok_s"] = k_new / (tk - t1)
+    # One generation of 1 + K tokens, timestamped per token: prefill = start -> first token,
+    # decode = first -> last token (K single-token steps), so prefill noise cannot leak into decode.
+    times = eng.token_times(ids, 1 + k_new)
+    assert len(times) == k_new + 2, len(times)
+    r["prefill_tok_s"] = PROMPT_LEN / (times[1] - times[0])
+    r["decode_tok_s"] = k_new / (times[-1] - times[1])
+    steps = [b - a for a, b in zip(times[1:], times[2:])]
+    r["decode_step_ms_median"] = 1e3 * sorted(steps)[len(steps) // 2]
     r["decode_context"] = PROMPT_LEN
     for name, (w, h) in {"ttft_1536x1024": (1536, 1024), "ttft_512x512": (512, 512)}.items():
         res = eng.ttft(test_image(w, h))

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("smolvlm.cli.generate", "answer one prompt about images/video, streaming the text"),
     "chat": ("smolvlm.cli.chat", "interactive multi-turn chat on stdin (/image PATH, /reset, /quit)"),
     "tokens": ("smolvlm.cli.tokens", "count tiles and prompt tokens for images (no model needed)"),
+    "eval": ("smolvlm.cli.eval", "evaluate a model on the held-out synthetic set (exact match per category)"),
 }
 
 
