@@ -143,8 +143,9 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
              "alternate within every repetition; warm-up runs are excluded; CPU only, so results are "
              "materialised before the clock is read. Weights are random (bf16 checkpoints of the real configs, "
              "loaded in the dtype shown). Vision: a batch of 512/384 px tiles through vision encoder + connector. "
-             "Prefill: 900 random text tokens, time to the first generated token. Decode: (t(1+K) - t(1)) / K "
-             "new tokens at the 900-token context, greedy, no early stop. TTFT: processor (chat template, "
+             "Prefill and decode: one greedy generation of 1+K tokens after 900 random text tokens, timestamped per "
+             "token (ours: the token generator; transformers: a streamer); prefill = 900 / time to the first token, "
+             "decode = K / (last token - first token), no early stop. TTFT: processor (chat template, "
              "image resize/tiling, tokenizer) + vision + prefill + first token, each engine with its own processor. "
              "The machine was shared with another engineer's tests during the run: expect noise, read the spread.", ""]
     lines += ["## 1. VLM: ours vs transformers", ""]
