@@ -15,10 +15,11 @@ from smolvlm.model.vlm import SmolVLM
 from smolvlm.processing.processor import SmolVLMProcessor
 from smolvlm.training import checkpoint as ckpt
 from smolvlm.training import sft
+from smolvlm.training.build import run_recipe, write_processor_files
 from smolvlm.training.collate import CollateError, collate
 from smolvlm.training.data import (DataError, align_labels, encode_sample, make_samples, sample_to_messages)
 from smolvlm.training.recipe import (ModelRecipe, OptimRecipe, RecipeError, ScheduleRecipe, TrainRecipe,
-                                     load_recipe, recipe_from_dict, run_recipe, write_processor_files)
+                                     load_recipe, recipe_from_dict)
 
 REPO = Path(__file__).resolve().parents[2]
 EOU = "<end_of_utterance>"

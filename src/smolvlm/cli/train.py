@@ -1,5 +1,5 @@
 """`smolvlm train`: run (or resume) a training recipe. Parsing only; the work is
-``smolvlm.training.recipe.run_recipe``."""
+``smolvlm.training.build.run_recipe``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from smolvlm.training.recipe import load_recipe, run_recipe
+    from smolvlm.training.build import run_recipe
+    from smolvlm.training.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:

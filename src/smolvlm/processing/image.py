@@ -1,51 +1,27 @@
-"""Image loading and preprocessing: longest-edge resize, grid resize, tiles + global image.
+"""Image preprocessing: longest-edge resize, grid resize, tiles + global image.
 
 Mirrors the transformers 5.23 PIL backend (``Idefics3ImageProcessorPil`` /
-``SmolVLMImageProcessorPil`` with ``PilBackend``, ``image_transforms.convert_to_rgb``,
-``image_utils.load_image``), which is what ``AutoProcessor`` builds when torchvision is absent.
-SPEC §2. Every step runs Pillow on uint8 RGB images, so results are bit-identical.
-
-Input kinds and how each becomes an RGB uint8 image (what 5.23 does, step by step):
-
-* ``str`` / ``Path`` / ``bytes`` (an encoded file): 5.23 ``load_image`` opens it, applies
-  ``ImageOps.exif_transpose`` (EXIF orientation IS applied) and then ``.convert("RGB")``, and the
-  PIL rule below runs on that result. So alpha of RGBA/LA files is dropped *without* compositing on
-  white (the hidden colours show), while palette/grey/RGB files with a tRNS colour key get the
-  keyed pixels composited to white (Pillow keeps the key as ``info["transparency"]``). We do the
-  same. (5.23 takes no ``bytes``; we treat bytes exactly like a file.) ``data:image/...;base64,``
-  strings are decoded; ``http(s)://`` URLs are fetched with urllib only when ``allow_remote=True``.
-* ``PIL.Image.Image``: no EXIF transpose (5.23 does not apply it to PIL inputs). If the image has
-  an alpha band or a ``transparency`` entry (RGBA, LA, PA, P/L/RGB with tRNS) it is converted to
-  RGBA and alpha-composited over opaque white, then to RGB; otherwise ``.convert("RGB")``
-  (L, P, CMYK, I;16, 1, YCbCr... use Pillow's own conversion).
-* ``numpy.ndarray`` uint8, ``(H, W, C)`` with C in {1, 3, 4}, or ``(H, W)``: 1 channel is repeated
-  to 3; 4 channels are composited on white in float64 and rounded (5.23's numpy branch of
-  ``convert_to_rgb``). ``(H, W)`` is our extension (5.23 rejects 2-D arrays); it is treated as
-  ``(H, W, 1)``. Channel-first arrays are not accepted (5.23 guesses the layout; we do not).
-
-RGB conversion happens *before* resizing (5.x order; 4.x converted after resizing, SPEC §2.6).
-Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) applies to every input;
-exceeding it raises ``ImageError`` (set the limit to ``None`` to lift it).
+``SmolVLMImageProcessorPil`` with ``PilBackend``), which is what ``AutoProcessor`` builds when
+torchvision is absent. SPEC §2. Every step runs Pillow on uint8 RGB images, so results are
+bit-identical. Loading and RGB conversion (input kinds, EXIF, decompression-bomb limit) live in
+``image_io.py``; ``ImageInput`` and ``load_image`` are re-exported here.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
-import urllib.request
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from smolvlm.processing.errors import ImageError
 
-ImageInput = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+# Also re-exported: ``from smolvlm.processing.image import ImageInput, load_image`` keeps working.
+from smolvlm.processing.image_io import ImageInput, load_image
 
 MAX_IMAGE_SIZE = 4096  # 5.23 caps the resized longest side at 4096 ("4k as absolute maximum")
 
@@ -112,126 +88,6 @@ class ImageProcessorConfig:
             raise FileNotFoundError(f"preprocessor_config.json not found in {directory}")
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
-
-# ---------------------------------------------------------------------------------------------
-# Loading: anything -> PIL RGB image
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_pixels(width: int, height: int, what: str) -> None:
-    limit = Image.MAX_IMAGE_PIXELS
-    if width <= 0 or height <= 0:
-        raise ImageError(f"{what} is empty ({width}x{height} pixels)")
-    if limit is not None and width * height > limit:
-        raise ImageError(
-            f"{what} has {width * height} pixels ({width}x{height}), above Pillow's decompression-bomb "
-            f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS); raise that limit if you trust the image"
-        )
-
-
-def _open_encoded(data: bytes, what: str) -> Image.Image:
-    """Decode an encoded image fully, as 5.23 ``load_image`` + ``convert_to_rgb`` do."""
-    if len(data) == 0:
-        raise ImageError(f"{what} is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x the limit; treat the warning as the error it is.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            _check_pixels(img.width, img.height, what)
-            img.load()  # decode now: truncated/corrupt data fails here, not later
-            img = ImageOps.exif_transpose(img)
-            rgb = img.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{what}: {e} (limit PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{what} is not a recognised image file ({len(data)} bytes)") from None
-    except ImageError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"{what} is corrupt or truncated: {e}") from None
-    # convert("RGB") keeps a tRNS colour key as info["transparency"]; 5.23 then runs convert_to_rgb
-    # on the loaded image, which composites the keyed pixels on white.
-    return _from_pil(rgb)
-
-
-def _fetch_url(url: str, timeout: float) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (http/https checked by caller)
-            return r.read()
-    except OSError as e:
-        raise ImageError(f"could not download image {url}: {e}") from None
-
-
-def _from_pil(img: Image.Image) -> Image.Image:
-    """5.23 ``convert_to_rgb`` for PIL inputs: composite transparency on white, else convert."""
-    _check_pixels(img.width, img.height, f"PIL image ({img.mode})")
-    try:
-        img.load()
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"PIL image could not be decoded (corrupt or truncated): {e}") from None
-    try:
-        # 5.23 tests for an "A" band by name, so e.g. LAB (bands L, A, B) is composited too.
-        if "A" in img.getbands() or img.info.get("transparency") is not None:
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ImageError(f"PIL image of mode {img.mode} cannot be converted to RGB: {e}") from None
-
-
-def _from_array(a: np.ndarray) -> Image.Image:
-    """uint8 HWC / HW array -> RGB, as 5.23's numpy branch of ``convert_to_rgb`` (channels-last)."""
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise ImageError(f"image array must be (H, W), or (H, W, C) with C in 1, 3, 4; got shape {a.shape}")
-    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-        raise ImageError(f"image array ({a.dtype}, shape {a.shape}) contains NaN or infinite values")
-    if a.dtype != np.uint8:
-        raise ImageError(
-            f"image array must have dtype uint8 (0..255), got {a.dtype}; e.g. convert a float array in [0, 1] "
-            "with (x * 255).round().astype(np.uint8)"
-        )
-    _check_pixels(a.shape[1], a.shape[0], f"image array {a.shape}")
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    elif a.shape[-1] == 4:
-        alpha = a[..., 3:4] / 255  # float64
-        a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(a), mode="RGB")
-
-
-def load_image(src: ImageInput, *, allow_remote: bool = False, timeout: float = 30.0) -> Image.Image:
-    """Any supported input -> PIL RGB image, exactly as transformers 5.23 prepares it (see module doc)."""
-    if isinstance(src, Image.Image):
-        return _from_pil(src)
-    if isinstance(src, np.ndarray):
-        return _from_array(src)
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return _open_encoded(bytes(src), "image bytes")
-    if isinstance(src, (str, Path)):
-        s = str(src)
-        if isinstance(src, str) and s.startswith(("http://", "https://")):
-            if not allow_remote:
-                raise ImageError(f"refusing to download {s}: remote images need allow_remote=True")
-            return _open_encoded(_fetch_url(s, timeout), s)
-        if isinstance(src, str) and s.startswith("data:image/"):
-            try:
-                data = base64.b64decode(s.split(",", 1)[1], validate=False)
-            except (IndexError, ValueError) as e:
-                raise ImageError(f"bad data: URI for an image: {e}") from None
-            return _open_encoded(data, "data: URI image")
-        p = Path(s).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"image file not found: {s}")
-        if not p.is_file():
-            raise ImageError(f"image path is not a file: {s}")
-        return _open_encoded(p.read_bytes(), f"image file {s}")
-    raise ImageError(
-        f"unsupported image type {type(src).__name__}: use a path, URL, bytes, PIL image or uint8 numpy array"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,16 +293,25 @@ class ImageProcessor:
                 sample_layouts.append(lay)
             arrays.append(sample_arrays)
             layouts.append(sample_layouts)
-        flat = [a for s in arrays for a in s]
-        if not flat:
+        if not any(arrays):
             raise ImageError("no images in the batch")
-        n_max = max(len(s) for s in arrays)
-        h_max = max(a.shape[1] for a in flat)
-        w_max = max(a.shape[2] for a in flat)
-        pixel_values = np.zeros((len(arrays), n_max, 3, h_max, w_max), dtype=np.float32)  # (B, N, 3, H, W)
-        mask = np.zeros((len(arrays), n_max, h_max, w_max), dtype=np.int64)  # (B, N, H, W)
-        for i, sample in enumerate(arrays):
-            for j, a in enumerate(sample):
-                pixel_values[i, j, :, : a.shape[1], : a.shape[2]] = a
-                mask[i, j, : a.shape[1], : a.shape[2]] = 1
-        return ImageBatch(pixel_values, mask, layouts)
+        return ImageBatch(*pad_arrays(arrays), layouts)
+
+
+def pad_arrays(samples: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (3, h, w) arrays -> (B, N, 3, H, W) float32 + (B, N, H, W) int64 mask (SPEC §2.8).
+
+    Zero padding to the most arrays per sample and the largest height / width; the mask is 1 on real
+    pixels. Also pads the processor's mixed image-tile / video-frame rows (``video_inputs.py``).
+    Needs at least one array.
+    """
+    flat = [a for s in samples for a in s]
+    n_max = max(len(s) for s in samples)
+    h_max, w_max = max(a.shape[1] for a in flat), max(a.shape[2] for a in flat)
+    pixel_values = np.zeros((len(samples), n_max, 3, h_max, w_max), dtype=np.float32)  # (B, N, 3, H, W)
+    mask = np.zeros((len(samples), n_max, h_max, w_max), dtype=np.int64)  # (B, N, H, W)
+    for i, sample in enumerate(samples):
+        for j, a in enumerate(sample):
+            pixel_values[i, j, :, : a.shape[1], : a.shape[2]] = a
+            mask[i, j, : a.shape[1], : a.shape[2]] = 1
+    return pixel_values, mask

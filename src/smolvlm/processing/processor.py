@@ -11,39 +11,14 @@ with the reference's shapes and dtypes. Differences from the reference, on purpo
 * ``apply_chat_template`` defaults to ``add_generation_prompt=True`` and rejects string content
   (see ``chat.py``).
 
-Video (SPEC §4.1; 5.23 ``SmolVLMProcessor`` + ``SmolVLMVideoProcessor``, which cannot run without
-torchvision): each ``<video>`` marker takes one video, sampled (``video.py``), its frames
-preprocessed as unsplit ``M x M`` images from the checkpoint's ``size.longest_edge`` (5.23 uses
-``size``, not ``video_sampling.video_size``; SPEC §4.1 hazard), and the marker replaced by the
-5.23 ``replace_video_token`` text, whose frame-count word is the largest frame count of any video
-in the call (5.23: ``pixel_values.shape[1]`` of the padded video batch). Differences, on purpose:
-
-* Sampling always happens: ``fps`` / ``max_frames`` default to the checkpoint's
-  ``video_sampling`` (what 5.23's ``apply_chat_template(tokenize=True)`` passes); 5.23's plain
-  ``__call__`` decodes every frame unless ``do_sample_frames=True``. ``num_frames=N`` means exactly
-  N evenly spaced frames (5.23's SmolVLM sampler reads ``num_frames`` as the ``max_frames`` cap).
-  In-memory frames (lists, arrays) carry no frame rate: all are kept unless ``num_frames`` is given.
-* ``pixel_values`` has one row per *prompt* (B, N, 3, M, M): the sample's image tiles and video
-  frames concatenated in placeholder order, zero-padded to the longest sample. 5.23's video
-  processor returns one row per *video*, and with images and videos in one call its video
-  ``pixel_values`` overwrite the image ones (the model then fails on the token/feature count).
-  For one video per prompt the two layouts are identical; otherwise the non-padding frames are
-  the same tensors in the same order, which is all the model reads (padding arrays are dropped).
-* Padding frames get ``pixel_attention_mask`` 0, as padding images do; 5.23's
-  ``SmolVLMVideoProcessor.pad`` marks them 1. The model never reads it (all-zero arrays are dropped).
-* A ``<video>`` marker without a video raises (as 5.23's SmolVLMProcessor; its Idefics3Processor
-  would tokenize the marker as text).
-* SmolVLM v1 checkpoints (``Idefics3Processor``, no ``video_sampling``) take videos too, with
-  fps 1 / at most 64 frames and the SmolVLM2 layout (5.23's Idefics3Processor has no video
-  support; its chat template silently drops video items, ours renders them as ``<video>``).
+Videos (``<video>`` markers, ``videos=``; SPEC §4.1, 5.23 ``SmolVLMProcessor``): sampling settings,
+video nesting and placeholder expansion live in ``video_inputs.py``, whose docstring lists the
+differences from the reference; the video methods here delegate to it.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -51,11 +26,12 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from smolvlm.processing import chat
+from smolvlm.processing import chat, video_inputs
 from smolvlm.processing.errors import PromptError
 from smolvlm.processing.image import ImageInput, ImageLayout, ImageProcessor, TileBudget
 from smolvlm.processing.prompt import ImageTokens, check_marker_counts, expand_prompt, image_prompt_string
 from smolvlm.processing.tokenizer import Tokenizer
+from smolvlm.processing.video_inputs import VideoSampling
 
 _HUB_PATTERNS = ["*.json", "*.txt", "*.jinja"]
 
@@ -125,62 +101,6 @@ def _budget(no_upscale: bool, max_tiles: int | None) -> TileBudget | None:
 
 def _is_image(x: Any) -> bool:
     return isinstance(x, (str, Path, bytes, bytearray, Image.Image, np.ndarray))
-
-
-VIDEO_TOKEN = "<video>"  # text placeholder, not a vocabulary token (SPEC §3.5)
-
-
-@dataclass(frozen=True)
-class VideoSampling:
-    """``preprocessor_config.json`` ``video_sampling`` (SmolVLM2): target frame rate and frame cap.
-
-    ``video_size`` is ignored on purpose: 5.23 overwrites it with ``size`` (SPEC §4.1 hazard).
-    Checkpoints without the block (SmolVLM v1) get the SmolVLM2 values, fps 1 and 64 frames.
-    """
-
-    fps: float = 1.0
-    max_frames: int = 64
-    from_checkpoint: bool = False
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "VideoSampling":
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise ValueError(f"preprocessor_config.json: video_sampling must be an object, got {d!r}")
-        fps, mx = d.get("fps", cls.fps), d.get("max_frames", cls.max_frames)
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"preprocessor_config.json: video_sampling.fps must be a positive number, got {fps!r}")
-        if isinstance(mx, bool) or not isinstance(mx, int) or mx < 1:
-            raise ValueError(f"preprocessor_config.json: video_sampling.max_frames must be a positive integer, got {mx!r}")
-        return cls(float(fps), mx, True)
-
-
-def _is_frame(x: Any) -> bool:
-    return isinstance(x, Image.Image) or (isinstance(x, np.ndarray) and x.ndim == 3)
-
-
-def _is_video(x: Any) -> bool:
-    """One video on its own: a path, preloaded frames, a (T, H, W, 3) array or a list of frames."""
-    from smolvlm.processing.video import VideoFrames
-
-    if isinstance(x, (str, Path, VideoFrames)) or (isinstance(x, np.ndarray) and x.ndim == 4):
-        return True
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(_is_frame(f) for f in x)
-
-
-def _pad_media(samples: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample (3, h, w) arrays -> (B, N, 3, H, W) float32 + (B, N, H, W) int64 mask (SPEC §2.8)."""
-    flat = [a for s in samples for a in s]
-    n_max = max(len(s) for s in samples)
-    h_max, w_max = max(a.shape[1] for a in flat), max(a.shape[2] for a in flat)
-    pixel_values = np.zeros((len(samples), n_max, 3, h_max, w_max), dtype=np.float32)  # (B, N, 3, H, W)
-    mask = np.zeros((len(samples), n_max, h_max, w_max), dtype=np.int64)  # (B, N, H, W)
-    for i, sample in enumerate(samples):
-        for j, a in enumerate(sample):
-            pixel_values[i, j, :, : a.shape[1], : a.shape[2]] = a
-            mask[i, j, : a.shape[1], : a.shape[2]] = 1
-    return pixel_values, mask
 
 
 class SmolVLMProcessor:
@@ -326,31 +246,6 @@ class SmolVLMProcessor:
         starts = np.cumsum([0, *counts])
         return [images[starts[i]:starts[i + 1]] for i in range(len(texts))]
 
-    def _nest_videos(self, videos: Any, texts: list[str] | None) -> list[list[Any]]:
-        """One video, a flat list (split over the prompts by ``<video>`` count), or one list per prompt.
-
-        A video is a path, a ``VideoFrames``, a ``(T, H, W, 3)`` array or a list of frames (PIL
-        images / ``(H, W, 3)`` arrays); inside a per-prompt list a list of image paths is one video too.
-        """
-        if _is_video(videos):
-            return [[videos]]
-        if not isinstance(videos, (list, tuple)):
-            raise PromptError(f"videos must be a video, a list of videos or one list per prompt, got {type(videos).__name__}")
-        videos = list(videos)
-        if videos and all(isinstance(x, (list, tuple)) and not _is_video(x) for x in videos):
-            return [list(x) for x in videos]
-        bad = [i for i, x in enumerate(videos) if not _is_video(x)]
-        if bad:
-            raise PromptError(f"videos[{bad[0]}] is not a video (a path, VideoFrames, (T, H, W, 3) array or list of frames)")
-        if texts is None or len(texts) == 1:
-            return [videos]
-        counts = [t.count(VIDEO_TOKEN) for t in texts]
-        if sum(counts) != len(videos):
-            raise PromptError(f"the prompts hold {sum(counts)} {VIDEO_TOKEN} marker(s) in total {counts} but "
-                              f"{len(videos)} video(s) were given")
-        starts = np.cumsum([0, *counts])
-        return [videos[starts[i]:starts[i + 1]] for i in range(len(texts))]
-
     def __call__(
         self,
         text: str | Sequence[str] | None = None,
@@ -384,11 +279,14 @@ class SmolVLMProcessor:
 
         out = ProcessorOutput()
         if videos is not None:
-            vids = self._nest_videos(videos, texts)
-            out.update(self._with_videos(texts, nested, vids, side, do_image_splitting,
-                                         dict(num_frames=num_frames, fps=fps, max_frames=max_frames)))
+            vids = video_inputs.nest_videos(videos, texts)
+            expanded, media = video_inputs.expand_videos(self, texts, nested, vids, do_image_splitting,
+                                                         dict(num_frames=num_frames, fps=fps, max_frames=max_frames))
+            if expanded is not None:
+                out.update(self._pad(self.tokenizer.encode_batch(expanded), side))
+            out.update(media)
         elif texts is not None:
-            self._check_video_markers(texts, None)
+            video_inputs.check_video_markers(texts, None)
             if nested and any(nested):
                 batch = self.image_processor(nested, do_image_splitting, _budget(no_upscale, max_tiles))
                 texts = [
@@ -421,90 +319,16 @@ class SmolVLMProcessor:
         Frame lists / arrays: all frames, or ``num_frames`` of them (no frame rate to sample by).
         A ``VideoFrames`` is already sampled and is returned as is.
         """
-        from smolvlm.processing.video import VideoError, VideoFrames, load_video
-
-        if isinstance(source, VideoFrames):
-            if len(source.frames) == 0 or len(source.timestamps) != len(source.frames):
-                raise VideoError(f"VideoFrames holds {len(source.frames)} frames and {len(source.timestamps)} "
-                                 "timestamps; need one timestamp per frame and at least one frame")
-            return source
-        if isinstance(source, (str, Path)) and num_frames is None:
-            fps = self.video_sampling.fps if fps is None else fps
-            max_frames = self.video_sampling.max_frames if max_frames is None else max_frames
-        return load_video(source, fps=fps, max_frames=max_frames, num_frames=num_frames)
+        return video_inputs.load_video_input(source, self.video_sampling, num_frames=num_frames, fps=fps,
+                                             max_frames=max_frames)
 
     def video_pixels(self, frames: Any) -> np.ndarray:
         """``VideoFrames`` -> ``(T, 3, M, M)`` float32: unsplit frames resized from ``size.longest_edge``."""
-        from smolvlm.processing.video import preprocess_frames
-
-        c = self.image_processor.config
-        return preprocess_frames(frames.frames, longest_edge=c.longest_edge, tile_size=c.max_image_size,
-                                 mean=c.image_mean, std=c.image_std, rescale_factor=c.rescale_factor)
+        return video_inputs.video_pixels(self.image_processor.config, frames)
 
     def video_string(self, frames: Any, num_frames_word: int) -> str:
         """Text that replaces one ``<video>`` (5.23 ``SmolVLMProcessor.replace_video_token``)."""
-        from smolvlm.processing.video import FAKE_TOKEN, GLOBAL_IMG_TOKEN, IMAGE_TOKEN, video_prompt
-
-        text = video_prompt(num_frames_word, list(frames.timestamps), frames.duration, self.image_seq_len)
-        t = self.image_tokens
-        if (t.image, t.fake, t.global_img) != (IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_IMG_TOKEN):
-            # a tokenizer_config that renames the image tokens (5.23 reads them from the tokenizer)
-            block = FAKE_TOKEN + GLOBAL_IMG_TOKEN + IMAGE_TOKEN * self.image_seq_len + FAKE_TOKEN
-            text = text.replace(block, image_prompt_string(0, 0, self.image_seq_len, t))
-        return text
-
-    def _check_video_markers(self, texts: list[str], videos: list[list[Any]] | None) -> None:
-        counts = [len(v) for v in videos] if videos is not None else [0] * len(texts)
-        if len(counts) != len(texts):
-            raise PromptError(f"got {len(texts)} prompt(s) but videos for {len(counts)} prompt(s); "
-                              "pass one list of videos per prompt")
-        for i, (t, n) in enumerate(zip(texts, counts)):
-            if t.count(VIDEO_TOKEN) != n:
-                shown = t if len(t) <= 80 else t[:77] + "..."
-                raise PromptError(f"prompt {i} has {t.count(VIDEO_TOKEN)} {VIDEO_TOKEN} marker(s) but {n} video(s) "
-                                  f"were given for it (prompt {i}: {shown!r})")
-
-    def _with_videos(self, texts: list[str] | None, images: list[list[Any]] | None, videos: list[list[Any]],
-                     side: str, do_image_splitting: bool | None, sampling: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Prompts with ``<video>`` (and maybe ``<image>``) markers -> ids + one media row per prompt."""
-        from smolvlm.processing.video import pad_videos
-
-        if texts is not None:
-            self._check_video_markers(texts, videos)
-        loaded = [[self.load_video(v, **sampling) for v in sample] for sample in videos]
-        pixels = [[self.video_pixels(f) for f in sample] for sample in loaded]
-        flat = [p for sample in pixels for p in sample]
-        if not flat:
-            raise PromptError("no videos in the batch")
-        if texts is None:
-            if images is not None:
-                raise PromptError("images and videos together need text with <image>/<video> markers to order them")
-            pv, mask = pad_videos(flat)  # (V, T_max, 3, M, M): one row per video, as 5.23's video processor
-            return {"pixel_values": pv, "pixel_attention_mask": mask}
-        word = max(p.shape[0] for p in flat)  # 5.23: pixel_values.shape[1] of the padded video batch
-        pattern = re.compile(f"{re.escape(self.image_tokens.image)}|{re.escape(VIDEO_TOKEN)}")
-        expanded, media = [], []
-        for i, t in enumerate(texts):
-            imgs = iter(images[i] if images else [])
-            vids = iter(zip(loaded[i], pixels[i]))
-            arrays: list[np.ndarray] = []
-
-            def replace(m: re.Match) -> str:
-                if m.group() == VIDEO_TOKEN:
-                    frames, px = next(vids)
-                    arrays.extend(px)  # (3, M, M) each
-                    return self.video_string(frames, word)
-                parts, lay = self.image_processor.split(next(imgs), do_image_splitting)
-                arrays.extend(self.image_processor.normalize(p) for p in parts)
-                return self.image_string(lay)
-
-            expanded.append(pattern.sub(replace, t))  # one left-to-right pass, like 5.23
-            media.append(arrays)
-        if not any(media):  # cannot happen (markers were checked), kept for a clear message
-            raise PromptError("no image or video arrays were produced")
-        out = self._pad(self.tokenizer.encode_batch(expanded), side)
-        out["pixel_values"], out["pixel_attention_mask"] = _pad_media(media)
-        return out
+        return video_inputs.video_string(frames, num_frames_word, self.image_seq_len, self.image_tokens)
 
     def _pad(self, ids: list[list[int]], side: str) -> dict[str, np.ndarray]:
         pad_id = self.tokenizer.pad_token_id

@@ -1,0 +1,196 @@
+"""Recipe -> objects: the model, processor files, datasets and collate of a training run.
+
+``run_recipe`` is the importable work behind ``smolvlm train`` (``cli/train.py`` stays a thin
+shell, STYLE 3.10): it builds a run from a ``Recipe`` (``recipe.py``), trains it with ``sft.train``
+and exports ``final/``. ``ModelRecipe`` says how the model starts: a saved SmolVLM folder
+(``checkpoint``), or a text backbone plus a vision tower and connector trained from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smolvlm.training.recipe import ModelRecipe, Recipe, RecipeError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.json", "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+
+
+def write_processor_files(mr: ModelRecipe, image_size: int, image_seq_len: int, out_dir: str | Path) -> Path:
+    """Tokenizer + chat template from ``mr.tokenizer`` and a preprocessor config whose tile size is the
+    vision tower's ``image_size`` (``max_image_size``), with ``mr.processor`` overrides on top."""
+    import json
+    import shutil
+
+    src, out = Path(mr.tokenizer), Path(out_dir)
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"model.tokenizer: no tokenizer.json in {src}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    pre_path = src / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+    pre.update({"size": {"longest_edge": 4 * image_size}, "do_image_splitting": True})
+    pre.update(mr.processor)
+    pre["max_image_size"] = {"longest_edge": image_size}  # tiles must be what the vision tower takes
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    proc = {"image_seq_len": image_seq_len, "processor_class": "Idefics3Processor"}
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+    return out
+
+
+def _text_from_backbone(mr: ModelRecipe, vocab_size: int) -> tuple[Any, dict[str, Any], int]:
+    """(TextConfig, text state dict or {}, backbone vocab size) for ``mr.text_backbone``."""
+    import dataclasses as dc
+
+    from smolvlm.config import SmolVLMConfig, TextConfig
+
+    src = mr.text_backbone
+    if src == "random":
+        cfg = TextConfig(**{"vocab_size": vocab_size, **mr.text})
+        return cfg, {}, cfg.vocab_size
+    if src.startswith("gguf:"):
+        from smolvlm.weights import gguf
+
+        path = gguf.find_smollm2_gguf() if src == "gguf:smollm2" else Path(src[len("gguf:"):])
+        cfg, sd = gguf.read_gguf_text_model(path)
+        backbone_vocab = cfg.vocab_size
+        sd = gguf.grow_vocab(sd, vocab_size)
+    else:
+        p = Path(src)
+        if not (p / "config.json").is_file():
+            raise RecipeError(f"model.text_backbone {src!r} is not 'random', 'gguf:smollm2', 'gguf:<file>' "
+                              f"or a SmolVLM checkpoint folder")
+        from smolvlm.model.vlm import SmolVLM
+
+        full = SmolVLM.from_pretrained(p, dtype=torch_dtype(mr.dtype))
+        cfg = SmolVLMConfig.from_json_file(p / "config.json").text_config
+        sd = {k: v for k, v in full.state_dict().items() if k.startswith("model.text_model.") or k == "lm_head.weight"}
+        backbone_vocab = cfg.vocab_size
+    cfg = dc.replace(cfg, vocab_size=max(vocab_size, cfg.vocab_size), tie_word_embeddings=False, **mr.text)
+    return cfg, sd, backbone_vocab
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def build_model(mr: ModelRecipe, image_token_id: int, vocab_size: int) -> tuple[Any, int]:
+    """SmolVLM from parts: text backbone weights + a freshly initialised vision tower and connector
+    (seeded by ``mr.init_seed``). Returns (model, backbone vocab size: rows >= it are new tokens)."""
+    import torch
+
+    from smolvlm.config import SmolVLMConfig, VisionConfig
+    from smolvlm.model.vlm import SmolVLM
+
+    text_cfg, text_sd, backbone_vocab = _text_from_backbone(mr, vocab_size)
+    cfg = SmolVLMConfig(model_type=mr.model_type, vision_config=VisionConfig(**mr.vision), text_config=text_cfg,
+                        image_token_id=image_token_id, scale_factor=mr.scale_factor, tie_word_embeddings=False,
+                        torch_dtype=mr.dtype)
+    torch.manual_seed(mr.init_seed)
+    model = SmolVLM.from_config(cfg, dtype=torch_dtype(mr.dtype))
+    if text_sd:
+        missing, unexpected = model.load_state_dict(text_sd, strict=False)
+        bad_missing = [k for k in missing if k.startswith("model.text_model.") or k == "lm_head.weight"]
+        if bad_missing or unexpected:
+            raise RecipeError(f"text backbone {mr.text_backbone}: {len(bad_missing)} missing: "
+                              f"{', '.join(bad_missing[:5])}; {len(unexpected)} unexpected: {', '.join(unexpected[:5])}")
+    return model, backbone_vocab
+
+
+@dataclass
+class RunParts:
+    model: Any
+    processor: Any
+    train_data: Any
+    eval_data: Any
+    collate_fn: Any
+    processor_dir: Path
+    backbone_vocab: int
+
+
+def build_run(recipe: Recipe) -> RunParts:
+    """Model (+ LoRA, freezing, checkpointing), processor, datasets and collate for a recipe."""
+    import functools
+
+    from smolvlm.model.vlm import SmolVLM
+    from smolvlm.processing.processor import SmolVLMProcessor
+    from smolvlm.training import data as data_mod
+    from smolvlm.training import lora, sft
+    from smolvlm.training.collate import collate
+
+    mr, out = recipe.model, Path(recipe.train.output_dir)
+    if mr.checkpoint:
+        model = SmolVLM.from_pretrained(mr.checkpoint, dtype=torch_dtype(mr.dtype))
+        processor_dir = Path(mr.checkpoint)
+        backbone_vocab = model.config.vocab_size
+    else:
+        tok_dir = Path(mr.tokenizer)
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"model.tokenizer: no tokenizer.json in {tok_dir}")
+        from smolvlm.processing.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_pretrained(tok_dir)
+        model, backbone_vocab = build_model(mr, tok.token_to_id("<image>"), len(tok))
+        processor_dir = write_processor_files(mr, model.config.vision_config.image_size, model.config.image_seq_len,
+                                              out / "processor")
+    processor = SmolVLMProcessor.from_pretrained(processor_dir)
+    model.train()
+    if recipe.lora.enabled:
+        lr_ = recipe.lora
+        lora.inject_lora(model, lr_.targets, r=lr_.r, alpha=lr_.alpha, dropout=lr_.dropout, init=lr_.init)
+    sft.apply_freezing(model, recipe.freeze.freeze, recipe.freeze.train)
+    if recipe.freeze.train_added_tokens and backbone_vocab < model.config.vocab_size:
+        sft.train_embedding_rows(model, ["model.text_model.embed_tokens.weight", "lm_head.weight"],
+                                 range(backbone_vocab, model.config.vocab_size))
+    if recipe.train.gradient_checkpointing:
+        sft.enable_gradient_checkpointing(model)
+    d = recipe.data
+    train_data = data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_train, "train", d.seed), processor, d.system_prompt)
+    eval_data = (data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_eval, "eval", d.seed), processor, d.system_prompt)
+                 if d.n_eval > 0 else None)
+    collate_fn = functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id, max_length=d.max_length,
+                                   image_token_id=processor.image_token_id)
+    return RunParts(model, processor, train_data, eval_data, collate_fn, processor_dir, backbone_vocab)
+
+
+def export_final(parts: RunParts, recipe: Recipe) -> Path:
+    """``<output_dir>/final``: a loadable SmolVLM folder (LoRA merged) with processor files; the
+    adapter alone also goes to ``<output_dir>/adapter`` in PEFT layout."""
+    import shutil
+
+    from smolvlm.training import lora
+
+    out = Path(recipe.train.output_dir)
+    model = parts.model
+    if lora.lora_modules(model):
+        lora.save_lora(model, out / "adapter", base_model_name_or_path=recipe.model.checkpoint or recipe.model.text_backbone)
+        lora.merge_lora(model)
+    final = out / "final"
+    model.save_pretrained(final)
+    for f in Path(parts.processor_dir).iterdir():
+        if f.is_file() and f.suffix in (".json", ".jinja", ".txt") and f.name != "config.json" and not (final / f.name).exists():
+            shutil.copyfile(f, final / f.name)
+    return final
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, stop_at: int | None = None) -> Any:
+    """Build everything, train (or resume), export ``final/`` when ``max_steps`` is reached."""
+    from smolvlm.training import sft
+
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    parts = build_run(recipe)
+    result = sft.train(parts.model, parts.train_data, parts.collate_fn, recipe.train, recipe.optim, recipe.schedule,
+                       eval_data=parts.eval_data, resume=resume, stop_at=stop_at)
+    if result.step >= recipe.train.max_steps:
+        export_final(parts, recipe)
+    return result
