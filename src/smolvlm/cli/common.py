@@ -12,6 +12,7 @@ from typing import Any, TextIO
 DEFAULT_MODEL: str | None = None
 
 DTYPES = ("float32", "bfloat16", "float16")
+CLI_MAX_NEW_TOKENS = 256
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,8 +27,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="new tokens at most (default: the checkpoint's generation config, else 20)")
+    # The library's generate keeps the reference default (20 new tokens when the checkpoint's
+    # generation config sets none); 20 tokens cut most answers short, so the CLI asks for more.
+    g.add_argument("--max-new-tokens", type=int, default=CLI_MAX_NEW_TOKENS, metavar="N",
+                   help=f"new tokens at most (default: {CLI_MAX_NEW_TOKENS}; generation also stops at end of utterance)")
     g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=False,
                    help="sample instead of greedy decoding (default: greedy)")
     g.add_argument("--temperature", type=float, default=1.0)
