@@ -196,3 +196,27 @@ def test_repo_id_goes_through_snapshot_download(ckpt, monkeypatch):
     monkeypatch.setattr(hub, "_snapshot_download", lambda repo_id, revision: calls.append(repo_id) or str(ckpt))
     m = SmolVLM.from_pretrained("someone/tiny-smolvlm")
     assert calls == ["someone/tiny-smolvlm"] and m.config.text_config.hidden_size == 64
+
+
+def test_processor_repo_id_downloads_processor_files_only(ref256, monkeypatch):
+    """The processor shares the weights' hub resolver but asks only for config/tokenizer files."""
+    from smolvlm.processing.processor import SmolVLMProcessor
+
+    calls = []
+    monkeypatch.setattr(hub, "_snapshot_download",
+                        lambda repo_id, revision, allow_patterns: calls.append(allow_patterns) or str(ref256))
+    proc = SmolVLMProcessor.from_pretrained("HuggingFaceTB/SmolVLM-256M-Instruct")
+    assert proc.image_seq_len == 64
+    assert calls == [hub.PROCESSOR_PATTERNS] and not any("safetensors" in p for p in calls[0])
+
+
+def test_offline_processor_error_is_one_line(monkeypatch):
+    from smolvlm.processing.processor import SmolVLMProcessor
+
+    def offline(repo_id, revision, allow_patterns):
+        raise OSError("Name or service not known\nsecond line of a hub error")
+
+    monkeypatch.setattr(hub, "_snapshot_download", offline)
+    with pytest.raises(hub.CheckpointDownloadError) as e:
+        SmolVLMProcessor.from_pretrained("someone/some-model")
+    assert "\n" not in str(e.value) and "someone/some-model" in str(e.value)

@@ -32,8 +32,7 @@ from smolvlm.processing.image import ImageInput, ImageLayout, ImageProcessor, Ti
 from smolvlm.processing.prompt import ImageTokens, check_marker_counts, expand_prompt, image_prompt_string
 from smolvlm.processing.tokenizer import Tokenizer
 from smolvlm.processing.video_inputs import VideoSampling
-
-_HUB_PATTERNS = ["*.json", "*.txt", "*.jinja"]
+from smolvlm.weights import hub
 
 
 class ProcessorOutput(dict):
@@ -57,25 +56,7 @@ class ProcessorOutput(dict):
 
 def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
     """A local directory, or a hub repo id fetched (config/tokenizer files only) with huggingface_hub."""
-    p = Path(path_or_repo_id).expanduser()
-    if p.is_dir():
-        return p
-    s = str(path_or_repo_id)
-    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
-        raise FileNotFoundError(f"checkpoint directory not found: {s}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(s, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True))
-    except Exception:  # not cached yet: try the network below
-        pass
-    try:
-        return Path(snapshot_download(s, revision=revision, allow_patterns=_HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated, network error
-        raise FileNotFoundError(
-            f"{s!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); are you offline?"
-        ) from None
+    return hub.resolve_checkpoint_dir(path_or_repo_id, revision, allow_patterns=hub.PROCESSOR_PATTERNS)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -19,14 +19,29 @@ class CheckpointDownloadError(FileNotFoundError):
     """A repo id could not be fetched from the Hub (offline, unknown repo, no access...)."""
 
 
-def _snapshot_download(repo_id: str, revision: str | None) -> str:
+# Processor-only files: what `SmolVLMProcessor.from_pretrained` needs (no weights).
+PROCESSOR_PATTERNS = ["*.json", "*.txt", "*.jinja"]
+
+
+def _snapshot_download(repo_id: str, revision: str | None, allow_patterns: list[str] = ALLOW_PATTERNS) -> str:
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    try:  # already in the local cache: no network round trip
+        return snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=True)
+    except Exception:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns)
 
 
-def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
-    """Local directory holding the checkpoint files; downloads a repo id if it is not a local folder."""
+def _one_line(e: Exception) -> str:
+    """Hub errors span several lines; the CLI prints one."""
+    return " ".join(str(e).split())
+
+
+def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None,
+                           allow_patterns: list[str] | None = None) -> Path:
+    """Local directory holding the checkpoint files; downloads a repo id if it is not a local folder.
+
+    ``allow_patterns`` narrows the download (default: config, tokenizer and weight files)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
@@ -36,9 +51,11 @@ def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = N
     if isinstance(path_or_repo_id, Path) or not _REPO_ID.match(name):
         raise FileNotFoundError(f"no checkpoint directory at {name!r} (and it does not look like a hub repo id 'owner/name')")
     try:
-        return Path(_snapshot_download(name, revision))
+        if allow_patterns is None:
+            return Path(_snapshot_download(name, revision))
+        return Path(_snapshot_download(name, revision, allow_patterns))
     except Exception as e:  # any hub/network failure: offline, 404, gated, ...
         raise CheckpointDownloadError(
-            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {_one_line(e)}). "
             f"If you have the checkpoint files, pass the local directory path instead."
         ) from e
