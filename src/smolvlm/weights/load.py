@@ -2,18 +2,32 @@
 
 No random weights are ever materialised for ``from_pretrained``: the module tree is built on the
 meta device, the safetensors headers are checked against it (all problems reported in one
-``CheckpointError``), then each tensor is read (memory-mapped), cast to the requested dtype and
-assigned in place of its meta parameter.
+``CheckpointError``), then each tensor is assigned in place of its meta parameter.
+
+Exactly one copy of the weights ends up in memory (SmolVLM-256M bf16: 489 MiB):
+- same dtype on CPU (the default ``mmap=True``): parameters *alias* a private, copy-on-write
+  mapping of the file (``MAP_PRIVATE``, ``UntypedStorage.from_file(shared=False)``). Nothing is
+  copied; pages are read on first use and count as file-backed RSS. In-place writes (optimizer
+  steps, ``quantize``) stay correct: the kernel gives the written pages a private copy and the
+  file is never modified. Caveat: the file must not be rewritten *in place* (truncated and
+  rewritten under the same inode) while the model lives; ``save_pretrained`` replaces files
+  atomically (new inode), so saving over the folder you loaded from is safe.
+- dtype conversion, another device, or ``mmap=False``: each tensor is ``read`` into a fresh buffer
+  and converted, so the peak is the converted weights plus one tensor (not plus the whole mapped
+  file, which is what a mapping kept open while converting costs).
+We parse the safetensors header ourselves (8-byte little-endian length + JSON) instead of using
+``safe_open``, so this does not depend on whether a safetensors version copies or maps.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from smolvlm.config import SmolVLMConfig
@@ -31,8 +45,66 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
            "float16": torch.float16, "half": torch.float16}
 
 
+# safetensors dtype codes (the format spec) -> torch dtypes.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+_MAX_HEADER = 100 * 2**20  # the safetensors reference implementation refuses larger headers too
+
+
 class CheckpointError(ValueError):
     """A checkpoint whose tensors do not match the model built from its config."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file: absolute byte range [start, end) and layout."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header (``u64 LE length`` + JSON ``{name: {dtype, shape, data_offsets}}``).
+
+    Offsets in the file are relative to the end of the header; we return absolute ones. Every
+    inconsistency (truncated file, bad JSON, unknown dtype, byte range not matching the shape or
+    outside the file) is a CheckpointError naming the file and tensor.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{path} is not a safetensors file (header length {n} vs file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name} has an unreadable header entry {entry!r}") from None
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        if min(shape, default=0) < 0 or end - begin != nbytes or begin < 0 or base + end > size:
+            raise CheckpointError(f"{path}: tensor {name} {entry['dtype']}{list(shape)} has byte range "
+                                  f"[{begin}, {end}) that does not fit its shape or the file ({size} bytes)")
+        infos[name] = TensorInfo(dtype, shape, base + begin, base + end)
+    return infos
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: SmolVLMConfig) -> torch.dtype:
@@ -73,14 +145,53 @@ def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Pat
     """Tensor name -> (shape, file), read from the safetensors headers only."""
     shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
     for f in files:
-        with safe_open(f, framework="pt") as st:
-            for key in st.keys():
-                if key.endswith(IGNORED_SUFFIXES):
-                    continue
-                if key in shapes:
-                    raise CheckpointError(f"tensor {key} appears in both {shapes[key][1].name} and {f.name}")
-                shapes[key] = (tuple(st.get_slice(key).get_shape()), f)
+        for key, info in read_safetensors_header(f).items():
+            if key.endswith(IGNORED_SUFFIXES):
+                continue
+            if key in shapes:
+                raise CheckpointError(f"tensor {key} appears in both {shapes[key][1].name} and {f.name}")
+            shapes[key] = (info.shape, f)
     return shapes
+
+
+def load_safetensors(path: str | Path, keys: set[str] | None = None, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu", mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file (``keys``: a subset), in ``dtype`` (None: as stored) on ``device``.
+
+    ``mmap=True``: tensors already in ``dtype`` on CPU alias a copy-on-write mapping of the file
+    (zero copy; see the module docstring). Everything else is read tensor by tensor into its own
+    buffer and converted, so at most one unconverted tensor is alive at a time.
+    """
+    path = Path(path)
+    infos = read_safetensors_header(path)
+    device = torch.device(device)
+    wanted = [k for k in infos if keys is None or k in keys]
+    target = {k: dtype or infos[k].dtype for k in wanted}
+    # Aliasing needs the CPU, no conversion and an element-aligned offset (safetensors writers
+    # align data, but the format does not promise it); others take the read path.
+    alias = {k for k in wanted if mmap and device.type == "cpu" and target[k] == infos[k].dtype
+             and infos[k].start % infos[k].dtype.itemsize == 0}
+    out: dict[str, torch.Tensor] = {}
+    if alias:
+        size = path.stat().st_size
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)  # MAP_PRIVATE
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,))  # (file bytes,)
+        for k in alias:
+            i = infos[k]
+            out[k] = raw[i.start:i.end].view(i.dtype).view(i.shape)
+    rest = [k for k in wanted if k not in alias]
+    if rest:
+        with open(path, "rb") as f:
+            for k in rest:
+                i = infos[k]
+                raw_bytes = bytearray(i.end - i.start)  # fresh malloc: aligned for any element size
+                f.seek(i.start)
+                if f.readinto(raw_bytes) != len(raw_bytes):
+                    raise CheckpointError(f"{path} ended while reading tensor {k}")
+                buf = torch.frombuffer(raw_bytes, dtype=torch.uint8) if raw_bytes else torch.empty(0, dtype=torch.uint8)
+                out[k] = buf.view(i.dtype).view(i.shape).to(device=device, dtype=target[k])
+                del buf, raw_bytes  # the unconverted bytes go now, not at the end of the file
+    return {k: out[k] for k in wanted}  # header order
 
 
 def expected_shapes(model: nn.Module, optional: set[str]) -> dict[str, tuple[int, ...]]:
@@ -112,8 +223,12 @@ def read_generation_config(directory: Path) -> dict[str, Any] | None:
 
 
 def load_pretrained(cls: type["SmolVLM"], path_or_repo_id: str | Path, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str = "cpu") -> "SmolVLM":
-    """Build ``cls`` on meta from config.json, strictly check and assign the safetensors weights."""
+                    device: torch.device | str = "cpu", mmap: bool = True) -> "SmolVLM":
+    """Build ``cls`` on meta from config.json, strictly check and assign the safetensors weights.
+
+    ``mmap``: alias the file's copy-on-write mapping when no conversion is needed (default; safe
+    for training too, see the module docstring); False reads every tensor into private memory.
+    """
     directory = resolve_checkpoint_dir(path_or_repo_id)
     config = SmolVLMConfig.from_json_file(directory / "config.json")
     dtype = resolve_dtype(dtype, config)
@@ -126,10 +241,8 @@ def load_pretrained(cls: type["SmolVLM"], path_or_repo_id: str | Path, dtype: to
     check_keys(expected_shapes(model, optional), {k: s for k, (s, _) in found.items()}, optional, where=str(directory))
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(f, framework="pt") as st:
-            for key in st.keys():
-                if key in found and key not in optional:
-                    state[key] = st.get_tensor(key).to(device=device, dtype=dtype)
+        keys = {k for k, (_, src) in found.items() if src == f and k not in optional}
+        state.update(load_safetensors(f, keys, dtype=dtype, device=device, mmap=mmap))
     # strict=False only because a tied lm_head is absent from ``state``; check_keys already ran.
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

@@ -1,0 +1,253 @@
+"""Peak-memory paths: zero-copy (copy-on-write mmap) loading, per-tensor conversion, chunked vision.
+
+Each memory-saving path must give exactly the results of the plain path; the RSS checks run in a
+child process so this process's allocations cannot hide or fake them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.testing import assert_close
+
+from smolvlm import SmolVLM
+from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
+from smolvlm.weights.load import CheckpointError, load_safetensors, read_safetensors_header
+
+
+def tiny_config() -> SmolVLMConfig:
+    return SmolVLMConfig(
+        model_type="idefics3",
+        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=8),
+        text_config=TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               rope_theta=100000.0, tie_word_embeddings=False),
+        image_token_id=299, scale_factor=2, tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path / "ckpt"
+    SmolVLM.from_config(tiny_config()).save_pretrained(d)  # float32 on disk
+    return d
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def state(model: SmolVLM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- loading ------------------------------------------------------------------------------------
+def test_same_dtype_aliases_file_mapping_and_other_paths_copy(ckpt):
+    size = (ckpt / "model.safetensors").stat().st_size
+    mapped = SmolVLM.from_pretrained(ckpt, dtype=torch.float32)
+    copied = SmolVLM.from_pretrained(ckpt, dtype=torch.float32, mmap=False)
+    converted = SmolVLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    # Aliased parameters are views of one storage spanning the whole file; copies own their bytes.
+    for name, p in mapped.named_parameters():
+        assert p.untyped_storage().nbytes() == size, name
+    for model in (copied, converted):
+        for name, p in model.named_parameters():
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+    a, b, c = state(mapped), state(copied), state(converted)
+    for k in a:  # same values on every path (bf16: the round-to-nearest cast of the same fp32)
+        assert_close(a[k], b[k], rtol=0, atol=0)
+        assert_close(c[k], a[k].to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_in_place_writes_are_copy_on_write(ckpt):
+    """Training writes parameters in place: the mapped file must never change."""
+    f = ckpt / "model.safetensors"
+    before = sha(f)
+    model = SmolVLM.from_pretrained(ckpt)
+    original = state(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert sha(f) == before
+    for k, v in SmolVLM.from_pretrained(ckpt).state_dict().items():
+        assert_close(v, original[k], rtol=0, atol=0)
+    # One optimizer step through autograd, as the train loop does.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]]))
+    out.loss.backward()
+    opt.step()
+    assert sha(f) == before
+
+
+def test_save_over_the_loaded_folder_is_safe(ckpt):
+    """save_pretrained replaces files atomically, so a model aliasing the old file can overwrite it."""
+    model = SmolVLM.from_pretrained(ckpt)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    expected = state(model)
+    model.save_pretrained(ckpt)
+    for k, v in state(model).items():  # the live model still reads its (old-inode) mapping
+        assert_close(v, expected[k], rtol=0, atol=0)
+    for k, v in SmolVLM.from_pretrained(ckpt).state_dict().items():
+        assert_close(v, expected[k], rtol=0, atol=0)
+
+
+def write_raw_safetensors(path: Path, tensors: dict[str, torch.Tensor], pad: int = 0) -> None:
+    """A valid safetensors file whose data starts ``pad`` bytes after an 8-aligned header (unaligned data)."""
+    header, blobs, off = {}, [], 0
+    names = {torch.float32: "F32", torch.bfloat16: "BF16"}
+    for k, t in tensors.items():
+        b = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8 + pad)  # trailing spaces are valid JSON whitespace
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_unaligned_data_falls_back_to_reading(tmp_path):
+    ts = {"a": torch.randn(3, 5), "b": torch.randn(7)}
+    f = tmp_path / "x.safetensors"
+    write_raw_safetensors(f, ts, pad=1)  # fp32 data at an odd offset cannot be viewed in place
+    got = load_safetensors(f)
+    for k in ts:
+        assert_close(got[k], ts[k], rtol=0, atol=0)
+        assert got[k].untyped_storage().nbytes() == ts[k].numel() * 4
+    assert list(got) == ["a", "b"]
+
+
+def test_header_matches_safetensors_library(tmp_path):
+    f = tmp_path / "y.safetensors"
+    ts = {"w": torch.randn(4, 3).to(torch.bfloat16), "s": torch.tensor(2.5), "e": torch.zeros(0, 4)}
+    save_file(ts, str(f))
+    infos = read_safetensors_header(f)
+    assert {k: (i.dtype, i.shape) for k, i in infos.items()} == {k: (t.dtype, tuple(t.shape)) for k, t in ts.items()}
+    got = load_safetensors(f, keys={"w", "s", "e"}, dtype=torch.float32)
+    for k in ts:
+        assert_close(got[k], ts[k].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["short", "length", "json", "range", "dtype"])
+def test_corrupt_headers_raise_checkpoint_error(tmp_path, case):
+    f = tmp_path / "bad.safetensors"
+    good = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+    if case == "short":
+        f.write_bytes(b"\x01\x02")
+    elif case == "length":
+        f.write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    elif case == "json":
+        f.write_bytes(struct.pack("<Q", 4) + b"{no}")
+    else:
+        entry = dict(good["w"], **({"data_offsets": [0, 12]} if case == "range" else {"dtype": "X9"}))
+        h = json.dumps({"w": entry}).encode()
+        f.write_bytes(struct.pack("<Q", len(h)) + h + bytes(16))
+    match = {"short": "not a safetensors file", "length": "header length", "json": "corrupt safetensors header",
+             "range": "byte range", "dtype": "unreadable header entry"}[case]
+    with pytest.raises(CheckpointError, match=match):
+        read_safetensors_header(f)
+
+
+def test_truncated_data_is_a_checkpoint_error(tmp_path):
+    f = tmp_path / "t.safetensors"
+    write_raw_safetensors(f, {"w": torch.randn(64)})
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="does not fit its shape or the file"):
+        load_safetensors(f)
+
+
+PEAK_CHILD = textwrap.dedent("""
+    import json, resource, sys, torch
+    from smolvlm.weights.load import load_safetensors
+    path, mode = sys.argv[1], sys.argv[2]
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak()
+    if mode == "alias":
+        ts = load_safetensors(path, dtype=torch.float32)
+    else:
+        ts = load_safetensors(path, dtype=torch.bfloat16)
+    total = sum(float(t.float().sum()) for t in ts.values())  # touch every byte, one tensor at a time
+    print(json.dumps({"delta": peak() - before, "total": total}))
+""")
+
+
+@pytest.mark.parametrize("mode", ["alias", "convert"])
+def test_peak_rss_is_one_copy(tmp_path, mode):
+    """64 MiB of fp32 weights in 16 tensors. The same-dtype load holds them once (the file pages:
+    measured ~68 MiB, a private copy on top gives ~132); the fp32 -> bf16 load holds the 32 MiB
+    result plus one tensor at a time (measured ~44 MiB; keeping the mapped file while converting,
+    as safe_open does, gives ~100). Bounds: one copy + 20 MiB for the 4 MiB float() temporary the
+    check makes, per-tensor buffers and allocator/interpreter noise."""
+    f = tmp_path / "w.safetensors"
+    mib = 2**20
+    save_file({f"t{i}": torch.randn(mib) for i in range(16)}, str(f))  # 16 x 4 MiB fp32
+    out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(f), mode], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    delta = json.loads(out.stdout)["delta"] / mib
+    bound = (64 if mode == "alias" else 32) + 20
+    assert delta < bound, f"{mode}: peak grew by {delta:.1f} MiB (bound {bound})"
+
+
+# -- vision chunking ----------------------------------------------------------------------------
+def pixel_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """2 samples x 4 slots of 32 px tiles: some padded within the tile, one padding slot (all zeros)."""
+    g = torch.Generator().manual_seed(1)
+    pv = torch.randn(2, 4, 3, 32, 32, generator=g)
+    pm = torch.ones(2, 4, 32, 32, dtype=torch.long)
+    pm[0, 1, 20:] = 0  # bottom rows padded
+    pm[1, 2, :, 12:] = 0  # right columns padded
+    pv[1, 3] = 0.0  # a padding image: dropped
+    pm[1, 3] = 0
+    return pv, pm
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_vision_equals_unchunked_exactly(padded):
+    """fp32: tiles never interact, so any chunking must give bit-identical rows."""
+    torch.manual_seed(0)
+    model = SmolVLM.from_config(tiny_config())
+    pv, pm = pixel_batch()
+    if not padded:
+        pm = torch.ones_like(pm)
+    model.vision_chunk_size = None
+    ref = model.get_image_features(pv, pm)
+    assert ref.shape[0] == 7
+    for chunk in (1, 2, 3, 4, 7, 100):
+        model.vision_chunk_size = chunk
+        assert_close(model.get_image_features(pv, pm), ref, rtol=0, atol=0)
+
+
+def test_chunked_vision_gradients_match():
+    """Training through the vision tower: chunking must not change gradients beyond fp32 summation order."""
+    torch.manual_seed(0)
+    model = SmolVLM.from_config(tiny_config()).train()
+    pv, pm = pixel_batch()
+    grads = []
+    for chunk in (None, 2):
+        model.zero_grad()
+        model.vision_chunk_size = chunk
+        model.get_image_features(pv, pm).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    # Weight gradients sum over tiles; chunking changes that summation's grouping only (fp32 rounding).
+    for n in grads[0]:
+        assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_default_and_bad_chunk_size():
+    model = SmolVLM.from_config(tiny_config())
+    assert model.vision_chunk_size == 1
+    model.vision_chunk_size = 0
+    with pytest.raises(ValueError, match="vision_chunk_size"):
+        model.get_image_features(torch.randn(1, 1, 3, 32, 32))
