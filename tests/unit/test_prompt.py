@@ -64,12 +64,12 @@ def test_call_checks_and_outputs(proc):
 
 
 def test_from_pretrained_errors(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         SmolVLMProcessor.from_pretrained(tmp_path / "nothing")
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match="could not be fetched"):
+    with pytest.raises(FileNotFoundError, match="could not download"):
         SmolVLMProcessor.from_pretrained("someorg/not-a-real-repo")
 
 
