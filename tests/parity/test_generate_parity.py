@@ -274,3 +274,9 @@ def test_stream_text_equals_generate_decode(ours, proc, ckpt):
     stop = full[3:5]
     cut = "".join(stream(ours, ours_proc, msgs, max_new_tokens=15, stop_strings=[stop]))
     assert cut == apply_stop_strings(full, [stop]) and len(cut) < len(full)
+
+
+def test_unknown_generation_option_is_named(ours, proc):
+    batch = inputs(proc, [("Hi", [])])
+    with pytest.raises(TypeError, match="max_tokens"):
+        ours.generate(**batch, max_tokens=5)

@@ -182,32 +182,22 @@ def generate_ids(
     attention_mask: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     pixel_attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    stop_strings: str | Sequence[str] | None = None,
+    *,
     tokenizer: Any = None,
     feature_cache: Any = None,
+    **gen_kwargs: Any,
 ) -> torch.Tensor:
     """Prompt + generated ids ``(B, T + n_steps)``, as transformers' ``generate`` returns them.
 
-    Defaults follow the reference: stop ids from ``generation_config.json`` (else the text
-    config's eos), 20 new tokens when no length is given, top_k=50 when sampling with no top_k
-    (SPEC 1.10). ``n_steps`` is ``max_new_tokens`` unless every row stopped earlier.
+    ``gen_kwargs`` are the decoding options of ``generation.config.resolve_settings`` (defined
+    there once): max_new_tokens, do_sample, temperature, top_k, top_p, min_p,
+    repetition_penalty, seed, eos_token_id, pad_token_id, stop_strings; an unknown name is a
+    TypeError naming it. Defaults follow the reference: stop ids from ``generation_config.json``
+    (else the text config's eos), 20 new tokens when no length is given, top_k=50 when sampling
+    with no top_k (SPEC 1.10). ``n_steps`` is ``max_new_tokens`` unless every row stopped earlier.
     """
-    gen = generate_tokens(
-        model, input_ids, attention_mask, pixel_values, pixel_attention_mask, tokenizer=tokenizer,
-        feature_cache=feature_cache, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_strings=stop_strings,
-    )
+    gen = generate_tokens(model, input_ids, attention_mask, pixel_values, pixel_attention_mask,
+                          tokenizer=tokenizer, feature_cache=feature_cache, **gen_kwargs)
     new = list(gen)
     prompt = input_ids if input_ids.dim() == 2 else input_ids[None]
     return torch.cat([prompt.to(new[0].device), torch.stack(new, dim=1)], dim=1)  # (B, T + n)
