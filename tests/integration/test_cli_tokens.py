@@ -46,5 +46,7 @@ def test_errors(ref256, tmp_path, capsys):
     assert main(["tokens", "--model", str(ref256), str(bad)]) == 2
     assert "not a recognised image" in capsys.readouterr().err
     assert main(["tokens", "--model", str(tmp_path / "nope"), str(bad)]) == 2
-    with pytest.raises(SystemExit):
-        main(["tokens", str(bad)])  # --model is required
+    assert main(["tokens", str(bad)]) == 2  # no --model: the built-in default model's processor
+    assert "not a recognised image" in capsys.readouterr().err
+    assert main(["tokens", "examples/shapes.png", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_seq_len"] == 36  # the default model: 36 tokens per image

@@ -42,3 +42,17 @@ def test_readme_python_example_runs(tmp_path, ref256, capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert out.strip(), "the example printed nothing"
+
+
+def test_readme_main_command_answers_about_the_example(monkeypatch, capsys):
+    """The first set-up command ends with the main job: the default model answers offline."""
+    import shlex
+
+    from smolvlm.cli.main import main
+
+    job = _code_blocks("bash")[0].strip().split("&&")[-1].strip()
+    argv = shlex.split(job)
+    assert argv[0] == ".venv/bin/smolvlm" and "--model" not in argv and "examples/shapes.png" in argv
+    monkeypatch.chdir(REPO)
+    assert main(argv[1:]) == 0
+    assert capsys.readouterr().out.strip().lower() == "orange"

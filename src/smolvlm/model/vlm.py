@@ -30,7 +30,7 @@ VISION_CHUNK_SIZE = 1
 
 @dataclass
 class SmolVLMOutput:
-    logits: torch.Tensor  # (B, T or logits_to_keep, vocab)
+    logits: torch.Tensor | None  # (B, T or logits_to_keep, vocab); None with return_logits=False
     loss: torch.Tensor | None = None
 
 
@@ -235,8 +235,12 @@ class SmolVLM(nn.Module):
         input_pos: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         image_features: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> SmolVLMOutput:
-        """Logits (and loss if ``labels``). See ``text.py`` for the cache/mask contract."""
+        """Logits (and loss if ``labels``). See ``text.py`` for the cache/mask contract.
+
+        ``return_logits=False`` (training, with ``labels``): the head runs only at the positions that
+        have a target after the shift, so the loss is the same and ``logits`` is ``None``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and image_features is not None:
@@ -251,6 +255,13 @@ class SmolVLM(nn.Module):
             image_mask = (inputs_embeds == self.model.text_model.embed_tokens(tok)).all(-1)
             inputs_embeds = self._merge(inputs_embeds, image_mask, image_features)
         hidden = self.model.text_model(inputs_embeds, attention_mask, position_ids, kv_cache, input_pos)
+        if not return_logits:
+            if labels is None:
+                raise ValueError("return_logits=False needs labels (it computes the loss only)")
+            shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+            keep = shifted != -100
+            logits = self.lm_head(hidden[keep])  # (N targets, vocab)
+            return SmolVLMOutput(logits=None, loss=F.cross_entropy(logits.float(), shifted[keep]))
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)  # (B, T', vocab)

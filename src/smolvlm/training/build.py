@@ -166,10 +166,11 @@ def export_final(parts: RunParts, recipe: Recipe) -> Path:
     adapter alone also goes to ``<output_dir>/adapter`` in PEFT layout."""
     import shutil
 
-    from smolvlm.training import lora
+    from smolvlm.training import lora, sft
 
     out = Path(recipe.train.output_dir)
     model = parts.model
+    sft.merge_embedding_rows(model)
     if lora.lora_modules(model):
         lora.save_lora(model, out / "adapter", base_model_name_or_path=recipe.model.checkpoint or recipe.model.text_backbone)
         lora.merge_lora(model)

@@ -76,26 +76,53 @@ def apply_freezing(model: nn.Module, freeze: Sequence[str] = (), train: Sequence
     return counts
 
 
+class _Rows(nn.Module):
+    """Parametrization ``W -> W`` with ``rows`` replaced by a small trainable tensor."""
+
+    def __init__(self, weight: torch.Tensor, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", rows, persistent=False)
+        self.rows = nn.Parameter(weight.detach()[rows].clone())
+        self.rows._row_mask = True  # no weight decay (``_no_decay``)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.index_put((self.index,), self.rows.to(weight.dtype))
+
+
 def train_embedding_rows(model: nn.Module, param_names: Sequence[str], rows: Sequence[int]) -> None:
-    """Make only ``rows`` of each named 2-D parameter trainable (e.g. the embeddings of tokens a
-    frozen backbone never saw). Gradients of the other rows are zeroed by a hook; the parameter is
-    flagged so ``build_optimizer`` gives it no weight decay, and with zero gradients AdamW leaves
-    those rows bit-identical."""
+    """Train only ``rows`` of each named 2-D parameter (e.g. the embeddings of tokens a frozen
+    backbone never saw). The full matrix stays frozen; a parametrization swaps in a small trainable
+    ``(len(rows), dim)`` tensor, so gradients, optimizer state and checkpoints cost the rows only,
+    and the other rows stay bit-identical. ``merge_embedding_rows`` folds them back (export)."""
+    from torch.nn.utils import parametrize
+
     params = dict(model.named_parameters())
+    idx = torch.tensor(sorted(set(rows)), dtype=torch.long)
     for name in param_names:
         if name not in params:
             raise TrainError(f"train_embedding_rows: no parameter {name!r}")
         p = params[name]
-        if getattr(p, "_row_mask", None) is not None:
-            continue  # tied weight, already hooked
-        mask = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)  # (V, 1)
-        idx = torch.tensor(list(rows), dtype=torch.long)
         if idx.numel() and (idx.min() < 0 or idx.max() >= p.shape[0]):
             raise TrainError(f"train_embedding_rows: rows out of range for {name} with {p.shape[0]} rows")
-        mask[idx] = 1
-        p.requires_grad_(True)
-        p._row_mask = mask
-        p.register_hook(lambda g, m=mask: g * m.to(device=g.device, dtype=g.dtype))
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        p.requires_grad_(False)
+        parametrize.register_parametrization(mod, attr, _Rows(p, idx.to(p.device)))
+
+
+def merge_embedding_rows(model: nn.Module) -> int:
+    """Fold ``train_embedding_rows`` parametrizations into plain weights; returns how many."""
+    from torch.nn.utils import parametrize
+
+    n = 0
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod):
+            for attr in list(mod.parametrizations.keys()):
+                if any(isinstance(f, _Rows) for f in mod.parametrizations[attr]):
+                    parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+                    getattr(mod, attr).requires_grad_(False)
+                    n += 1
+    return n
 
 
 # -- optimizer and schedule ----------------------------------------------------------------------
@@ -213,6 +240,17 @@ def _autocast(device: str, dtype: torch.dtype | None):
     return torch.autocast(dev, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
+def _loss_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``return_logits=False`` where the model takes it (SmolVLM: head only at target positions)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"return_logits": False} if "return_logits" in params else {}
+
+
 def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, scheduler: Any,
                grad_clip: float = 0.0, autocast_dtype: torch.dtype | None = None, device: str = "cpu") -> dict[str, float]:
     """Forward/backward over the micro-batches (token-weighted), clip, step. Returns loss, grad norm."""
@@ -221,12 +259,12 @@ def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.op
     total = sum(counts)
     if total == 0:
         raise TrainError("a training batch has no target tokens (all labels are -100)")
-    loss_sum = 0.0
+    loss_sum, extra = 0.0, _loss_kwargs(model)
     for b, n in zip(micro_batches, counts):
         if n == 0:
             continue
         with _autocast(device, autocast_dtype):
-            loss = model(**_to(b, device)).loss
+            loss = model(**_to(b, device), **extra).loss
         (loss.float() * (n / total)).backward()
         loss_sum += float(loss.detach()) * n
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -243,13 +281,13 @@ def evaluate(model: nn.Module, batches: Sequence[Batch] | Any, autocast_dtype: t
     """Token-weighted mean loss over ``batches`` in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
-    loss_sum, total = 0.0, 0
+    loss_sum, total, extra = 0.0, 0, _loss_kwargs(model)
     for b in batches:
         n = _n_targets(b)
         if n == 0:
             continue
         with _autocast(device, autocast_dtype):
-            loss_sum += float(model(**_to(b, device)).loss) * n
+            loss_sum += float(model(**_to(b, device), **extra).loss) * n
         total += n
     model.train(was_training)
     return loss_sum / max(total, 1)

