@@ -113,6 +113,23 @@ def _batch(processor, n=2):
     return collate([encode_sample(s, processor) for s in samples], pad_token_id=2)
 
 
+def test_loss_without_full_logits_equals_the_full_loss(processor):
+    """return_logits=False runs the head at target positions only: same loss and same gradients."""
+    model = tiny_model()
+    batch = _batch(processor)
+    full = model(**batch)
+    full.loss.backward()
+    g_full = model.model.connector.modality_projection.proj.weight.grad.clone()
+    model.zero_grad()
+    lean = model(**batch, return_logits=False)
+    lean.loss.backward()
+    assert lean.logits is None
+    assert_close(lean.loss, full.loss, rtol=1e-6, atol=1e-6)  # same fp32 terms, summed in another order
+    assert_close(model.model.connector.modality_projection.proj.weight.grad, g_full, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=batch["input_ids"], return_logits=False)
+
+
 def test_freezing_keeps_frozen_params_bit_identical(processor):
     model = tiny_model()
     counts = sft.apply_freezing(model, freeze=["model.text_model", "lm_head"], train=["model.text_model.norm"])

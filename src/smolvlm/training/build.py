@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from smolvlm.training.recipe import ModelRecipe, Recipe, RecipeError
@@ -102,7 +103,21 @@ def build_model(mr: ModelRecipe, image_token_id: int, vocab_size: int) -> tuple[
         if bad_missing or unexpected:
             raise RecipeError(f"text backbone {mr.text_backbone}: {len(bad_missing)} missing: "
                               f"{', '.join(bad_missing[:5])}; {len(unexpected)} unexpected: {', '.join(unexpected[:5])}")
+        match_connector_scale(model, backbone_vocab)
     return model, backbone_vocab
+
+
+@torch.no_grad()
+def match_connector_scale(model: Any, n_rows: int) -> float:
+    """Re-initialise a fresh connector so that image tokens start at the scale of the pretrained
+    text embeddings (per-dimension std of its first ``n_rows`` rows). With the default init
+    (std 0.02 over D*s^2 inputs of unit scale) they start ~5x larger than SmolLM2's word
+    embeddings, and a frozen language model then learns to ignore them. Returns the std used."""
+    emb = model.model.text_model.embed_tokens.weight[:n_rows].float()
+    proj = model.model.connector.modality_projection.proj
+    std = float(emb.std()) / proj.in_features ** 0.5
+    proj.weight.normal_(0.0, std)
+    return std
 
 
 @dataclass
@@ -142,6 +157,7 @@ def build_run(recipe: Recipe) -> RunParts:
         processor_dir = write_processor_files(mr, model.config.vision_config.image_size, model.config.image_seq_len,
                                               out / "processor")
     processor = SmolVLMProcessor.from_pretrained(processor_dir)
+    model.vision_chunk_size = None  # encode a batch's images together (chunking saves memory at inference only)
     model.train()
     if recipe.lora.enabled:
         lr_ = recipe.lora
