@@ -294,8 +294,10 @@ def test_default_model_recipe_values():
     r = load_recipe(REPO / "configs" / "default-model.yaml")
     assert r.model.text_backbone == "gguf:smollm2"
     v = r.model.vision
-    assert (v["image_size"] // v["patch_size"] // r.model.scale_factor) ** 2 == 64  # ~64 tokens per tile
+    assert (v["image_size"] // v["patch_size"] // r.model.scale_factor) ** 2 == 36  # 36 tokens per image
+    assert r.model.processor["do_image_splitting"] is False  # one tile per image on CPU
     assert r.lora.enabled and "model.text_model" in r.freeze.freeze
+    assert (REPO / r.model.tokenizer / "tokenizer.json").is_file()  # the shipped tokenizer, not ../shared
 
 
 def test_recipe_errors_and_overrides(tmp_path):
@@ -317,3 +319,16 @@ def test_recipe_errors_and_overrides(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_recipe(tmp_path / "missing.yaml")
     assert isinstance(recipe_from_dict({}).train, TrainRecipe)
+
+
+def test_connector_starts_at_the_text_embedding_scale():
+    """A fresh connector's outputs for unit-scale vision features have the word embeddings' std."""
+    from smolvlm.training.build import match_connector_scale
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.text_model.embed_tokens.weight.normal_(0.0, 0.13)
+    match_connector_scale(model, 1000)
+    proj = model.model.connector.modality_projection.proj
+    out = proj(torch.randn(4096, proj.in_features))  # post-layernorm features: unit scale per dim
+    assert abs(float(out.std()) - 0.13) < 0.01

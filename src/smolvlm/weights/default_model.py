@@ -59,9 +59,9 @@ def assets_dir(directory: str | Path | None = None) -> Path:
     d = Path(directory) if directory is not None else ASSETS_DIR
     missing = [n for n in (PARTS_FILE, MANIFEST_FILE, "config.json") if not (d / n).is_file()]
     if missing:
-        raise DefaultModelError(f"the default model's files are missing from {d}: {', '.join(missing)} "
-                                f"(recreate them: smolvlm train --recipe configs/default-model.yaml, then "
-                                f"smolvlm ship-default runs/default-model)")
+        raise DefaultModelError(f"the default model's files are missing from {d}: {', '.join(missing)}; pass "
+                                f"--model DIR_OR_REPO, or recreate them: smolvlm train --recipe "
+                                f"configs/default-model.yaml && smolvlm ship-default runs/default-model")
     return d
 
 
