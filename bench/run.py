@@ -147,7 +147,7 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
              "token (ours: the token generator; transformers: a streamer); prefill = 900 / time to the first token, "
              "decode = K / (last token - first token), no early stop. TTFT: processor (chat template, "
              "image resize/tiling, tokenizer) + vision + prefill + first token, each engine with its own processor. "
-             "The machine was shared with another engineer's tests during the run: expect noise, read the spread.", ""]
+             "Ours is loaded as the CLI loads it (`pack=True`: oneDNN-packed text linears).", ""]
     lines += ["## 1. VLM: ours vs transformers", ""]
     for model in dict.fromkeys(r["model"] for r in vlm):
         lines += report.vlm_table(vlm, model)
@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from bench/.cache/run_results.json")
+    ap.add_argument("--append", action="store_true",
+                    help="add to the rows of the previous run instead of starting over (measure models in stages)")
     ap.add_argument("--analysis-file", default=None, help="markdown file pasted into section 5")
     # child mode (internal)
     ap.add_argument("--child", choices=["vlm", "text", "agree"], help=argparse.SUPPRESS)
@@ -206,11 +208,15 @@ def main() -> None:
     args.text_reps = args.text_reps or args.reps
     skip = set(args.skip.split(","))
     if not args.report_only:
-        if RAW.is_file():
+        old = json.loads(RAW.read_text()) if args.append and RAW.is_file() else {}
+        if RAW.is_file() and not args.append:
             RAW.unlink()
-        save_raw(args, command="nice -n 0 .venv/bin/python bench/run.py " + " ".join(sys.argv[1:]), machine=machine())
-        rows: list[dict] = []
-        text: list[dict] = []
+        command = ".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
+        commands = old.get("commands", [old["command"]] if "command" in old else []) + [command]
+        save_raw(args, command=" && ".join(commands), commands=commands, machine=machine())
+        rows: list[dict] = [r for r in old.get("rows", [])
+                            if "vlm" in skip or not (r.get("model") in args.models and r.get("dtype") in args.dtypes)]
+        text: list[dict] = old.get("text", []) if "text" in skip else []
         if "vlm" not in skip:
             run_vlm(args, rows)
         if "text" not in skip:

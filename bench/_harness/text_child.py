@@ -39,12 +39,17 @@ def gguf_model(dtype: torch.dtype, mode: str) -> SmolVLM:
     model.load_state_dict(full, strict=True, assign=True)
     model.tie_weights()
     model = model.to(dtype).eval()
+    if mode == "none":
+        return model.pack_for_inference()  # as the CLI loads it (smolvlm.model.packed)
     return quantize(model, mode)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the text model + lm_head tensors (the dummy vision tower excluded), tied counted once."""
-    seen, total = set(), 0
+    from smolvlm.model.packed import PackedLinear
+
+    packed = [m.packed for m in model.modules() if isinstance(m, PackedLinear)]  # not parameters
+    seen, total = set(), sum(t.numel() * t.element_size() for t in packed)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.startswith("model.vision_model") or name.startswith("model.connector") or id(t) in seen:
             continue

@@ -37,7 +37,8 @@ class Ours:
         from smolvlm import SmolVLM
         from smolvlm.processing.processor import SmolVLMProcessor
 
-        self.model = SmolVLM.from_pretrained(ckpt, dtype=dtype, quantize=quantize)
+        # pack=True: what the CLI loads (oneDNN-packed text linears, smolvlm.model.packed)
+        self.model = SmolVLM.from_pretrained(ckpt, dtype=dtype, quantize=quantize, pack=True)
         self.proc = SmolVLMProcessor.from_pretrained(ref)
         self.tile = self.proc.image_processor.config.max_image_size
 

@@ -73,6 +73,7 @@ def load_processor(model_arg: str | None, allow_remote: bool = False) -> Any:
 def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu",
                              processor: Any = None, quantize: str = "none") -> tuple[Any, Any]:
     """Checkpoint folder or repo id -> (SmolVLM in eval mode, SmolVLMProcessor). The one place a default goes.
+    Commands only run inference, so the text model's linears are packed (``smolvlm.model.packed``).
     ``processor``: one already loaded with ``load_processor`` (not loaded again)."""
     import torch
 
@@ -93,9 +94,12 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
 
         directory = default_model.assets_dir()
         model = default_model.load_default_model(getattr(torch, dtype), dev, quantize)
+        if quantize == "none":
+            model.pack_for_inference()
     else:
         directory = resolve_checkpoint_dir(model_arg)
-        model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize).eval()
+        model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize,
+                                        pack=True).eval()
     processor = processor if processor is not None else SmolVLMProcessor.from_pretrained(directory)
     return model, processor
 

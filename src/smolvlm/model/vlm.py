@@ -83,7 +83,8 @@ class SmolVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu", quantize: str = "none", mmap: bool = True) -> "SmolVLM":
+                        device: torch.device | str = "cpu", quantize: str = "none", mmap: bool = True,
+                        pack: bool = False) -> "SmolVLM":
         """Load a HF-format checkpoint folder (or hub repo id). dtype: torch.dtype, "auto" (config), None = float32.
 
         ``mmap`` (default True): when the checkpoint already has ``dtype``, parameters alias a
@@ -94,6 +95,11 @@ class SmolVLM(nn.Module):
         ``quantize`` ("none", "int8", "int4"): weight-only quantization applied after loading
         (``smolvlm.quantization.quantize``). A folder written by ``save_quantized`` (it has a
         ``quantization.json``) loads as saved; asking for a different mode then is an error.
+
+        ``pack`` (inference only; the CLI turns it on): the text decoder's and lm_head's linears
+        keep their weights in oneDNN's packed layout, about 1.5x faster decode on CPU with the
+        same bf16 results (``smolvlm.model.packed``). Ignored with ``quantize`` or where packing
+        is unavailable (not CPU, fp16). Reload without it to train.
         """
         from smolvlm import quantization
         from smolvlm.weights.load import load_pretrained
@@ -106,8 +112,19 @@ class SmolVLM(nn.Module):
             if quantize not in ("none", saved):
                 raise quantization.QuantizationError(f"{local} holds {saved} weights; cannot load it as {quantize}")
             return model
-        model = load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, mmap=mmap)
+        model = load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, mmap=mmap,
+                                pack=pack and quantize == "none")
         return quantization.quantize(model, quantize)
+
+    def pack_for_inference(self) -> "SmolVLM":
+        """Pack the text decoder's and lm_head's linears in place (``smolvlm.model.packed``); returns self.
+
+        A no-op where packing is unavailable. ``from_pretrained(pack=True)`` does the same with
+        less peak memory (the packed weights are never mapped from the file)."""
+        from smolvlm.model.packed import pack_linears
+
+        pack_linears(self)
+        return self
 
     @classmethod
     def from_config(cls, config: SmolVLMConfig, dtype: torch.dtype | str | None = None,

@@ -155,12 +155,15 @@ def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Pat
 
 
 def load_safetensors(path: str | Path, keys: set[str] | None = None, dtype: torch.dtype | None = None,
-                     device: torch.device | str = "cpu", mmap: bool = True) -> dict[str, torch.Tensor]:
+                     device: torch.device | str = "cpu", mmap: bool = True,
+                     copy: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Tensors of one safetensors file (``keys``: a subset), in ``dtype`` (None: as stored) on ``device``.
 
     ``mmap=True``: tensors already in ``dtype`` on CPU alias a copy-on-write mapping of the file
-    (zero copy; see the module docstring). Everything else is read tensor by tensor into its own
-    buffer and converted, so at most one unconverted tensor is alive at a time.
+    (zero copy; see the module docstring). Everything else, and the ``copy`` keys, is read tensor
+    by tensor into its own buffer and converted, so at most one unconverted tensor is alive at a
+    time. (``copy``: tensors about to be replaced, e.g. packed; aliasing them would leave their
+    file pages resident next to the replacement.)
     """
     path = Path(path)
     infos = read_safetensors_header(path)
@@ -170,7 +173,7 @@ def load_safetensors(path: str | Path, keys: set[str] | None = None, dtype: torc
     # Aliasing needs the CPU, no conversion and an element-aligned offset (safetensors writers
     # align data, but the format does not promise it); others take the read path.
     alias = {k for k in wanted if mmap and device.type == "cpu" and target[k] == infos[k].dtype
-             and infos[k].start % infos[k].dtype.itemsize == 0}
+             and infos[k].start % infos[k].dtype.itemsize == 0 and k not in copy}
     out: dict[str, torch.Tensor] = {}
     if alias:
         size = path.stat().st_size
@@ -223,12 +226,16 @@ def read_generation_config(directory: Path) -> dict[str, Any] | None:
 
 
 def load_pretrained(cls: type["SmolVLM"], path_or_repo_id: str | Path, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str = "cpu", mmap: bool = True) -> "SmolVLM":
+                    device: torch.device | str = "cpu", mmap: bool = True, pack: bool = False) -> "SmolVLM":
     """Build ``cls`` on meta from config.json, strictly check and assign the safetensors weights.
 
     ``mmap``: alias the file's copy-on-write mapping when no conversion is needed (default; safe
     for training too, see the module docstring); False reads every tensor into private memory.
+    ``pack``: inference only, ``model/packed.py`` (no-op where unavailable); the weights it packs
+    are read into private memory and freed once packed, never aliased.
     """
+    from smolvlm.model.packed import pack_linears, pack_targets, packing_available
+
     directory = resolve_checkpoint_dir(path_or_repo_id)
     config = SmolVLMConfig.from_json_file(directory / "config.json")
     dtype = resolve_dtype(dtype, config)
@@ -239,10 +246,12 @@ def load_pretrained(cls: type["SmolVLM"], path_or_repo_id: str | Path, dtype: to
     optional = {"lm_head.weight"} if model.lm_head.weight is model.model.text_model.embed_tokens.weight else set()
     found = checkpoint_shapes(files)
     check_keys(expected_shapes(model, optional), {k: s for k, (s, _) in found.items()}, optional, where=str(directory))
+    pack = pack and packing_available(dtype, device)
+    copy = {f"{name}.weight" for name in pack_targets(model)} if pack else set()
     state: dict[str, torch.Tensor] = {}
     for f in files:
         keys = {k for k, (_, src) in found.items() if src == f and k not in optional}
-        state.update(load_safetensors(f, keys, dtype=dtype, device=device, mmap=mmap))
+        state.update(load_safetensors(f, keys, dtype=dtype, device=device, mmap=mmap, copy=copy))
     # strict=False only because a tied lm_head is absent from ``state``; check_keys already ran.
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -250,6 +259,9 @@ def load_pretrained(cls: type["SmolVLM"], path_or_repo_id: str | Path, dtype: to
     if still_meta:  # cannot happen after check_keys; guards against a model/loader mismatch
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta)}")
     model.generation_config = read_generation_config(directory)
+    if pack:
+        del state  # the dense copies of the packed weights must not outlive the swap
+        pack_linears(model)
     return model.eval()
 
 

@@ -1,0 +1,134 @@
+"""Inference-only ``nn.Linear`` with its weight packed once into oneDNN's blocked layout (CPU).
+
+Why: batch-1 decode is a chain of matrix-vector products, one pass over every weight per token.
+On the 2-core AMD EPYC bench machine PyTorch's ``F.linear`` streams a bf16 weight at about
+11 GB/s for one row of activations, while the same machine reads memory at about 30 GB/s
+(``tensor.sum()``). oneDNN's inner product on a weight reordered ahead of time
+(``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, the path PyTorch's own
+CPU ``torch.compile`` backend freezes weights into) streams about 21 GB/s. Measured on the 256M
+text model, 900-token context: decode 23 -> 34.5 tokens/s, the same greedy tokens (bf16 results
+are bit-identical to ``F.linear``; fp32 differs in summation order, ~1e-5 relative).
+Vision-sized GEMMs (1024 rows) gain nothing in bf16, so only the text decoder and lm_head are
+packed.
+
+Contract: a ``PackedLinear`` behaves as the ``nn.Linear`` it replaced for inference, and its state
+dict still holds a dense ``weight`` (unpacked on demand), so ``save_pretrained`` keeps working.
+It has no trainable weight: reload without packing to train. ``.to(dtype)`` repacks; moving it
+off the CPU is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def packing_available(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether this PyTorch build can pack a ``dtype`` weight on ``device`` (CPU + oneDNN only)."""
+    return (torch.device(device).type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # batch_size=1: the layout oneDNN picks for one activation row (decode); larger batches
+    # (prefill) run on the same packed weight at least as fast as F.linear (measured, 900 rows).
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` replacement for CPU inference; see the module docstring."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not packing_available(weight.dtype, weight.device):
+            raise ValueError(f"cannot pack a {weight.dtype} weight on {weight.device}: CPU + oneDNN, "
+                             f"{' or '.join(str(d) for d in PACKABLE_DTYPES)} only")
+        self.out_features, self.in_features = weight.shape
+        self._dtype = weight.dtype
+        self.packed = _pack(weight)  # plain attribute: not a parameter, never trained
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
+        return cls(linear.weight, linear.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy of the weight (for saving and inspection; the forward never uses it)."""
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if in_dtype != self._dtype:
+            x = x.to(self._dtype)
+        if x.numel() == 0:
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict[key]
+            if tuple(w.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: checkpoint {list(w.shape)} vs "
+                                  f"model {[self.out_features, self.in_features]}")
+            else:
+                self.packed = _pack(w.to(self._dtype))
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        dense = fn(self.weight)
+        if not packing_available(dense.dtype, dense.device):
+            raise RuntimeError(f"a packed model stays on the CPU in {' or '.join(str(d) for d in PACKABLE_DTYPES)}; "
+                               "load it again without packing to move it to another device or dtype")
+        self.packed, self._dtype = _pack(dense), dense.dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"packed {self._dtype}"
+
+
+def pack_targets(model: nn.Module) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules packing replaces: the text decoder's and lm_head."""
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and (name.startswith("model.text_model.") or name == "lm_head")]
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module) -> list[str]:
+    """Swap the text decoder's and lm_head's ``nn.Linear`` for ``PackedLinear`` in place.
+
+    A no-op (returns []) where packing is unavailable (not CPU, fp16, no oneDNN). Quantized or
+    LoRA-wrapped layers are left alone (only exact ``nn.Linear`` is packed). A tied lm_head gets
+    its own packed copy; the embedding keeps its table for lookups. Returns the packed names.
+    """
+    names = pack_targets(model)
+    if not names:
+        return []
+    first = model.get_submodule(names[0]).weight
+    if not packing_available(first.dtype, first.device):
+        return []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, child)
+        setattr(parent, child, PackedLinear.from_linear(lin))
+        del lin  # the dense weight is freed as soon as nothing else holds it
+    return names

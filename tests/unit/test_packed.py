@@ -1,0 +1,119 @@
+"""Packed (oneDNN-layout) linears for CPU inference against the plain model they replace.
+
+bf16: packed and ``F.linear`` both run oneDNN bf16 kernels with fp32 accumulation; only the
+blocking may differ, so logits are compared at 2e-2 (a few bf16 ulps at O(1) values) and greedy
+tokens must be identical. fp32: summation order only, 1e-5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from smolvlm import SmolVLM
+from smolvlm.generation.generate import generate_ids
+from smolvlm.model.packed import PackedLinear, pack_targets, packing_available
+from smolvlm.weights.load import load_safetensors
+from tests.unit.test_loading import logits, tiny_config
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def save_tiny(tmp_path: Path, tie: bool = False) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path / ("tied" if tie else "ckpt")
+    SmolVLM.from_config(tiny_config("smolvlm", tie=tie)).save_pretrained(d)
+    return d
+
+
+def greedy(model: SmolVLM) -> list[int]:
+    ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])
+    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+    return generate_ids(model, ids, pixel_values=pv, max_new_tokens=8, eos_token_id=[])[0].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tie", [False, True])
+def test_packed_model_matches_plain(tmp_path, dtype, tie):
+    d = save_tiny(tmp_path, tie)
+    plain = SmolVLM.from_pretrained(d, dtype=dtype)
+    packed = SmolVLM.from_pretrained(d, dtype=dtype, pack=True)
+    names = pack_targets(plain)
+    assert "lm_head" in names and any(n.endswith("self_attn.q_proj") for n in names)
+    assert all(isinstance(packed.get_submodule(n), PackedLinear) for n in names)
+    # only the text decoder + head: the vision tower and connector keep nn.Linear
+    assert not any(isinstance(m, PackedLinear) for m in packed.model.vision_model.modules())
+    assert type(packed.model.connector.modality_projection.proj) is nn.Linear
+    assert isinstance(packed.model.text_model.embed_tokens.weight, nn.Parameter)  # lookups still use the table
+    assert_close(logits(packed), logits(plain), **TOL[dtype])
+    assert greedy(packed) == greedy(plain)
+
+
+def test_state_dict_and_save_survive_packing(tmp_path):
+    d = save_tiny(tmp_path)
+    plain = SmolVLM.from_pretrained(d)
+    packed = SmolVLM.from_pretrained(d, pack=True)
+    sd_plain, sd_packed = plain.state_dict(), packed.state_dict()
+    assert sd_plain.keys() == sd_packed.keys()
+    assert all(torch.equal(sd_plain[k], sd_packed[k]) for k in sd_plain)  # unpacking is exact
+    packed.save_pretrained(tmp_path / "again")
+    assert_close(logits(SmolVLM.from_pretrained(tmp_path / "again")), logits(plain), rtol=0, atol=0)
+    # loading new weights into a packed model repacks them
+    other = SmolVLM.from_config(tiny_config("smolvlm"))
+    packed.load_state_dict(other.state_dict())
+    assert_close(logits(packed), logits(other), **TOL[torch.float32])
+    bad = {k: (v[:-1] if k == "lm_head.weight" else v) for k, v in other.state_dict().items()}
+    with pytest.raises(RuntimeError, match="lm_head.weight"):
+        packed.load_state_dict(bad)
+
+
+def test_dtype_moves_repack_and_unsupported_ones_fail(tmp_path):
+    d = save_tiny(tmp_path)
+    packed = SmolVLM.from_pretrained(d, pack=True)
+    want = logits(SmolVLM.from_pretrained(d, dtype=torch.bfloat16))
+    packed.to(torch.bfloat16)
+    assert packed.lm_head.weight.dtype == torch.bfloat16
+    assert_close(logits(packed), want, **TOL[torch.bfloat16])
+    with pytest.raises(RuntimeError, match="load it again without packing"):
+        packed.to(torch.float16)
+
+
+def test_packing_is_skipped_where_it_does_not_apply(tmp_path):
+    d = save_tiny(tmp_path)
+    fp16 = SmolVLM.from_pretrained(d, dtype=torch.float16, pack=True)  # oneDNN packing: fp32/bf16 only
+    assert type(fp16.lm_head) is nn.Linear
+    int8 = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, quantize="int8", pack=True)  # quantized layers win
+    assert not any(isinstance(m, PackedLinear) for m in int8.modules())
+    # packing after the fact (the default model's path) equals packing at load
+    late = SmolVLM.from_pretrained(d).pack_for_inference()
+    assert isinstance(late.lm_head, PackedLinear)
+    assert_close(logits(late), logits(SmolVLM.from_pretrained(d, pack=True)), rtol=0, atol=0)
+
+
+def test_packed_weights_are_copied_not_mapped(tmp_path):
+    """Aliased tensors share the whole file's mapping; ``copy`` keys get a buffer of their own, so
+    the file pages of a weight that is packed (and freed) do not stay resident."""
+    d = save_tiny(tmp_path)
+    f = d / "model.safetensors"
+    key = "model.text_model.layers.0.mlp.up_proj.weight"
+    t = load_safetensors(f, {key})[key]
+    assert t.untyped_storage().nbytes() == f.stat().st_size  # aliased: a view of the mapped file
+    c = load_safetensors(f, {key}, copy={key})[key]
+    assert c.untyped_storage().nbytes() == c.nbytes and torch.equal(c, t)
+
+
+def test_packed_linear_handles_odd_inputs():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    p = PackedLinear.from_linear(lin)
+    x = torch.randn(2, 3, 16)
+    assert_close(p(x), lin(x), **TOL[torch.float32])
+    assert_close(p(x.transpose(0, 1)), lin(x.transpose(0, 1)), **TOL[torch.float32])  # non-contiguous
+    assert p(torch.randn(0, 16)).shape == (0, 8)
+    assert p(x.bfloat16()).dtype == torch.bfloat16  # a mismatched input is cast in and out
+    with pytest.raises(ValueError, match="cannot pack"):
+        PackedLinear(torch.randn(8, 16, dtype=torch.float16))
