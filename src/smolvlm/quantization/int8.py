@@ -3,7 +3,7 @@
 ``w[n, :] ~= weight_int8[n, :] * scale[n]`` with ``scale[n] = max|w[n, :]| / 127`` (no zero point,
 as gpt-fast's ``WeightOnlyInt8QuantHandler``). Activations stay in floating point. On CPU with
 bf16/fp16 activations the matmul is PyTorch's ``_weight_int8pack_mm`` kernel, which reads the
-int8 weights directly (half the memory traffic of bf16, the limit for batch-1 decode). fp32
+int8 weights directly (half the bytes of bf16; batch-1 decode time is weight streaming). fp32
 activations use a plain dequantize-then-``linear`` path: exact with respect to the quantized
 weights, but not faster than fp32 (use bf16 for speed).
 """
