@@ -88,6 +88,14 @@ def test_packing_is_skipped_where_it_does_not_apply(tmp_path):
     assert type(fp16.lm_head) is nn.Linear
     int8 = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, quantize="int8", pack=True)  # quantized layers win
     assert not any(isinstance(m, PackedLinear) for m in int8.modules())
+    from smolvlm.training.lora import LoRALinear
+
+    lora = SmolVLM.from_pretrained(d)
+    attn = lora.model.text_model.layers[0].self_attn
+    attn.q_proj = LoRALinear(attn.q_proj, r=2, alpha=4.0)
+    lora.pack_for_inference()
+    assert type(attn.q_proj) is LoRALinear and type(attn.q_proj.lora_A) is nn.Linear  # LoRA layers untouched
+    assert isinstance(attn.k_proj, PackedLinear)
     # packing after the fact (the default model's path) equals packing at load
     late = SmolVLM.from_pretrained(d).pack_for_inference()
     assert isinstance(late.lm_head, PackedLinear)

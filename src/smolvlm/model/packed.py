@@ -106,17 +106,23 @@ class PackedLinear(nn.Module):
 
 
 def pack_targets(model: nn.Module) -> list[str]:
-    """Names of the plain ``nn.Linear`` modules packing replaces: the text decoder's and lm_head."""
-    return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and (name.startswith("model.text_model.") or name == "lm_head")]
+    """Names of the plain ``nn.Linear`` modules packing replaces: the text decoder's and lm_head.
+
+    Not the layers inside another linear-like module (a LoRA layer's ``lora_A``/``lora_B``):
+    those belong to a layer that is not packed and may be training."""
+    modules = dict(model.named_modules())
+    inside_linear = lambda name: isinstance(modules.get(name.rpartition(".")[0]), nn.Linear)  # noqa: E731
+    return [name for name, m in modules.items()
+            if type(m) is nn.Linear and (name.startswith("model.text_model.") or name == "lm_head")
+            and not inside_linear(name)]
 
 
 @torch.no_grad()
 def pack_linears(model: nn.Module) -> list[str]:
     """Swap the text decoder's and lm_head's ``nn.Linear`` for ``PackedLinear`` in place.
 
-    A no-op (returns []) where packing is unavailable (not CPU, fp16, no oneDNN). Quantized or
-    LoRA-wrapped layers are left alone (only exact ``nn.Linear`` is packed). A tied lm_head gets
+    A no-op (returns []) where packing is unavailable (not CPU, fp16, no oneDNN). Quantized and
+    LoRA layers are left alone, LoRA's inner A/B too (only exact ``nn.Linear`` is packed). A tied lm_head gets
     its own packed copy; the embedding keeps its table for lookups. Returns the packed names.
     """
     names = pack_targets(model)
