@@ -137,7 +137,7 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
 
     vlm, text, agree = data.get("rows", []), data.get("text", []), data.get("agree256")
     lines = ["# Benchmarks: smolvlm vs transformers vs llama.cpp (CPU)", "",
-             f"Regenerate: `{data['command']}`" + (" (--quick: 2 vision tiles and 16 decode tokens per child instead of 4 and 32)" if args.quick else ""),
+             f"Regenerate: `{' && '.join(data['commands'])}`" + (" (--quick: 2 vision tiles and 16 decode tokens per child instead of 4 and 32)" if args.quick else ""),
              "", "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in data["machine"].items()], "",
              "Method: each engine runs in its own subprocess (peak RSS = that process's `ru_maxrss`); engines "
              "alternate within every repetition; warm-up runs are excluded; CPU only, so results are "
@@ -211,9 +211,8 @@ def main() -> None:
         old = json.loads(RAW.read_text()) if args.append and RAW.is_file() else {}
         if RAW.is_file() and not args.append:
             RAW.unlink()
-        command = ".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
-        commands = old.get("commands", [old["command"]] if "command" in old else []) + [command]
-        save_raw(args, command=" && ".join(commands), commands=commands, machine=machine())
+        commands = old.get("commands", []) + [".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])]
+        save_raw(args, commands=commands, machine=machine())
         rows: list[dict] = [r for r in old.get("rows", [])
                             if "vlm" in skip or not (r.get("model") in args.models and r.get("dtype") in args.dtypes)]
         text: list[dict] = old.get("text", []) if "text" in skip else []

@@ -93,9 +93,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
         from smolvlm.weights import default_model
 
         directory = default_model.assets_dir()
-        model = default_model.load_default_model(getattr(torch, dtype), dev, quantize)
-        if quantize == "none":
-            model.pack_for_inference()
+        model = default_model.load_default_model(getattr(torch, dtype), dev, quantize, pack=True)
     else:
         directory = resolve_checkpoint_dir(model_arg)
         model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize,

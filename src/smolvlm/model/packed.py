@@ -48,7 +48,6 @@ class PackedLinear(nn.Module):
             raise ValueError(f"cannot pack a {weight.dtype} weight on {weight.device}: CPU + oneDNN, "
                              f"{' or '.join(str(d) for d in PACKABLE_DTYPES)} only")
         self.out_features, self.in_features = weight.shape
-        self._dtype = weight.dtype
         self.packed = _pack(weight)  # plain attribute: not a parameter, never trained
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
 
@@ -63,8 +62,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        if in_dtype != self._dtype:
-            x = x.to(self._dtype)
+        if in_dtype != self.packed.dtype:
+            x = x.to(self.packed.dtype)
         if x.numel() == 0:
             y = x.new_empty(*x.shape[:-1], self.out_features)
         else:
@@ -84,7 +83,7 @@ class PackedLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: checkpoint {list(w.shape)} vs "
                                   f"model {[self.out_features, self.in_features]}")
             else:
-                self.packed = _pack(w.to(self._dtype))
+                self.packed = _pack(w.to(self.packed.dtype))
         elif strict:
             missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -97,12 +96,12 @@ class PackedLinear(nn.Module):
         if not packing_available(dense.dtype, dense.device):
             raise RuntimeError(f"a packed model stays on the CPU in {' or '.join(str(d) for d in PACKABLE_DTYPES)}; "
                                "load it again without packing to move it to another device or dtype")
-        self.packed, self._dtype = _pack(dense), dense.dtype
+        self.packed = _pack(dense)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"packed {self._dtype}"
+               f"packed {self.packed.dtype}"
 
 
 def pack_targets(model: nn.Module) -> list[str]:
@@ -134,7 +133,5 @@ def pack_linears(model: nn.Module) -> list[str]:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lin = getattr(parent, child)
-        setattr(parent, child, PackedLinear.from_linear(lin))
-        del lin  # the dense weight is freed as soon as nothing else holds it
+        setattr(parent, child, PackedLinear.from_linear(getattr(parent, child)))  # the dense weight goes here
     return names

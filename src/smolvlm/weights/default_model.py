@@ -124,8 +124,9 @@ def assemble_state_dict(directory: str | Path | None = None, check_hash: bool = 
 
 
 def load_default_model(dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-                       quantize: str = "none", directory: str | Path | None = None) -> Any:
-    """The default SmolVLM, in eval mode (float32 unless ``dtype``)."""
+                       quantize: str = "none", directory: str | Path | None = None, pack: bool = False) -> Any:
+    """The default SmolVLM, in eval mode (float32 unless ``dtype``); ``quantize`` and ``pack`` as in
+    ``SmolVLM.from_pretrained``."""
     from smolvlm import quantization
     from smolvlm.model.vlm import SmolVLM
     from smolvlm.weights.load import check_keys, expected_shapes, read_generation_config, resolve_dtype
@@ -140,6 +141,8 @@ def load_default_model(dtype: torch.dtype | str | None = None, device: torch.dev
     model.load_state_dict({k: v.to(device=device, dtype=dt) for k, v in state.items()}, strict=True, assign=True)
     model.tie_weights()
     model.generation_config = read_generation_config(assets_dir(directory))
+    if pack and quantize == "none":
+        model.pack_for_inference()
     return quantization.quantize(model.eval(), quantize)
 
 

@@ -255,13 +255,13 @@ def load_pretrained(cls: type["SmolVLM"], path_or_repo_id: str | Path, dtype: to
         state.update(load_safetensors(f, keys, dtype=dtype, device=device, mmap=mmap, copy=copy))
     # strict=False only because a tied lm_head is absent from ``state``; check_keys already ran.
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
+    del state  # the model holds the tensors now; dense copies about to be packed must not outlive the swap
     model.tie_weights()
     still_meta = sorted(set(missing) - optional) + [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:  # cannot happen after check_keys; guards against a model/loader mismatch
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta)}")
     model.generation_config = read_generation_config(directory)
     if pack:
-        del state  # the dense copies of the packed weights must not outlive the swap
         pack_linears(model)
     return model.eval()
 
