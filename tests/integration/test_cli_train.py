@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from smolvlm.cli.main import main
 from smolvlm.model.vlm import SmolVLM
 
@@ -25,6 +27,7 @@ def tiny_overrides(ref: Path, out: Path) -> list[str]:
         "data.n_train=4", "data.n_eval=2",
         "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.eval_every=2",
         "train.checkpoint_every=1", "train.progress=false", f"train.output_dir={out}",
+        "vision_pretrain.steps=2", "vision_pretrain.batch_size=4",
     ]
     return [x for s in sets for x in ("--set", s)]
 
@@ -40,8 +43,23 @@ def test_train_cli_smoke(ref256, tmp_path, capsys):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
     model = SmolVLM.from_pretrained(out / "final")
     assert model.config.vision_config.image_size == 48 and model.config.image_seq_len == 4
-    # resuming a finished run is a no-op that still succeeds; without --resume it refuses
+    # stage 1 ran first and left its weights; stage 2 kept the tower frozen (the recipe freezes it)
+    stage1 = out / "vision_pretrain" / "vision.safetensors"
+    assert stage1.is_file() and (out / "vision_pretrain" / "summary.json").is_file()
+    from safetensors.torch import load_file
+
+    tower = load_file(str(stage1))
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in tower.items() if k.startswith("model.vision_model."))
+    stamp = stage1.stat().st_mtime_ns
+    # resuming a finished run is a no-op that still succeeds (stage 1 is reloaded, not rerun);
+    # without --resume it refuses
     assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out), "--resume"]) == 0
+    assert stage1.stat().st_mtime_ns == stamp
+    # a resume whose stage-1 settings differ from the finished stage 1 is refused, naming the folder
+    assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out), "--resume",
+                 "--set", "vision_pretrain.lr=0.5"]) == 2
+    assert "vision_pretrain" in capsys.readouterr().err and stage1.stat().st_mtime_ns == stamp
     assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out)]) == 2
     assert "--resume" in capsys.readouterr().err
 

@@ -84,7 +84,7 @@ def test_parts_fit_the_budget_and_match_the_manifest(assets):
     man = dm.read_manifest(assets)
     parts = load_file(str(assets / dm.PARTS_FILE))
     assert {k.rsplit(".lora_", 1)[0] for k in parts if ".lora_" in k} == set(man["lora"]["modules"])
-    assert len(man["lora"]["modules"]) == 60  # q and v of 30 layers
+    assert len(man["lora"]["modules"]) == 210  # the 7 projections of 30 layers
     cfg = json.loads((assets / "config.json").read_text())
     new = cfg["text_config"]["vocab_size"] - man["backbone"]["vocab_size"]
     assert parts["new_rows.embed_tokens"].shape == (new, cfg["text_config"]["hidden_size"]) == (128, 576)

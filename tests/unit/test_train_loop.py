@@ -297,6 +297,9 @@ def test_default_model_recipe_values():
     assert (v["image_size"] // v["patch_size"] // r.model.scale_factor) ** 2 == 36  # 36 tokens per image
     assert r.model.processor["do_image_splitting"] is False  # one tile per image on CPU
     assert r.lora.enabled and "model.text_model" in r.freeze.freeze
+    # two stages: dense vision pretraining, then the LM stage with the tower frozen, in float32
+    assert r.vision_pretrain.steps > 0 and "model.vision_model" in r.freeze.freeze
+    assert r.train.autocast == "none"
     assert (REPO / r.model.tokenizer / "tokenizer.json").is_file()  # the shipped tokenizer, not ../shared
 
 

@@ -8,6 +8,8 @@ and exports ``final/``. ``ModelRecipe`` says how the model starts: a saved SmolV
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from smolvlm.training import sft
 from smolvlm.training.recipe import ModelRecipe, Recipe, RecipeError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -24,7 +27,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def write_processor_files(mr: ModelRecipe, image_size: int, image_seq_len: int, out_dir: str | Path) -> Path:
     """Tokenizer + chat template from ``mr.tokenizer`` and a preprocessor config whose tile size is the
     vision tower's ``image_size`` (``max_image_size``), with ``mr.processor`` overrides on top."""
-    import json
     import shutil
 
     src, out = Path(mr.tokenizer), Path(out_dir)
@@ -47,8 +49,6 @@ def write_processor_files(mr: ModelRecipe, image_size: int, image_seq_len: int, 
 
 def _text_from_backbone(mr: ModelRecipe, vocab_size: int) -> tuple[Any, dict[str, Any], int]:
     """(TextConfig, text state dict or {}, backbone vocab size) for ``mr.text_backbone``."""
-    import dataclasses as dc
-
     from smolvlm.config import SmolVLMConfig, TextConfig
 
     src = mr.text_backbone
@@ -73,7 +73,7 @@ def _text_from_backbone(mr: ModelRecipe, vocab_size: int) -> tuple[Any, dict[str
         cfg = SmolVLMConfig.from_json_file(p / "config.json").text_config
         sd = {k: v for k, v in full.state_dict().items() if k.startswith("model.text_model.") or k == "lm_head.weight"}
         backbone_vocab = cfg.vocab_size
-    cfg = dc.replace(cfg, vocab_size=max(vocab_size, cfg.vocab_size), tie_word_embeddings=False, **mr.text)
+    cfg = dataclasses.replace(cfg, vocab_size=max(vocab_size, cfg.vocab_size), tie_word_embeddings=False, **mr.text)
     return cfg, sd, backbone_vocab
 
 
@@ -198,14 +198,48 @@ def export_final(parts: RunParts, recipe: Recipe) -> Path:
     return final
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, stop_at: int | None = None) -> Any:
-    """Build everything, train (or resume), export ``final/`` when ``max_steps`` is reached."""
-    from smolvlm.training import sft
+def prepare_vision(parts: RunParts, recipe: Recipe) -> Path | None:
+    """Stage 1 when ``vision_pretrain.steps`` > 0: pretrain the vision tower + connector on dense
+    labels (``<output_dir>/vision_pretrain/``), or reload them when that run already finished (a
+    resumed run), then scale the connector to the text embeddings. Returns the weights' path."""
+    from smolvlm.training import vision_pretrain as vp
 
+    cfg = recipe.vision_pretrain
+    if cfg.steps == 0:
+        return None
+    if recipe.model.checkpoint:
+        raise RecipeError("vision_pretrain is for a tower trained from scratch; drop it with model.checkpoint")
+    stage = Path(recipe.train.output_dir) / "vision_pretrain"
+    weights, settings_file = stage / "vision.safetensors", stage / "settings.json"
+    settings = {"vision_pretrain": dataclasses.asdict(cfg), "vision": recipe.model.vision,
+                "scale_factor": recipe.model.scale_factor, "init_seed": recipe.model.init_seed}
+    image_processor = parts.processor.image_processor
+    if weights.is_file():
+        done = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+        if done != json.loads(json.dumps(settings)):
+            raise RecipeError(f"{stage} holds a stage-1 run with other settings ({settings_file}: {done}); "
+                              f"use a new train.output_dir or delete that folder")
+        vp.load_vision_state(parts.model, weights)
+    else:
+        stage.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+        vp.pretrain_vision(parts.model, image_processor, stage, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                           warmup_steps=cfg.warmup_steps, seed=cfg.seed, autocast=sft.AUTOCAST[recipe.train.autocast],
+                           progress=recipe.train.progress)
+    grid = vp.TokenGrid.for_config(parts.model.config)
+    pv, _, _ = vp.DenseImages(image_processor, grid, seed=cfg.seed + 2).batch(0, 16)
+    vp.match_feature_scale(parts.model, pv, parts.backbone_vocab)
+    return weights
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, stop_at: int | None = None) -> Any:
+    """Build everything, run stage 1 if the recipe has one, train (or resume), export ``final/``
+    when ``max_steps`` is reached."""
     out = Path(recipe.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     parts = build_run(recipe)
+    prepare_vision(parts, recipe)
     result = sft.train(parts.model, parts.train_data, parts.collate_fn, recipe.train, recipe.optim, recipe.schedule,
                        eval_data=parts.eval_data, resume=resume, stop_at=stop_at)
     if result.step >= recipe.train.max_steps:

@@ -1,6 +1,6 @@
 """Training recipes: typed dataclasses loaded from YAML (``configs/*.yaml``) plus ``--set`` overrides.
 
-A recipe has seven sections; every key is checked, and an unknown key or a value of the wrong type
+A recipe has eight sections; every key is checked, and an unknown key or a value of the wrong type
 is one ``RecipeError`` naming the dotted key and the allowed keys. Overrides use dotted keys and
 YAML values: ``--set train.max_steps=10 --set lora.targets=[q_proj,v_proj]``.
 
@@ -86,6 +86,18 @@ class ScheduleRecipe:
 
 
 @dataclass
+class VisionPretrainRecipe:
+    """Stage 1 (``training/vision_pretrain``): the vision tower + connector learn the generator's dense
+    labels before the language-model stage. ``steps: 0`` skips it."""
+
+    steps: int = 0
+    batch_size: int = 32  # images per step
+    lr: float = 1.0e-3
+    warmup_steps: int = 50
+    seed: int = 0
+
+
+@dataclass
 class TrainRecipe:
     output_dir: str = "runs/train"
     max_steps: int = 100
@@ -112,6 +124,7 @@ class Recipe:
     optim: OptimRecipe = field(default_factory=OptimRecipe)
     schedule: ScheduleRecipe = field(default_factory=ScheduleRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
+    vision_pretrain: VisionPretrainRecipe = field(default_factory=VisionPretrainRecipe)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +136,9 @@ class Recipe:
                 raise RecipeError(f"train.{k} must be >= 1, got {getattr(t, k)}")
         if self.lora.enabled and self.lora.r < 1:
             raise RecipeError(f"lora.r must be >= 1, got {self.lora.r}")
+        vp = self.vision_pretrain
+        if vp.steps < 0 or vp.batch_size < 1:
+            raise RecipeError(f"vision_pretrain.steps must be >= 0 and batch_size >= 1, got {vp.steps} / {vp.batch_size}")
         if self.data.n_train < 1:
             raise RecipeError(f"data.n_train must be >= 1, got {self.data.n_train}")
         if not 0.0 <= self.lora.dropout < 1.0:

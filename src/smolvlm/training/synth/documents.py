@@ -10,7 +10,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from smolvlm.training.synth.draw import COLOURS, contrast_colour, font, font_names, text_size
+from smolvlm.training.synth.draw import COLOURS, canvas, contrast_colour, font, font_names, text_size
 
 Sample = tuple[list[Image.Image], list[dict[str, str]], dict]
 
@@ -46,7 +46,7 @@ def gen_text(rng: random.Random) -> Sample:
     bg = tuple(rng.randint(0, 70) for _ in range(3)) if dark else tuple(rng.randint(180, 255) for _ in range(3))
     ink = contrast_colour(rng, bg)
     img = Image.new("RGB", (w, h), bg)
-    d = ImageDraw.Draw(img)
+    d = canvas(img)
     n = rng.randint(1, 3)
     lines = []
     for _ in range(n):
@@ -96,7 +96,7 @@ def gen_chart(rng: random.Random) -> Sample:
     values = rng.sample(range(1, 21), n)
     colour = rng.choice([c for c in COLOURS if c != "black"])
     img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
+    d = canvas(img)
     small, title_f = font("default", 14), font("default", 18)
     title = rng.choice(("Fruit sold", "Boxes per day", "Orders", "Stock"))
     d.text((w // 2 - text_size(d, title, title_f)[0] // 2, 8), title, font=title_f, fill=(0, 0, 0))
@@ -139,7 +139,7 @@ def gen_receipt(rng: random.Random) -> Sample:
     w, line_h = 320, 30
     h = 60 + line_h * (n + 4)
     img = Image.new("RGB", (w, h), (252, 250, 243))
-    d = ImageDraw.Draw(img)
+    d = canvas(img)
     name = rng.choice([f for f in font_names() if "Serif" not in f] or ["default"])
     body, head = font(name, 18), font(name, 22)
     d.text((w // 2 - text_size(d, shop, head)[0] // 2, 14), shop, font=head, fill=(0, 0, 0))
@@ -179,7 +179,7 @@ def gen_form(rng: random.Random) -> Sample:
     w, row_h = 384, 40
     h = 70 + row_h * len(keys)
     img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
+    d = canvas(img)
     name = rng.choice(font_names())
     f, title_f = font(name, 18), font(name, 22)
     title = rng.choice(("Registration form", "Visitor card", "Member form"))

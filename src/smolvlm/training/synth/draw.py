@@ -9,8 +9,11 @@ same pixels on every machine; without matplotlib the generator falls back to PIL
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -52,6 +55,54 @@ def font(name: str, size: int) -> ImageFont.FreeTypeFont:
     if name == "default":
         return ImageFont.load_default(size=size)
     return ImageFont.truetype(str(_mpl_font_dir() / name), size=size)
+
+
+@dataclass(frozen=True)
+class Glyph:
+    """One drawn character: the image it was drawn on and its ink box (x0, y0, x1, y1) in pixels."""
+
+    image: Image.Image
+    char: str
+    box: tuple[int, int, int, int]
+
+
+_GLYPH_LOG: contextvars.ContextVar[list[Glyph] | None] = contextvars.ContextVar("smolvlm_glyph_log", default=None)
+
+
+class GlyphDraw(ImageDraw.ImageDraw):
+    """``ImageDraw`` that, inside ``record_glyphs()``, logs the ink box of every character it
+    draws with ``text`` (left-anchored, one line: how the generators draw). Pixels are exactly
+    those of ``ImageDraw.Draw``; outside a recording nothing extra happens."""
+
+    def text(self, xy, text, fill=None, font=None, *args, **kwargs):  # type: ignore[override]
+        super().text(xy, text, fill, font, *args, **kwargs)
+        log = _GLYPH_LOG.get()
+        if log is None or args or set(kwargs) - {"fill", "font"}:
+            return
+        x, y = xy
+        for i, ch in enumerate(text):
+            if ch.isspace():
+                continue
+            left = x + font.getlength(text[:i])
+            x0, y0, x1, y1 = self.textbbox((left, y), ch, font=font)
+            log.append(Glyph(self._image, ch, (int(x0), int(y0), int(x1), int(y1))))
+
+
+def canvas(img: Image.Image) -> GlyphDraw:
+    """The drawing surface the generators use (``ImageDraw.Draw`` that can record glyphs)."""
+    return GlyphDraw(img)
+
+
+@contextlib.contextmanager
+def record_glyphs() -> Iterator[list[Glyph]]:
+    """Collect a ``Glyph`` for every character drawn by ``canvas`` objects inside the block (the
+    dense character targets of vision pretraining come from here)."""
+    log: list[Glyph] = []
+    token = _GLYPH_LOG.set(log)
+    try:
+        yield log
+    finally:
+        _GLYPH_LOG.reset(token)
 
 
 def text_size(draw: ImageDraw.ImageDraw, text: str, f: ImageFont.FreeTypeFont) -> tuple[int, int]:
@@ -123,7 +174,7 @@ def place_shapes(rng: random.Random, specs: list[tuple[str, str]], side: int, gr
 
 def shapes_image(shapes: list[Shape], side: int, bg: str) -> Image.Image:
     img = Image.new("RGB", (side, side), BACKGROUNDS[bg])
-    d = ImageDraw.Draw(img)
+    d = canvas(img)
     for s in shapes:
         draw_shape(d, s)
     return img
