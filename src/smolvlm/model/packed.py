@@ -19,6 +19,7 @@ off the CPU is an error.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -28,9 +29,23 @@ PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def packing_available(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
-    """Whether this PyTorch build can pack a ``dtype`` weight on ``device`` (CPU + oneDNN only)."""
+    """Whether this PyTorch build *and this CPU* can pack a ``dtype`` weight on ``device`` (CPU +
+    oneDNN only). oneDNN's bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only
+    CPU it raises, so bf16 models there load unpacked (plain ``nn.Linear``)."""
     return (torch.device(device).type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and _cpu_can_pack(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_can_pack(dtype: torch.dtype) -> bool:
+    """Pack and run one tiny weight: the only sure test of what this CPU's oneDNN accepts."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=dtype), w, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -46,7 +61,8 @@ class PackedLinear(nn.Module):
         super().__init__()
         if not packing_available(weight.dtype, weight.device):
             raise ValueError(f"cannot pack a {weight.dtype} weight on {weight.device}: CPU + oneDNN, "
-                             f"{' or '.join(str(d) for d in PACKABLE_DTYPES)} only")
+                             f"{' or '.join(str(d) for d in PACKABLE_DTYPES)} only, bf16 only on CPUs with "
+                             f"AVX-512 or AVX-NE-CONVERT")
         self.out_features, self.in_features = weight.shape
         self.packed = _pack(weight)  # plain attribute: not a parameter, never trained
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
@@ -94,7 +110,8 @@ class PackedLinear(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         dense = fn(self.weight)
         if not packing_available(dense.dtype, dense.device):
-            raise RuntimeError(f"a packed model stays on the CPU in {' or '.join(str(d) for d in PACKABLE_DTYPES)}; "
+            raise RuntimeError(f"a packed model stays on the CPU in the dtypes this CPU can pack "
+                               f"({', '.join(str(d) for d in PACKABLE_DTYPES if packing_available(d))}); "
                                "load it again without packing to move it to another device or dtype")
         self.packed = _pack(dense)
         return super()._apply(fn, recurse)
