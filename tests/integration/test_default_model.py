@@ -1,14 +1,15 @@
 """The default-model machinery: a run folder -> shipped parts -> GGUF + parts -> a SmolVLM.
 
-The trained default model is not shipped yet (see README, "Default model"), so these tests make
-their own run folder with the architecture of ``configs/default-model.yaml``: the real SmolLM2
+Most tests make their own run folder, so that they check the machinery whatever weights ship,
+with the architecture of ``configs/default-model.yaml``: the real SmolLM2
 GGUF backbone, a freshly initialised vision tower and connector, LoRA with random (non-zero) B,
 and perturbed new-token rows, so that every part changes the model's output. Checked: the parts
 fit the 25 MB budget with the tokenizer; ``ship-default`` writes exactly those tensors; the
 assembled model equals the run's own model (same logits); ``export-default`` writes a folder that
 transformers loads and that gives the same greedy tokens (float32, identical tokens required: our
 float32 logits match transformers' to ~1e-6, test_model_parity); a wrong GGUF, missing parts or
-no default model at all are one clear error.
+no default model at all are one clear error. The ``shipped`` tests check the trained parts in the
+package itself: budget, manifest, and the export loading in transformers with the same tokens.
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ def test_parts_fit_the_budget_and_match_the_manifest(assets):
     assert man["trained"] == {"steps": 10, "samples": 80, "wall_time_s": 20.0, "samples_per_s": 4.0, "final_loss": 0.5}
 
 
+def test_manifest_records_stage_one(run, tmp_path):
+    from smolvlm.cli.ship_default import training_facts
+
+    summary = {"steps": 5, "images": 160, "seconds": 9.5, "images_per_s": 16.8, "held_out": {"kind": 0.5}}
+    (run[0] / "vision_pretrain").mkdir()
+    try:
+        (run[0] / "vision_pretrain" / "summary.json").write_text(json.dumps(summary))
+        assert training_facts(run[0])["vision_pretrain"] == summary
+    finally:
+        shutil.rmtree(run[0] / "vision_pretrain")
+    assert "vision_pretrain" not in training_facts(run[0])
+
+
 def test_assembled_model_is_the_run_model(run, assets):
     """GGUF + bf16 parts reproduce the run's model (its trained parts are bf16-exact here, and the
     LoRA is merged in float32 by the same formula, so only summation order could differ)."""
@@ -150,3 +164,33 @@ def test_missing_parts_and_wrong_backbone_are_clear_errors(assets, tmp_path, mon
     (copy / dm.MANIFEST_FILE).write_text(json.dumps(man))
     with pytest.raises(dm.DefaultModelError, match="not the GGUF the default model was trained on"):
         dm.load_default_model(directory=copy)
+
+
+# -- the trained default model in the package ----------------------------------------------------
+def test_shipped_parts_fit_the_budget_and_record_their_training():
+    size = sum(f.stat().st_size for f in dm.ASSETS_DIR.iterdir() if f.is_file())
+    assert size <= 25_000_000, f"shipped default model files are {size / 1e6:.1f} MB, over the 25 MB budget"
+    man = dm.read_manifest(dm.ASSETS_DIR)
+    trained = man["trained"]
+    assert trained["steps"] >= 1 and trained["samples"] >= 1 and trained["vision_pretrain"]["images"] >= 1
+    recipe = load_recipe(REPO / "configs" / "default-model.yaml")
+    assert man["lora"]["r"] == recipe.lora.r and trained["steps"] == recipe.train.max_steps
+    assert trained["vision_pretrain"]["steps"] == recipe.vision_pretrain.steps
+
+
+def test_shipped_export_loads_in_transformers_with_the_same_greedy_tokens(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    assert main(["export-default", str(tmp_path / "export")]) == 0
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    ours = dm.load_default_model()
+    proc = SmolVLMProcessor.from_pretrained(tmp_path / "export")
+    for question, image in [("What colour is the triangle?", Image.open(EXAMPLE)), ("What is the capital of France?", None)]:
+        inp = _inputs(proc, question, image)
+        n = inp["input_ids"].shape[1]
+        mine = ours.generate(**inp, max_new_tokens=6)[0, n:].tolist()
+        ref = hf.generate(**inp, max_new_tokens=6, do_sample=False)[0, n:].tolist()
+        assert mine == ref
+    inp = _inputs(proc, "What colour is the triangle?", Image.open(EXAMPLE))
+    new = ours.generate(**inp, max_new_tokens=4)[0, inp["input_ids"].shape[1]:].tolist()
+    assert proc.decode(new, skip_special_tokens=True).strip() == "orange"

@@ -15,7 +15,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def training_facts(run_dir: Path) -> dict:
-    """Steps, samples, wall time and samples/s of a run, from its metrics.jsonl."""
+    """Steps, samples, wall time and samples/s of a run, from its metrics.jsonl, plus stage 1's
+    summary (images, seconds, held-out accuracies) when the recipe had one."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r and "step" in r]
     if not steps:
@@ -28,8 +29,12 @@ def training_facts(run_dir: Path) -> dict:
     t = recipe.get("train", {})
     samples = steps[-1]["step"] * t.get("batch_size", 0) * t.get("grad_accum", 1)
     wall = steps[-1]["elapsed"]
-    return {"steps": steps[-1]["step"], "samples": samples, "wall_time_s": round(wall, 1),
-            "samples_per_s": round(samples / wall, 3) if wall else None, "final_loss": round(steps[-1]["loss"], 4)}
+    facts = {"steps": steps[-1]["step"], "samples": samples, "wall_time_s": round(wall, 1),
+             "samples_per_s": round(samples / wall, 3) if wall else None, "final_loss": round(steps[-1]["loss"], 4)}
+    stage1 = run_dir / "vision_pretrain" / "summary.json"
+    if stage1.is_file():
+        facts["vision_pretrain"] = json.loads(stage1.read_text())
+    return facts
 
 
 def run(args: argparse.Namespace) -> int:
