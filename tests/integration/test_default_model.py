@@ -40,6 +40,25 @@ def _inputs(processor, question, image=None):
     return processor(text=prompt, images=[image] if image is not None else None, return_tensors="pt")
 
 
+def _assert_export_answers_alike(export_dir: Path, text_questions: list[str], max_new_tokens: int) -> list[str]:
+    """The default model (``dm.ASSETS_DIR``) and transformers on its export give the same greedy
+    tokens for the README question about the example image and for ``text_questions``; returns
+    our decoded answers, in that order."""
+    from transformers import AutoModelForImageTextToText
+
+    hf = AutoModelForImageTextToText.from_pretrained(export_dir, dtype=torch.float32).eval()
+    ours = dm.load_default_model()
+    proc = SmolVLMProcessor.from_pretrained(export_dir)
+    answers = []
+    for question, image in [("What colour is the triangle?", Image.open(EXAMPLE)), *((q, None) for q in text_questions)]:
+        inp = _inputs(proc, question, image)
+        n = inp["input_ids"].shape[1]
+        mine = ours.generate(**inp, max_new_tokens=max_new_tokens)[0, n:].tolist()
+        assert mine == hf.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False)[0, n:].tolist()
+        answers.append(proc.decode(mine, skip_special_tokens=True))
+    return answers
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(run dir, the run's model with LoRA merged): what ``smolvlm train`` leaves behind."""
@@ -119,19 +138,9 @@ def test_assembled_model_is_the_run_model(run, assets):
 
 
 def test_export_loads_in_transformers_with_the_same_greedy_tokens(assets, tmp_path, monkeypatch):
-    from transformers import AutoModelForImageTextToText
-
     monkeypatch.setattr(dm, "ASSETS_DIR", assets)  # what the CLI uses without --model
     assert main(["export-default", str(tmp_path / "export")]) == 0
-    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
-    ours = dm.load_default_model()
-    proc = SmolVLMProcessor.from_pretrained(tmp_path / "export")
-    for question, image in [("What colour is the triangle?", Image.open(EXAMPLE)), ("Name a fruit.", None)]:
-        inp = _inputs(proc, question, image)
-        n = inp["input_ids"].shape[1]
-        mine = ours.generate(**inp, max_new_tokens=10)[0, n:].tolist()
-        ref = hf.generate(**inp, max_new_tokens=10, do_sample=False)[0, n:].tolist()
-        assert mine == ref
+    _assert_export_answers_alike(tmp_path / "export", ["Name a fruit."], max_new_tokens=10)
 
 
 def test_cli_without_model_uses_the_default(assets, monkeypatch, capsys):
@@ -179,18 +188,6 @@ def test_shipped_parts_fit_the_budget_and_record_their_training():
 
 
 def test_shipped_export_loads_in_transformers_with_the_same_greedy_tokens(tmp_path):
-    from transformers import AutoModelForImageTextToText
-
     assert main(["export-default", str(tmp_path / "export")]) == 0
-    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
-    ours = dm.load_default_model()
-    proc = SmolVLMProcessor.from_pretrained(tmp_path / "export")
-    for question, image in [("What colour is the triangle?", Image.open(EXAMPLE)), ("What is the capital of France?", None)]:
-        inp = _inputs(proc, question, image)
-        n = inp["input_ids"].shape[1]
-        mine = ours.generate(**inp, max_new_tokens=6)[0, n:].tolist()
-        ref = hf.generate(**inp, max_new_tokens=6, do_sample=False)[0, n:].tolist()
-        assert mine == ref
-    inp = _inputs(proc, "What colour is the triangle?", Image.open(EXAMPLE))
-    new = ours.generate(**inp, max_new_tokens=4)[0, inp["input_ids"].shape[1]:].tolist()
-    assert proc.decode(new, skip_special_tokens=True).strip() == "orange"
+    answers = _assert_export_answers_alike(tmp_path / "export", ["What is the capital of France?"], max_new_tokens=6)
+    assert answers[0].strip() == "orange"

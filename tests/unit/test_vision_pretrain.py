@@ -54,6 +54,19 @@ def test_recording_glyphs_changes_no_pixel_and_logs_every_character(category):
     assert outer == []
 
 
+def test_recording_refuses_text_it_cannot_place():
+    from PIL import Image
+
+    from smolvlm.training.synth.draw import canvas, font
+
+    d = canvas(Image.new("RGB", (64, 32)))
+    d.text((2, 2), "ok", font=font("default", 12), anchor="mm")  # not recording: any option draws
+    with record_glyphs(), pytest.raises(ValueError, match="record_glyphs"):
+        d.text((2, 2), "ok", font=font("default", 12), anchor="mm")
+    with record_glyphs(), pytest.raises(ValueError, match="line breaks"):
+        d.text((2, 2), "a\nb", font=font("default", 12))
+
+
 def test_glyph_boxes_hold_ink():
     with record_glyphs() as glyphs:
         s = make_sample("text", 8)

@@ -213,8 +213,8 @@ class PretrainResult:
 
 
 def encode(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(N, 3, S, S) full unpadded images -> connector outputs (N, n*n, D): tower + connector."""
-    return model.model.connector(model.model.vision_model(pixel_values, None))
+    """(N, 3, S, S) full unpadded images -> connector outputs (N, n*n, D), as inference encodes a tile."""
+    return model._encode_tiles(pixel_values, None)
 
 
 def vision_state(model: Any) -> dict[str, torch.Tensor]:

@@ -77,8 +77,11 @@ class GlyphDraw(ImageDraw.ImageDraw):
     def text(self, xy, text, fill=None, font=None, *args, **kwargs):  # type: ignore[override]
         super().text(xy, text, fill, font, *args, **kwargs)
         log = _GLYPH_LOG.get()
-        if log is None or args or set(kwargs) - {"fill", "font"}:
+        if log is None:
             return
+        if args or kwargs or "\n" in text:  # anchors, spacing, multi-line: boxes would be wrong, never silently
+            raise ValueError(f"record_glyphs: cannot place characters drawn with extra options "
+                             f"{sorted(kwargs) or list(args)} or line breaks; draw one left-anchored line per call")
         x, y = xy
         for i, ch in enumerate(text):
             if ch.isspace():
