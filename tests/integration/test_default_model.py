@@ -120,10 +120,15 @@ def test_manifest_records_stage_one(run, tmp_path):
     (run[0] / "vision_pretrain").mkdir()
     try:
         (run[0] / "vision_pretrain" / "summary.json").write_text(json.dumps(summary))
-        assert training_facts(run[0])["vision_pretrain"] == summary
+        (run[0] / "replay.json").write_text(json.dumps({"settings": {}, "prompts": ["a", "b", "c"],
+                                                         "answers": ["x", None, "y"], "finished": 2}))
+        facts = training_facts(run[0])
+        assert facts["vision_pretrain"] == summary
+        assert facts["replay"] == {"prompts": 3, "finished_answers": 2}
     finally:
         shutil.rmtree(run[0] / "vision_pretrain")
-    assert "vision_pretrain" not in training_facts(run[0])
+        (run[0] / "replay.json").unlink()
+    assert "vision_pretrain" not in training_facts(run[0]) and "replay" not in training_facts(run[0])
 
 
 def test_assembled_model_is_the_run_model(run, assets):

@@ -300,6 +300,7 @@ def test_default_model_recipe_values():
     # two stages: dense vision pretraining, then the LM stage with the tower frozen, in float32
     assert r.vision_pretrain.steps > 0 and "model.vision_model" in r.freeze.freeze
     assert r.train.autocast == "none"
+    assert r.replay.n > 0  # text-only replay of the backbone's answers keeps chat fluent
     assert (REPO / r.model.tokenizer / "tokenizer.json").is_file()  # the shipped tokenizer, not ../shared
 
 

@@ -16,7 +16,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def training_facts(run_dir: Path) -> dict:
     """Steps, samples, wall time and samples/s of a run, from its metrics.jsonl, plus stage 1's
-    summary (images, seconds, held-out accuracies) when the recipe had one."""
+    summary (images, seconds, held-out accuracies) and the replay counts when the recipe had them."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r and "step" in r]
     if not steps:
@@ -34,6 +34,10 @@ def training_facts(run_dir: Path) -> dict:
     stage1 = run_dir / "vision_pretrain" / "summary.json"
     if stage1.is_file():
         facts["vision_pretrain"] = json.loads(stage1.read_text())
+    rp = run_dir / "replay.json"
+    if rp.is_file():
+        data = json.loads(rp.read_text())
+        facts["replay"] = {"prompts": len(data["prompts"]), "finished_answers": data["finished"]}
     return facts
 
 

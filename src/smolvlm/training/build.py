@@ -232,14 +232,43 @@ def prepare_vision(parts: RunParts, recipe: Recipe) -> Path | None:
     return weights
 
 
+def prepare_replay(parts: RunParts, recipe: Recipe) -> int:
+    """When ``replay.n`` > 0: the untouched backbone answers that many chat prompts (cached in
+    ``<output_dir>/replay.json``) and the answered ones join ``parts.train_data``. Must run before
+    training (LoRA still zero). Returns the number of replay samples added."""
+    from smolvlm.training import replay
+    from smolvlm.training.data import SFTDataset
+    from smolvlm.training.synth.chat import chat_prompts
+
+    cfg = recipe.replay
+    if cfg.n == 0:
+        return 0
+    src = recipe.model.checkpoint or recipe.model.text_backbone
+    settings = {"replay": dataclasses.asdict(cfg), "text_backbone": src}
+
+    def make() -> tuple[list[str], list[str | None]]:
+        template = replay.backbone_chat_template(src)
+        prompts = chat_prompts(cfg.n, cfg.seed)
+        answers = replay.backbone_answers(parts.model, parts.processor.tokenizer, prompts, template,
+                                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                          progress=recipe.train.progress)
+        return prompts, answers
+
+    samples = replay.load_or_make(Path(recipe.train.output_dir) / "replay.json", settings, make)
+    td = parts.train_data
+    parts.train_data = SFTDataset(replay.MixedSamples(td.samples, samples), td.processor, td.system_prompt)
+    return len(samples)
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, stop_at: int | None = None) -> Any:
-    """Build everything, run stage 1 if the recipe has one, train (or resume), export ``final/``
-    when ``max_steps`` is reached."""
+    """Build everything, run stage 1 if the recipe has one, make the replay data if it has one,
+    train (or resume), export ``final/`` when ``max_steps`` is reached."""
     out = Path(recipe.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     parts = build_run(recipe)
     prepare_vision(parts, recipe)
+    prepare_replay(parts, recipe)
     result = sft.train(parts.model, parts.train_data, parts.collate_fn, recipe.train, recipe.optim, recipe.schedule,
                        eval_data=parts.eval_data, resume=resume, stop_at=stop_at)
     if result.step >= recipe.train.max_steps:

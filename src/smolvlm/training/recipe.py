@@ -98,6 +98,17 @@ class VisionPretrainRecipe:
 
 
 @dataclass
+class ReplayRecipe:
+    """Text-only replay (``training/replay``): ``n`` chat prompts (``synth.chat``) answered greedily by
+    the untouched backbone in its own chat format, mixed into the training set. ``n: 0`` skips it."""
+
+    n: int = 0
+    max_new_tokens: int = 96  # answers that do not end within this are dropped
+    batch_size: int = 16  # prompts per generation batch
+    seed: int = 0
+
+
+@dataclass
 class TrainRecipe:
     output_dir: str = "runs/train"
     max_steps: int = 100
@@ -125,6 +136,7 @@ class Recipe:
     schedule: ScheduleRecipe = field(default_factory=ScheduleRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     vision_pretrain: VisionPretrainRecipe = field(default_factory=VisionPretrainRecipe)
+    replay: ReplayRecipe = field(default_factory=ReplayRecipe)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,6 +151,10 @@ class Recipe:
         vp = self.vision_pretrain
         if vp.steps < 0 or vp.batch_size < 1:
             raise RecipeError(f"vision_pretrain.steps must be >= 0 and batch_size >= 1, got {vp.steps} / {vp.batch_size}")
+        rp = self.replay
+        if rp.n < 0 or rp.max_new_tokens < 1 or rp.batch_size < 1:
+            raise RecipeError(f"replay.n must be >= 0, max_new_tokens and batch_size >= 1, got "
+                              f"{rp.n} / {rp.max_new_tokens} / {rp.batch_size}")
         if self.data.n_train < 1:
             raise RecipeError(f"data.n_train must be >= 1, got {self.data.n_train}")
         if not 0.0 <= self.lora.dropout < 1.0:

