@@ -37,6 +37,8 @@ def test_gguf_chat_template_is_smollm2_chatml():
     assert s == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
                  "<|im_start|>user\nName three fruits.<|im_end|>\n<|im_start|>assistant\n")
     assert replay.backbone_chat_template("random") == replay.CHATML_TEMPLATE
+    with pytest.raises(replay.ReplayError, match="needs a GGUF text backbone"):
+        replay.backbone_chat_template("runs/some-smolvlm-folder")
 
 
 def test_backbone_answers_pads_left_decodes_and_drops_unfinished(ref256, monkeypatch):

@@ -34,15 +34,18 @@ class ReplayError(ValueError):
 
 
 def backbone_chat_template(text_backbone: str) -> str:
-    """The chat template the text backbone was instruction-tuned with (from a GGUF's metadata)."""
+    """The chat template the text backbone was instruction-tuned with: a GGUF's
+    ``tokenizer.chat_template`` (else SmolLM2's ChatML), ChatML for ``"random"`` (tests). A SmolVLM
+    folder as backbone is refused: its own format is the SmolVLM template, which is not handled here."""
     if text_backbone.startswith("gguf:"):
         from smolvlm.weights import gguf
 
         path = gguf.find_smollm2_gguf() if text_backbone == "gguf:smollm2" else Path(text_backbone[len("gguf:"):])
-        tmpl = gguf.gguf_chat_template(path)
-        if tmpl:
-            return tmpl
-    return CHATML_TEMPLATE
+        return gguf.gguf_chat_template(path) or CHATML_TEMPLATE
+    if text_backbone == "random":
+        return CHATML_TEMPLATE
+    raise ReplayError(f"replay needs a GGUF text backbone (its own chat format), not {text_backbone!r}; "
+                      f"set replay.n: 0 for this recipe")
 
 
 def render_prompts(template: str, prompts: Sequence[str]) -> list[str]:
