@@ -62,7 +62,7 @@ def main() -> None:
     template = replay.backbone_chat_template("gguf:smollm2")
     rows = ["| prompt | in replay data | backbone (ChatML) | this model (SmolVLM template) |", "|---|---|---|---|"]
     for p in PROMPTS:
-        (b,) = replay.backbone_answers(base, tok, [p], template, max_new_tokens=args.max_new_tokens)
+        (b,) = replay.backbone_answers(base, processor, [p], template, max_new_tokens=args.max_new_tokens)
         if b is None:  # unfinished: show the cut text
             ids = torch.tensor([tok.encode(replay.render_prompts(template, [p])[0])])
             g = generate_ids(base, ids, max_new_tokens=args.max_new_tokens, do_sample=False)

@@ -121,7 +121,7 @@ def test_manifest_records_stage_one(run, tmp_path):
     try:
         (run[0] / "vision_pretrain" / "summary.json").write_text(json.dumps(summary))
         (run[0] / "replay.json").write_text(json.dumps({"settings": {}, "prompts": ["a", "b", "c"],
-                                                         "answers": ["x", None, "y"], "finished": 2}))
+                                                         "answers": ["x", None, "y"]}))
         facts = training_facts(run[0])
         assert facts["vision_pretrain"] == summary
         assert facts["replay"] == {"prompts": 3, "finished_answers": 2}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from smolvlm.processing.tokenizer import Tokenizer
+from smolvlm.processing.processor import SmolVLMProcessor
 from smolvlm.training import replay
 from smolvlm.training.build import build_run, prepare_replay, run_recipe
 from smolvlm.training.recipe import RecipeError, recipe_from_dict
@@ -21,6 +21,9 @@ def test_chat_prompts_are_deterministic_distinct_prefixes():
     assert a == b and len(set(a)) == 50
     assert chat_prompts(80)[:50] == a  # growing n only appends
     assert chat_prompts(50, seed=1) != a
+    # pinned: the shipped default model was trained on answers to exactly these prompts
+    assert a[:4] == ["What is 1 + 6?", "Why is being kind important?", "What colour is chocolate?",
+                     "What is the capital of Vietnam?"]
     assert all(isinstance(p, str) and p.strip() == p and p for p in a)
     with pytest.raises(ValueError, match="distinct chat prompts"):
         chat_prompts(10_000)
@@ -44,7 +47,8 @@ def test_gguf_chat_template_is_smollm2_chatml():
 def test_backbone_answers_pads_left_decodes_and_drops_unfinished(ref256, monkeypatch):
     """Post-processing around generation: prompts left-padded with a mask, answers cut at
     <|im_end|>, unfinished ones None, the model's train/eval mode restored."""
-    tok = Tokenizer.from_pretrained(ref256)
+    processor = SmolVLMProcessor.from_pretrained(ref256)
+    tok = processor.tokenizer
     end = tok.token_to_id(replay.IM_END)
     words = [tok.encode(w) for w in ("Hello there.", " Apples", "never ends")]
     seen = {}
@@ -59,7 +63,7 @@ def test_backbone_answers_pads_left_decodes_and_drops_unfinished(ref256, monkeyp
     monkeypatch.setattr("smolvlm.generation.generate.generate_ids", fake_generate)
     model = torch.nn.Linear(1, 1).train()
     prompts = ["Hi", "Name three fruits, please, and say why.", "Go on forever."]
-    out = replay.backbone_answers(model, tok, prompts, replay.CHATML_TEMPLATE, max_new_tokens=7, batch_size=3)
+    out = replay.backbone_answers(model, processor, prompts, replay.CHATML_TEMPLATE, max_new_tokens=7, batch_size=3)
     assert out == ["Hello there.", "Apples", None]
     assert model.training
     assert seen["kw"]["eos_token_id"] == end and seen["kw"]["max_new_tokens"] == 7 and not seen["kw"]["do_sample"]
@@ -81,19 +85,11 @@ def test_replay_cache_is_reused_and_checked(tmp_path):
     assert [x["texts"][0]["assistant"] for x in s1] == ["Hello!", "Owls and crows."]  # unfinished dropped
     assert all(x["images"] == [] and x["category"] == "chat" for x in s1)
     assert replay.load_or_make(path, {"n": 3}, make) == s1 and len(calls) == 1  # cached
-    assert json.loads(path.read_text())["finished"] == 2
     with pytest.raises(replay.ReplayError, match="other settings"):
         replay.load_or_make(path, {"n": 4}, make)
     path.write_text("{not json")
     with pytest.raises(replay.ReplayError, match="not a readable replay file"):
         replay.load_or_make(path, {"n": 3}, make)
-
-
-def test_mixed_samples():
-    m = replay.MixedSamples([{"id": "a"}, {"id": "b"}], [{"id": "c"}])
-    assert len(m) == 3 and [m[i]["id"] for i in range(3)] == ["a", "b", "c"]
-    with pytest.raises(IndexError):
-        m[3]
 
 
 def test_recipe_run_mixes_replay_and_resumes_on_the_same_data(ref256, tmp_path):
@@ -114,6 +110,8 @@ def test_recipe_run_mixes_replay_and_resumes_on_the_same_data(ref256, tmp_path):
         run_recipe(recipe_from_dict(d), resume=True)
     with pytest.raises(RecipeError, match="replay.n"):
         recipe_from_dict({**d, "replay": {"n": -1}})
+    with pytest.raises(RecipeError, match="needs a GGUF text backbone"):  # found before any model is built
+        recipe_from_dict({**d, "model": {**d["model"], "checkpoint": str(tmp_path / "some-smolvlm")}})
 
 
 def test_prepare_replay_adds_text_only_samples_trained_on_the_answer(ref256, tmp_path):

@@ -37,7 +37,7 @@ def training_facts(run_dir: Path) -> dict:
     rp = run_dir / "replay.json"
     if rp.is_file():
         data = json.loads(rp.read_text())
-        facts["replay"] = {"prompts": len(data["prompts"]), "finished_answers": data["finished"]}
+        facts["replay"] = {"prompts": len(data["prompts"]), "finished_answers": sum(a is not None for a in data["answers"])}
     return facts
 
 

@@ -58,8 +58,7 @@ def _text_from_backbone(mr: ModelRecipe, vocab_size: int) -> tuple[Any, dict[str
     if src.startswith("gguf:"):
         from smolvlm.weights import gguf
 
-        path = gguf.find_smollm2_gguf() if src == "gguf:smollm2" else Path(src[len("gguf:"):])
-        cfg, sd = gguf.read_gguf_text_model(path)
+        cfg, sd = gguf.read_gguf_text_model(gguf.backbone_gguf_path(src))
         backbone_vocab = cfg.vocab_size
         sd = gguf.grow_vocab(sd, vocab_size)
     else:
@@ -236,6 +235,8 @@ def prepare_replay(parts: RunParts, recipe: Recipe) -> int:
     """When ``replay.n`` > 0: the untouched backbone answers that many chat prompts (cached in
     ``<output_dir>/replay.json``) and the answered ones join ``parts.train_data``. Must run before
     training (LoRA still zero). Returns the number of replay samples added."""
+    from torch.utils.data import ConcatDataset
+
     from smolvlm.training import replay
     from smolvlm.training.data import SFTDataset
     from smolvlm.training.synth.chat import chat_prompts
@@ -249,14 +250,14 @@ def prepare_replay(parts: RunParts, recipe: Recipe) -> int:
     def make() -> tuple[list[str], list[str | None]]:
         template = replay.backbone_chat_template(src)
         prompts = chat_prompts(cfg.n, cfg.seed)
-        answers = replay.backbone_answers(parts.model, parts.processor.tokenizer, prompts, template,
+        answers = replay.backbone_answers(parts.model, parts.processor, prompts, template,
                                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                           progress=recipe.train.progress)
         return prompts, answers
 
     samples = replay.load_or_make(Path(recipe.train.output_dir) / "replay.json", settings, make)
     td = parts.train_data
-    parts.train_data = SFTDataset(replay.MixedSamples(td.samples, samples), td.processor, td.system_prompt)
+    parts.train_data = SFTDataset(ConcatDataset([td.samples, samples]), td.processor, td.system_prompt)
     return len(samples)
 
 

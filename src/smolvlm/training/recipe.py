@@ -155,6 +155,10 @@ class Recipe:
         if rp.n < 0 or rp.max_new_tokens < 1 or rp.batch_size < 1:
             raise RecipeError(f"replay.n must be >= 0, max_new_tokens and batch_size >= 1, got "
                               f"{rp.n} / {rp.max_new_tokens} / {rp.batch_size}")
+        backbone = self.model.checkpoint or self.model.text_backbone
+        if rp.n and not (backbone.startswith("gguf:") or backbone == "random"):
+            raise RecipeError(f"replay.n > 0 needs a GGUF text backbone (replay uses its own chat format), "
+                              f"not {backbone!r}; set replay.n: 0")
         if self.data.n_train < 1:
             raise RecipeError(f"data.n_train must be >= 1, got {self.data.n_train}")
         if not 0.0 <= self.lora.dropout < 1.0:

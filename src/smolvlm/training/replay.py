@@ -35,13 +35,12 @@ class ReplayError(ValueError):
 
 def backbone_chat_template(text_backbone: str) -> str:
     """The chat template the text backbone was instruction-tuned with: a GGUF's
-    ``tokenizer.chat_template`` (else SmolLM2's ChatML), ChatML for ``"random"`` (tests). A SmolVLM
-    folder as backbone is refused: its own format is the SmolVLM template, which is not handled here."""
+    ``tokenizer.chat_template`` (else SmolLM2's ChatML), ChatML for ``"random"`` (tests). Other
+    backbones are refused (``Recipe.validate`` says so up front)."""
     if text_backbone.startswith("gguf:"):
         from smolvlm.weights import gguf
 
-        path = gguf.find_smollm2_gguf() if text_backbone == "gguf:smollm2" else Path(text_backbone[len("gguf:"):])
-        return gguf.gguf_chat_template(path) or CHATML_TEMPLATE
+        return gguf.gguf_chat_template(gguf.backbone_gguf_path(text_backbone)) or CHATML_TEMPLATE
     if text_backbone == "random":
         return CHATML_TEMPLATE
     raise ReplayError(f"replay needs a GGUF text backbone (its own chat format), not {text_backbone!r}; "
@@ -49,53 +48,43 @@ def backbone_chat_template(text_backbone: str) -> str:
 
 
 def render_prompts(template: str, prompts: Sequence[str]) -> list[str]:
-    import jinja2
+    """Each prompt as a one-turn conversation in ``template`` (compiled as transformers does), ready for
+    the assistant's answer. Contents are plain strings, as text-only templates such as ChatML expect."""
+    from smolvlm.processing.chat import compile_template
 
-    t = jinja2.Environment(keep_trailing_newline=True).from_string(template)
+    t = compile_template(template)
     return [t.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
 
 @torch.no_grad()
-def backbone_answers(model: Any, tokenizer: Any, prompts: Sequence[str], template: str,
+def backbone_answers(model: Any, processor: Any, prompts: Sequence[str], template: str,
                      max_new_tokens: int = 96, batch_size: int = 16, progress: bool = False) -> list[str | None]:
     """Greedy answers of ``model`` to ``prompts`` rendered with ``template``; ``None`` where the answer
     did not end (no ``<|im_end|>``) within ``max_new_tokens``."""
+    from tqdm.auto import tqdm
+
     from smolvlm.generation.generate import generate_ids
 
-    end_id = tokenizer.token_to_id(IM_END)
+    tok = processor.tokenizer
+    end_id = tok.token_to_id(IM_END)
     if end_id is None:
         raise ReplayError(f"the tokenizer has no {IM_END!r} token: the backbone's chat format cannot be used")
     texts = render_prompts(template, prompts)
     was_training = model.training
     model.eval()
     out: list[str | None] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(texts), desc="replay answers", unit="prompt", dynamic_ncols=True)
     try:
-        for s in range(0, len(texts), batch_size):
-            ids = tokenizer.encode_batch(texts[s: s + batch_size])
-            T = max(map(len, ids))
-            input_ids = torch.full((len(ids), T), end_id, dtype=torch.long)
-            mask = torch.zeros((len(ids), T), dtype=torch.long)
-            for i, row in enumerate(ids):  # left padding, as generation expects
-                input_ids[i, T - len(row):] = torch.tensor(row)
-                mask[i, T - len(row):] = 1
-            gen = generate_ids(model, input_ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                               eos_token_id=end_id, pad_token_id=end_id)[:, T:]
-            for row in gen.tolist():
-                if end_id not in row:
-                    out.append(None)
-                    continue
-                text = tokenizer.decode(row[: row.index(end_id)], skip_special_tokens=True).strip()
-                out.append(text or None)
-            if bar is not None:
-                bar.update(len(ids))
+        with tqdm(total=len(texts), desc="replay answers", unit="prompt", dynamic_ncols=True, disable=not progress) as bar:
+            for s in range(0, len(texts), batch_size):
+                enc = processor(text=texts[s: s + batch_size], return_tensors="pt", padding_side="left")
+                T = enc["input_ids"].shape[1]
+                gen = generate_ids(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                   do_sample=False, eos_token_id=end_id, pad_token_id=end_id)[:, T:]
+                for row in gen.tolist():
+                    text = tok.decode(row[: row.index(end_id)], skip_special_tokens=True).strip() if end_id in row else ""
+                    out.append(text or None)
+                bar.update(len(gen))
     finally:
-        if bar is not None:
-            bar.close()
         model.train(was_training)
     return out
 
@@ -123,22 +112,6 @@ def load_or_make(path: str | Path, settings: dict[str, Any], make: Any) -> list[
     prompts, answers = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "prompts": list(prompts), "answers": list(answers),
-                               "finished": sum(a is not None for a in answers)}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"settings": settings, "prompts": list(prompts), "answers": list(answers)}, indent=1) + "\n")
     os.replace(tmp, path)
     return replay_samples(prompts, answers)
-
-
-class MixedSamples(Sequence):
-    """Two sample sequences as one (index ``i < len(a)`` is ``a[i]``, then ``b``)."""
-
-    def __init__(self, a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> None:
-        self.a, self.b = a, b
-
-    def __len__(self) -> int:
-        return len(self.a) + len(self.b)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]

