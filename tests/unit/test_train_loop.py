@@ -325,6 +325,27 @@ def test_recipe_errors_and_overrides(tmp_path):
     assert isinstance(recipe_from_dict({}).train, TrainRecipe)
 
 
+def test_data_categories_restrict_the_synthetic_mix(tmp_path):
+    """``data.categories`` trains on a subset, round-robin, with the same seeds as
+    ``synth.make_dataset(..., categories)``; an unknown name is a recipe error up front."""
+    from smolvlm.training import synth
+
+    samples = make_samples("synth", 5, "train", 0, ["text", "form"])
+    assert [s["category"] for s in samples] == ["text", "form", "text", "form", "text"]
+    assert [s["id"] for s in samples] == [s["id"] for s in synth.make_dataset(5, "train", 0, ["text", "form"])]
+    assert [s["category"] for s in make_samples("synth", 7, "eval", 0)] == list(synth.CATEGORIES)
+    with pytest.raises(DataError, match="unknown or empty synth categories.*txt"):
+        make_samples("synth", 2, "train", 0, ["txt"])
+    p = tmp_path / "r.yaml"
+    p.write_text("train: {max_steps: 2}\n")
+    assert load_recipe(p, ["data.categories=[chart]"]).data.categories == ["chart"]
+    assert load_recipe(p).data.categories is None
+    with pytest.raises(RecipeError, match=r"data.categories.*\['txt'\].*known"):
+        load_recipe(p, ["data.categories=[txt]"]).validate()
+    with pytest.raises(RecipeError, match="data.categories"):
+        load_recipe(p, ["data.categories=[]"]).validate()
+
+
 def test_connector_starts_at_the_text_embedding_scale():
     """A fresh connector's outputs for unit-scale vision features have the word embeddings' std."""
     from smolvlm.training.build import match_connector_scale

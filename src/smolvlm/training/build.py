@@ -168,8 +168,8 @@ def build_run(recipe: Recipe) -> RunParts:
     if recipe.train.gradient_checkpointing:
         sft.enable_gradient_checkpointing(model)
     d = recipe.data
-    train_data = data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_train, "train", d.seed), processor, d.system_prompt)
-    eval_data = (data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_eval, "eval", d.seed), processor, d.system_prompt)
+    train_data = data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_train, "train", d.seed, d.categories), processor, d.system_prompt)
+    eval_data = (data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_eval, "eval", d.seed, d.categories), processor, d.system_prompt)
                  if d.n_eval > 0 else None)
     collate_fn = functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id, max_length=d.max_length,
                                    image_token_id=processor.image_token_id)

@@ -185,13 +185,18 @@ class SFTDataset(Sequence):
 
 
 class SynthSamples(Sequence):
-    """``training/synth`` samples made on access (same samples as ``make_dataset(n, split, seed)``,
-    without holding every image in memory)."""
+    """``training/synth`` samples made on access (same samples as ``make_dataset(n, split, seed,
+    categories)``, without holding every image in memory)."""
 
-    def __init__(self, n: int, split: str, seed: int) -> None:
+    def __init__(self, n: int, split: str, seed: int, categories: Sequence[str] | None = None) -> None:
         from smolvlm.training import synth
 
         self.n, self.split, self.seed, self._synth = n, split, seed, synth
+        self.categories = tuple(categories) if categories is not None else synth.CATEGORIES
+        unknown = [c for c in self.categories if c not in synth.CATEGORIES]
+        if unknown or not self.categories:
+            raise DataError(f"unknown or empty synth categories {unknown or list(self.categories)}; "
+                            f"known: {list(synth.CATEGORIES)}")
         synth.sample_seed(split, seed, max(n - 1, 0))  # validates split / seed / n up front
 
     def __len__(self) -> int:
@@ -200,12 +205,14 @@ class SynthSamples(Sequence):
     def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
         if not 0 <= i < self.n:
             raise IndexError(i)
-        cats = self._synth.CATEGORIES
+        cats = self.categories
         return self._synth.make_sample(cats[i % len(cats)], self._synth.sample_seed(self.split, self.seed, i))
 
 
-def make_samples(generator: str, n: int, split: str, seed: int) -> Sequence[dict[str, Any]]:
-    """Raw samples from a named generator (``"synth"``: ``training/synth`` round-robin categories)."""
+def make_samples(generator: str, n: int, split: str, seed: int,
+                 categories: Sequence[str] | None = None) -> Sequence[dict[str, Any]]:
+    """Raw samples from a named generator (``"synth"``: ``training/synth`` round-robin over
+    ``categories``, default all)."""
     if generator == "synth":
-        return SynthSamples(n, split, seed)
+        return SynthSamples(n, split, seed, categories)
     raise DataError(f"unknown data generator {generator!r}; known: ['synth']")

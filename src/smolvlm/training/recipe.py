@@ -48,6 +48,7 @@ class DataRecipe:
     n_train: int = 1000
     n_eval: int = 0
     seed: int = 0
+    categories: list[str] | None = None  # synth: train/eval on these categories only (default: all)
     max_length: int | None = None  # truncate longer samples (an error if it would cut an image)
     system_prompt: str | None = None
 
@@ -161,6 +162,13 @@ class Recipe:
                               f"not {backbone!r}; set replay.n: 0")
         if self.data.n_train < 1:
             raise RecipeError(f"data.n_train must be >= 1, got {self.data.n_train}")
+        if self.data.categories is not None:
+            from smolvlm.training import synth
+
+            unknown = [c for c in self.data.categories if c not in synth.CATEGORIES]
+            if unknown or not self.data.categories:
+                raise RecipeError(f"data.categories: unknown or empty {unknown or self.data.categories}; "
+                                  f"known: {list(synth.CATEGORIES)}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise RecipeError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         return self
