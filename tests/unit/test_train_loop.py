@@ -340,7 +340,7 @@ def test_data_categories_restrict_the_synthetic_mix(tmp_path):
     p.write_text("train: {max_steps: 2}\n")
     assert load_recipe(p, ["data.categories=[chart]"]).data.categories == ["chart"]
     assert load_recipe(p).data.categories is None
-    with pytest.raises(RecipeError, match=r"data.categories.*\['txt'\].*known"):
+    with pytest.raises(RecipeError, match=r"data.categories: unknown or empty synth categories \['txt'\]; known"):
         load_recipe(p, ["data.categories=[txt]"]).validate()
     with pytest.raises(RecipeError, match="data.categories"):
         load_recipe(p, ["data.categories=[]"]).validate()

@@ -192,11 +192,10 @@ class SynthSamples(Sequence):
         from smolvlm.training import synth
 
         self.n, self.split, self.seed, self._synth = n, split, seed, synth
-        self.categories = tuple(categories) if categories is not None else synth.CATEGORIES
-        unknown = [c for c in self.categories if c not in synth.CATEGORIES]
-        if unknown or not self.categories:
-            raise DataError(f"unknown or empty synth categories {unknown or list(self.categories)}; "
-                            f"known: {list(synth.CATEGORIES)}")
+        try:
+            self.categories = synth.check_categories(categories)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         synth.sample_seed(split, seed, max(n - 1, 0))  # validates split / seed / n up front
 
     def __len__(self) -> int:
@@ -205,8 +204,7 @@ class SynthSamples(Sequence):
     def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
         if not 0 <= i < self.n:
             raise IndexError(i)
-        cats = self.categories
-        return self._synth.make_sample(cats[i % len(cats)], self._synth.sample_seed(self.split, self.seed, i))
+        return self._synth.dataset_sample(i, self.split, self.seed, self.categories)
 
 
 def make_samples(generator: str, n: int, split: str, seed: int,

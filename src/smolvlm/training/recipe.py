@@ -165,10 +165,10 @@ class Recipe:
         if self.data.categories is not None:
             from smolvlm.training import synth
 
-            unknown = [c for c in self.data.categories if c not in synth.CATEGORIES]
-            if unknown or not self.data.categories:
-                raise RecipeError(f"data.categories: unknown or empty {unknown or self.data.categories}; "
-                                  f"known: {list(synth.CATEGORIES)}")
+            try:
+                synth.check_categories(self.data.categories)
+            except ValueError as e:
+                raise RecipeError(f"data.categories: {e}") from None
         if not 0.0 <= self.lora.dropout < 1.0:
             raise RecipeError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         return self

@@ -177,14 +177,13 @@ class DenseImages:
         from smolvlm.training import synth
 
         self.synth, self.proc, self.grid, self.seed, self.split = synth, image_processor, grid, seed, split
-        self.categories = tuple(categories) if categories is not None else synth.CATEGORIES
+        self.categories = synth.check_categories(categories)
 
     def sample(self, i: int) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:
         from smolvlm.training.synth.draw import record_glyphs
 
-        cat = self.categories[i % len(self.categories)]
         with record_glyphs() as glyphs:
-            s = self.synth.make_sample(cat, self.synth.sample_seed(self.split, self.seed, i))
+            s = self.synth.dataset_sample(i, self.split, self.seed, self.categories)
         return s["images"], dense_targets(s, glyphs, self.grid)
 
     def batch(self, start: int, n_images: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:

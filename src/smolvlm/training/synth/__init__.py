@@ -36,8 +36,8 @@ CATEGORIES: tuple[str, ...] = tuple(GENERATORS)
 SPLITS = {"train": 0, "eval": 1}
 _MAX_N = 2**32
 
-__all__ = ["CATEGORIES", "SPLITS", "exact_match", "make_dataset", "make_sample", "normalize_answer",
-           "sample_seed", "split_of_seed"]
+__all__ = ["CATEGORIES", "SPLITS", "check_categories", "dataset_sample", "exact_match", "make_dataset", "make_sample",
+           "normalize_answer", "sample_seed", "split_of_seed"]
 
 
 def make_sample(category: str, seed: int) -> dict[str, Any]:
@@ -65,13 +65,24 @@ def split_of_seed(sample_seed_: int) -> str:
     return "eval" if sample_seed_ % 2 else "train"
 
 
-def make_dataset(n: int, split: str = "train", seed: int = 0,
-                 categories: tuple[str, ...] | list[str] | None = None) -> list[dict[str, Any]]:
-    """``n`` samples, categories in round-robin order (balanced), seeds from ``sample_seed``."""
+def check_categories(categories: tuple[str, ...] | list[str] | None = None) -> tuple[str, ...]:
+    """``categories`` as a tuple (``None``: all of ``CATEGORIES``); unknown names or an empty list raise."""
     cats = tuple(categories) if categories is not None else CATEGORIES
     unknown = [c for c in cats if c not in GENERATORS]
     if unknown or not cats:
-        raise ValueError(f"unknown or empty categories {unknown or cats}; known: {list(CATEGORIES)}")
+        raise ValueError(f"unknown or empty synth categories {unknown or list(cats)}; known: {list(CATEGORIES)}")
+    return cats
+
+
+def dataset_sample(index: int, split: str, seed: int, categories: tuple[str, ...]) -> dict[str, Any]:
+    """Sample ``index`` of ``make_dataset(n, split, seed, categories)`` (``categories`` checked)."""
+    return make_sample(categories[index % len(categories)], sample_seed(split, seed, index))
+
+
+def make_dataset(n: int, split: str = "train", seed: int = 0,
+                 categories: tuple[str, ...] | list[str] | None = None) -> list[dict[str, Any]]:
+    """``n`` samples, categories in round-robin order (balanced), seeds from ``sample_seed``."""
+    cats = check_categories(categories)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return [make_sample(cats[i % len(cats)], sample_seed(split, seed, i)) for i in range(n)]
+    return [dataset_sample(i, split, seed, cats) for i in range(n)]
