@@ -39,14 +39,21 @@ def _fit_font(draw: ImageDraw.ImageDraw, text: str, name: str, size: int, max_w:
     return font(name, size), size
 
 
-def gen_text(rng: random.Random) -> Sample:
-    """1-3 lines, each a word, two words or a number, in one font/size on a random background."""
+def text_page(rng: random.Random) -> tuple[Image.Image, ImageDraw.ImageDraw, tuple[int, ...], tuple[int, ...]]:
+    """The ``text`` category's blank page: 384 x 192/256 px, a random light (or, 30%, dark)
+    background and a contrasting ink. Returns (image, draw, background, ink)."""
     w, h = 384, rng.choice((192, 256))
     dark = rng.random() < 0.3
     bg = tuple(rng.randint(0, 70) for _ in range(3)) if dark else tuple(rng.randint(180, 255) for _ in range(3))
     ink = contrast_colour(rng, bg)
     img = Image.new("RGB", (w, h), bg)
-    d = canvas(img)
+    return img, canvas(img), bg, ink
+
+
+def gen_text(rng: random.Random) -> Sample:
+    """1-3 lines, each a word, two words or a number, in one font/size on a random background."""
+    img, d, bg, ink = text_page(rng)
+    w, h = img.size
     n = rng.randint(1, 3)
     lines = []
     for _ in range(n):
