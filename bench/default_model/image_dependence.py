@@ -18,7 +18,7 @@ import torch
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="SmolVLM folder (default: the shipped default model)")
     ap.add_argument("--n", type=int, default=16, help="samples per category (default 16)")
     ap.add_argument("--categories", default=None, help="comma-separated synth categories (default: all)")
@@ -26,19 +26,14 @@ def main() -> None:
     if args.n < 2:
         ap.error("--n must be at least 2 (each sample borrows another's image)")
 
-    from smolvlm import SmolVLM, SmolVLMProcessor
+    from smolvlm.cli.common import load_model_and_processor
     from smolvlm.training import synth
     from smolvlm.training.data import SynthSamples, encode_sample
-    from smolvlm.weights import default_model as dm
 
-    if args.model:
-        model, processor = SmolVLM.from_pretrained(args.model), SmolVLMProcessor.from_pretrained(args.model)
-    else:
-        model, processor = dm.load_default_model(), SmolVLMProcessor.from_pretrained(dm.ASSETS_DIR)
-    model.eval()
     try:
         cats = synth.check_categories(args.categories.split(",") if args.categories else None)
-    except ValueError as e:
+        model, processor = load_model_and_processor(args.model)
+    except (ValueError, OSError) as e:
         ap.error(str(e))
 
     rows = ["| category | samples | loss, own image | loss, another image | gap | own < other |",

@@ -33,7 +33,7 @@ def _money(cents: int) -> str:
     return f"{cents // 100}.{cents % 100:02d}"
 
 
-def _fit_font(draw: ImageDraw.ImageDraw, text: str, name: str, size: int, max_w: int):
+def fit_font(draw: ImageDraw.ImageDraw, text: str, name: str, size: int, max_w: int):
     while size > 12 and text_size(draw, text, font(name, size))[0] > max_w:
         size -= 2
     return font(name, size), size
@@ -67,7 +67,7 @@ def gen_text(rng: random.Random) -> Sample:
     lines = [rng.choice((s, s.capitalize(), s.upper())) for s in lines]
     name = rng.choice(font_names())
     size = rng.randint(20, 44) if n < 3 else rng.randint(20, 32)
-    fonts = [_fit_font(d, s, name, size, w - 24)[0] for s in lines]
+    fonts = [fit_font(d, s, name, size, w - 24)[0] for s in lines]
     heights = [text_size(d, s, f)[1] for s, f in zip(lines, fonts)]
     gap = 12
     y = max(4, (h - sum(heights) - gap * (n - 1)) // 2 + rng.randint(-10, 10))
