@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-import smolvlm.weights.hub as hub
+import smolvlm.hub as hub
 import smolvlm.weights.save as save_mod
 from smolvlm import SmolVLM
 from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig

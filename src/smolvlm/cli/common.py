@@ -79,7 +79,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
 
     from smolvlm.model.vlm import SmolVLM
     from smolvlm.processing.processor import SmolVLMProcessor
-    from smolvlm.weights.hub import resolve_checkpoint_dir
+    from smolvlm.hub import resolve_checkpoint_dir
 
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

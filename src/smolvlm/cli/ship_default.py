@@ -42,7 +42,7 @@ def training_facts(run_dir: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from smolvlm.weights.default_model import ship_parts
+    from smolvlm.training.ship_default import ship_parts
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.jsonl").is_file():

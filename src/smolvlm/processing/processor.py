@@ -32,7 +32,7 @@ from smolvlm.processing.image import ImageInput, ImageLayout, ImageProcessor, Ti
 from smolvlm.processing.prompt import ImageTokens, check_marker_counts, expand_prompt, image_prompt_string
 from smolvlm.processing.tokenizer import Tokenizer
 from smolvlm.processing.video_inputs import VideoSampling
-from smolvlm.weights import hub
+from smolvlm import hub
 
 
 class ProcessorOutput(dict):
@@ -54,7 +54,7 @@ class ProcessorOutput(dict):
         return out
 
 
-def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
+def processor_files_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
     """A local directory, or a hub repo id fetched (config/tokenizer files only) with huggingface_hub."""
     return hub.resolve_checkpoint_dir(path_or_repo_id, revision, allow_patterns=hub.PROCESSOR_PATTERNS)
 
@@ -115,7 +115,7 @@ class SmolVLMProcessor:
         cls, path_or_repo_id: str | Path, *, revision: str | None = None, allow_remote: bool = False
     ) -> "SmolVLMProcessor":
         """Load from a checkpoint directory (or hub repo id): tokenizer, preprocessor, template."""
-        d = resolve_checkpoint_dir(path_or_repo_id, revision)
+        d = processor_files_dir(path_or_repo_id, revision)
         tokenizer = Tokenizer.from_pretrained(d)
         pc = _read_json(d / "processor_config.json")
         processor_class = pc.get("processor_class") or _read_json(d / "preprocessor_config.json").get(

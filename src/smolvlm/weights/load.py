@@ -32,7 +32,7 @@ from torch import nn
 
 from smolvlm.config import SmolVLMConfig
 from smolvlm.model.layers import RMSNorm
-from smolvlm.weights.hub import resolve_checkpoint_dir
+from smolvlm.hub import resolve_checkpoint_dir
 
 if TYPE_CHECKING:
     from smolvlm.model.vlm import SmolVLM
