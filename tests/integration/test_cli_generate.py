@@ -14,7 +14,7 @@ import pytest
 from smolvlm import SmolVLM, SmolVLMProcessor
 from smolvlm.cli.main import main
 from smolvlm.generation.generate import generate_ids
-from tests.parity.test_generate_parity import MAX_POS, build_tiny_checkpoint, make_image
+from tests.helpers import MAX_POS, build_tiny_checkpoint, make_image
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,7 @@ from smolvlm.evaluation.tasks import synth as synth_task
 from smolvlm.training import synth
 from smolvlm.training.data import assistant_char_spans, sample_to_messages
 from tests.conftest import REPO
-from tests.parity.test_generate_parity import build_tiny_checkpoint
+from tests.helpers import build_tiny_checkpoint
 
 N = 8  # samples: one of each of the 7 categories + a second "shapes"
 KEYS = {"model", "task", "n", "n_requests", "overall", "overall_metric", "macro", "n_overall", "per_category",

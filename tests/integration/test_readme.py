@@ -7,7 +7,7 @@ from pathlib import Path
 
 from smolvlm.cli.main import COMMANDS
 from tests.conftest import REPO
-from tests.parity.test_generate_parity import build_tiny_checkpoint
+from tests.helpers import build_tiny_checkpoint
 
 README = (REPO / "README.md").read_text()
 

@@ -13,8 +13,6 @@ apart that such rounding cannot flip an argmax.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,44 +25,9 @@ from smolvlm import SmolVLM, SmolVLMProcessor
 from smolvlm.generation.feature_cache import FeatureCache
 from smolvlm.generation.generate import generate_ids, generate_tokens
 from smolvlm.generation.stream import StreamStats, apply_stop_strings, stream
+from tests.helpers import MAX_POS, build_tiny_checkpoint, make_image
 
-REF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-             "vocab.json", "merges.txt", "chat_template.json")
 EOU = 49279  # <end_of_utterance>
-MAX_POS = 1024
-
-
-def build_tiny_checkpoint(dest: Path, ref_dir: Path, seed: int = 0) -> Path:
-    """Save a tiny random transformers Idefics3 model + the 256M tokenizer/template files into ``dest``."""
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=64, patch_size=8, initializer_range=0.2)
-    text = dict(model_type="llama", vocab_size=49280, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POS,
-                rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=1,
-                eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, initializer_range=0.2)
-    cfg = transformers.Idefics3Config(vision_config=vision, text_config=text, image_token_id=49190, scale_factor=2,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = transformers.Idefics3ForConditionalGeneration._from_config(
-        cfg, dtype=torch.float32, attn_implementation="sdpa")
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest)
-    for name in REF_FILES + ("generation_config.json",):  # the published generation config: eos 49279, pad 2
-        shutil.copy(ref_dir / name, dest / name)
-    pre = json.loads((ref_dir / "preprocessor_config.json").read_text())
-    pre["max_image_size"] = {"longest_edge": 64}
-    pre["size"] = {"longest_edge": 128}
-    (dest / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    (dest / "processor_config.json").write_text(json.dumps({"image_seq_len": 16,
-                                                            "processor_class": "Idefics3Processor"}))
-    return dest
-
-
-def make_image(w: int, h: int, seed: int) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, ref256) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny256"), ref256)

@@ -13,20 +13,8 @@ from torch.testing import assert_close
 import smolvlm.hub as hub
 import smolvlm.weights.save as save_mod
 from smolvlm import SmolVLM
-from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
 from smolvlm.weights.load import CheckpointError, resolve_dtype
-
-
-def tiny_config(model_type: str = "idefics3", tie: bool = False, dtype: str | None = None) -> SmolVLMConfig:
-    return SmolVLMConfig(
-        model_type=model_type,
-        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                   image_size=32, patch_size=8),
-        text_config=TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                               rope_theta=100000.0, tie_word_embeddings=tie),
-        image_token_id=299, scale_factor=2, tie_word_embeddings=tie, torch_dtype=dtype,
-    )
+from tests.helpers import logits, tiny_config
 
 
 @pytest.fixture
@@ -34,13 +22,6 @@ def ckpt(tmp_path) -> Path:
     d = tmp_path / "ckpt"
     SmolVLM.from_config(tiny_config()).save_pretrained(d)
     return d
-
-
-def logits(model: SmolVLM) -> torch.Tensor:
-    ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])
-    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return model(input_ids=ids, pixel_values=pv.to(model.dtype)).logits
 
 
 def rewrite(d: Path, edit) -> None:

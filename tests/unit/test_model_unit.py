@@ -18,7 +18,7 @@ from smolvlm import SmolVLM
 from smolvlm.model.connector import pixel_shuffle
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import RMSNorm, rope_cos_sin, rope_inv_freq, rotate_half
-from tests.unit.test_loading import tiny_config
+from tests.helpers import tiny_config
 
 IMG, S = 299, 4
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from smolvlm import SmolVLM
 from smolvlm.generation.generate import generate_ids
 from smolvlm.model.packed import PackedLinear, pack_targets, packing_available
 from smolvlm.weights.load import load_safetensors
-from tests.unit.test_loading import logits, tiny_config
+from tests.helpers import logits, tiny_config
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 

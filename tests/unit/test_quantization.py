@@ -19,7 +19,7 @@ from smolvlm.quantization import (Int4Linear, Int8Linear, QuantizationError, loa
                                   quantized_modules, save_quantized)
 from smolvlm.quantization.int4 import pack_nibbles, quantize_int4, unpack_nibbles
 from smolvlm.quantization.int8 import KERNEL_MAX_ROWS
-from tests.unit.test_loading import tiny_config
+from tests.helpers import tiny_config
 
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 

@@ -13,7 +13,7 @@ from smolvlm.training import replay
 from smolvlm.training.build import build_run, prepare_replay, run_recipe
 from smolvlm.training.recipe import RecipeError, recipe_from_dict
 from smolvlm.training.synth.chat import chat_prompts
-from tests.unit.test_train_loop import tiny_recipe
+from tests.helpers import tiny_recipe
 
 
 def test_chat_prompts_are_deterministic_distinct_prefixes():

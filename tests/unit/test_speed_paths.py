@@ -18,7 +18,7 @@ from smolvlm.model import text as text_mod
 from smolvlm.model.layers import attention
 from smolvlm.model.vision import key_padding_mask
 from smolvlm.processing.image import ImageProcessorConfig, TileBudget, plan_layout
-from tests.unit.test_loading import tiny_config
+from tests.helpers import tiny_config
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)

@@ -20,14 +20,12 @@ from smolvlm.training.collate import CollateError, collate
 from smolvlm.training.data import (DataError, align_labels, encode_sample, make_samples, sample_to_messages)
 from smolvlm.training.recipe import (ModelRecipe, OptimRecipe, RecipeError, ScheduleRecipe, TrainRecipe,
                                      load_recipe, recipe_from_dict)
+from tests.helpers import TINY_TEXT, TINY_VISION, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 EOU = "<end_of_utterance>"
 
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=8, max_position_embeddings=1024)
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=32, patch_size=8)
+
 
 
 @pytest.fixture(scope="module")
@@ -232,21 +230,6 @@ def test_checkpoint_keep_last_temp_and_fingerprint(tmp_path):
         model.model.text_model.norm.weight.add_(1.0)  # a different frozen base
     with pytest.raises(ckpt.CheckpointError, match="frozen weights differ"):
         ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model, opt, sched)
-
-
-def tiny_recipe(ref: Path, out: Path, **train) -> dict:
-    return {
-        "model": {"text_backbone": "random", "text": TINY_TEXT, "vision": TINY_VISION, "scale_factor": 2,
-                  "tokenizer": str(ref), "processor": {"do_image_splitting": False, "size": {"longest_edge": 32}}},
-        "data": {"n_train": 5, "n_eval": 2, "seed": 0},
-        "freeze": {"freeze": ["model.text_model", "lm_head"], "train": ["model.vision_model", "model.connector"]},
-        "lora": {"enabled": True, "targets": [r"model\.text_model\..*(q_proj|v_proj|down_proj)"], "r": 4, "alpha": 8,
-                 "dropout": 0.2},  # dropout: the RNG streams must be restored for an exact resume
-        "optim": {"lr": 2e-3, "weight_decay": 0.01, "lr_groups": {"model.vision_model": 4e-3}},
-        "schedule": {"kind": "cosine", "warmup_steps": 2},
-        "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 1, "grad_accum": 2, "eval_every": 3,
-                  "checkpoint_every": 3, "keep_last": 3, "progress": False, **train},
-    }
 
 
 def test_killed_and_resumed_run_equals_straight_run(ref256, tmp_path):

@@ -1,0 +1,96 @@
+"""Builders the tests share: tiny configs, tiny checkpoints, images and recipes.
+
+Test modules import these from here (never from each other), so a test file can be moved or
+deleted without breaking another.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from smolvlm import SmolVLM
+from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
+
+REF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "vocab.json", "merges.txt", "chat_template.json")
+
+
+def tiny_config(model_type: str = "idefics3", tie: bool = False, dtype: str | None = None) -> SmolVLMConfig:
+    return SmolVLMConfig(
+        model_type=model_type,
+        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=8),
+        text_config=TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               rope_theta=100000.0, tie_word_embeddings=tie),
+        image_token_id=299, scale_factor=2, tie_word_embeddings=tie, torch_dtype=dtype,
+    )
+
+
+def logits(model: SmolVLM) -> torch.Tensor:
+    ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])
+    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pv.to(model.dtype)).logits
+
+
+MAX_POS = 1024
+
+
+def build_tiny_checkpoint(dest: Path, ref_dir: Path, seed: int = 0) -> Path:
+    import transformers  # the test oracle builds the checkpoint
+
+    """Save a tiny random transformers Idefics3 model + the 256M tokenizer/template files into ``dest``."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=64, patch_size=8, initializer_range=0.2)
+    text = dict(model_type="llama", vocab_size=49280, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POS,
+                rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, initializer_range=0.2)
+    cfg = transformers.Idefics3Config(vision_config=vision, text_config=text, image_token_id=49190, scale_factor=2,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.Idefics3ForConditionalGeneration._from_config(
+        cfg, dtype=torch.float32, attn_implementation="sdpa")
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    for name in REF_FILES + ("generation_config.json",):  # the published generation config: eos 49279, pad 2
+        shutil.copy(ref_dir / name, dest / name)
+    pre = json.loads((ref_dir / "preprocessor_config.json").read_text())
+    pre["max_image_size"] = {"longest_edge": 64}
+    pre["size"] = {"longest_edge": 128}
+    (dest / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (dest / "processor_config.json").write_text(json.dumps({"image_seq_len": 16,
+                                                            "processor_class": "Idefics3Processor"}))
+    return dest
+
+
+def make_image(w: int, h: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=1024)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8)
+
+
+def tiny_recipe(ref: Path, out: Path, **train) -> dict:
+    return {
+        "model": {"text_backbone": "random", "text": TINY_TEXT, "vision": TINY_VISION, "scale_factor": 2,
+                  "tokenizer": str(ref), "processor": {"do_image_splitting": False, "size": {"longest_edge": 32}}},
+        "data": {"n_train": 5, "n_eval": 2, "seed": 0},
+        "freeze": {"freeze": ["model.text_model", "lm_head"], "train": ["model.vision_model", "model.connector"]},
+        "lora": {"enabled": True, "targets": [r"model\.text_model\..*(q_proj|v_proj|down_proj)"], "r": 4, "alpha": 8,
+                 "dropout": 0.2},  # dropout: the RNG streams must be restored for an exact resume
+        "optim": {"lr": 2e-3, "weight_decay": 0.01, "lr_groups": {"model.vision_model": 4e-3}},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 1, "grad_accum": 2, "eval_every": 3,
+                  "checkpoint_every": 3, "keep_last": 3, "progress": False, **train},
+    }
