@@ -40,8 +40,7 @@ def main() -> None:
     from smolvlm.generation.generate import generate_ids
     from smolvlm.training import replay
     from smolvlm.training.recipe import load_recipe
-    from smolvlm.training.synth.chat import chat_prompts
-    from smolvlm.weights import default_model as dm
+    from smolvlm.synth.chat import chat_prompts
 
     repo = Path(__file__).resolve().parents[2]
     recipe = load_recipe(repo / "configs" / "default-model.yaml")
@@ -49,8 +48,8 @@ def main() -> None:
     if args.model:
         model, processor = SmolVLM.from_pretrained(args.model), SmolVLMProcessor.from_pretrained(args.model)
     else:
-        model, processor = dm.load_default_model(), SmolVLMProcessor.from_pretrained(dm.ASSETS_DIR)
-    base = dm.load_default_model() if args.model is None else SmolVLM.from_pretrained(args.model)
+        model, processor = SmolVLM.from_pretrained("default"), SmolVLMProcessor.from_pretrained("default")
+    base = SmolVLM.from_pretrained(args.model or "default")
     # the backbone alone: the same model with every LoRA delta and new row taken out is not at hand
     # for a merged folder, so rebuild it from the GGUF (text weights only, no new rows needed)
     from smolvlm.training.build import _text_from_backbone

@@ -54,8 +54,9 @@ def resolve_checkpoint_dir(path_or_repo_id: str | Path | None, revision: str | N
     ``allow_patterns`` narrows the download (default: config, tokenizer and weight files)."""
     if path_or_repo_id is None or (isinstance(path_or_repo_id, str) and path_or_repo_id == DEFAULT_MODEL):
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"the built-in default model's files are missing from {DEFAULT_MODEL_DIR}; "
-                                    f"pass a checkpoint folder or repo id instead")
+            raise FileNotFoundError(f"the default model's files are missing from {DEFAULT_MODEL_DIR}; pass a checkpoint "
+                                    f"folder or repo id (--model), or recreate them: smolvlm train --recipe "
+                                    f"configs/default-model.yaml && smolvlm ship-default runs/default-model")
         return DEFAULT_MODEL_DIR
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():

@@ -17,6 +17,7 @@ from torch import nn
 from smolvlm.config import SmolVLMConfig
 from smolvlm.model.connector import Connector
 from smolvlm.model.kv_cache import KVCache
+from smolvlm.model.packed import pack_linears
 from smolvlm.model.text import TextModel
 from smolvlm.model.vision import VisionTransformer
 
@@ -81,48 +82,34 @@ class SmolVLM(nn.Module):
         if ties_lm_head(self.config):
             self.lm_head.weight = self.model.text_model.embed_tokens.weight
 
+    def lm_head_is_tied(self) -> bool:
+        """Whether lm_head shares the embedding's tensor now (the config ties it and nothing untied it,
+        e.g. quantizing lm_head). The one tied-head rule: checkpoints omit a tied ``lm_head.weight``."""
+        return getattr(self.lm_head, "weight", None) is self.model.text_model.embed_tokens.weight
+
+    # Thin facades over the layers above the model (weights/, generation/): the public names users
+    # know from transformers. The work lives there; these import it when called.
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path, dtype: torch.dtype | str | None = None,
+    def from_pretrained(cls, path_or_repo_id: str | Path | None, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", quantize: str = "none", mmap: bool = True,
                         pack: bool = False) -> "SmolVLM":
-        """Load a HF-format checkpoint folder (or hub repo id). dtype: torch.dtype, "auto" (config), None = float32.
+        """Load a checkpoint folder, a hub repo id, or ``"default"`` (the built-in default model).
 
-        ``mmap`` (default True): when the checkpoint already has ``dtype``, parameters alias a
-        copy-on-write mapping of the file instead of a copy (one copy of the weights in memory;
-        writable, the file is never modified). False reads them into private memory.
-        ``weights/load.py`` explains the one caveat (do not rewrite the file in place meanwhile).
-
-        ``quantize`` ("none", "int8", "int4"): weight-only quantization applied after loading
-        (``smolvlm.quantization.quantize``). A folder written by ``save_quantized`` (it has a
-        ``quantization.json``) loads as saved; asking for a different mode then is an error.
-
-        ``pack`` (inference only; the CLI turns it on): the text decoder's and lm_head's linears
-        keep their weights in oneDNN's packed layout, about 1.5x faster decode on CPU with the
-        same bf16 results (``smolvlm.model.packed``). Ignored with ``quantize`` or where packing
-        is unavailable (not CPU, fp16). Reload without it to train.
+        ``dtype``: torch.dtype, "auto" (the config's) or None (float32). ``quantize``: "none",
+        "int8", "int4" (weight-only, after loading; a folder saved quantized loads as saved).
+        ``pack``: inference-only packed linears (``model/packed.py``). ``mmap``: alias the file's
+        copy-on-write mapping when no conversion is needed. All of it: ``weights/load.py:load_model``.
         """
-        from smolvlm import quantization
-        from smolvlm.weights.load import load_pretrained
+        from smolvlm.weights.load import load_model
 
-        quantization.check_mode(quantize)
-        local = Path(path_or_repo_id).expanduser()
-        if (local / quantization.QUANT_FILE).is_file():
-            model = quantization.load_quantized(local, dtype=dtype, device=device)
-            saved = model.quantization["mode"]
-            if quantize not in ("none", saved):
-                raise quantization.QuantizationError(f"{local} holds {saved} weights; cannot load it as {quantize}")
-            return model
-        model = load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, mmap=mmap,
-                                pack=pack and quantize == "none")
-        return quantization.quantize(model, quantize)
+        return load_model(path_or_repo_id, dtype=dtype, device=device, quantize=quantize, mmap=mmap, pack=pack,
+                          cls=cls)
 
     def pack_for_inference(self) -> "SmolVLM":
         """Pack the text decoder's and lm_head's linears in place (``smolvlm.model.packed``); returns self.
 
         A no-op where packing is unavailable. ``from_pretrained(pack=True)`` does the same with
         less peak memory (the packed weights are never mapped from the file)."""
-        from smolvlm.model.packed import pack_linears
-
         pack_linears(self)
         return self
 
@@ -135,7 +122,8 @@ class SmolVLM(nn.Module):
         return init_random(cls, config, dtype=dtype, device=device)
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
-        """Write config.json + (sharded) safetensors that transformers loads back unchanged."""
+        """Write config.json + (sharded) safetensors that transformers loads back unchanged
+        (plus ``quantization.json`` for a quantized model, which only smolvlm reads)."""
         from smolvlm.weights.save import save_pretrained
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
@@ -286,7 +274,7 @@ class SmolVLM(nn.Module):
         return SmolVLMOutput(logits=logits, loss=loss)
 
     def generate(self, **kwargs: Any) -> Any:
-        """Delegates to ``smolvlm.generation.generate.generate_ids`` (imported lazily)."""
+        """Token ids (prompt + new), like transformers; facade over ``generation.generate.generate_ids``."""
         from smolvlm.generation.generate import generate_ids
 
         return generate_ids(self, **kwargs)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from smolvlm.config import SmolVLMConfig
 from smolvlm.training import lora
 from smolvlm.weights import gguf
-from smolvlm.weights.default_model import (ASSETS_DIR, MANIFEST_FILE, NEW_ROWS, PARTS_FILE, TRAINED_PREFIXES,
+from smolvlm import hub
+from smolvlm.weights.default_model import (MANIFEST_FILE, NEW_ROWS, PARTS_FILE, TRAINED_PREFIXES,
                                            DefaultModelError, copy_folder_files, sha256_file)
 from smolvlm.weights.load import load_safetensors, weight_files
 
@@ -25,7 +26,7 @@ def ship_parts(run_dir: str | Path, out_dir: str | Path | None = None, dtype: to
                trained: dict[str, Any] | None = None) -> Path:
     """Make the default model's assets from a finished ``smolvlm train`` run of a GGUF-backbone recipe:
     ``<run>/final`` (merged model + processor files) and ``<run>/adapter`` (PEFT LoRA)."""
-    run, out = Path(run_dir), Path(out_dir) if out_dir is not None else ASSETS_DIR
+    run, out = Path(run_dir), Path(out_dir) if out_dir is not None else hub.DEFAULT_MODEL_DIR
     final, adapter = run / "final", run / "adapter"
     if not (final / "config.json").is_file() or not (adapter / lora.ADAPTER_WEIGHTS).is_file():
         raise DefaultModelError(f"{run} has no final/ model and adapter/ (is the training run finished?)")

@@ -15,8 +15,9 @@ No SmolVLM weights can be downloaded offline, so the project trains its own smal
   checkpoint folder minus its weights.
 
 ``assemble_state_dict`` rebuilds the full float32 state dict (dequantized GGUF, new rows, LoRA
-merged in float32), ``load_default_model`` builds the model from it, ``export_default`` writes it
-as a standard checkpoint folder that transformers loads. ``training/ship_default.py`` makes the
+merged in float32); the one loader (``weights/load.py``) builds the model from it whenever a folder
+has the manifest (``SmolVLM.from_pretrained("default")``); ``save.export_default`` writes it as a
+standard checkpoint folder that transformers loads. ``training/ship_default.py`` makes the
 assets from a finished training run.
 """
 
@@ -29,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from smolvlm.hub import DEFAULT_MODEL_DIR
+from smolvlm.config import SmolVLMConfig
+from smolvlm import hub
+from smolvlm.weights import gguf
 
-ASSETS_DIR = DEFAULT_MODEL_DIR
 PARTS_FILE = "parts.safetensors"
 MANIFEST_FILE = "default_model.json"
 EMBED_KEY = "model.text_model.embed_tokens.weight"
@@ -58,7 +61,7 @@ def sha256_file(path: Path) -> str:
 
 
 def assets_dir(directory: str | Path | None = None) -> Path:
-    d = Path(directory) if directory is not None else ASSETS_DIR
+    d = Path(directory) if directory is not None else hub.DEFAULT_MODEL_DIR
     missing = [n for n in (PARTS_FILE, MANIFEST_FILE, "config.json") if not (d / n).is_file()]
     if missing:
         raise DefaultModelError(f"the default model's files are missing from {d}: {', '.join(missing)}; model commands take "
@@ -72,8 +75,6 @@ def read_manifest(directory: str | Path | None = None) -> dict[str, Any]:
 
 
 def _backbone(manifest: dict[str, Any], check_hash: bool) -> tuple[Any, dict[str, torch.Tensor]]:
-    from smolvlm.weights import gguf
-
     path = gguf.find_smollm2_gguf()
     want = manifest["backbone"]
     if check_hash and want.get("sha256") and sha256_file(path) != want["sha256"]:
@@ -83,13 +84,15 @@ def _backbone(manifest: dict[str, Any], check_hash: bool) -> tuple[Any, dict[str
     return gguf.read_gguf_text_model(path)
 
 
+def is_default_model_dir(directory: Path) -> bool:
+    """Whether a checkpoint folder is a default-model folder (parts + manifest; text weights in the GGUF)."""
+    return (directory / MANIFEST_FILE).is_file()
+
+
 @torch.no_grad()
-def assemble_state_dict(directory: str | Path | None = None, check_hash: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(SmolVLMConfig, full float32 state dict) of the default model."""
-    from safetensors.torch import load_file
-
-    from smolvlm.config import SmolVLMConfig
-
+def assemble_state_dict(directory: str | Path | None = None, check_hash: bool = True) -> dict[str, torch.Tensor]:
+    """The default model's full float32 state dict: the dequantized GGUF, the new token rows, the
+    LoRA merged in float32, the trained vision tower and connector."""
     d = assets_dir(directory)
     manifest = read_manifest(d)
     config = SmolVLMConfig.from_json_file(d / "config.json")
@@ -122,42 +125,10 @@ def assemble_state_dict(directory: str | Path | None = None, check_hash: bool = 
     for k, v in parts.items():
         if k.startswith(TRAINED_PREFIXES):
             out[k] = v.float()
-    return config, out
-
-
-def load_default_model(dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-                       quantize: str = "none", directory: str | Path | None = None, pack: bool = False) -> Any:
-    """The default SmolVLM, in eval mode (float32 unless ``dtype``); ``quantize`` and ``pack`` as in
-    ``SmolVLM.from_pretrained``."""
-    from smolvlm import quantization
-    from smolvlm.model.vlm import SmolVLM
-    from smolvlm.weights.load import check_keys, expected_shapes, read_generation_config, resolve_dtype
-
-    quantization.check_mode(quantize)
-    config, state = assemble_state_dict(directory)
-    dt = resolve_dtype(dtype, config)
-    with torch.device("meta"):
-        model = SmolVLM(config)
-    check_keys(expected_shapes(model, set()), {k: tuple(v.shape) for k, v in state.items()}, set(),
-               where="the default model")
-    model.load_state_dict({k: v.to(device=device, dtype=dt) for k, v in state.items()}, strict=True, assign=True)
-    model.tie_weights()
-    model.generation_config = read_generation_config(assets_dir(directory))
-    if pack and quantize == "none":
-        model.pack_for_inference()
-    return quantization.quantize(model.eval(), quantize)
+    return out
 
 
 def copy_folder_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     for name in FOLDER_FILES:
         if name not in skip and (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
-
-
-def export_default(out_dir: str | Path, directory: str | Path | None = None) -> Path:
-    """Write the default model as a standard SmolVLM checkpoint folder (float32 safetensors)."""
-    out = Path(out_dir)
-    model = load_default_model(torch.float32, directory=directory)
-    model.save_pretrained(out)  # config.json + weights, atomically
-    copy_folder_files(assets_dir(directory), out, skip=("config.json",))
-    return out
