@@ -13,7 +13,8 @@ from torch.testing import assert_close
 import smolvlm.hub as hub
 import smolvlm.weights.save as save_mod
 from smolvlm import SmolVLM
-from smolvlm.weights.load import CheckpointError, resolve_dtype
+from smolvlm.weights.load import resolve_dtype
+from smolvlm.weights.safetensors_io import CheckpointError
 from tests.helpers import logits, tiny_config
 
 

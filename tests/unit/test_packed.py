@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from smolvlm import SmolVLM
 from smolvlm.generation.generate import generate_ids
 from smolvlm.model.packed import PackedLinear, pack_targets, packing_available
-from smolvlm.weights.load import load_safetensors
+from smolvlm.weights.safetensors_io import load_safetensors
 from tests.helpers import logits, tiny_config
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -36,18 +36,32 @@ def greedy(model: SmolVLM) -> list[int]:
     return generate_ids(model, ids, pixel_values=pv, max_new_tokens=8, eos_token_id=[])[0].tolist()
 
 
+def cpu_packs(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN packs ``dtype``; the branch it cannot run is skipped with the reason shown."""
+    return packing_available(dtype)
+
+
+def require_packing(dtype: torch.dtype) -> None:
+    if not cpu_packs(dtype):
+        pytest.skip(f"this CPU's oneDNN cannot pack {dtype} (bf16 needs AVX-512 BF16 or AMX); the unpacked "
+                    f"fallback is tested by the *_where_packing_is_unavailable test instead")
+
+
+def require_no_packing(dtype: torch.dtype) -> None:
+    if cpu_packs(dtype):
+        pytest.skip(f"this CPU packs {dtype}, so the fallback for CPUs that cannot does not run here; the packed "
+                    f"path is tested instead")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tie", [False, True])
 def test_packed_model_matches_plain(tmp_path, dtype, tie):
+    require_packing(dtype)
     d = save_tiny(tmp_path, tie)
     plain = SmolVLM.from_pretrained(d, dtype=dtype)
     packed = SmolVLM.from_pretrained(d, dtype=dtype, pack=True)
     names = pack_targets(plain)
     assert "lm_head" in names and any(n.endswith("self_attn.q_proj") for n in names)
-    if not packing_available(dtype):  # bf16 on an AVX2-only CPU: pack=True loads plain, same numbers
-        assert dtype == torch.bfloat16 and not any(isinstance(m, PackedLinear) for m in packed.modules())
-        assert_close(logits(packed), logits(plain), rtol=0, atol=0)
-        return
     assert all(isinstance(packed.get_submodule(n), PackedLinear) for n in names)
     # only the text decoder + head: the vision tower and connector keep nn.Linear
     assert not any(isinstance(m, PackedLinear) for m in packed.model.vision_model.modules())
@@ -55,6 +69,17 @@ def test_packed_model_matches_plain(tmp_path, dtype, tie):
     assert isinstance(packed.model.text_model.embed_tokens.weight, nn.Parameter)  # lookups still use the table
     assert_close(logits(packed), logits(plain), **TOL[dtype])
     assert greedy(packed) == greedy(plain)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_bf16_loads_plain_where_packing_is_unavailable(tmp_path, tie):
+    """bf16 on an AVX2-only CPU: pack=True loads the plain model, same numbers (no crash, no slow path)."""
+    require_no_packing(torch.bfloat16)
+    d = save_tiny(tmp_path, tie)
+    plain = SmolVLM.from_pretrained(d, dtype=torch.bfloat16)
+    packed = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack=True)
+    assert not any(isinstance(m, PackedLinear) for m in packed.modules())
+    assert_close(logits(packed), logits(plain), rtol=0, atol=0)
 
 
 def test_state_dict_and_save_survive_packing(tmp_path):
@@ -76,18 +101,22 @@ def test_state_dict_and_save_survive_packing(tmp_path):
 
 
 def test_dtype_moves_repack_and_unsupported_ones_fail(tmp_path):
+    require_packing(torch.bfloat16)
     d = save_tiny(tmp_path)
     packed = SmolVLM.from_pretrained(d, pack=True)
     want = logits(SmolVLM.from_pretrained(d, dtype=torch.bfloat16))
-    if not packing_available(torch.bfloat16):  # this CPU cannot pack bf16: the move is refused, clearly
-        with pytest.raises(RuntimeError, match="load it again without packing"):
-            packed.to(torch.bfloat16)
-        return
     packed.to(torch.bfloat16)
     assert packed.lm_head.weight.dtype == torch.bfloat16
     assert_close(logits(packed), want, **TOL[torch.bfloat16])
     with pytest.raises(RuntimeError, match="load it again without packing"):
         packed.to(torch.float16)
+
+
+def test_bf16_move_is_refused_where_packing_is_unavailable(tmp_path):
+    require_no_packing(torch.bfloat16)
+    packed = SmolVLM.from_pretrained(save_tiny(tmp_path), pack=True)
+    with pytest.raises(RuntimeError, match="load it again without packing"):
+        packed.to(torch.bfloat16)
 
 
 def test_packing_is_skipped_where_it_does_not_apply(tmp_path):

@@ -19,7 +19,7 @@ from smolvlm.weights import gguf
 from smolvlm import hub
 from smolvlm.weights.default_model import (MANIFEST_FILE, NEW_ROWS, PARTS_FILE, TRAINED_PREFIXES,
                                            DefaultModelError, copy_folder_files, sha256_file)
-from smolvlm.weights.load import load_safetensors, weight_files
+from smolvlm.weights.safetensors_io import load_safetensors, weight_files
 
 
 def ship_parts(run_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
