@@ -25,8 +25,10 @@ def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
     return x.reshape(b, m * m, s * s * d)  # (B, (n/s)^2, s^2*D)
 
 
-class SimpleMLP(nn.Module):
-    """``modality_projection``: a single ``proj`` Linear(D*s^2 -> hidden_text), no bias, no activation."""
+class ModalityProjection(nn.Module):
+    """``modality_projection``: a single ``proj`` Linear(D*s^2 -> hidden_text), no bias, no activation
+    (transformers calls this class ``SimpleMLP``; it is one linear layer, and the checkpoint keys
+    only see the attribute names)."""
 
     def __init__(self, cfg: SmolVLMConfig) -> None:
         super().__init__()
@@ -41,7 +43,7 @@ class Connector(nn.Module):
     def __init__(self, cfg: SmolVLMConfig) -> None:
         super().__init__()
         self.scale_factor = cfg.scale_factor
-        self.modality_projection = SimpleMLP(cfg)
+        self.modality_projection = ModalityProjection(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.modality_projection(pixel_shuffle(x, self.scale_factor))  # (B, S, hidden_text)
