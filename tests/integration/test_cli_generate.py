@@ -54,7 +54,7 @@ def test_generate_json(ckpt, image, capsys):
     assert rc == 0
     rec = json.loads(capsys.readouterr().out)
     assert set(rec) == {"text", "prompt_tokens", "new_tokens", "time_to_first_token_s", "tokens_per_s", "total_s"}
-    assert rec["text"] == expected_text(ckpt, "Compare.", [image, image], 6)
+    assert rec["text"] == expected_text(ckpt, "Compare.", [image, image], 6).lstrip()
     assert rec["new_tokens"] == 6 and rec["prompt_tokens"] > 2 * 16  # two images of >= 1 tile of 16 tokens
     assert rec["total_s"] >= rec["time_to_first_token_s"] > 0 and rec["tokens_per_s"] > 0
 
@@ -68,11 +68,22 @@ def test_generate_sampling_flags_reproducible(ckpt, capsys):
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["text"] == a
     assert main(argv[:-1] + ["--no-do-sample", "Hi"]) == 0
-    assert json.loads(capsys.readouterr().out)["text"] == expected_text(ckpt, "Hi", [], 6)
+    assert json.loads(capsys.readouterr().out)["text"] == expected_text(ckpt, "Hi", [], 6).lstrip()
+
+
+def test_json_text_is_the_streamed_text(ckpt, capsys):
+    """One definition of the answer's text: without the leading space the model's first token carries."""
+    argv = ["generate", "--model", str(ckpt), "--max-new-tokens", "6", "What is this?"]
+    raw = expected_text(ckpt, "What is this?", [], 6)
+    assert raw != raw.lstrip()  # the tiny model's answer starts with a space, as real ones do
+    assert main(argv) == 0
+    streamed = capsys.readouterr().out
+    assert main(argv + ["--json"]) == 0
+    assert streamed == json.loads(capsys.readouterr().out)["text"] + "\n" == raw.lstrip() + "\n"
 
 
 def test_generate_stop_string(ckpt, capsys):
-    full = expected_text(ckpt, "Hi", [], 10)
+    full = expected_text(ckpt, "Hi", [], 10).lstrip()
     stop = full[4:6]
     assert main(["generate", "--model", str(ckpt), "--json", "--max-new-tokens", "10", "--stop", "zzzz",
                  "--stop", stop, "Hi"]) == 0
@@ -103,9 +114,9 @@ def test_video_on_v1_checkpoint(ckpt, tmp_path, capsys):
 
 
 def test_missing_model_errors(capsys, tmp_path, monkeypatch):
-    from smolvlm.weights import default_model
+    from smolvlm import hub
 
-    monkeypatch.setattr(default_model, "ASSETS_DIR", tmp_path / "no-default")  # no built-in model shipped
+    monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", tmp_path / "no-default")  # no built-in model shipped
     assert main(["generate", "q"]) == 2
     assert "--model" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "q"]) == 2
@@ -120,10 +131,10 @@ def test_chat_keeps_history_and_commands(ckpt, image, capsys, monkeypatch):
     cap = capsys.readouterr()
     turns = [json.loads(x) for x in cap.out.splitlines()]
     assert rc == 0 and len(turns) == 3
-    assert turns[0]["text"] == expected_text(ckpt, "What is this?", [image], 5)
+    assert turns[0]["text"] == expected_text(ckpt, "What is this?", [image], 5).lstrip()
     # turn 2 sees turn 1 (image, question, answer) in its prompt; after /reset turn 3 is text-only
     assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] > turns[2]["prompt_tokens"]
-    assert turns[2]["text"] == expected_text(ckpt, "What is this?", [], 5)
+    assert turns[2]["text"] == expected_text(ckpt, "What is this?", [], 5).lstrip()
     assert "image file not found" in cap.err
 
 

@@ -3,6 +3,9 @@
 Each stdin line is a user turn, except the commands ``/image PATH`` (attach an image to the
 next user turn), ``/reset`` (forget the conversation) and ``/quit``. Encoded images are cached
 (``FeatureCache``), so earlier images re-sent with the history are not encoded again.
+
+Flags and the checkpoint's processor are checked at start; the model loads at the first user
+turn, so a bad ``/image`` (decoded when given) or an early ``/quit`` costs no model load.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ HELP = "commands: /image PATH (attach to next message), /reset (new conversation
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, metavar="TEXT", help="optional system message")
+    common.add_allow_remote(p)
     common.add_model_args(p)
     common.add_generation_args(p)
 
@@ -30,7 +34,7 @@ class ChatSession:
 
     system: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
-    pending_images: list[str] = field(default_factory=list)
+    pending_images: list[Any] = field(default_factory=list)  # paths, or decoded images (URLs)
 
     def reset(self) -> None:
         self.messages.clear()
@@ -41,7 +45,7 @@ class ChatSession:
         return sys_msg + self.messages
 
     def add_user(self, text: str) -> None:
-        content = [{"type": "image", "path": p} for p in self.pending_images] + [{"type": "text", "text": text}]
+        content = [{"type": "image", "image": p} for p in self.pending_images] + [{"type": "text", "text": text}]
         self.messages.append({"role": "user", "content": content})
         self.pending_images = []
 
@@ -50,7 +54,7 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": text.strip()}]})
 
 
-def handle_command(session: ChatSession, line: str, err: TextIO) -> bool | None:
+def handle_command(session: ChatSession, line: str, err: TextIO, allow_remote: bool = False) -> bool | None:
     """Apply a /command. Returns False to quit, True if handled, None if the line is not a command."""
     cmd, _, arg = line.partition(" ")
     if cmd in ("/quit", "/exit"):
@@ -60,14 +64,16 @@ def handle_command(session: ChatSession, line: str, err: TextIO) -> bool | None:
         print("(conversation reset)", file=err)
         return True
     if cmd == "/image":
-        path = Path(arg.strip()).expanduser()
-        if not arg.strip():
+        src = arg.strip()
+        if not src:
             print("usage: /image PATH", file=err)
-        elif not path.is_file():
-            print(f"error: image file not found: {path}", file=err)
+            return True
+        try:
+            session.pending_images.append(common.check_image(src, allow_remote, what="/image"))
+        except (ValueError, OSError) as e:  # missing, empty, corrupt, not an image, too large, a URL
+            print(f"error: {e}", file=err)
         else:
-            session.pending_images.append(str(path))
-            print(f"(image {path.name} attached to your next message)", file=err)
+            print(f"(image {Path(src).name} attached to your next message)", file=err)
         return True
     if cmd in ("/help", "/?"):
         print(HELP, file=err)
@@ -84,8 +90,10 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
     from smolvlm.generation.stream import StreamStats, stream
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
-    common.setup_torch(args)
-    model, processor = common.load_model_and_processor(args.model, args.dtype, args.device, quantize=args.quantize)
+    common.check_model_args(args)
+    common.check_generation_args(args)
+    processor = common.load_processor(args.model)  # a bad --model fails now, in a second
+    model = None  # loaded at the first user turn
     session, cache = ChatSession(system=args.system), FeatureCache()
     interactive = stdin.isatty()
     if interactive:
@@ -99,22 +107,21 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
         line = line.rstrip("\n").strip()
         if not line:
             continue
-        handled = handle_command(session, line, err)
+        handled = handle_command(session, line, err, args.allow_remote)
         if handled is False:
             return 0
         if handled:
             continue
+        if model is None:
+            model, processor = common.load_model(args, processor, err)
         session.add_user(line)
         stats = StreamStats()
         pieces = stream(model, processor, session.history(), stats=stats, feature_cache=cache,
                         **common.generation_kwargs(args))
         try:
-            if args.json:
-                for _ in pieces:
-                    pass
-                common.print_json(stats, out)
-            else:
-                common.write_stream(pieces, out)
+            common.print_answer(pieces, stats, args.json, out)
+        except BrokenPipeError:
+            raise  # stdout closed: main exits quietly
         except (ValueError, OSError) as e:
             # e.g. the conversation outgrew the context: report, drop the turn, keep chatting
             session.messages.pop()

@@ -1,14 +1,23 @@
-"""Pieces shared by `smolvlm generate` and `smolvlm chat`: model flags, generation flags, loading."""
+"""Pieces shared by `smolvlm generate` and `smolvlm chat`: model flags, generation flags, input checks
+that run before the (slow) model load, loading, and printing the answer."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any, TextIO
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, TextIO
+
+from smolvlm.hub import DEFAULT_MODEL
 
 DTYPES = ("float32", "bfloat16", "float16")
 CLI_MAX_NEW_TOKENS = 256
+REMOTE_PREFIXES = ("http://", "https://")
+
+
+class UserError(ValueError):
+    """A bad flag or input file: ``main`` prints the message as one line (exit code 2), no traceback."""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -20,6 +29,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                    help="weight-only quantization of the text model + lm_head at load (fast with --dtype bfloat16)")
+
+
+def add_allow_remote(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow http(s) image URLs (downloaded; refused without this flag)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -49,37 +63,80 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 seed=args.seed, stop_strings=args.stop)
 
 
-def setup_torch(args: argparse.Namespace) -> None:
-    import torch
+def check_model_args(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
 
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """Reject bad generation flags before anything loads (the library checks them again, later)."""
+    # Written as `not (ok)` so that NaN fails too.
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature must be >= 0 (> 0 with --do-sample), got {args.temperature}")
+    if args.do_sample and not args.temperature > 0:
+        raise UserError(f"--temperature must be > 0 when sampling (--do-sample), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        raise UserError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if not args.repetition_penalty > 0:
+        raise UserError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.stop is not None and not all(args.stop):
+        raise UserError("--stop must not be empty")
+
+
+def is_remote(src: str) -> bool:
+    return src.startswith(REMOTE_PREFIXES)
+
+
+def check_remote(src: str, allow_remote: bool, what: str = "image") -> None:
+    if is_remote(src) and not allow_remote:
+        raise UserError(f"{what} {src}: remote images are refused; pass --allow-remote to download them")
+
+
+def check_image(src: str, allow_remote: bool = False, what: str = "image") -> Any:
+    """Decode an image named on the command line now, so that a missing, empty, corrupt, non-image
+    (e.g. SVG) or oversized file fails in a second, before the model loads.
+
+    Returns what goes into the message: the path itself for a local file (the processor decodes it
+    as given), the decoded image for a URL (downloaded once)."""
+    from smolvlm.processing.image_io import load_image
+
+    check_remote(src, allow_remote, what)
+    img = load_image(src, allow_remote=allow_remote)
+    return img if is_remote(src) else src
+
+
+def setup_torch(args: argparse.Namespace) -> None:
+    check_model_args(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
         torch.set_num_threads(args.threads)
 
 
 def load_processor(model_arg: str | None, allow_remote: bool = False) -> Any:
-    """Checkpoint folder or repo id -> SmolVLMProcessor only (cheap: lets commands check inputs such as
-    a video before the slow model load)."""
+    """Checkpoint folder, repo id or None (the built-in default model) -> SmolVLMProcessor only (cheap:
+    lets commands check inputs such as a video before the slow model load). Repo ids: processor files only."""
     from smolvlm.processing.processor import SmolVLMProcessor
 
-    if not model_arg:  # the built-in default model (weights/default_model.py)
-        from smolvlm.weights.default_model import assets_dir
-
-        return SmolVLMProcessor.from_pretrained(assets_dir(), allow_remote=allow_remote)
-    return SmolVLMProcessor.from_pretrained(model_arg, allow_remote=allow_remote)  # repo ids: processor files only
+    return SmolVLMProcessor.from_pretrained(model_arg or DEFAULT_MODEL, allow_remote=allow_remote)
 
 
 def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu",
                              processor: Any = None, quantize: str = "none") -> tuple[Any, Any]:
-    """Checkpoint folder or repo id -> (SmolVLM in eval mode, SmolVLMProcessor). The one place a default goes.
-    Commands only run inference, so the text model's linears are packed (``smolvlm.model.packed``).
-    ``processor``: one already loaded with ``load_processor`` (not loaded again)."""
+    """Checkpoint folder, repo id or None (the built-in default model) -> (SmolVLM in eval mode,
+    SmolVLMProcessor). Commands only run inference, so the text model's linears are packed
+    (``smolvlm.model.packed``). ``processor``: one already loaded with ``load_processor`` (not loaded again)."""
     import torch
 
+    from smolvlm.hub import resolve_checkpoint_dir
     from smolvlm.model.vlm import SmolVLM
     from smolvlm.processing.processor import SmolVLMProcessor
-    from smolvlm.hub import resolve_checkpoint_dir
 
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -89,22 +146,47 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
         raise ValueError(f"invalid --device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available")
-    if not model_arg:
-        from smolvlm.weights import default_model
-
-        directory = default_model.assets_dir()
-        model = default_model.load_default_model(getattr(torch, dtype), dev, quantize, pack=True)
-    else:
-        directory = resolve_checkpoint_dir(model_arg)
-        model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize,
-                                        pack=True).eval()
+    directory = resolve_checkpoint_dir(model_arg or DEFAULT_MODEL)
+    model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize, pack=True)
     processor = processor if processor is not None else SmolVLMProcessor.from_pretrained(directory)
     return model, processor
 
 
-def stats_dict(stats: Any) -> dict[str, Any]:
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+@contextmanager
+def status_line(message: str, err: TextIO | None = None) -> Iterator[None]:
+    """Show ``message`` on stderr while the block runs, erased when it ends; only on a terminal, so
+    piped output and logs stay clean."""
+    err = err or sys.stderr
+    shown = _isatty(err)
+    if shown:
+        err.write(message)
+        err.flush()
+    try:
+        yield
+    finally:
+        if shown:
+            err.write("\r\x1b[K")  # back to the line start, erase it
+            err.flush()
+
+
+def load_model(args: argparse.Namespace, processor: Any = None, err: TextIO | None = None) -> tuple[Any, Any]:
+    """``load_model_and_processor`` for the model flags, with a "loading" line on a terminal."""
+    setup_torch(args)
+    with status_line(f"loading {args.model or 'the built-in default model'}...", err):
+        return load_model_and_processor(args.model, args.dtype, args.device, processor=processor,
+                                        quantize=args.quantize)
+
+
+def stats_dict(stats: Any, text: str | None = None) -> dict[str, Any]:
     return {
-        "text": stats.text,
+        "text": stats.text if text is None else text,
         "prompt_tokens": stats.prompt_tokens,
         "new_tokens": stats.new_tokens,
         "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
@@ -113,24 +195,42 @@ def stats_dict(stats: Any) -> dict[str, Any]:
     }
 
 
-def write_stream(pieces: Any, out: TextIO | None = None) -> None:
-    """Print text pieces as they come; the answer's leading whitespace (the model's first token
-    usually carries a space after "Assistant:") is not shown."""
-    out = out or sys.stdout
+def answer_pieces(pieces: Iterable[str]) -> Iterator[str]:
+    """The answer as the CLI shows it: the pieces without the answer's leading whitespace (the
+    model's first token usually carries a space after "Assistant:")."""
     started = False
     for piece in pieces:
         if not started:
             piece = piece.lstrip()
             started = bool(piece)
         if piece:
-            out.write(piece)
-            out.flush()
+            yield piece
+
+
+def write_stream(pieces: Iterable[str], out: TextIO | None = None) -> None:
+    """Print text pieces as they come, then a newline."""
+    out = out or sys.stdout
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
     out.write("\n")
     out.flush()
 
 
-def print_json(stats: Any, out: TextIO | None = None, extra: dict[str, Any] | None = None) -> None:
-    """One JSON line: ``stats_dict(stats)`` plus ``extra`` keys (e.g. ``video_frames``)."""
+def print_json(stats: Any, out: TextIO | None = None, extra: dict[str, Any] | None = None,
+               text: str | None = None) -> None:
+    """One JSON line: ``stats_dict(stats, text)`` plus ``extra`` keys (e.g. ``video_frames``)."""
     out = out or sys.stdout
-    out.write(json.dumps({**stats_dict(stats), **(extra or {})}, ensure_ascii=False) + "\n")
+    out.write(json.dumps({**stats_dict(stats, text), **(extra or {})}, ensure_ascii=False) + "\n")
     out.flush()
+
+
+def print_answer(pieces: Iterable[str], stats: Any, as_json: bool, out: TextIO | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Stream the answer, or (``--json``) print one JSON line when it is done; both show the same text
+    (``answer_pieces``)."""
+    pieces = answer_pieces(pieces)
+    if as_json:
+        print_json(stats, out, extra, text="".join(pieces))
+    else:
+        write_stream(pieces, out)

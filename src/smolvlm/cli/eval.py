@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
                         progress=args.progress).validate()  # bad flags fail before the model load
     if args.output is not None and not Path(args.output).expanduser().resolve().parent.is_dir():
         raise FileNotFoundError(f"--output folder does not exist: {Path(args.output).parent}")
-    common.setup_torch(args)
-    model, processor = common.load_model_and_processor(args.model, args.dtype, args.device, quantize=args.quantize)
+    model, processor = common.load_model(args)
     results = evaluate(model, processor, config, model_name=str(args.model))
     results["settings"].update(device=args.device, quantize=args.quantize)
     if args.output is not None:

@@ -2,14 +2,23 @@
 
 Each command lives in its own module exposing ``register(parser)`` (add arguments) and
 ``run(args) -> int``. Errors that are the user's (bad file, bad flag, missing weights) are
-raised as ``UserError`` and printed as one line, exit code 2.
+raised as ``UserError`` (or the library's ``ValueError``/``OSError`` with a clear message) and
+printed as one line, exit code 2.
+
+When stdout is closed early (``smolvlm tokens IMG | head -1``) the command stops quietly with exit
+code 141, what a shell reports for a command killed by SIGPIPE (128 + 13), as ``yes | head`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import import_module
+
+from smolvlm.cli.common import UserError
+
+EXIT_BROKEN_PIPE = 141
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,31 +33,48 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UserError(Exception):
-    """An error caused by input; printed as one line without a traceback."""
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command; ``only``: register that command's flags alone (the others keep
+    their help line), so that running one command does not import the others (``eval`` imports torch)."""
     parser = argparse.ArgumentParser(prog="smolvlm", description="SmolVLM vision-language models in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        mod = import_module(module)
-        mod.register(p)
-        p.set_defaults(_run=mod.run)
+        if only is None or name == only:
+            mod = import_module(module)
+            mod.register(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not hit the closed pipe again."""
     try:
-        return int(args._run(args) or 0)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # stdout is not a file (e.g. a test's capture)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no other flags
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    try:
+        rc = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+        return rc
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (UserError, FileNotFoundError, ValueError, OSError) as e:
-        # ValueError/OSError from our own validation carry a clear message; no traceback.
-        print(f"smolvlm {args.command}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except (UserError, ValueError, OSError) as e:
+        # UserError, and ValueError/OSError from the library's validation, carry a clear message; no traceback.
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"smolvlm {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,8 @@ import argparse
 import json
 from typing import Any
 
+from smolvlm.cli import common
+
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR_OR_REPO",
@@ -22,14 +24,14 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tiles", type=int, default=None, metavar="N",
                    help="tile budget: at most N tiles per image, global image not counted (default: no limit)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--allow-remote", action="store_true", help="allow http(s) image URLs")
+    common.add_allow_remote(p)
 
 
 def count(args: argparse.Namespace) -> dict[str, Any]:
     """The numbers `smolvlm tokens` prints, as a dict (importable for tests and scripts)."""
-    from smolvlm.cli.common import load_processor
-
-    proc = load_processor(args.model, allow_remote=args.allow_remote)
+    for src in args.images:
+        common.check_remote(src, args.allow_remote)
+    proc = common.load_processor(args.model, allow_remote=args.allow_remote)
     content: list[dict[str, Any]] = [{"type": "image"} for _ in args.images]
     if args.prompt:
         content.append({"type": "text", "text": args.prompt})
