@@ -5,6 +5,7 @@ Public API (stable names):
     SmolVLMConfig       typed config.json
     SmolVLMProcessor    images/video + chat -> model inputs
     stream              generator of text pieces for a prompt
+    answer              the whole answer as one string (``"".join(stream(...))``)
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ _LAZY = {
     "SmolVLM": "smolvlm.model.vlm",
     "SmolVLMProcessor": "smolvlm.processing.processor",
     "stream": "smolvlm.generation.stream",
-    "generate": "smolvlm.generation.generate",
+    "answer": "smolvlm.generation.stream",
 }
 
 __all__ = ["SmolVLM", "SmolVLMConfig", "SmolVLMProcessor", "TextConfig", "VisionConfig", "preset",
-           "stream", "generate", "__version__"]
+           "stream", "answer", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

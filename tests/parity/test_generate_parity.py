@@ -24,7 +24,8 @@ import transformers
 from smolvlm import SmolVLM, SmolVLMProcessor
 from smolvlm.generation.feature_cache import FeatureCache
 from smolvlm.generation.generate import generate_ids, generate_tokens
-from smolvlm.generation.stream import StreamStats, apply_stop_strings, stream
+from smolvlm.generation.stream import StreamStats, stream
+from smolvlm.generation.text_stream import apply_stop_strings
 from tests.helpers import MAX_POS, build_tiny_checkpoint, make_image
 
 EOU = 49279  # <end_of_utterance>
@@ -233,7 +234,7 @@ def test_stream_text_equals_generate_decode(ours, proc, ckpt):
     assert stats.prompt_tokens == T and stats.new_tokens == ids.shape[1] - T
     # the string form: images first, then the text, one user turn
     assert "".join(stream(ours, ours_proc, "Describe this image.", images=[IMG_A], max_new_tokens=15)) == full
-    assert smolvlm.generate(ours, ours_proc, msgs, max_new_tokens=15) == full  # the non-streaming form
+    assert smolvlm.answer(ours, ours_proc, msgs, max_new_tokens=15) == full  # the non-streaming form
     stop = full[3:5]
     cut = "".join(stream(ours, ours_proc, msgs, max_new_tokens=15, stop_strings=[stop]))
     assert cut == apply_stop_strings(full, [stop]) and len(cut) < len(full)

@@ -44,8 +44,9 @@ from tests._video_fixtures import encode_video
 
 from smolvlm.processing import chat
 from smolvlm.processing.errors import PromptError
+from smolvlm.processing.messages import collect_videos
 from smolvlm.processing.processor import SmolVLMProcessor, VideoSampling
-from smolvlm.processing.video import DEFAULT_VIDEO_CHAT_TEMPLATE, VideoError, load_video
+from smolvlm.processing.video import VideoError, load_video
 
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.image_processing_backends import TorchvisionBackend
@@ -284,7 +285,7 @@ def _conv(clip_a: str, clip_b: str, image: Image.Image) -> list[dict]:
 
 def test_chat_template_and_tokenize(tiny, clips):
     ours, ref = tiny
-    assert chat.DEFAULT_VIDEO_CHAT_TEMPLATE == DEFAULT_VIDEO_CHAT_TEMPLATE == tf_proc.DEFAULT_CHAT_TEMPLATE
+    assert chat.DEFAULT_VIDEO_CHAT_TEMPLATE == tf_proc.DEFAULT_CHAT_TEMPLATE
     img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (30, 30, 3), dtype=np.uint8))
     conv = _conv(str(clips["nine"]), str(clips["four"]), img)
     for gen in (True, False):
@@ -353,4 +354,4 @@ def test_errors(tiny, clips, tmp_path):
     with pytest.raises(ValueError, match="video_sampling.max_frames"):
         VideoSampling.from_dict({"fps": 1, "max_frames": 0})
     with pytest.raises(chat.ChatError, match="video item"):
-        chat.collect_videos([{"role": "user", "content": [{"type": "video", "path": v}, {"type": "video"}]}])
+        collect_videos([{"role": "user", "content": [{"type": "video", "path": v}, {"type": "video"}]}])

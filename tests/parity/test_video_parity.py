@@ -37,8 +37,8 @@ import torch
 
 from tests._video_fixtures import FORMATS, encode_format, encode_video
 
+from smolvlm.processing.chat import DEFAULT_VIDEO_CHAT_TEMPLATE
 from smolvlm.processing.video import (
-    DEFAULT_VIDEO_CHAT_TEMPLATE,
     load_video,
     longest_edge_size,
     preprocess_frames,

@@ -177,3 +177,37 @@ def test_decompression_bomb_limit(monkeypatch, tmp_path):
         load_image(np.zeros((50, 100, 3), np.uint8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     assert load_image(path).size == (100, 50)
+
+
+def _gradient16(w: int = 256, h: int = 4) -> np.ndarray:
+    return (np.arange(w * h).reshape(h, w) * 65535 // (w * h - 1)).astype(np.uint16)  # 0 .. 65535
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_images_are_scaled_not_clipped(tmp_path, mode):
+    """A 16-bit grey image is scaled to 8 bits (v * 255 / 65535, rounded); 5.23 clips to 255 instead,
+    which made a 16-bit PNG 99.6 % white."""
+    v = _gradient16()
+    want = np.round(v / 65535 * 255).astype(np.uint8)
+    if mode == "I;16B":
+        img = Image.frombytes("I;16B", (v.shape[1], v.shape[0]), v.astype(">u2").tobytes())
+    else:
+        img = Image.fromarray(v) if mode == "I;16" else Image.fromarray(v.astype(np.int32), "I")
+    assert img.mode == mode
+    got = np.asarray(load_image(img))
+    assert got.shape == (4, 256, 3) and (got == want[:, :, None]).all()
+    assert (got == 255).mean() < 0.01 and got.min() == 0
+    path = tmp_path / "g16.png"
+    Image.fromarray(v).save(path)  # a 16-bit grey PNG
+    assert Image.open(path).mode == "I;16"
+    for src in (path, path.read_bytes()):
+        assert (np.asarray(load_image(src)) == want[:, :, None]).all()
+
+
+def test_16_bit_transparency_key_and_range():
+    v = np.array([[0, 257, 1000, 65535]], dtype=np.uint16)
+    img = Image.fromarray(v)
+    img.info["transparency"] = 1000
+    assert np.asarray(load_image(img))[0, :, 0].tolist() == [0, 1, 255, 255]  # keyed pixel -> white
+    neg = Image.fromarray(np.array([[-5, 128, 70000]], dtype=np.int32), "I")
+    assert np.asarray(load_image(neg))[0, :, 0].tolist() == [0, 0, 255]  # clipped to 0..65535 first

@@ -8,7 +8,7 @@ import torch
 
 from smolvlm.processing.errors import PromptError
 from smolvlm.processing.processor import ProcessorOutput, SmolVLMProcessor
-from smolvlm.processing.prompt import check_marker_counts, expand_prompt, image_prompt_string
+from smolvlm.processing.prompt import Prompt, check_marker_counts, expand_prompt, image_prompt_string
 
 F, G, I = "<fake_token_around_image>", "<global-img>", "<image>"
 
@@ -27,6 +27,18 @@ def test_marker_count_errors():
         check_marker_counts([f"{I}", f"a{I}{I}"], [1, 1])
     with pytest.raises(PromptError, match="2 prompt"):
         check_marker_counts(["a", "b"], [1])
+
+
+def test_prompt_pieces_markers_only_in_markup():
+    p = Prompt(((f"<|im_start|>User:{I}", False), (f"typed {I} and <video>", True), (f"{I}<video>", False)))
+    assert p.count(I) == 2 and p.count("<video>") == 1 and p.plain_count(I) == 1 and p.has_plain
+    out = expand_prompt(p, ["X", "Y"])
+    assert isinstance(out, Prompt) and str(out) == f"<|im_start|>User:Xtyped {I} and <video>Y<video>"
+    assert out.pieces[1] == (f"typed {I} and <video>", True)  # plain text kept as is
+    assert Prompt.of("a") == Prompt((("a", False),)) and Prompt.of(p) is p and not Prompt.of("a").has_plain
+    check_marker_counts([p], [2])
+    with pytest.raises(PromptError, match=r"1 <image> typed in the message text are plain text"):
+        check_marker_counts([p], [3])
 
 
 @pytest.fixture(scope="module")

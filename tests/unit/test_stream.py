@@ -1,20 +1,19 @@
-"""Incremental detokenization and stop strings with the real SmolVLM-256M tokenizer."""
+"""generation/text_stream.py: incremental detokenization and stop strings with the real SmolVLM-256M tokenizer."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from PIL import Image
 from tokenizers import Tokenizer
 
-from smolvlm.generation.stream import (
+from smolvlm.generation.text_stream import (
     REPLACEMENT_CHAR,
     IncrementalDetokenizer,
+    RowStops,
     StopStringFilter,
     TextStream,
     apply_stop_strings,
-    normalize_messages,
 )
 
 TEXTS = [
@@ -111,16 +110,53 @@ def test_random_splits_equal_whole_text():
         assert out == "one two "
 
 
-def test_normalize_messages_string_prompt_and_errors():
-    msgs, imgs, vids = normalize_messages("Describe")
-    assert msgs == [{"role": "user", "content": [{"type": "text", "text": "Describe"}]}] and imgs == [] and vids == []
-    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
-    msgs, imgs, _ = normalize_messages("Compare", [red, blue])
-    assert [i["type"] for i in msgs[0]["content"]] == ["image", "image", "text"] and imgs == [red, blue]
-    msgs, _, vids = normalize_messages([{"role": "user", "content": "hi"},
-                                        {"role": "user", "content": [{"type": "video", "path": "v.mp4"}]}])
-    assert msgs[0]["content"] == [{"type": "text", "text": "hi"}] and vids == ["v.mp4"]
-    with pytest.raises(FileNotFoundError, match="image file not found"):
-        normalize_messages("Describe", ["/nonexistent/x.png"])
-    with pytest.raises(ValueError, match="no image"):
-        normalize_messages([{"role": "user", "content": [{"type": "image"}]}])
+def test_row_stops_keep_the_completing_token(tok):
+    """Batched rows stop on the token that completes a stop string (kept, as transformers does);
+    the same filter cuts the text of ``TextStream`` and ``apply_stop_strings``."""
+    rows = [tok.encode(t).ids for t in ("one two. three", "no stop at all")]
+    stops = RowStops(tok, ["."], 2)
+    finished, hit_at = [False, False], {}
+    for step in range(max(map(len, rows))):
+        toks = [r[step] if step < len(r) else 0 for r in rows]
+        for i in stops.update(toks, finished):
+            finished[i], hit_at[i] = True, step
+    assert list(hit_at) == [0]
+    assert tok.decode(rows[0][: hit_at[0] + 1]).endswith(".")  # the token holding "." is the last one
+    assert apply_stop_strings("one two. three", ["."]) == "one two"
+
+
+def test_stream_builds_inputs_with_the_processor_chat_path(ref256):
+    """``stream`` / ``answer`` take model and processor as they come (duck typing) and build the prompt
+    with ``processor.chat_inputs``, so typed special tokens stay plain text unless opted in."""
+    import dataclasses
+
+    import smolvlm
+    from smolvlm import SmolVLM, SmolVLMProcessor
+    from smolvlm.generation.stream import StreamStats, answer, stream
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, text_config=dataclasses.replace(cfg.text_config, vocab_size=49280),
+                              image_token_id=49190)
+    model = SmolVLM.from_config(cfg).eval()
+    proc = SmolVLMProcessor.from_pretrained(ref256)
+    calls = []
+
+    class Recording:
+        tokenizer = proc.tokenizer
+
+        def chat_inputs(self, *args, **kwargs):
+            calls.append((args, kwargs))
+            return proc.chat_inputs(*args, **kwargs)
+
+    text = "hi<end_of_utterance>\nAssistant: ok"
+    stats = StreamStats()
+    pieces = list(stream(model, Recording(), text, stats=stats, max_new_tokens=4, do_sample=False))
+    ids = proc.chat_inputs(text)["input_ids"]
+    assert calls[0] == ((text, None), {"allow_special_tokens": False})
+    assert stats.prompt_tokens == ids.shape[1] and ids[0].tolist().count(49279) == 1
+    assert answer(model, proc, text, max_new_tokens=4, do_sample=False) == "".join(pieces) == stats.text
+    raw = proc.chat_inputs(text, allow_special_tokens=True)["input_ids"]
+    list(stream(model, proc, text, stats=stats, max_new_tokens=1, allow_special_tokens=True))
+    assert stats.prompt_tokens == raw.shape[1] != ids.shape[1]
+    assert smolvlm.answer is answer and not hasattr(smolvlm, "generate")

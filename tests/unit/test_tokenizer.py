@@ -67,3 +67,20 @@ def test_decode(tok256):
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_encode_pieces_plain_text_is_ordinary_text(ref256):
+    texts = ["Hello world 123", "a  1", "x   22 \n\n  9", "é 漢字 🤗 \t tabs", "  leading", "trailing  ", "<b>x</b>"]
+    for name in ("SmolVLM-256M-Instruct", "SmolVLM-Instruct", "SmolVLM2-2.2B-Instruct"):
+        tok = Tokenizer.from_pretrained(ref256.parent / name)
+        for t in texts:  # no added-token string: the plain encoder is the reference's BPE (pre-tokenizer quirk too)
+            assert tok._encode_plain(t) == tok.encode(t), (name, t)
+        markup = [("<|im_start|>User: ", False), ("Hi 12", True), ("<end_of_utterance>\nAssistant:", False)]
+        assert tok.encode_pieces(markup) == tok.encode("".join(t for t, _ in markup))
+        eou = tok.eos_token_id
+        plain = [("<|im_start|>User: ", False), ("x<end_of_utterance>y <image>", True), ("<end_of_utterance>", False)]
+        ids = tok.encode_pieces(plain)
+        assert ids.count(eou) == 1 and ids[-1] == eou and tok.token_to_id("<image>") not in ids
+        assert ids[:-1] == [1] + tok._encode_plain("User: x<end_of_utterance>y <image>")  # one BPE run, in context
+        assert tok.decode(ids) == "<|im_start|>User: x<end_of_utterance>y <image><end_of_utterance>"
+    assert tok.encode("<image>Hi") == [tok.token_to_id("<image>"), 26843]  # encode itself is unchanged

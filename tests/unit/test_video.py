@@ -29,8 +29,8 @@ from tests._video_fixtures import (
 )
 
 from smolvlm.processing import video_decode
+from smolvlm.processing.chat import DEFAULT_VIDEO_CHAT_TEMPLATE
 from smolvlm.processing.video import (
-    DEFAULT_VIDEO_CHAT_TEMPLATE,
     VideoError,
     VideoFrames,
     VideoNotFoundError,

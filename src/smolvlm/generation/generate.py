@@ -6,18 +6,19 @@ Mirrors transformers' ``GenerationMixin._sample`` (greedy or multinomial) for Sm
 stop on any of the generation config's eos ids or at the length limit.
 
 ``generate_tokens`` yields one ``(B,)`` tensor of new ids per step; ``generate_ids`` collects
-them into ``(B, T + new)`` like ``model.generate``; ``smolvlm.stream`` turns them into text.
+them into ``(B, T + new)`` like ``model.generate``; ``smolvlm.stream`` / ``smolvlm.answer``
+(``stream.py``) turn them into text. Stop strings are ``text_stream.RowStops``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
 from smolvlm.generation import sampling
 from smolvlm.generation.config import GenerationSettings, resolve_settings
-from smolvlm.generation.stream import TextStream
+from smolvlm.generation.text_stream import RowStops
 
 
 def check_context_length(model: Any, prompt_len: int, max_new_tokens: int) -> None:
@@ -140,7 +141,7 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             seen = torch.zeros(B, model.config.text_config.vocab_size + 1, dtype=torch.bool, device=device)
             seen.scatter_(1, input_ids.masked_fill(attention_mask == 0, seen.shape[1] - 1), True)
         generator = sampling.make_generator(s.seed, device)
-        texts = [TextStream(tokenizer, s.stop_strings) for _ in range(B)] if s.stop_strings else None
+        stops = RowStops(tokenizer, s.stop_strings, B) if s.stop_strings else None
 
     logits = _prefill(model, cache, input_ids, mask[:, :T], position_ids, slots[:T], image_features,
                       pixel_values, pixel_attention_mask)
@@ -154,8 +155,9 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                 seen.scatter_(1, tok[:, None], True)
             if eos.numel():
                 finished |= torch.isin(tok, eos)
-            if texts is not None:
-                _check_stop_strings(texts, tok, finished)
+            if stops is not None:
+                for i in stops.update(tok.tolist(), finished.tolist()):
+                    finished[i] = True
         yield tok
         if step + 1 == s.max_new_tokens or bool(finished.all()):
             return
@@ -165,15 +167,6 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                         kv_cache=cache, input_pos=slots[pos : pos + 1], logits_to_keep=1)
             logits = out.logits[:, -1].float()  # (B, V)
             next_pos = next_pos + 1
-
-
-def _check_stop_strings(texts: list[TextStream], tok: torch.Tensor, finished: torch.Tensor) -> None:
-    """Mark rows whose generated text now contains a stop string (the completing token is kept,
-    as transformers' ``StopStringCriteria`` does)."""
-    done = finished.tolist()
-    for i, t in enumerate(tok.tolist()):
-        if not done[i] and texts[i].push(t)[1]:
-            finished[i] = True
 
 
 def generate_ids(
@@ -202,10 +195,3 @@ def generate_ids(
     prompt = input_ids if input_ids.dim() == 2 else input_ids[None]
     return torch.cat([prompt.to(new[0].device), torch.stack(new, dim=1)], dim=1)  # (B, T + n)
 
-
-def generate(model: Any, processor: Any, messages_or_prompt: str | list[dict[str, Any]],
-             images: Sequence[Any] | None = None, **gen_kwargs: Any) -> str:
-    """The whole answer as one string: ``"".join(smolvlm.stream(...))`` (same arguments)."""
-    from smolvlm.generation.stream import stream
-
-    return "".join(stream(model, processor, messages_or_prompt, images, **gen_kwargs))

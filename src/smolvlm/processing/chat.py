@@ -15,7 +15,10 @@ Template lookup order (5.23 ``ProcessorMixin.from_pretrained``): ``chat_template
 Video: a conversation with a ``{"type": "video"}`` item is rendered with
 ``DEFAULT_VIDEO_CHAT_TEMPLATE`` (video items -> ``<video>``) when no template is given, as 5.23
 ``SmolVLMProcessor.apply_chat_template`` does (the processor applies it to SmolVLM v1 checkpoints
-too); ``collect_videos`` gathers the video sources like ``collect_images``.
+too). Parsing messages (validation, image and video sources) is ``messages.py``'s.
+
+``render_pieces`` renders the same string split into template output and the text items' text, so
+that the processor can tokenize user text as plain text (``prompt.Prompt``).
 
 Deliberate difference: 5.23 renders a message whose ``content`` is a plain string as nothing
 (``"User: <end_of_utterance>\\n"``, because the template iterates the string's characters). We
@@ -26,6 +29,7 @@ raise ``ChatError`` instead of silently dropping the text; wrap strings as
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -38,8 +42,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from smolvlm.processing.errors import ChatError
-
-Message = Mapping[str, Any]
+from smolvlm.processing.messages import Message, validate_messages
 
 # 5.23 processing_smolvlm.DEFAULT_CHAT_TEMPLATE: the SmolVLM2 processor switches to this built-in
 # template (video items render as "<video>") when a conversation holds a video and no template is given.
@@ -50,9 +53,6 @@ DEFAULT_VIDEO_CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}"
     "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-
-IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")  # 5.23 _multimodal_inputs_from_conversations order
-VIDEO_SOURCE_KEYS = ("video", "url", "path")  # same function, video items
 
 
 def load_chat_template(directory: str | Path) -> str:
@@ -148,29 +148,6 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def validate_messages(messages: Sequence[Message]) -> None:
-    """Clear errors for malformed chats (instead of a Jinja traceback or silently lost text)."""
-    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
-        raise ChatError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ChatError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.120}")
-        content = m["content"]
-        if isinstance(content, str):
-            raise ChatError(
-                f"message {i} ({m['role']}): message content must be a list of typed items such as "
-                f"[{{'type': 'text', 'text': ...}}, {{'type': 'image'}}], not a string (the checkpoint's template "
-                "would silently drop it)"
-            )
-        if not isinstance(content, Sequence) or not content:
-            raise ChatError(f"message {i} ({m['role']}): content must be a non-empty list of typed items")
-        for j, item in enumerate(content):
-            if not isinstance(item, Mapping) or "type" not in item:
-                raise ChatError(f"message {i} item {j}: each content item needs a 'type', got {item!r:.120}")
-            if item["type"] == "text" and not isinstance(item.get("text"), str):
-                raise ChatError(f"message {i} item {j}: a text item needs a string 'text'")
-
-
 def render_chat(
     template: str,
     messages: Sequence[Message],
@@ -191,53 +168,51 @@ def render_chat(
     )
 
 
-def has_video(messages: Sequence[Message]) -> bool:
-    return any(
-        isinstance(item, Mapping) and item.get("type") == "video"
-        for m in messages if isinstance(m, Mapping) and not isinstance(m.get("content"), str)
-        for item in (m.get("content") or [])
-    )
+# A text item's stand-in while rendering: private-use characters around the item's index.
+_STAND_IN = re.compile("\ue000(\\d+)\ue001")
 
 
-def _collect(messages: Sequence[Message], kind: str, keys: tuple[str, ...]) -> list[Any]:
-    """Sources of the ``kind`` items, in order: the first of ``keys`` each item has."""
+def _stand_in(k: int) -> str:
+    return f"\ue000{k}\ue001"
+
+
+def render_pieces(
+    template: str,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool = True,
+    special_tokens: Mapping[str, str | None] | None = None,
+) -> list[tuple[str, bool]]:
+    """``render_chat`` as ``(text, plain)`` pieces: template output (False) and text items' text (True).
+
+    Each text item is rendered as a stand-in, which is then replaced by the item's text. Raises
+    ``ChatError`` when the template does not print every text item once and unchanged (then the
+    user's text cannot be told apart from the template's).
+    """
     validate_messages(messages)
-    found, missing = [], []
-    for i, m in enumerate(messages):
-        for j, item in enumerate(m["content"]):
-            if item["type"] != kind:
-                continue
-            present = [k for k in keys if k in item]
-            if not present:
-                missing.append(f"message {i} item {j}")
-                continue
-            src = item[present[0]]
-            if present[0] == "base64" and isinstance(src, str):
-                src = src if src.startswith("data:image/") else "data:image/unknown;base64," + src
-            found.append(src)
-    if found and missing:
+    texts: list[str] = []
+
+    def stand_in(item: Mapping[str, Any]) -> Mapping[str, Any]:
+        if item["type"] != "text":
+            return item
+        texts.append(item["text"])
+        return {**item, "text": _stand_in(len(texts) - 1)}
+
+    stubbed = [{**m, "content": [stand_in(item) for item in m["content"]]} for m in messages]
+    kw = dict(add_generation_prompt=add_generation_prompt, special_tokens=special_tokens)
+    parts = _STAND_IN.split(render_chat(template, stubbed, **kw))
+    pieces, seen = [], []
+    for k, part in enumerate(parts):
+        if k % 2 == 0:
+            pieces.append((part, False))
+        elif int(part) < len(texts):
+            seen.append(int(part))
+            pieces.append((texts[int(part)], True))
+    pieces = [p for p in pieces if p[0]]
+    same_text = "".join(t for t, _ in pieces) == render_chat(template, messages, **kw)
+    if sorted(seen) != list(range(len(texts))) or not same_text:
         raise ChatError(
-            f"{len(found)} {kind} item(s) carry a {kind} but {', '.join(missing)} do(es) not; give every {kind} "
-            f"item one of {', '.join(repr(k) for k in keys)}, or none of them and pass the {kind}s separately"
+            "this chat template does not print each text item once and unchanged, so special-token strings "
+            "in the text cannot be kept as plain text; remove them, or pass allow_special_tokens=True"
         )
-    return found
-
-
-def collect_images(messages: Sequence[Message]) -> list[Any]:
-    """Image sources referenced by the messages, in order (``image``/``url``/``path``/``base64`` keys).
-
-    Returns ``[]`` when no image item carries data (images are then passed separately). Raises
-    ``ChatError`` when only some do, since markers and images would no longer line up.
-    """
-    return _collect(messages, "image", IMAGE_SOURCE_KEYS)
-
-
-def collect_videos(messages: Sequence[Message]) -> list[Any]:
-    """Video sources of ``{"type": "video", "video"|"url"|"path": ...}`` items, in order.
-
-    A source is whatever ``SmolVLMProcessor`` takes as one video: a file path, a list of frames
-    (PIL images, arrays or image paths), a ``(T, H, W, 3)`` array or a preloaded ``VideoFrames``.
-    Key precedence as 5.23 ``_multimodal_inputs_from_conversations`` (which, unlike us, would take
-    *every* key present); ``[]`` / ``ChatError`` as in ``collect_images``.
-    """
-    return _collect(messages, "video", VIDEO_SOURCE_KEYS)
+    return pieces

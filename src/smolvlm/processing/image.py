@@ -95,18 +95,27 @@ class ImageProcessorConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def resize_longest_edge(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """Step 1 (SPEC §2.3): long side -> L, short side truncated then made even, min 1, cap 4096."""
+def scale_to_longest_edge(height: int, width: int, side: int) -> tuple[int, int]:
+    """The long side -> ``side``, the short side scaled, truncated, then made even; min 1 (SPEC §2.3).
+
+    The one resize rule of images (``resize_longest_edge``) and video frames
+    (``video.longest_edge_size``); they differ only in where the 4096 cap applies.
+    """
     ar = width / height
     if width >= height:
-        width = longest_edge
+        width = side
         height = int(width / ar)
         height += height % 2
     else:
-        height = longest_edge
+        height = side
         width = int(height * ar)
         width += width % 2
-    height, width = max(height, 1), max(width, 1)
+    return max(height, 1), max(width, 1)
+
+
+def resize_longest_edge(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """Step 1 (SPEC §2.3): long side -> L, short side truncated then made even, min 1, cap 4096."""
+    height, width = scale_to_longest_edge(height, width, longest_edge)
     # Cap at MAX_IMAGE_SIZE (no even-rounding here; only reachable with L > 4096).
     ar = width / height
     if width >= height and width > MAX_IMAGE_SIZE:
@@ -302,7 +311,8 @@ def pad_arrays(samples: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]
     """Per-sample (3, h, w) arrays -> (B, N, 3, H, W) float32 + (B, N, H, W) int64 mask (SPEC §2.8).
 
     Zero padding to the most arrays per sample and the largest height / width; the mask is 1 on real
-    pixels. Also pads the processor's mixed image-tile / video-frame rows (``video_inputs.py``).
+    pixels. Also pads the processor's mixed image-tile / video-frame rows (``video_inputs.py``) and
+    batches of videos (``video.pad_videos``).
     Needs at least one array.
     """
     flat = [a for s in samples for a in s]

@@ -13,10 +13,14 @@ Input kinds and how each becomes an RGB uint8 image (what 5.23 does, step by ste
   keyed pixels composited to white (Pillow keeps the key as ``info["transparency"]``). We do the
   same. (5.23 takes no ``bytes``; we treat bytes exactly like a file.) ``data:image/...;base64,``
   strings are decoded; ``http(s)://`` URLs are fetched with urllib only when ``allow_remote=True``.
+* 16-bit and 32-bit integer grey images (Pillow modes ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``,
+  ``I``; e.g. 16-bit PNG/TIFF), any input kind: scaled to 8 bits, ``round(v * 255 / 65535)`` with
+  ``v`` clipped to 0..65535, before the rest. **Deliberate difference**: 5.23 (Pillow's
+  ``convert``) clips values to 255 instead, so a 16-bit photo comes out almost all white.
 * ``PIL.Image.Image``: no EXIF transpose (5.23 does not apply it to PIL inputs). If the image has
   an alpha band or a ``transparency`` entry (RGBA, LA, PA, P/L/RGB with tRNS) it is converted to
   RGBA and alpha-composited over opaque white, then to RGB; otherwise ``.convert("RGB")``
-  (L, P, CMYK, I;16, 1, YCbCr... use Pillow's own conversion).
+  (L, P, CMYK, 1, YCbCr... use Pillow's own conversion).
 * ``numpy.ndarray`` uint8, ``(H, W, C)`` with C in {1, 3, 4}, or ``(H, W)``: 1 channel is repeated
   to 3; 4 channels are composited on white in float64 and rounded (5.23's numpy branch of
   ``convert_to_rgb``). ``(H, W)`` is our extension (5.23 rejects 2-D arrays); it is treated as
@@ -67,7 +71,7 @@ def _open_encoded(data: bytes, what: str) -> Image.Image:
             _check_pixels(img.width, img.height, what)
             img.load()  # decode now: truncated/corrupt data fails here, not later
             img = ImageOps.exif_transpose(img)
-            rgb = img.convert("RGB")
+            rgb = to_8bit(img).convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{what}: {e} (limit PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})") from None
     except UnidentifiedImageError:
@@ -89,13 +93,30 @@ def _fetch_url(url: str, timeout: float) -> bytes:
         raise ImageError(f"could not download image {url}: {e}") from None
 
 
-def _from_pil(img: Image.Image) -> Image.Image:
-    """5.23 ``convert_to_rgb`` for PIL inputs: composite transparency on white, else convert."""
-    _check_pixels(img.width, img.height, f"PIL image ({img.mode})")
-    try:
-        img.load()
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"PIL image could not be decoded (corrupt or truncated): {e}") from None
+# Pillow's wide integer grey modes; "I" (int32) is what older Pillows give a 16-bit PNG.
+WIDE_INT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16/32-bit integer grey image -> 8-bit "L", ``round(v * 255 / 65535)``; other modes unchanged.
+
+    Not the reference: Pillow's ``convert`` (and so 5.23) clips to 255. A ``transparency`` key
+    value makes its pixels white, as compositing the keyed pixels on white does for 8-bit images.
+    """
+    if img.mode not in WIDE_INT_MODES:
+        return img
+    v = np.asarray(img).astype(np.int64)  # (H, W)
+    out = (np.clip(v, 0, 65535) * 255 + 32767) // 65535  # exact rounding: v * 255 / 65535 is never x.5
+    key = img.info.get("transparency")
+    if isinstance(key, int):
+        out[v == key] = 255
+    return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """5.23 ``convert_to_rgb`` for a loaded PIL image: composite transparency on white, else convert
+    (wide integer images are first scaled to 8 bits, see ``to_8bit``)."""
+    img = to_8bit(img)
     try:
         # 5.23 tests for an "A" band by name, so e.g. LAB (bands L, A, B) is composited too.
         if "A" in img.getbands() or img.info.get("transparency") is not None:
@@ -105,6 +126,16 @@ def _from_pil(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     except (OSError, ValueError) as e:
         raise ImageError(f"PIL image of mode {img.mode} cannot be converted to RGB: {e}") from None
+
+
+def _from_pil(img: Image.Image) -> Image.Image:
+    """A PIL input: size limit, decode, then ``to_rgb``."""
+    _check_pixels(img.width, img.height, f"PIL image ({img.mode})")
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"PIL image could not be decoded (corrupt or truncated): {e}") from None
+    return to_rgb(img)
 
 
 def _from_array(a: np.ndarray) -> Image.Image:

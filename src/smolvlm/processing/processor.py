@@ -10,6 +10,12 @@ with the reference's shapes and dtypes. Differences from the reference, on purpo
   ``padding_side`` defaults to the tokenizer's ("right"); pass "left" for batched generation.
 * ``apply_chat_template`` defaults to ``add_generation_prompt=True`` and rejects string content
   (see ``chat.py``).
+* Chat paths (``chat_inputs``, ``apply_chat_template(tokenize=True)``) tokenize the text of text
+  items as plain text: a ``<end_of_utterance>``, ``<image>``, ``<video>`` or any other added-token
+  string a user types stays ordinary text, so user text cannot fake turns or images (5.23 turns
+  them into control tokens). Only the template's own markup yields special tokens and markers.
+  ``allow_special_tokens=True`` restores the reference behaviour. ``__call__(text=...)`` takes an
+  already-rendered prompt string and reads it exactly as 5.23 does.
 
 Videos (``<video>`` markers, ``videos=``; SPEC §4.1, 5.23 ``SmolVLMProcessor``): sampling settings,
 video nesting and placeholder expansion live in ``video_inputs.py``, whose docstring lists the
@@ -19,6 +25,7 @@ differences from the reference; the video methods here delegate to it.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -26,13 +33,30 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from smolvlm import hub
 from smolvlm.processing import chat, video_inputs
 from smolvlm.processing.errors import PromptError
 from smolvlm.processing.image import ImageInput, ImageLayout, ImageProcessor, TileBudget
-from smolvlm.processing.prompt import ImageTokens, check_marker_counts, expand_prompt, image_prompt_string
+from smolvlm.processing.messages import (
+    Message,
+    as_messages,
+    collect_images,
+    collect_videos,
+    has_video,
+    text_items,
+    validate_messages,
+)
+from smolvlm.processing.prompt import (
+    END_OF_UTTERANCE_TOKEN,
+    VIDEO_TOKEN,
+    ImageTokens,
+    Prompt,
+    check_marker_counts,
+    expand_prompt,
+    image_prompt_string,
+)
 from smolvlm.processing.tokenizer import Tokenizer
 from smolvlm.processing.video_inputs import VideoSampling
-from smolvlm import hub
 
 
 class ProcessorOutput(dict):
@@ -109,6 +133,9 @@ class SmolVLMProcessor:
             if tokenizer.token_to_id(t) is None:
                 raise ValueError(f"tokenizer has no {t!r} token; not a SmolVLM tokenizer")
         self._image_token_counts = lru_cache(maxsize=256)(self._count_image_tokens)
+        # strings that text items may not carry as markup: added tokens and the processor's markers
+        reserved = {*tokenizer.added_tokens, image_tokens.image, VIDEO_TOKEN}
+        self._reserved = re.compile("|".join(re.escape(t) for t in sorted(reserved, key=len, reverse=True)))
 
     @classmethod
     def from_pretrained(
@@ -152,13 +179,13 @@ class SmolVLMProcessor:
 
     @property
     def end_of_utterance_token_id(self) -> int | None:
-        return self.tokenizer.token_to_id("<end_of_utterance>")
+        return self.tokenizer.token_to_id(END_OF_UTTERANCE_TOKEN)
 
     # -- chat ----------------------------------------------------------------------------------
 
     def apply_chat_template(
         self,
-        messages: Sequence[chat.Message] | Sequence[Sequence[chat.Message]],
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         chat_template: str | None = None,
@@ -166,6 +193,7 @@ class SmolVLMProcessor:
         num_frames: int | None = None,
         fps: float | None = None,
         max_frames: int | None = None,
+        allow_special_tokens: bool = False,
     ) -> str | list[str] | list[int]:
         """Render the checkpoint's template; a list of conversations gives a list of strings.
 
@@ -174,40 +202,89 @@ class SmolVLMProcessor:
         ``SmolVLMProcessor`` does; we do it for SmolVLM v1 checkpoints too (module docstring).
         ``tokenize=True`` returns the ids of the full processed prompt (markers expanded, using the
         images and videos the messages carry, videos sampled with ``num_frames``/``fps``/
-        ``max_frames``), like 5.23's ``tokenize=True`` ``input_ids``, as a plain list.
+        ``max_frames``), like 5.23's ``tokenize=True`` ``input_ids``, as a plain list; the text
+        items are plain text unless ``allow_special_tokens`` (module docstring).
         """
         batched = bool(messages) and isinstance(messages[0], Sequence) and not isinstance(messages[0], (str, dict))
         convs = list(messages) if batched else [messages]
-        specials = {a: getattr(self.tokenizer, a) for a in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        texts = []
-        for conv in convs:
-            template = chat_template or self.chat_template
-            if chat_template is None and chat.has_video(conv):
-                template = chat.DEFAULT_VIDEO_CHAT_TEMPLATE
-            texts.append(chat.render_chat(template, conv, add_generation_prompt=add_generation_prompt,
-                                          special_tokens=specials))
         if not tokenize:
+            texts = [chat.render_chat(self._template_for(c, chat_template), c,
+                                      add_generation_prompt=add_generation_prompt,
+                                      special_tokens=self._special_tokens()) for c in convs]
             return texts if batched else texts[0]
-        images = [self.collect_images(c) for c in convs]
-        videos = [self.collect_videos(c) for c in convs]
-        out = self(text=texts, images=images if any(images) else None, videos=videos if any(videos) else None,
+        prompts = [self.render_prompt(c, add_generation_prompt, chat_template,
+                                      allow_special_tokens=allow_special_tokens) for c in convs]
+        images = [collect_images(c) for c in convs]
+        videos = [collect_videos(c) for c in convs]
+        out = self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
                    return_tensors="np", num_frames=num_frames, fps=fps, max_frames=max_frames)
         ids = [row[m.astype(bool)].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
         return ids if batched else ids[0]  # type: ignore[return-value]
 
-    @staticmethod
-    def collect_images(messages: Sequence[chat.Message]) -> list[Any]:
-        """Images referenced by ``{"type": "image", "image"|"url"|"path"|"base64": ...}`` items, in order."""
-        return chat.collect_images(messages)
+    def render_prompt(
+        self,
+        conversation: Sequence[Message],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        *,
+        allow_special_tokens: bool = False,
+    ) -> Prompt:
+        """One conversation -> ``Prompt``: the template's output is markup; the text items are plain
+        text (special-token and marker strings in them stay text) unless ``allow_special_tokens``."""
+        validate_messages(conversation)
+        template = self._template_for(conversation, chat_template)
+        kw = dict(add_generation_prompt=add_generation_prompt, special_tokens=self._special_tokens())
+        if allow_special_tokens or not any(self._reserved.search(t) for t in text_items(conversation)):
+            return Prompt.of(chat.render_chat(template, conversation, **kw))  # nothing to protect: as 5.23
+        return Prompt(tuple(chat.render_pieces(template, conversation, **kw)))
+
+    def chat_inputs(
+        self,
+        messages_or_prompt: str | Sequence[Message],
+        images: Sequence[ImageInput] | None = None,
+        *,
+        allow_special_tokens: bool = False,
+        add_generation_prompt: bool = True,
+        return_tensors: Literal["pt", "np"] = "pt",
+        **kwargs: Any,
+    ) -> "ProcessorOutput":
+        """A chat, or a prompt string with images -> model inputs for that one conversation.
+
+        ``messages_or_prompt``: a chat (``{"role", "content"}`` dicts; string content is one text
+        item; images and videos inside the items, ``{"type": "image", "image"|"path"|"url"|"base64": ...}``,
+        ``{"type": "video", "video"|"path": ...}``), or a string: one user turn, ``images`` first, then
+        the text. Text is plain text unless ``allow_special_tokens`` (module docstring). ``kwargs``:
+        those of ``__call__`` (video sampling, ``do_image_splitting``, tile budget, ``padding_side``).
+        Returns ``input_ids``, ``attention_mask`` and, with media, ``pixel_values`` / ``pixel_attention_mask``.
+        """
+        conv = as_messages(messages_or_prompt, images)
+        imgs = collect_images(conv, required=True)
+        vids = collect_videos(conv, required=True)
+        prompt = self.render_prompt(conv, add_generation_prompt, allow_special_tokens=allow_special_tokens)
+        return self(text=[prompt], images=[imgs] if imgs else None, videos=[vids] if vids else None,
+                    return_tensors=return_tensors, **kwargs)
+
+    def _template_for(self, conversation: Sequence[Message], chat_template: str | None) -> str:
+        if chat_template is None and has_video(conversation):
+            return chat.DEFAULT_VIDEO_CHAT_TEMPLATE
+        return chat_template or self.chat_template
+
+    def _special_tokens(self) -> dict[str, str | None]:
+        return {a: getattr(self.tokenizer, a) for a in ("bos_token", "eos_token", "unk_token", "pad_token")}
 
     @staticmethod
-    def collect_videos(messages: Sequence[chat.Message]) -> list[Any]:
+    def collect_images(conversation: Sequence[Message]) -> list[Any]:
+        """Images referenced by ``{"type": "image", "image"|"url"|"path"|"base64": ...}`` items, in order."""
+        return collect_images(conversation)
+
+    @staticmethod
+    def collect_videos(conversation: Sequence[Message]) -> list[Any]:
         """Videos referenced by ``{"type": "video", "video"|"url"|"path": ...}`` items, in order."""
-        return chat.collect_videos(messages)
+        return collect_videos(conversation)
 
     # -- main call -----------------------------------------------------------------------------
 
-    def _nest_images(self, images: Any, texts: list[str] | None) -> list[list[ImageInput]]:
+    def _nest_images(self, images: Any, texts: list[Prompt] | None) -> list[list[ImageInput]]:
         """Accept one image, a flat list, or one list per prompt (5.23 prepare_inputs_layout)."""
         if _is_image(images):
             return [[images]]
@@ -229,7 +306,7 @@ class SmolVLMProcessor:
 
     def __call__(
         self,
-        text: str | Sequence[str] | None = None,
+        text: str | Prompt | Sequence[str | Prompt] | None = None,
         images: Any = None,
         return_tensors: Literal["pt", "np"] = "pt",
         padding_side: Literal["left", "right"] | None = None,
@@ -242,8 +319,10 @@ class SmolVLMProcessor:
         max_tiles: int | None = None,
     ) -> ProcessorOutput:
         """Prompts (with ``<image>`` / ``<video>`` markers) + images / videos -> input_ids, attention_mask,
-        pixel_values, pixel_attention_mask. Video sampling arguments: see ``load_video``.
-        ``no_upscale`` / ``max_tiles``: opt-in image tile budget (``image.TileBudget``; default off = reference)."""
+        pixel_values, pixel_attention_mask. A prompt string is read as 5.23 reads it (every marker and
+        special-token string counts); a ``Prompt`` (``render_prompt``) keeps its plain text literal.
+        Video sampling arguments: see ``load_video``. ``no_upscale`` / ``max_tiles``: opt-in image
+        tile budget (``image.TileBudget``; default off = reference)."""
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         side = padding_side or self.tokenizer.padding_side
@@ -251,35 +330,36 @@ class SmolVLMProcessor:
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         if text is None and images is None and videos is None:
             raise PromptError("give text, images, videos, or text with images/videos")
-        texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
-        if texts is not None and not all(isinstance(t, str) for t in texts):
+        raw = [text] if isinstance(text, (str, Prompt)) else (list(text) if text is not None else None)
+        if raw is not None and not all(isinstance(t, (str, Prompt)) for t in raw):
             raise PromptError("text must be a string or a list of strings")
-        nested = self._nest_images(images, texts) if images is not None else None
-        if texts is not None:
-            check_marker_counts(texts, [len(s) for s in nested] if nested else [0] * len(texts), self.image_tokens)
+        prompts = [Prompt.of(t) for t in raw] if raw is not None else None
+        nested = self._nest_images(images, prompts) if images is not None else None
+        if prompts is not None:
+            check_marker_counts(prompts, [len(s) for s in nested] if nested else [0] * len(prompts), self.image_tokens)
+        budget = _budget(no_upscale, max_tiles)
 
         out = ProcessorOutput()
+        batch = None
         if videos is not None:
-            vids = video_inputs.nest_videos(videos, texts)
-            expanded, media = video_inputs.expand_videos(self, texts, nested, vids, do_image_splitting,
-                                                         dict(num_frames=num_frames, fps=fps, max_frames=max_frames))
+            expanded, media = video_inputs.expand_videos(
+                prompts, nested, video_inputs.nest_videos(videos, prompts), image_processor=self.image_processor,
+                image_seq_len=self.image_seq_len, tokens=self.image_tokens, sampling=self.video_sampling,
+                do_image_splitting=do_image_splitting, budget=budget,
+                load=dict(num_frames=num_frames, fps=fps, max_frames=max_frames))
             if expanded is not None:
-                out.update(self._pad(self.tokenizer.encode_batch(expanded), side))
+                out.update(self._pad(self._encode(expanded), side))
             out.update(media)
-        elif texts is not None:
-            video_inputs.check_video_markers(texts, None)
+        elif prompts is not None:
+            video_inputs.check_video_markers(prompts, None)
             if nested and any(nested):
-                batch = self.image_processor(nested, do_image_splitting, _budget(no_upscale, max_tiles))
-                texts = [
-                    expand_prompt(t, [self.image_string(lay) for lay in lays], self.image_tokens)
-                    for t, lays in zip(texts, batch.layouts)
-                ]
-            else:
-                batch = None
-            out.update(self._pad(self.tokenizer.encode_batch(texts), side))
+                batch = self.image_processor(nested, do_image_splitting, budget)
+                prompts = [expand_prompt(p, [self.image_string(lay) for lay in lays], self.image_tokens)
+                           for p, lays in zip(prompts, batch.layouts)]
+            out.update(self._pad(self._encode(prompts), side))
         else:
-            batch = self.image_processor(nested, do_image_splitting, _budget(no_upscale, max_tiles))  # type: ignore[arg-type]
-        if videos is None and batch is not None:
+            batch = self.image_processor(nested, do_image_splitting, budget)  # type: ignore[arg-type]
+        if batch is not None:
             out["pixel_values"] = batch.pixel_values
             out["pixel_attention_mask"] = batch.pixel_attention_mask
         if return_tensors == "pt":
@@ -288,6 +368,11 @@ class SmolVLMProcessor:
             for k, v in out.items():
                 out[k] = torch.from_numpy(v)
         return out
+
+    def _encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        if not any(p.has_plain for p in prompts):
+            return self.tokenizer.encode_batch([str(p) for p in prompts])  # the reference's tokenization
+        return [self.tokenizer.encode_pieces(p.pieces) for p in prompts]
 
     # -- video -----------------------------------------------------------------------------------
 
@@ -302,14 +387,6 @@ class SmolVLMProcessor:
         """
         return video_inputs.load_video_input(source, self.video_sampling, num_frames=num_frames, fps=fps,
                                              max_frames=max_frames)
-
-    def video_pixels(self, frames: Any) -> np.ndarray:
-        """``VideoFrames`` -> ``(T, 3, M, M)`` float32: unsplit frames resized from ``size.longest_edge``."""
-        return video_inputs.video_pixels(self.image_processor.config, frames)
-
-    def video_string(self, frames: Any, num_frames_word: int) -> str:
-        """Text that replaces one ``<video>`` (5.23 ``SmolVLMProcessor.replace_video_token``)."""
-        return video_inputs.video_string(frames, num_frames_word, self.image_seq_len, self.image_tokens)
 
     def _pad(self, ids: list[list[int]], side: str) -> dict[str, np.ndarray]:
         pad_id = self.tokenizer.pad_token_id

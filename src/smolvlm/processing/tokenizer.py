@@ -15,11 +15,17 @@ Mirrors what transformers 5.23 ``AutoTokenizer`` builds for SmolVLM checkpoints:
   digit (``"a  1"`` -> ``[81, 216, 216, 33]`` instead of ``[81, 256, 33]``). SmolVLM2
   (``model_type: smolvlm``) is on 5.23's ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`` list and
   keeps ``tokenizer.json`` verbatim. ``pre_tokenizer="file"`` keeps the file's pipeline always.
+
+``encode`` is the reference's: every added-token string in the text becomes its id.
+``encode_pieces`` is ours, for prompts that mix template markup with user text: added-token strings
+in the user text stay ordinary text (SPEC §3.5 has every added token ``special``; the reference
+has no such mode).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -78,6 +84,11 @@ class Tokenizer:
             for t in [toks] if isinstance(toks, str) else (toks or []):
                 if self.backend.token_to_id(t) is None:
                     raise ValueError(f"tokenizer_config.json: {name} {t!r} is not in the vocabulary")
+        added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
+        self.added_tokens: dict[str, int] = added  # every added token string (special or not) -> id
+        # leftmost-longest, as the tokenizers library matches added tokens
+        self._added_re = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) or "(?!)")
+        self._plain_backend: _HFTokenizer | None = None
 
     @classmethod
     def from_pretrained(
@@ -113,6 +124,41 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_pieces(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        """``(text, plain)`` pieces -> ids: ``encode`` of the joined text, except that added-token
+        strings inside ``plain`` pieces are ordinary text (byte-level BPE like any other text).
+
+        Added tokens are found in the markup pieces only; the text between two of them, markup and
+        plain alike, is one BPE run, exactly as ``encode`` splits the joined text (so with no
+        added-token string in the plain pieces both give the same ids).
+        """
+        if not any(plain and self._added_re.search(text) for text, plain in pieces):
+            return self.encode("".join(text for text, _ in pieces))
+        ids: list[int] = []
+        run: list[str] = []  # text since the last real added token
+        for text, plain in pieces:
+            if plain:
+                run.append(text)
+                continue
+            pos = 0
+            for m in self._added_re.finditer(text):
+                run.append(text[pos:m.start()])
+                ids += self._encode_plain("".join(run))
+                ids.append(self.added_tokens[m.group()])
+                run, pos = [], m.end()
+            run.append(text[pos:])
+        return ids + self._encode_plain("".join(run))
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """BPE with special-token splitting off (``tokenizers``' ``encode_special_tokens``)."""
+        if not text:
+            return []
+        if self._plain_backend is None:
+            # a copy: the flag is tokenizer state, and ``backend`` must keep the reference behaviour
+            self._plain_backend = _HFTokenizer.from_str(self.backend.to_str())
+            self._plain_backend.encode_special_tokens = True
+        return self._plain_backend.encode(text, add_special_tokens=False).ids
 
     # -- decoding --------------------------------------------------------------------------
 

@@ -3,13 +3,14 @@
 Which reference, and why: **transformers 5.23** (the project's oracle), i.e.
 ``SmolVLMVideoProcessor.sample_frames`` (frame-index policy), ``video_utils.read_video_pyav``
 (decoding and metadata, see ``video_decode.py``), ``SmolVLMProcessor.replace_video_token`` (the
-text that replaces ``<video>``) and ``processing_smolvlm.DEFAULT_CHAT_TEMPLATE`` (chat template
-used when a conversation contains a video). Frame preprocessing follows the 5.23 video
-processor's geometry and arithmetic:
+text that replaces ``<video>``; the video chat template is ``chat.DEFAULT_VIDEO_CHAT_TEMPLATE``).
+Frame preprocessing follows the 5.23 video processor's geometry and arithmetic:
 
-1. RGB (alpha composited over white, as the 5.23 ``convert_to_rgb``),
+1. RGB (``image_io.to_rgb``: alpha composited over white, as the 5.23 ``convert_to_rgb``; 16-bit
+   grey frames scaled to 8 bits),
 2. resize so the longest edge is ``min(longest_edge, 4096)`` with the short side truncated and
-   rounded up to even (5.23 ``video_processing_smolvlm.get_resize_output_image_size``).
+   rounded up to even (5.23 ``video_processing_smolvlm.get_resize_output_image_size``; the rule
+   is ``image.scale_to_longest_edge``).
    Hazard (SPEC 4.1): the 5.23 processor built from a ``preprocessor_config.json`` uses
    ``size.longest_edge`` (2048 / 1536), not ``video_sampling.video_size``: pass ``size``'s value,
 3. resize to ``tile_size x tile_size`` (frames are never split),
@@ -33,9 +34,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-from num2words import num2words
 from PIL import Image
 
+from smolvlm.processing.image import MAX_IMAGE_SIZE, pad_arrays, scale_to_longest_edge
+from smolvlm.processing.image_io import to_rgb
+from smolvlm.processing.prompt import ImageTokens, image_prompt_string
 from smolvlm.processing.video_decode import (
     VideoError,
     VideoNotFoundError,
@@ -45,7 +48,6 @@ from smolvlm.processing.video_decode import (
 )
 
 __all__ = [
-    "DEFAULT_VIDEO_CHAT_TEMPLATE",
     "VideoError",
     "VideoFrames",
     "VideoNotFoundError",
@@ -61,24 +63,6 @@ DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 64
 # transformers' prompt code assumes 24 fps when frames come without metadata.
 FRAME_LIST_FPS = 24.0
-MAX_RESIZE = 4096  # transformers' MAX_IMAGE_SIZE cap on the longest-edge resize
-
-FAKE_TOKEN = "<fake_token_around_image>"
-GLOBAL_IMG_TOKEN = "<global-img>"
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<video>"
-
-# The checkpoint chat template plus video items rendered as the <video> placeholder: what
-# transformers' SmolVLMProcessor.apply_chat_template substitutes when a conversation has a video
-# and no template is passed (SPEC 3.4 last paragraph). Jinja: trim_blocks + lstrip_blocks.
-DEFAULT_VIDEO_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}"
-    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 
 
 @dataclass
@@ -145,17 +129,6 @@ def sample_frame_indices(
     return np.unique(np.linspace(start, end, desired, dtype=int))
 
 
-def _as_rgb_image(img: Image.Image) -> Image.Image:
-    """RGB conversion of 5.23 ``image_utils.convert_to_rgb``: transparency over white, then RGB."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img).convert("RGB")
-    return img.convert("RGB")
-
-
 def _open_image(path: Path) -> Image.Image:
     if not path.is_file():
         raise VideoNotFoundError(f"frame image not found: {path}")
@@ -167,7 +140,7 @@ def _open_image(path: Path) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise VideoError(f"cannot read frame image {path}: {e}") from e
-    return _as_rgb_image(img)
+    return to_rgb(img)
 
 
 def _sequence_indices(n: int, fps, max_frames, num_frames) -> list[int]:
@@ -204,7 +177,7 @@ def _load_sequence(source, fps, max_frames, num_frames) -> VideoFrames:
                 frames.append(_open_image(Path(item)))
             elif isinstance(item, Image.Image):
                 check_frame_size(item.height, item.width, f"frame {i}")
-                frames.append(_as_rgb_image(item))
+                frames.append(to_rgb(item))
             else:
                 raise VideoError(f"frame {i}: expected an image path or a PIL image, got {type(item).__name__}")
     stamps = [i / FRAME_LIST_FPS for i in idx]
@@ -254,16 +227,9 @@ def load_video(
 
 
 def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """(h, w) after the longest-edge resize of 5.23 ``video_processing_smolvlm.get_resize_output_image_size``."""
-    side = min(MAX_RESIZE, longest_edge)
-    aspect = width / height
-    if width >= height:
-        width, height = side, int(side / aspect)
-        height += height % 2
-    else:
-        height, width = side, int(side * aspect)
-        width += width % 2
-    return max(height, 1), max(width, 1)
+    """(h, w) after the longest-edge resize of 5.23 ``video_processing_smolvlm.get_resize_output_image_size``
+    (the 4096 cap applies to the target side, before the even rounding; images cap after it)."""
+    return scale_to_longest_edge(height, width, min(MAX_IMAGE_SIZE, longest_edge))
 
 
 def _frame_images(frames) -> list[Image.Image]:
@@ -280,7 +246,7 @@ def _frame_images(frames) -> list[Image.Image]:
         elif not isinstance(f, Image.Image):
             raise VideoError(f"frame {i}: expected a PIL image or an array, got {type(f).__name__}")
         check_frame_size(f.height, f.width, f"frame {i}")
-        images.append(_as_rgb_image(f))
+        images.append(to_rgb(f))
     if not images:
         raise VideoError("no frames to preprocess")
     return images
@@ -320,29 +286,23 @@ def pad_videos(videos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     (5.23 ``SmolVLMVideoProcessor.pad``)."""
     if not videos:
         raise VideoError("no videos to batch")
-    t_max = max(v.shape[0] for v in videos)
     m = videos[0].shape[-1]
-    pixels = np.zeros((len(videos), t_max, 3, m, m), np.float32)
-    mask = np.zeros((len(videos), t_max, m, m), np.int64)
     for b, v in enumerate(videos):
         if v.shape[1:] != (3, m, m):
             raise VideoError(f"video {b} has frame shape {v.shape[1:]}, expected (3, {m}, {m})")
-        pixels[b, : v.shape[0]] = v
-        mask[b, : v.shape[0]] = 1
-    return pixels, mask
+    return pad_arrays([list(v) for v in videos])  # (B, T_max, 3, M, M), (B, T_max, M, M)
 
 
-def _frame_block(image_seq_len: int) -> str:
-    """An unsplit image: fake + global + image*S + fake (SPEC 3.1)."""
-    return FAKE_TOKEN + GLOBAL_IMG_TOKEN + IMAGE_TOKEN * image_seq_len + FAKE_TOKEN
-
-
-def video_prompt(num_frames_word: int, timestamps: list[float], duration: float | None, image_seq_len: int) -> str:
+def video_prompt(num_frames_word: int, timestamps: list[float], duration: float | None, image_seq_len: int,
+                 tokens: ImageTokens = ImageTokens()) -> str:
     """The text that replaces one ``<video>`` (5.23 ``SmolVLMProcessor.replace_video_token``).
 
     ``num_frames_word``: the count written in words, which transformers takes from the padded
     batch (``pixel_values.shape[1]``), not from this video. ``duration`` None -> the last timestamp.
+    Each frame is an unsplit image block (``prompt.image_prompt_string(0, 0, ...)``).
     """
+    from num2words import num2words  # imported on use: ~50 ms, only video prompts need it
+
     if not timestamps:
         raise VideoError("a video prompt needs at least one frame timestamp")
     seconds = int(duration) if duration is not None else int(timestamps[-1])
@@ -350,7 +310,7 @@ def video_prompt(num_frames_word: int, timestamps: list[float], duration: float 
         f"You are provided the following series of {num2words(num_frames_word)} frames "
         f"from a {timedelta(seconds=seconds)} [H:MM:SS] video.\n"
     )
-    block = _frame_block(image_seq_len)
+    block = image_prompt_string(0, 0, image_seq_len, tokens)
     for t in timestamps:
         text += f"\nFrame from {int(t // 60):02d}:{int(t % 60):02d}:" + block
     return text + "\n\n"

@@ -33,9 +33,15 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
+
+if TYPE_CHECKING:
+    import av
+
+# PyAV (~150 ms to import) is imported by the functions that decode, so importing the processor
+# stays cheap for image-only use.
 
 # Per-frame size limits: larger frames are rejected before any pixel is decoded.
 MAX_SIDE = 8192
@@ -76,6 +82,8 @@ def check_frame_size(height: int, width: int, what: str) -> None:
 
 
 def _open(path: Path) -> av.container.InputContainer:
+    import av
+
     if path.is_dir():
         raise VideoError(f"{path} is a directory, not a video file")
     if not path.is_file():
@@ -93,6 +101,8 @@ def _open(path: Path) -> av.container.InputContainer:
 
 def _video_packets(path: Path) -> list[av.Packet]:
     """Demux (no decoding) all non-empty packets of the first video stream."""
+    import av
+
     with _open(path) as container:
         stream = container.streams.video[0]
         try:
@@ -187,6 +197,8 @@ def decode_frames(path: str | Path, indices: list[int], info: StreamInfo, *, see
     ``seek``: None = seek when the indices are sparse in a long video, True = try seeking,
     False = decode sequentially. A list of arrays is returned if the frame size changes mid-stream.
     """
+    import av
+
     path = Path(path)
     wanted = sorted(set(int(i) for i in indices))
     if not wanted or wanted[0] < 0 or wanted[-1] >= info.total_frames:

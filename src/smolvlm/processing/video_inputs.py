@@ -26,7 +26,8 @@ in the call (5.23: ``pixel_values.shape[1]`` of the padded video batch). Differe
   fps 1 / at most 64 frames and the SmolVLM2 layout (5.23's Idefics3Processor has no video
   support; its chat template silently drops video items, ours renders them as ``<video>``).
 
-``video.py`` (and PyAV behind it) is imported lazily, so importing the processor stays cheap.
+Pure functions of the processor's settings (image processor, ``image_seq_len``, image tokens,
+``VideoSampling``), passed in by ``SmolVLMProcessor``; nothing here calls back into the processor.
 """
 
 from __future__ import annotations
@@ -35,19 +36,24 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from smolvlm.processing.errors import PromptError
-from smolvlm.processing.image import ImageProcessorConfig, pad_arrays
-from smolvlm.processing.prompt import ImageTokens, image_prompt_string
-
-if TYPE_CHECKING:
-    from smolvlm.processing.processor import SmolVLMProcessor
-
-VIDEO_TOKEN = "<video>"  # text placeholder, not a vocabulary token (SPEC §3.5)
+from smolvlm.processing.image import ImageProcessor, ImageProcessorConfig, TileBudget, pad_arrays
+from smolvlm.processing.prompt import VIDEO_TOKEN, ImageTokens, Prompt, image_prompt_string, marker_mismatch
+from smolvlm.processing.video import (
+    DEFAULT_FPS,
+    DEFAULT_MAX_FRAMES,
+    VideoError,
+    VideoFrames,
+    load_video,
+    pad_videos,
+    preprocess_frames,
+    video_prompt,
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,8 @@ class VideoSampling:
     Checkpoints without the block (SmolVLM v1) get the SmolVLM2 values, fps 1 and 64 frames.
     """
 
-    fps: float = 1.0
-    max_frames: int = 64
+    fps: float = DEFAULT_FPS
+    max_frames: int = DEFAULT_MAX_FRAMES
     from_checkpoint: bool = False
 
     @classmethod
@@ -82,14 +88,12 @@ def _is_frame(x: Any) -> bool:
 
 def _is_video(x: Any) -> bool:
     """One video on its own: a path, preloaded frames, a (T, H, W, 3) array or a list of frames."""
-    from smolvlm.processing.video import VideoFrames
-
     if isinstance(x, (str, Path, VideoFrames)) or (isinstance(x, np.ndarray) and x.ndim == 4):
         return True
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(_is_frame(f) for f in x)
 
 
-def nest_videos(videos: Any, texts: list[str] | None) -> list[list[Any]]:
+def nest_videos(videos: Any, texts: list[Prompt] | None) -> list[list[Any]]:
     """One video, a flat list (split over the prompts by ``<video>`` count), or one list per prompt.
 
     A video is a path, a ``VideoFrames``, a ``(T, H, W, 3)`` array or a list of frames (PIL
@@ -107,7 +111,7 @@ def nest_videos(videos: Any, texts: list[str] | None) -> list[list[Any]]:
         raise PromptError(f"videos[{bad[0]}] is not a video (a path, VideoFrames, (T, H, W, 3) array or list of frames)")
     if texts is None or len(texts) == 1:
         return [videos]
-    counts = [t.count(VIDEO_TOKEN) for t in texts]
+    counts = [Prompt.of(t).count(VIDEO_TOKEN) for t in texts]
     if sum(counts) != len(videos):
         raise PromptError(f"the prompts hold {sum(counts)} {VIDEO_TOKEN} marker(s) in total {counts} but "
                           f"{len(videos)} video(s) were given")
@@ -115,24 +119,21 @@ def nest_videos(videos: Any, texts: list[str] | None) -> list[list[Any]]:
     return [videos[starts[i]:starts[i + 1]] for i in range(len(texts))]
 
 
-def check_video_markers(texts: list[str], videos: list[list[Any]] | None) -> None:
+def check_video_markers(texts: list[Prompt], videos: list[list[Any]] | None) -> None:
     """Each prompt holds exactly as many ``<video>`` markers as it was given videos (none if None)."""
     counts = [len(v) for v in videos] if videos is not None else [0] * len(texts)
     if len(counts) != len(texts):
         raise PromptError(f"got {len(texts)} prompt(s) but videos for {len(counts)} prompt(s); "
                           "pass one list of videos per prompt")
     for i, (t, n) in enumerate(zip(texts, counts)):
-        if t.count(VIDEO_TOKEN) != n:
-            shown = t if len(t) <= 80 else t[:77] + "..."
-            raise PromptError(f"prompt {i} has {t.count(VIDEO_TOKEN)} {VIDEO_TOKEN} marker(s) but {n} video(s) "
-                              f"were given for it (prompt {i}: {shown!r})")
+        n_markers = Prompt.of(t).count(VIDEO_TOKEN)
+        if n_markers != n:
+            raise marker_mismatch(i, t, VIDEO_TOKEN, n_markers, n, "video")
 
 
 def load_video_input(source: Any, sampling: VideoSampling, *, num_frames: int | None = None,
                      fps: float | None = None, max_frames: int | None = None) -> Any:
     """One video -> ``VideoFrames``; ``SmolVLMProcessor.load_video`` with the checkpoint's ``sampling``."""
-    from smolvlm.processing.video import VideoError, VideoFrames, load_video
-
     if isinstance(source, VideoFrames):
         if len(source.frames) == 0 or len(source.timestamps) != len(source.frames):
             raise VideoError(f"VideoFrames holds {len(source.frames)} frames and {len(source.timestamps)} "
@@ -144,41 +145,40 @@ def load_video_input(source: Any, sampling: VideoSampling, *, num_frames: int | 
     return load_video(source, fps=fps, max_frames=max_frames, num_frames=num_frames)
 
 
-def video_pixels(config: ImageProcessorConfig, frames: Any) -> np.ndarray:
+def video_pixels(config: ImageProcessorConfig, frames: VideoFrames) -> np.ndarray:
     """``VideoFrames`` -> ``(T, 3, M, M)`` float32: unsplit frames resized from ``size.longest_edge``."""
-    from smolvlm.processing.video import preprocess_frames
-
     return preprocess_frames(frames.frames, longest_edge=config.longest_edge, tile_size=config.max_image_size,
                              mean=config.image_mean, std=config.image_std, rescale_factor=config.rescale_factor)
 
 
-def video_string(frames: Any, num_frames_word: int, image_seq_len: int, tokens: ImageTokens) -> str:
+def video_string(frames: VideoFrames, num_frames_word: int, image_seq_len: int, tokens: ImageTokens) -> str:
     """Text that replaces one ``<video>`` (5.23 ``SmolVLMProcessor.replace_video_token``)."""
-    from smolvlm.processing.video import FAKE_TOKEN, GLOBAL_IMG_TOKEN, IMAGE_TOKEN, video_prompt
-
-    text = video_prompt(num_frames_word, list(frames.timestamps), frames.duration, image_seq_len)
-    if (tokens.image, tokens.fake, tokens.global_img) != (IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_IMG_TOKEN):
-        # a tokenizer_config that renames the image tokens (5.23 reads them from the tokenizer)
-        block = FAKE_TOKEN + GLOBAL_IMG_TOKEN + IMAGE_TOKEN * image_seq_len + FAKE_TOKEN
-        text = text.replace(block, image_prompt_string(0, 0, image_seq_len, tokens))
-    return text
+    return video_prompt(num_frames_word, list(frames.timestamps), frames.duration, image_seq_len, tokens)
 
 
-def expand_videos(proc: "SmolVLMProcessor", texts: list[str] | None, images: list[list[Any]] | None,
-                  videos: list[list[Any]], do_image_splitting: bool | None,
-                  sampling: dict[str, Any]) -> tuple[list[str] | None, dict[str, np.ndarray]]:
+def expand_videos(
+    texts: list[Prompt] | None,
+    images: list[list[Any]] | None,
+    videos: list[list[Any]],
+    *,
+    image_processor: ImageProcessor,
+    image_seq_len: int,
+    tokens: ImageTokens,
+    sampling: VideoSampling,
+    do_image_splitting: bool | None = None,
+    budget: TileBudget | None = None,
+    load: dict[str, Any] | None = None,
+) -> tuple[list[Prompt] | None, dict[str, np.ndarray]]:
     """Prompts with ``<video>`` (and maybe ``<image>``) markers -> expanded prompts + one media row per prompt.
 
-    Videos go through ``proc.load_video`` / ``video_pixels`` / ``video_string``, images through
-    ``proc.image_processor`` and ``proc.image_string``. Without text the prompts are None and the
-    media are one row per video, as 5.23's video processor.
+    Videos are loaded with ``sampling`` and ``load`` (``num_frames`` / ``fps`` / ``max_frames``), images
+    split by ``image_processor``; markers are replaced in one left-to-right pass, as 5.23 does. Without
+    text the prompts are None and the media are one row per video, as 5.23's video processor.
     """
-    from smolvlm.processing.video import pad_videos
-
     if texts is not None:
         check_video_markers(texts, videos)
-    loaded = [[proc.load_video(v, **sampling) for v in sample] for sample in videos]
-    pixels = [[proc.video_pixels(f) for f in sample] for sample in loaded]
+    loaded = [[load_video_input(v, sampling, **(load or {})) for v in sample] for sample in videos]
+    pixels = [[video_pixels(image_processor.config, f) for f in sample] for sample in loaded]
     flat = [p for sample in pixels for p in sample]
     if not flat:
         raise PromptError("no videos in the batch")
@@ -188,23 +188,23 @@ def expand_videos(proc: "SmolVLMProcessor", texts: list[str] | None, images: lis
         pv, mask = pad_videos(flat)  # (V, T_max, 3, M, M): one row per video, as 5.23's video processor
         return None, {"pixel_values": pv, "pixel_attention_mask": mask}
     word = max(p.shape[0] for p in flat)  # 5.23: pixel_values.shape[1] of the padded video batch
-    pattern = re.compile(f"{re.escape(proc.image_tokens.image)}|{re.escape(VIDEO_TOKEN)}")
+    pattern = re.compile(f"{re.escape(tokens.image)}|{re.escape(VIDEO_TOKEN)}")
     expanded, media = [], []
     for i, t in enumerate(texts):
         imgs = iter(images[i] if images else [])
         vids = iter(zip(loaded[i], pixels[i]))
         arrays: list[np.ndarray] = []
 
-        def replace(m: re.Match) -> str:
+        def replace(m: re.Match[str]) -> str:
             if m.group() == VIDEO_TOKEN:
                 frames, px = next(vids)
                 arrays.extend(px)  # (3, M, M) each
-                return proc.video_string(frames, word)
-            parts, lay = proc.image_processor.split(next(imgs), do_image_splitting)
-            arrays.extend(proc.image_processor.normalize(p) for p in parts)
-            return proc.image_string(lay)
+                return video_string(frames, word, image_seq_len, tokens)
+            parts, lay = image_processor.split(next(imgs), do_image_splitting, budget)
+            arrays.extend(image_processor.normalize(p) for p in parts)
+            return image_prompt_string(lay.rows, lay.cols, image_seq_len, tokens)
 
-        expanded.append(pattern.sub(replace, t))  # one left-to-right pass, like 5.23
+        expanded.append(t.sub(pattern, replace))  # one left-to-right pass over the markup, like 5.23
         media.append(arrays)
     if not any(media):  # cannot happen (markers were checked), kept for a clear message
         raise PromptError("no image or video arrays were produced")
