@@ -1,8 +1,11 @@
 """Static, preallocated key/value cache (gpt-fast style).
 
 One (B, n_kv_heads, max_len, head_dim) buffer pair per decoder layer. Callers write the keys and
-values of the tokens at absolute slots ``input_pos`` (T,), the same slots for every row; the
-text model then attends over the first L slots with a mask (see ``text.build_mask``).
+values of the tokens at absolute slots ``input_pos``: either (T,), the same slots for every row,
+or (B, T), each row its own slots (continuous batching: rows hold requests at different
+positions). The text model then attends over the first L slots with a mask (see
+``text.build_mask``). ``rows(start, stop)`` is a view of some rows whose buffers alias these
+ones, so a request can be prefilled straight into its row of a shared cache.
 """
 
 from __future__ import annotations
@@ -33,6 +36,23 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache of rows ``start..stop-1`` whose buffers are views of these (no copy): writes go to this cache.
+
+        Slicing dim 0 of a contiguous (B, H, S, hd) buffer keeps it contiguous, so the view is as
+        fast as a cache of its own size.
+        """
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows({start}, {stop}) is outside this cache's {self.batch_size} rows")
+        if start == 0 and stop == self.batch_size:
+            return self
+        view = object.__new__(KVCache)
+        view.batch_size, view.max_len = stop - start, self.max_len
+        view.n_kv_heads, view.head_dim = self.n_kv_heads, self.head_dim
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        return view
+
     @property
     def dtype(self) -> torch.dtype:
         return self.k[0].dtype
@@ -56,16 +76,25 @@ class KVCache:
             )
 
     def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, T, hd) at slots ``input_pos`` (T,); return this layer's full (k, v) buffers."""
+        """Write k, v (B, H, T, hd) at slots ``input_pos`` (T,) or, per row, (B, T); return this layer's
+        full (k, v) buffers."""
         if k.shape[0] != self.batch_size:
             raise ValueError(f"KV cache was allocated for batch size {self.batch_size}, got a batch of {k.shape[0]}")
-        if k.shape[2] != input_pos.shape[0]:
-            raise ValueError(f"input_pos has {input_pos.shape[0]} slots for {k.shape[2]} new tokens")
+        if k.shape[2] != input_pos.shape[-1] or (input_pos.dim() == 2 and input_pos.shape[0] != k.shape[0]):
+            raise ValueError(f"input_pos of shape {tuple(input_pos.shape)} does not fit {k.shape[0]} rows x "
+                             f"{k.shape[2]} new tokens; pass (T,) or (B, T)")
         if layer_idx == 0:
             self.check_positions(input_pos)
         kc, vc = self.k[layer_idx], self.v[layer_idx]
-        kc.index_copy_(2, input_pos, k.to(kc.dtype))
-        vc.index_copy_(2, input_pos, v.to(vc.dtype))
+        if input_pos.dim() == 1:
+            kc.index_copy_(2, input_pos, k.to(kc.dtype))
+            vc.index_copy_(2, input_pos, v.to(vc.dtype))
+            return kc, vc
+        # Per row: kc[b, :, input_pos[b, t]] = k[b, :, t]. The advanced indices (B, T) come first in
+        # the indexed shape, so the values are given as (B, T, H, hd).
+        rows = torch.arange(k.shape[0], device=kc.device)[:, None]  # (B, 1)
+        kc[rows, :, input_pos] = k.transpose(1, 2).to(kc.dtype)  # (B, T, H, hd)
+        vc[rows, :, input_pos] = v.transpose(1, 2).to(vc.dtype)
         return kc, vc
 
     def reset(self) -> None:

@@ -9,6 +9,14 @@ Masking. Without a cache this is the ordinary full forward: causal + optional 2-
 cache slots written by this call and ``attention_mask`` (B, L) is a 0/1 mask over cache slots
 (L >= input_pos[-1] + 1); key slot j is visible to query slot i iff ``j <= i and mask[b, j]``.
 Default RoPE positions are ``input_pos``.
+
+Per-row slots (continuous batching). ``input_pos`` may instead be (B, T): row b writes its new
+tokens at its own slots ``input_pos[b]`` (rows hold different requests at different lengths).
+The same rule selects keys, per row: slot j is visible to row b's query at slot i iff
+``j <= i and mask[b, j]``, so slots a row has not written yet (or that hold a previous
+request's stale keys) are never seen; the mask may be omitted. L defaults to
+``input_pos.max() + 1``; RoPE positions default to ``input_pos`` (pass ``position_ids`` (B, T)
+when they differ from the slots).
 """
 
 from __future__ import annotations
@@ -24,16 +32,19 @@ from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_
 def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
     """Boolean attention mask (B or 1, 1, T, L): causal by slot, AND key validity.
 
+    ``query_pos``: the query slots, (T,) shared by all rows or (B, T) per row.
+
     A query with no visible key (a left-padding position) would make SDPA return NaN; such rows
     are allowed to see their own slot only. Their outputs are meaningless either way (the
     reference makes them uniform over all keys) but stay finite, and no real token attends to them.
     """
     slots = torch.arange(key_len, device=query_pos.device)
-    allowed = (slots[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T, L)
+    lead = (None, None) if query_pos.dim() == 1 else (slice(None), None)  # -> (1, 1, T, L) or (B, 1, T, L)
+    allowed = (slots <= query_pos[..., None])[lead]
     if key_valid is not None:
         allowed = allowed & key_valid.to(torch.bool)[:, None, None, :]  # (B, 1, T, L)
     empty = ~allowed.any(dim=-1, keepdim=True)
-    return allowed | (empty & (slots[None, :] == query_pos[:, None]))
+    return allowed | (empty & (slots == query_pos[..., None])[lead])
 
 
 def _cache_mask(slots: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
@@ -44,6 +55,8 @@ def _cache_mask(slots: torch.Tensor, key_len: int, key_valid: torch.Tensor | Non
     ``0..T-1`` is plain causal attention (SDPA's ``is_causal``, T == L). Anything else (padding,
     chunked prefill at an offset, torch.compile's fixed ``key_len``) gets the explicit mask.
     """
+    if slots.dim() == 2:  # per-row slots: every row needs its own causal limit
+        return build_mask(slots, key_len, key_valid), False
     t = slots.shape[0]
     if not torch.compiler.is_compiling() and (key_valid is None or bool(key_valid.all())):
         last = int(slots[-1])
@@ -92,6 +105,11 @@ class TextAttention(nn.Module):
             if not (is_causal and kc.dtype in (k.dtype, torch.float32)):
                 # Attend only over the L live slots; ``attention`` casts an fp32 cache as needed.
                 k, v = kc[:, :, :key_len], vc[:, :, :key_len]  # (B, Hkv, L, hd)
+            if input_pos.dim() == 2 and kc.dtype == torch.float32 != q.dtype:
+                # Per-row decode always has a mask, so ``attention``'s fp32 one-query path does not
+                # apply; do the same here: attend in the fp32 cache's precision, not bf16 (CPU SDPA
+                # with a mask is ~5x slower in bf16; B=8, L=900: 25 vs 5 ms per layer), round back.
+                return self.o_proj(attention(q.float(), k, v, mask).to(q.dtype))
         return self.o_proj(attention(q, k, v, mask, is_causal=is_causal))  # (B, T, D)
 
 
@@ -143,12 +161,12 @@ class TextModel(nn.Module):
             causal = mask is None and t > 1
         else:
             if input_pos is None:
-                raise ValueError("kv_cache needs input_pos: the (T,) cache slots written by this call")
+                raise ValueError("kv_cache needs input_pos: the (T,) or (B, T) cache slots written by this call")
             slots = input_pos.to(dev)
             key_len = self._cache_key_len(kv_cache, slots, attention_mask, t)
             mask, causal = _cache_mask(slots, key_len, attention_mask)
         if position_ids is None:
-            position_ids = slots[None].expand(b, t)
+            position_ids = slots if slots.dim() == 2 else slots[None].expand(b, t)
         elif position_ids.dim() == 1:
             position_ids = position_ids[None].expand(b, t)
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config.head_dim, self.config.rope_theta, dev), inputs_embeds.dtype)
@@ -162,8 +180,9 @@ class TextModel(nn.Module):
     @staticmethod
     def _cache_key_len(kv_cache: KVCache, slots: torch.Tensor, attention_mask: torch.Tensor | None, t: int) -> int:
         """Number of leading cache slots to attend over (L): the mask width, or last slot + 1."""
-        if slots.shape != (t,):
-            raise ValueError(f"input_pos must have shape ({t},) for {t} new tokens, got {tuple(slots.shape)}")
+        if slots.shape not in ((t,), (kv_cache.batch_size, t)):
+            raise ValueError(f"input_pos must have shape ({t},) or (batch, {t}) = ({kv_cache.batch_size}, {t}) for "
+                             f"{t} new tokens, got {tuple(slots.shape)}")
         kv_cache.check_positions(slots)
         if attention_mask is None:
             return kv_cache.max_len if torch.compiler.is_compiling() else int(slots.max()) + 1

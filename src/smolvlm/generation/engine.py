@@ -1,0 +1,351 @@
+"""Continuous batching: one model, one loop, one KV cache of ``max_batch`` rows x ``max_context`` slots.
+
+Each ``step()``: (1) drop cancelled requests, freeing their rows; (2) admit waiting requests into
+free rows, prefilling each one alone straight into its row (``KVCache.rows`` is a view, so no
+copy) with images through the feature cache (a repeated image skips the vision encoder); (3) run
+ONE batched decode step for every running row, each at its own cache slot (``input_pos`` (B, 1),
+see ``model/text.py``); (4) sample each row with its own settings and RNG and hand the token to
+its handle. A row that finishes (eos, stop string, length, cancel) is free for the next request
+at once. The same loop serves the HTTP server, evaluation and the CLI (``Engine.generate``).
+
+Memory is bounded: the cache is allocated once; requests that cannot fit a row are refused at
+``submit`` (``RequestTooLong``); when every row is busy requests wait in a queue of at most
+``max_queue``, beyond which ``submit`` raises ``EngineBusy``. Per request only the prefill
+activations (and a (V,) bool row for a repetition penalty) are allocated.
+
+Rows are taken lowest-first and the decode batch spans rows ``0..hi`` (the highest busy row), so a
+single stream decodes with batch 1; a free row inside that range decodes a dummy token at slot 0
+(its row is overwritten by the next prefill). A row attends only to slots it has written
+(per-row causal mask), so stale keys of earlier requests are never seen.
+
+Greedy and sampled rows share a batch. Each seeded request has its own ``torch.Generator``
+seeded like ``sampling.make_generator``, so it draws the same tokens alone, in any batch, or
+through ``generate_ids`` (up to fp32 summation-order differences in the logits, ~1e-7).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from smolvlm.generation import sampling
+from smolvlm.generation.config import resolve_settings
+from smolvlm.generation.feature_cache import FeatureCache
+from smolvlm.generation.requests import (Completion, EngineBusy, EngineClosed, FinishEvent, FinishReason,
+                                         PreparedRequest, Request, RequestHandle, TokenEvent, prepare_request)
+
+DEFAULT_MAX_CONTEXT = 2048
+
+
+@dataclass
+class _Row:
+    """A running request: its KV row holds slots 0..n_cached-1; ``last`` is the token to feed next."""
+
+    req: PreparedRequest
+    generator: torch.Generator | None
+    seen: torch.Tensor | None  # (V,) bool, only with a repetition penalty
+    n_cached: int
+    last: int = -1
+    n_new: int = 0
+    t_first: float | None = None
+
+
+class Engine:
+    """Continuous-batching generation over one model (see the module docstring).
+
+    Drive it with ``step()`` from one thread, or ``start()`` a loop thread (``stop()`` or a
+    ``with`` block ends it). ``submit`` is thread-safe.
+    """
+
+    def __init__(self, model: Any, max_batch: int = 8, max_context: int | None = None, max_queue: int = 64,
+                 feature_cache: FeatureCache | None = None, cache_dtype: torch.dtype | None = None) -> None:
+        limit = int(model.config.text_config.max_position_embeddings)
+        max_context = min(DEFAULT_MAX_CONTEXT, limit) if max_context is None else int(max_context)
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if not 1 <= max_context <= limit:
+            raise ValueError(f"max_context must be in [1, {limit}] (max_position_embeddings), got {max_context}")
+        self.model = model
+        self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
+        self.feature_cache = FeatureCache() if feature_cache is None else feature_cache
+        self.device = model.device
+        with torch.inference_mode():
+            self.cache = model.new_kv_cache(max_batch, max_context, dtype=cache_dtype)  # the only big allocation
+        self.rows: list[_Row | None] = [None] * max_batch
+        self._waiting: deque[PreparedRequest] = deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self.counters = dict(submitted=0, rejected=0, prefills=0, prefill_tokens=0, decode_steps=0,
+                             decode_rows=0, generated_tokens=0, stop=0, length=0, cancelled=0, error=0)
+
+    # -- submitting -----------------------------------------------------------------------
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue one request; returns its handle at once.
+
+        Raises ``RequestTooLong`` (prompt + max_new_tokens > max_context), ``EngineBusy`` (queue
+        full), ``EngineClosed``, or ``ValueError`` for malformed inputs.
+        """
+        prep = prepare_request(request, self.model, self.max_context, self.device,
+                               request.request_id or f"req-{next(self._ids)}", self._wake)
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is stopped")
+            if self._queued() >= self.max_queue:
+                self.counters["rejected"] += 1
+                raise EngineBusy(f"all {self.max_batch} rows are busy and {self._queued()} requests are waiting "
+                                 f"(max_queue={self.max_queue}); retry later")
+            self._waiting.append(prep)
+            self.counters["submitted"] += 1
+            self._wakeup.notify_all()
+        return prep.handle
+
+    def submit_inputs(self, inputs: Any, *, text: Any = None, request_id: str | None = None,
+                      **gen_kwargs: Any) -> RequestHandle:
+        """``submit`` for a processor output and ``generate_ids``-style keywords (max_new_tokens, do_sample, ...)."""
+        req = Request.from_inputs(inputs, text=text, request_id=request_id)
+        n = int(req.input_ids.shape[-1]) if req.attention_mask is None else int(req.attention_mask.sum())
+        req.settings = resolve_settings(self.model, n, **gen_kwargs)
+        return self.submit(req)
+
+    def _queued(self) -> int:
+        """Waiting requests that no free row will take at the next step (call with the lock held)."""
+        return max(0, len(self._waiting) - sum(r is None for r in self.rows))
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wakeup.notify_all()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One iteration: retire cancelled, admit + prefill, one batched decode. False when idle."""
+        if not self._step_lock.acquire(blocking=False):
+            raise RuntimeError("Engine.step() is already running in another thread (one loop per engine)")
+        try:
+            admitted = self._admit()
+            for r, prep in admitted:
+                self._prefill(r, prep)
+            self._retire_cancelled()
+            if any(row is not None for row in self.rows):
+                self._decode()
+            return bool(admitted) or any(row is not None for row in self.rows) or bool(self._waiting)
+        finally:
+            self._step_lock.release()
+
+    def _admit(self) -> list[tuple[int, PreparedRequest]]:
+        admitted = []
+        with self._lock:
+            for prep in [p for p in self._waiting if p.handle.cancelled]:
+                self._waiting.remove(prep)
+                self._finish_unstarted(prep, "cancelled")
+            for r in range(self.max_batch):
+                if not self._waiting:
+                    break
+                if self.rows[r] is None:
+                    admitted.append((r, self._waiting.popleft()))
+        return admitted
+
+    @torch.inference_mode()
+    def _prefill(self, r: int, prep: PreparedRequest) -> None:
+        """The whole prompt (and images) alone into row r; then sample its first token."""
+        t = prep.input_ids.shape[1]
+        try:
+            feats = None
+            if prep.pixel_values is not None:
+                feats = self.feature_cache.get_or_encode(self.model, prep.pixel_values, prep.pixel_attention_mask)
+            out = self.model(input_ids=prep.input_ids, kv_cache=self.cache.rows(r, r + 1),
+                             input_pos=torch.arange(t, device=self.device), image_features=feats, logits_to_keep=1)
+            logits = out.logits[:, -1].float()  # (1, V)
+        except Exception as e:  # a bad request (e.g. images vs <image> tokens) must not stop the engine
+            self._finish_unstarted(prep, "error", f"{type(e).__name__}: {e}")
+            return
+        self.counters["prefills"] += 1
+        self.counters["prefill_tokens"] += t
+        s = prep.settings
+        seen = None
+        if s.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
+            seen[prep.input_ids[0]] = True
+        row = _Row(prep, sampling.make_generator(s.seed, self.device), seen, n_cached=t)
+        self.rows[r] = row
+        self._sample_and_advance(r, row, logits, int(logits.argmax(-1)))
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        """One token for every running row, in one forward over rows 0..hi."""
+        busy = [i for i, row in enumerate(self.rows) if row is not None]
+        hi = busy[-1] + 1
+        toks = torch.zeros(hi, 1, dtype=torch.long)  # free rows in range: a dummy token at slot 0
+        pos = torch.zeros(hi, 1, dtype=torch.long)
+        for i in busy:
+            toks[i, 0], pos[i, 0] = self.rows[i].last, self.rows[i].n_cached
+        try:
+            out = self.model(input_ids=toks.to(self.device), kv_cache=self.cache.rows(0, hi),
+                             input_pos=pos.to(self.device), logits_to_keep=1)
+            logits = out.logits[:, -1].float()  # (hi, V)
+            greedy = logits.argmax(-1).tolist()  # one batched argmax serves every plain greedy row
+        except Exception as e:
+            for i in busy:
+                self._finish(i, "error", f"{type(e).__name__}: {e}")
+            return
+        self.counters["decode_steps"] += 1
+        self.counters["decode_rows"] += len(busy)
+        for i in busy:
+            row = self.rows[i]
+            row.n_cached += 1
+            self._sample_and_advance(i, row, logits[i:i + 1], greedy[i])
+
+    def _sample_and_advance(self, r: int, row: _Row, logits: torch.Tensor, greedy: int) -> None:
+        """Row r's token from its logits (1, V): ``greedy`` (the argmax) unless it samples or penalizes."""
+        s = row.req.settings
+        tok = greedy
+        if s.do_sample or row.seen is not None:
+            try:
+                scores = sampling.process_logits(logits, s, None if row.seen is None else row.seen[None])
+                tok = int(sampling.select_token(scores, s.do_sample, row.generator)[0])
+            except Exception as e:  # e.g. non-finite logits under sampling: this row fails, not the batch
+                self._finish(r, "error", f"sampling failed: {type(e).__name__}: {e}")
+                return
+        self._advance(r, row, tok)
+
+    def _advance(self, r: int, row: _Row, tok: int) -> None:
+        """Hand ``tok`` to the request; finish it on eos, a stop string or the length limit."""
+        now = time.perf_counter()
+        if row.t_first is None:
+            row.t_first = now
+        row.n_new += 1
+        row.last = tok
+        self.counters["generated_tokens"] += 1
+        if row.seen is not None:
+            row.seen[tok] = True
+        s, prep = row.req.settings, row.req
+        piece, stopped = ("", False)
+        if prep.text is not None:
+            try:
+                piece, stopped = prep.text.push(tok)
+            except Exception as e:
+                prep.handle._emit(TokenEvent(tok, row.n_new - 1))
+                self._finish(r, "error", f"text sink failed: {type(e).__name__}: {e}")
+                return
+        prep.handle._emit(TokenEvent(tok, row.n_new - 1, piece))
+        if stopped or tok in s.eos_token_ids:
+            self._finish(r, "stop", flush=not stopped)
+        elif row.n_new >= s.max_new_tokens:
+            self._finish(r, "length")
+
+    def _retire_cancelled(self) -> None:
+        for r, row in enumerate(self.rows):
+            if row is not None and row.req.handle.cancelled:
+                self._finish(r, "cancelled")
+
+    def _finish(self, r: int, reason: FinishReason, error: str | None = None, flush: bool = True) -> None:
+        """Free row r now and send the request's final event."""
+        row, self.rows[r] = self.rows[r], None
+        prep = row.req
+        tail = ""
+        if flush and prep.text is not None and reason != "error":
+            try:
+                tail = prep.text.flush()
+            except Exception as e:
+                reason, error = "error", f"text sink failed: {type(e).__name__}: {e}"
+        now = time.perf_counter()
+        ttft = None if row.t_first is None else row.t_first - prep.t_submit
+        self.counters[reason] += 1
+        prep.handle._emit(FinishEvent(reason, prep.handle.prompt_tokens, row.n_new, ttft, now - prep.t_submit,
+                                      tail, error))
+
+    def _finish_unstarted(self, prep: PreparedRequest, reason: FinishReason, error: str | None = None) -> None:
+        self.counters[reason] += 1
+        prep.handle._emit(FinishEvent(reason, prep.handle.prompt_tokens, 0, None,
+                                      time.perf_counter() - prep.t_submit, "", error))
+
+    # -- thread helpers -----------------------------------------------------------------------
+    def run_forever(self) -> None:
+        """Step until ``stop()``; sleeps (no polling) while there is nothing to do."""
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and all(r is None for r in self.rows):
+                    self._wakeup.wait()
+                if self._closed:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a bug, not a bad request (those fail alone): fail what is in flight, go on
+                self._end_all("error", f"engine step failed: {type(e).__name__}: {e}")
+        self._end_all("cancelled")
+
+    def start(self) -> "Engine":
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already running")
+        self._thread = threading.Thread(target=self.run_forever, name="smolvlm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Refuse new requests, end the loop thread, finish everything left as "cancelled"."""
+        with self._lock:
+            self._closed = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:
+            self._end_all("cancelled")
+
+    def _end_all(self, reason: FinishReason, error: str | None = None) -> None:
+        """Finish every waiting and running request with ``reason``, freeing all rows."""
+        with self._step_lock:
+            with self._lock:
+                waiting, self._waiting = list(self._waiting), deque()
+            for prep in waiting:
+                self._finish_unstarted(prep, reason, error)
+            for r, row in enumerate(self.rows):
+                if row is not None:
+                    self._finish(r, reason, error)
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- batch use (evaluation, CLI) and metrics ------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> list[Completion]:
+        """Run many requests through the engine, at most ``max_batch`` at a time; results in input order.
+
+        Works with or without the loop thread (without, this call drives ``step()``).
+        """
+        todo, handles = deque(requests), []
+        while todo or not all(h.done for h in handles):
+            while todo and self._has_room():
+                handles.append(self.submit(todo.popleft()))
+            if self._thread is None:
+                self.step()
+            else:
+                next(h for h in handles if not h.done).wait(0.05)
+        return [h.result() for h in handles]
+
+    def _has_room(self) -> bool:
+        with self._lock:
+            return self._queued() < self.max_queue
+
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot for /metrics: counters, rows in use, queue length, cache size, feature-cache counts."""
+        fc = self.feature_cache
+        with self._lock:
+            waiting = len(self._waiting)
+        kv_bytes = sum(t.numel() * t.element_size() for t in (*self.cache.k, *self.cache.v))
+        return dict(self.counters, active_rows=sum(r is not None for r in self.rows), waiting=waiting,
+                    max_batch=self.max_batch, max_context=self.max_context, max_queue=self.max_queue,
+                    kv_cache_bytes=kv_bytes, vision_encoder_calls=fc.encoder_calls,
+                    feature_cache_hits=fc.hits, feature_cache_misses=fc.misses)
+

@@ -1,0 +1,368 @@
+"""generation/engine.py: continuous batching against one-at-a-time ``generate_ids``, plus the per-row KV path.
+
+Exactness. Every engine request must give exactly the token ids ``generate_ids`` gives for it
+alone (fp32). The two differ only in how attention is summed: the engine decodes rows at
+different positions in one batch with an explicit per-row mask over ``max(pos) + 1`` slots,
+``generate_ids`` uses no mask over ``pos + 1`` slots (and the engine's prefill is the same call on
+a row view of the shared cache). Masked keys contribute exact zeros, so only the summation order
+changes: logits agree to ~1e-6 (checked below on the model path, rtol = atol = 1e-5 as in
+test_model_unit.py). The tiny checkpoint's init std 0.2 spreads logits far apart (top-2 gaps
+are orders of magnitude above 1e-6), so such rounding cannot flip an argmax; the same holds for
+the multinomial draws of a seeded request, whose uniform draws would have to land within ~1e-7
+of a bucket edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from smolvlm import SmolVLM, SmolVLMProcessor
+from smolvlm.generation.config import resolve_settings
+from smolvlm.generation.engine import Engine
+from smolvlm.generation.feature_cache import FeatureCache
+from smolvlm.generation.generate import generate_ids
+from smolvlm.generation.requests import EngineBusy, EngineClosed, FinishEvent, Request, RequestTooLong, TokenEvent
+from smolvlm.model.kv_cache import KVCache
+from tests.helpers import build_tiny_checkpoint, make_image, tiny_config
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+IMG_A, IMG_B = make_image(100, 80, 1), make_image(50, 120, 2)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, ref256):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny256"), ref256)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt) -> SmolVLM:
+    return SmolVLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def proc(ckpt) -> SmolVLMProcessor:
+    return SmolVLMProcessor.from_pretrained(ckpt)
+
+
+def inputs(proc, text: str, images=()) -> dict[str, torch.Tensor]:
+    out = proc.chat_inputs(text, list(images))
+    return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask") if k in out}
+
+
+def alone(model, inp, **kw) -> list[int]:
+    """The reference: this request by itself through generate_ids."""
+    return generate_ids(model, **inp, **kw)[0, inp["input_ids"].shape[1]:].tolist()
+
+
+def request(model, inp, text=None, **kw) -> Request:
+    n = inp["input_ids"].shape[1]
+    return Request.from_inputs(inp, settings=resolve_settings(model, n, **kw), text=text)
+
+
+def drain(engine: Engine, limit: int = 1000) -> None:
+    for _ in range(limit):
+        if not engine.step():
+            return
+    raise AssertionError("engine did not go idle")
+
+
+def tokens(handle) -> list[int]:
+    return [ev.token_id for ev in handle if isinstance(ev, TokenEvent)]
+
+
+# -- the per-row KV path (model/kv_cache.py, model/text.py) ----------------------------------------
+@torch.no_grad()
+def test_per_row_decode_equals_full_recompute():
+    """Rows prefilled separately through row views, then one decode at different slots per row."""
+    torch.manual_seed(0)
+    m = SmolVLM.from_config(tiny_config("smolvlm")).eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(3, 290, (1, 7), generator=g), torch.randint(3, 290, (1, 4), generator=g)
+    cache = m.new_kv_cache(3, 16)
+    for t in (*cache.k, *cache.v):
+        t.fill_(1e3)  # stale keys of an earlier request: must never be attended to
+    ta = m(input_ids=a, kv_cache=cache.rows(0, 1), input_pos=torch.arange(7)).logits[:, -1].argmax(-1)
+    tb = m(input_ids=b, kv_cache=cache.rows(2, 3), input_pos=torch.arange(4)).logits[:, -1].argmax(-1)
+    toks = torch.tensor([[int(ta)], [0], [int(tb)]])  # row 1 is free: a dummy token at slot 0
+    out = m(input_ids=toks, kv_cache=cache, input_pos=torch.tensor([[7], [0], [4]])).logits[:, -1]
+    assert torch.isfinite(out).all()
+    assert_close(out[0], m(input_ids=torch.cat([a, ta[:, None]], 1)).logits[0, -1], **TOL)
+    assert_close(out[2], m(input_ids=torch.cat([b, tb[:, None]], 1)).logits[0, -1], **TOL)
+
+
+def test_kv_cache_row_views_and_per_row_update():
+    c = KVCache(n_layers=1, batch_size=3, n_kv_heads=2, max_len=5, head_dim=4)
+    view = c.rows(1, 3)
+    assert view.batch_size == 2 and view.k[0].data_ptr() == c.k[0][1].data_ptr() and view.k[0].is_contiguous()
+    assert c.rows(0, 3) is c
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    view.update(0, torch.tensor([[3], [0]]), k, v)
+    assert torch.equal(c.k[0][1, :, 3], k[0, :, 0]) and torch.equal(c.v[0][2, :, 0], v[1, :, 0])
+    assert int((c.k[0] != 0).sum()) == k.numel()  # nothing else written
+    with pytest.raises(ValueError, match="outside this cache's 3 rows"):
+        c.rows(2, 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        view.update(0, torch.tensor([[1], [2], [3]]), k, v)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        view.update(0, torch.tensor([[5], [0]]), k, v)
+
+
+# -- (1) exactness with requests joining mid-decode ----------------------------------------------
+def test_concurrent_greedy_equals_one_at_a_time(model, proc):
+    cases = [("Tell me a long story about a cat and a dog.", (), 12),
+             ("Describe this image.", (IMG_A,), 9),
+             ("What is in the picture?", (IMG_A,), 11),  # the same image as above
+             ("Hi", (), 7),
+             ("Compare these images.", (IMG_A, IMG_B), 8)]
+    inps = [inputs(proc, t, ims) for t, ims, _ in cases]
+    refs = [alone(model, inp, max_new_tokens=n, eos_token_id=[]) for inp, (_, _, n) in zip(inps, cases)]
+    engine = Engine(model, max_batch=4, max_context=256)
+    handles = [engine.submit(request(model, inps[0], max_new_tokens=cases[0][2], eos_token_id=[]))]
+    schedule = {2: [1, 2], 4: [3], 5: [4]}  # step -> requests that arrive then (4 waits for a free row)
+    for step in range(1, 40):
+        for i in schedule.get(step, []):
+            handles.append(engine.submit(request(model, inps[i], max_new_tokens=cases[i][2], eos_token_id=[])))
+        engine.step()
+    assert [tokens(h) for h in handles] == refs
+    assert {h.finish.reason for h in handles} == {"length"}
+    m = engine.metrics()
+    assert m["decode_steps"] < sum(len(r) for r in refs) - len(refs)  # rows really shared decode steps
+    assert m["vision_encoder_calls"] == 2 and m["feature_cache_hits"] > 0  # request 2 and 4 reuse IMG_A's tiles
+
+
+def test_eos_stops_and_default_settings(model, proc):
+    inp = inputs(proc, "Tell me a long story about a cat and a dog.")
+    free = alone(model, inp, max_new_tokens=8, eos_token_id=[])
+    eos = free[3]
+    ref = alone(model, inp, max_new_tokens=8, eos_token_id=eos)
+    engine = Engine(model, max_batch=2, max_context=256)
+    h = engine.submit(request(model, inp, max_new_tokens=8, eos_token_id=eos))
+    d = engine.submit(Request.from_inputs(inp))  # settings from generation_config.json: 20 tokens, eos 49279
+    k = engine.submit_inputs(inp, max_new_tokens=5, eos_token_id=[])
+    drain(engine)
+    done = h.result()
+    assert done.token_ids == ref == free[:ref.index(eos) + 1]
+    assert done.finish.reason == "stop" and done.finish.completion_tokens == len(ref)
+    assert done.finish.prompt_tokens == inp["input_ids"].shape[1] and done.finish.time_to_first_token_s > 0
+    assert d.result().token_ids == alone(model, inp)
+    assert k.result().token_ids == free[:5]
+
+
+# -- (2) cancellation frees the row ---------------------------------------------------------------
+def test_cancel_frees_row_for_waiting_request(model, proc):
+    a, b = inputs(proc, "Tell me a long story."), inputs(proc, "Describe this image.", (IMG_B,))
+    engine = Engine(model, max_batch=1, max_context=256)
+    ha = engine.submit(request(model, a, max_new_tokens=100, eos_token_id=[]))
+    hb = engine.submit(request(model, b, max_new_tokens=6, eos_token_id=[]))
+    for _ in range(3):
+        engine.step()
+    assert engine.metrics()["waiting"] == 1 and not hb.done
+    ha.cancel()
+    drain(engine)
+    assert ha.finish.reason == "cancelled" and ha.finish.completion_tokens == 4  # prefill + 3 decodes
+    assert tokens(hb) == alone(model, b, max_new_tokens=6, eos_token_id=[])
+    assert engine.metrics()["active_rows"] == 0
+
+
+def test_closing_the_iterator_or_async_consumer_cancels(model, proc):
+    inp = inputs(proc, "Tell me a long story.")
+    with Engine(model, max_batch=2, max_context=256) as engine:  # the loop thread
+        h = engine.submit(request(model, inp, max_new_tokens=200, eos_token_id=[]))
+        for ev in h:
+            if ev.index == 1:
+                break  # the client went away
+        assert h.wait(10) and h.finish.reason == "cancelled" and h.finish.completion_tokens < 200
+
+        async def first_two() -> list[int]:
+            h = engine.submit(request(model, inp, max_new_tokens=200, eos_token_id=[]))
+            got = []
+            async with contextlib.aclosing(h.__aiter__()) as events:
+                async for ev in events:
+                    got.append(ev.token_id)
+                    if len(got) == 2:
+                        break
+            assert h.cancelled  # closing the async iterator cancelled the request
+            return got
+
+        assert asyncio.run(first_two()) == alone(model, inp, max_new_tokens=2, eos_token_id=[])
+
+        async def whole() -> list:
+            return [ev async for ev in engine.submit(request(model, inp, max_new_tokens=5, eos_token_id=[]))]
+
+        evs = asyncio.run(whole())
+        assert [e.token_id for e in evs[:-1]] == alone(model, inp, max_new_tokens=5, eos_token_id=[])
+        assert isinstance(evs[-1], FinishEvent) and evs[-1].reason == "length"
+    assert engine.metrics()["cancelled"] == 2 and engine.metrics()["active_rows"] == 0
+
+
+# -- (3) limits ----------------------------------------------------------------------------------
+def test_too_long_rejected_and_full_queue_busy(model, proc):
+    inp = inputs(proc, "Hi")
+    t = inp["input_ids"].shape[1]
+    engine = Engine(model, max_batch=1, max_context=t + 10, max_queue=1)
+    with pytest.raises(RequestTooLong, match=rf"prompt of {t} tokens \+ max_new_tokens=11 .* context of {t + 10}"):
+        engine.submit(request(model, inp, max_new_tokens=11))
+    first = engine.submit(request(model, inp, max_new_tokens=10))  # takes the free row at the next step
+    queued = engine.submit(request(model, inp, max_new_tokens=10))  # waits: the queue holds one
+    with pytest.raises(EngineBusy, match="max_queue=1"):
+        engine.submit(request(model, inp, max_new_tokens=10))
+    engine.step()
+    with pytest.raises(EngineBusy):  # still one running and one waiting
+        engine.submit(request(model, inp, max_new_tokens=10))
+    drain(engine)
+    assert {first.finish.reason, queued.finish.reason} <= {"length", "stop"}
+    assert engine.metrics()["rejected"] == 2
+    with pytest.raises(ValueError, match="max_context must be"):
+        Engine(model, max_context=10_000)
+    with pytest.raises(ValueError, match="one conversation"):
+        engine.submit(Request(input_ids=torch.ones(2, 3, dtype=torch.long)))
+    with pytest.raises(ValueError, match="text sink"):
+        engine.submit(request(model, inp, stop_strings=["x"]))
+
+
+def test_bad_request_fails_alone(model, proc):
+    """A request whose images do not match its <image> tokens ends in "error"; the others run on."""
+    good, img = inputs(proc, "Hi"), inputs(proc, "Describe this image.", (IMG_A,))
+    bad = dict(good, pixel_values=img["pixel_values"], pixel_attention_mask=img["pixel_attention_mask"])
+    engine = Engine(model, max_batch=2, max_context=256)
+    hb = engine.submit(request(model, bad, max_new_tokens=4))
+    hg = engine.submit(request(model, good, max_new_tokens=4, eos_token_id=[]))
+    drain(engine)
+    assert hb.finish.reason == "error" and "<image> tokens" in hb.finish.error
+    assert tokens(hg) == alone(model, good, max_new_tokens=4, eos_token_id=[])
+
+
+def test_failed_decode_step_fails_its_rows_and_engine_goes_on(model, proc, monkeypatch):
+    inp = inputs(proc, "Hi")
+    engine = Engine(model, max_batch=2, max_context=256)
+    calls = []
+
+    def flaky(**kw):  # prefill, prefill, then the first batched decode fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return model(**kw)
+
+    monkeypatch.setattr(engine, "model", flaky)
+    hs = [engine.submit(request(model, inp, max_new_tokens=4, eos_token_id=[])) for _ in range(2)]
+    drain(engine)
+    assert [(h.finish.reason, h.finish.completion_tokens) for h in hs] == [("error", 1)] * 2
+    assert "device lost" in hs[0].finish.error and engine.metrics()["active_rows"] == 0
+    h = engine.submit(request(model, inp, max_new_tokens=4, eos_token_id=[]))
+    drain(engine)
+    assert tokens(h) == alone(model, inp, max_new_tokens=4, eos_token_id=[])
+
+
+# -- (4) the feature cache skips the vision encoder ------------------------------------------------
+def test_second_question_about_an_image_skips_the_encoder(model, proc):
+    engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache())
+    calls = []
+    orig = model.model.vision_model.forward
+    model.model.vision_model.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        first = inputs(proc, "Describe this image.", (IMG_B,))
+        engine.submit(request(model, first, max_new_tokens=3))
+        drain(engine)
+        n = len(calls)
+        second = inputs(proc, "What colour is it?", (IMG_B,))
+        h = engine.submit(request(model, second, max_new_tokens=3, eos_token_id=[]))
+        drain(engine)
+    finally:
+        del model.model.vision_model.forward
+    assert n > 0 and len(calls) == n  # no encoder call for the second request
+    assert engine.metrics()["vision_encoder_calls"] == 1 and engine.metrics()["feature_cache_hits"] > 0
+    assert tokens(h) == alone(model, second, max_new_tokens=3, eos_token_id=[])
+
+
+# -- (5) many requests, bounded memory ------------------------------------------------------------
+def test_32_requests_through_8_rows(model, proc):
+    texts = [f"Question {i}: what is {i} plus {i}?" for i in range(32)]
+    inps = [inputs(proc, t, (IMG_A,) if i % 4 == 0 else ()) for i, t in enumerate(texts)]
+    reqs = [request(model, inp, max_new_tokens=3 + i % 5, eos_token_id=[]) for i, inp in enumerate(inps)]
+    with Engine(model, max_batch=8, max_context=128, max_queue=4) as engine:  # queue < requests: generate() paces
+        ptr, nbytes = engine.cache.k[0].data_ptr(), engine.metrics()["kv_cache_bytes"]
+        done = engine.generate(reqs)
+        m = engine.metrics()
+    assert [d.finish.reason for d in done] == ["length"] * 32
+    assert [len(d.token_ids) for d in done] == [3 + i % 5 for i in range(32)]
+    assert engine.cache.k[0].data_ptr() == ptr and m["kv_cache_bytes"] == nbytes
+    assert m["error"] == 0 and m["length"] == 32 and m["active_rows"] == 0 and m["vision_encoder_calls"] == 1
+    for i in (0, 5, 31):
+        assert done[i].token_ids == alone(model, inps[i], max_new_tokens=3 + i % 5, eos_token_id=[])
+
+
+# -- (6) per-row sampling ------------------------------------------------------------------------
+def test_seeded_sampling_same_alone_and_in_batch(model, proc):
+    inp = inputs(proc, "Write a poem about the sea.")
+    kw = dict(max_new_tokens=10, eos_token_id=[], do_sample=True, temperature=1.3, top_p=0.95, seed=7)
+    ref = alone(model, inp, **kw)
+    solo = Engine(model, max_batch=1, max_context=256)
+    h = solo.submit(request(model, inp, **kw))
+    drain(solo)
+    engine = Engine(model, max_batch=4, max_context=256)
+    others = [engine.submit(request(model, inputs(proc, "Hi"), max_new_tokens=12, eos_token_id=[])),
+              engine.submit(request(model, inputs(proc, "Describe this.", (IMG_A,)), max_new_tokens=12,
+                                    eos_token_id=[], do_sample=True, seed=1))]
+    engine.step()
+    engine.step()
+    hb = engine.submit(request(model, inp, **kw))  # joins mid-decode, next to a greedy and a sampled row
+    drain(engine)
+    assert tokens(h) == tokens(hb) == ref
+    assert all(o.finish.reason == "length" for o in others)
+
+
+def test_repetition_penalty_and_stop_sink(model, proc):
+    inp = inputs(proc, "Tell me a long story about a cat and a dog.")
+    pen = dict(max_new_tokens=8, eos_token_id=[], repetition_penalty=1.5)
+    free = alone(model, inp, max_new_tokens=8, eos_token_id=[])
+
+    class StopAt:  # a text sink: piece per token, "stops" on the 4th token (as a stop string would)
+        def __init__(self):
+            self.n = 0
+
+        def push(self, tid):
+            self.n += 1
+            return f"<{tid}>", self.n == 4
+
+        def flush(self):
+            return "!"
+
+    engine = Engine(model, max_batch=2, max_context=256)
+    hp = engine.submit(request(model, inp, **pen))
+    hs = engine.submit(request(model, inp, text=StopAt(), max_new_tokens=8, eos_token_id=[]))
+    drain(engine)
+    assert tokens(hp) == alone(model, inp, **pen)
+    done = hs.result()
+    assert done.token_ids == free[:4] and done.finish.reason == "stop"
+    assert done.text == "".join(f"<{t}>" for t in free[:4])  # no flush after a stop string
+
+
+def test_get_timeout_and_stop_cancels(model, proc):
+    engine = Engine(model, max_batch=1, max_context=64)
+    h = engine.submit(request(model, inputs(proc, "Hi"), max_new_tokens=2))
+    with pytest.raises(queue.Empty):
+        h.get(timeout=0.01)
+    with pytest.raises(TimeoutError):
+        h.result(timeout=0.01)
+    engine.stop()
+    assert h.finish.reason == "cancelled"
+    with pytest.raises(EngineClosed):
+        engine.submit(request(model, inputs(proc, "Hi"), max_new_tokens=2))
+
+
+def test_bf16_rows_attend_in_fp32_and_match_alone(ckpt, proc):
+    """bf16 weights, fp32 cache (``new_kv_cache`` on CPU): per-row decode attends in fp32 like the
+    one-query path of ``generate_ids``, so the same greedy tokens (only summation order differs)."""
+    m = SmolVLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    inps = [inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Describe this image.", (IMG_A,))]
+    engine = Engine(m, max_batch=2, max_context=256)
+    assert engine.cache.dtype == torch.float32
+    hs = [engine.submit(request(m, inp, max_new_tokens=8, eos_token_id=[])) for inp in inps]
+    drain(engine)
+    assert [tokens(h) for h in hs] == [alone(m, inp, max_new_tokens=8, eos_token_id=[]) for inp in inps]
