@@ -8,7 +8,7 @@ import sys
 import random, time, torch, torch.nn.functional as F
 from smolvlm import SmolVLM
 from smolvlm.processing.processor import SmolVLMProcessor
-from smolvlm.training.synth.draw import COLOURS, SHAPES, BACKGROUNDS, place_shapes, shapes_image
+from smolvlm.synth.draw import COLOURS, SHAPES, BACKGROUNDS, place_shapes, shapes_image
 torch.manual_seed(0); torch.set_num_threads(2)
 RUN = sys.argv[1] if len(sys.argv) > 1 else 'runs/default-model/final'
 proc = SmolVLMProcessor.from_pretrained(RUN)

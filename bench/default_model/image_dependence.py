@@ -27,7 +27,7 @@ def main() -> None:
         ap.error("--n must be at least 2 (each sample borrows another's image)")
 
     from smolvlm.cli.common import load_model_and_processor
-    from smolvlm.training import synth
+    from smolvlm import synth
     from smolvlm.training.data import SynthSamples, encode_sample
 
     try:

@@ -14,7 +14,7 @@ from linear_probe import image_features, linear_probe
 
 from smolvlm import SmolVLM
 from smolvlm.processing.processor import SmolVLMProcessor
-from smolvlm.training.synth.draw import BACKGROUNDS, COLOURS, SHAPES, place_shapes, shapes_image
+from smolvlm.synth.draw import BACKGROUNDS, COLOURS, SHAPES, place_shapes, shapes_image
 
 COLS, KINDS = sorted(COLOURS), list(SHAPES)
 

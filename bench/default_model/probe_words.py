@@ -24,8 +24,8 @@ from PIL import Image
 
 from smolvlm import SmolVLM
 from smolvlm.processing.processor import SmolVLMProcessor
-from smolvlm.training.synth.documents import WORDS, fit_font, text_page
-from smolvlm.training.synth.draw import font_names
+from smolvlm.synth.documents import WORDS, fit_font, text_page
+from smolvlm.synth.draw import font_names
 
 VOCAB = sorted(set(WORDS))
 

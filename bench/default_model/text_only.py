@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the markdown table here too")
     args = ap.parse_args()
 
-    from smolvlm import SmolVLM, SmolVLMProcessor, generate
+    from smolvlm import SmolVLM, SmolVLMProcessor, answer
     from smolvlm.generation.generate import generate_ids
     from smolvlm.training import replay
     from smolvlm.training.recipe import load_recipe
@@ -66,8 +66,8 @@ def main() -> None:
             ids = torch.tensor([tok.encode(replay.render_prompts(template, [p])[0])])
             g = generate_ids(base, ids, max_new_tokens=args.max_new_tokens, do_sample=False)
             b = tok.decode(g[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip() + " ..."
-        m = generate(model, processor, [{"role": "user", "content": [{"type": "text", "text": p}]}],
-                     max_new_tokens=args.max_new_tokens).strip()
+        m = answer(model, processor, [{"role": "user", "content": [{"type": "text", "text": p}]}],
+                   max_new_tokens=args.max_new_tokens).strip()
         cell = lambda s: s.replace("\n", " / ").replace("|", "\\|")  # noqa: E731
         rows.append(f"| {p} | {'yes' if p in in_replay else 'no'} | {cell(b)} | {cell(m)} |")
         print(rows[-1], flush=True)

@@ -1,4 +1,6 @@
-"""`smolvlm train`: the default-model recipe, shrunk with --set overrides, runs 2 steps end to end."""
+"""`smolvlm train`: the default-model recipe, shrunk with --set overrides, runs 2 steps end to end;
+the README's fine-tuning recipe runs from the built-in default model; a recipe that cannot run
+fails before it writes anything."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import torch
 
 from smolvlm.cli.main import main
 from smolvlm.model.vlm import SmolVLM
+from smolvlm.processing.processor import SmolVLMProcessor
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = str(REPO / "configs" / "default-model.yaml")
+FINETUNE = str(REPO / "configs" / "finetune-lora.yaml")
 
 
 def tiny_overrides(ref: Path, out: Path) -> list[str]:
@@ -60,8 +64,11 @@ def test_train_cli_smoke(ref256, tmp_path, capsys):
     assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out), "--resume",
                  "--set", "vision_pretrain.lr=0.5"]) == 2
     assert "vision_pretrain" in capsys.readouterr().err and stage1.stat().st_mtime_ns == stamp
-    assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out)]) == 2
+    # without --resume it refuses before writing: the run's recipe.yaml is not overwritten
+    saved_recipe = (out / "recipe.yaml").read_text()
+    assert main(["train", "--recipe", RECIPE, *tiny_overrides(ref256, out), "--set", "train.max_steps=3"]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert (out / "recipe.yaml").read_text() == saved_recipe
 
 
 def test_train_cli_bad_recipe_key_is_one_line_error(tmp_path, capsys):
@@ -74,3 +81,36 @@ def test_train_cli_bad_recipe_key_is_one_line_error(tmp_path, capsys):
 def test_train_cli_dry_run_prints_resolved_recipe(capsys):
     assert main(["train", "--recipe", RECIPE, "--set", "train.max_steps=10", "--dry-run"]) == 0
     assert "max_steps: 10" in capsys.readouterr().out
+
+
+def test_finetune_example_runs_from_the_default_model(tmp_path, capsys):
+    """The README's `smolvlm train --recipe configs/finetune-lora.yaml`, one step: it starts from the
+    built-in default model (model.checkpoint: default), so it runs on a fresh clone."""
+    out = tmp_path / "ft"
+    sets = ["data.n_train=1", "data.n_eval=0", "train.max_steps=1", "train.batch_size=1", "train.grad_accum=1",
+            "schedule.warmup_steps=0", "train.progress=false", f"train.output_dir={out}"]
+    assert main(["train", "--recipe", FINETUNE, *(x for s in sets for x in ("--set", s))]) == 0
+    assert "trained to step 1" in capsys.readouterr().out
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    # final/ is a plain checkpoint (LoRA merged): processor files, no default-model manifest
+    assert not (out / "final" / "default_model.json").exists()
+    model = SmolVLM.from_pretrained(out / "final")
+    assert not any(".lora_" in k for k in model.state_dict())
+    SmolVLMProcessor.from_pretrained(out / "final")
+
+
+def test_finetune_example_recipe_values():
+    from smolvlm.training.recipe import load_recipe
+
+    r = load_recipe(FINETUNE)
+    assert r.model.checkpoint == "default"  # the built-in default model: runs on a fresh clone
+    assert r.train.autocast == "auto"  # bf16 only where the CPU/GPU has it natively
+
+
+def test_missing_checkpoint_fails_before_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", FINETUNE, "--set", f"model.checkpoint={tmp_path / 'nope'}",
+                 "--set", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.checkpoint" in err and "nope" in err and "Traceback" not in err
+    assert not out.exists()

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from smolvlm import SmolVLM, hub
 from smolvlm.cli.main import main
 from smolvlm.processing.processor import SmolVLMProcessor
 from smolvlm.training import lora
@@ -41,13 +42,13 @@ def _inputs(processor, question, image=None):
 
 
 def _assert_export_answers_alike(export_dir: Path, text_questions: list[str], max_new_tokens: int) -> list[str]:
-    """The default model (``dm.ASSETS_DIR``) and transformers on its export give the same greedy
+    """The default model (``hub.DEFAULT_MODEL_DIR``) and transformers on its export give the same greedy
     tokens for the README question about the example image and for ``text_questions``; returns
     our decoded answers, in that order."""
     from transformers import AutoModelForImageTextToText
 
     hf = AutoModelForImageTextToText.from_pretrained(export_dir, dtype=torch.float32).eval()
-    ours = dm.load_default_model()
+    ours = SmolVLM.from_pretrained("default")
     proc = SmolVLMProcessor.from_pretrained(export_dir)
     answers = []
     for question, image in [("What colour is the triangle?", Image.open(EXAMPLE)), *((q, None) for q in text_questions)]:
@@ -134,7 +135,7 @@ def test_manifest_records_stage_one(run, tmp_path):
 def test_assembled_model_is_the_run_model(run, assets):
     """GGUF + bf16 parts reproduce the run's model (its trained parts are bf16-exact here, and the
     LoRA is merged in float32 by the same formula, so only summation order could differ)."""
-    ours = dm.load_default_model(directory=assets)
+    ours = SmolVLM.from_pretrained(assets)
     proc = SmolVLMProcessor.from_pretrained(assets)
     inp = _inputs(proc, "What colour is the triangle?", Image.open(EXAMPLE))
     with torch.no_grad():
@@ -143,13 +144,13 @@ def test_assembled_model_is_the_run_model(run, assets):
 
 
 def test_export_loads_in_transformers_with_the_same_greedy_tokens(assets, tmp_path, monkeypatch):
-    monkeypatch.setattr(dm, "ASSETS_DIR", assets)  # what the CLI uses without --model
+    monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", assets)  # what the CLI uses without --model
     assert main(["export-default", str(tmp_path / "export")]) == 0
     _assert_export_answers_alike(tmp_path / "export", ["Name a fruit."], max_new_tokens=10)
 
 
 def test_cli_without_model_uses_the_default(assets, monkeypatch, capsys):
-    monkeypatch.setattr(dm, "ASSETS_DIR", assets)
+    monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", assets)
     assert main(["generate", "--image", str(EXAMPLE), "What colour is the triangle?", "--json", "--max-new-tokens", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["new_tokens"] >= 1 and out["prompt_tokens"] > 36  # one unsplit image: 36 image tokens
@@ -165,9 +166,12 @@ def test_ship_rebuilds_the_same_parts(run, assets, tmp_path):
 
 
 def test_missing_parts_and_wrong_backbone_are_clear_errors(assets, tmp_path, monkeypatch, capsys):
+    parts_gone = tmp_path / "no-parts"
+    shutil.copytree(assets, parts_gone)
+    (parts_gone / dm.PARTS_FILE).unlink()
     with pytest.raises(dm.DefaultModelError, match="missing from"):
-        dm.load_default_model(directory=tmp_path)
-    monkeypatch.setattr(dm, "ASSETS_DIR", tmp_path / "nothing")  # a package without the trained parts
+        SmolVLM.from_pretrained(parts_gone)
+    monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", tmp_path / "nothing")  # a package without the trained parts
     assert main(["generate", "--image", str(EXAMPLE), "What is this?"]) == 2
     err = capsys.readouterr().err
     assert "the default model's files are missing" in err and "Traceback" not in err
@@ -177,14 +181,14 @@ def test_missing_parts_and_wrong_backbone_are_clear_errors(assets, tmp_path, mon
     man["backbone"]["sha256"] = "0" * 64
     (copy / dm.MANIFEST_FILE).write_text(json.dumps(man))
     with pytest.raises(dm.DefaultModelError, match="not the GGUF the default model was trained on"):
-        dm.load_default_model(directory=copy)
+        SmolVLM.from_pretrained(copy)
 
 
 # -- the trained default model in the package ----------------------------------------------------
 def test_shipped_parts_fit_the_budget_and_record_their_training():
-    size = sum(f.stat().st_size for f in dm.ASSETS_DIR.iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in hub.DEFAULT_MODEL_DIR.iterdir() if f.is_file())
     assert size <= 25_000_000, f"shipped default model files are {size / 1e6:.1f} MB, over the 25 MB budget"
-    man = dm.read_manifest(dm.ASSETS_DIR)
+    man = dm.read_manifest(hub.DEFAULT_MODEL_DIR)
     trained = man["trained"]
     assert trained["steps"] >= 1 and trained["samples"] >= 1 and trained["vision_pretrain"]["images"] >= 1
     recipe = load_recipe(REPO / "configs" / "default-model.yaml")

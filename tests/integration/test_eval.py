@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from smolvlm import SmolVLM, SmolVLMProcessor
+from smolvlm import SmolVLM, SmolVLMProcessor, synth
 from smolvlm.cli.main import main
+from smolvlm.data.cauldron import sample_to_messages
 from smolvlm.evaluation import runner
 from smolvlm.evaluation.runner import EvalConfig, decode_answer, evaluate
 from smolvlm.evaluation.tasks import synth as synth_task
-from smolvlm.training import synth
-from smolvlm.training.data import assistant_char_spans, sample_to_messages
+from smolvlm.training.data import assistant_char_spans
 from tests.conftest import REPO
 from tests.helpers import build_tiny_checkpoint
 

@@ -1,4 +1,4 @@
-"""Text-only replay (training/replay.py, training/synth/chat.py): prompts, the backbone's chat
+"""Text-only replay (training/replay.py, synth/chat.py): prompts, the backbone's chat
 format, answer post-processing, the cache, and the mixed training set of a recipe run."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from smolvlm.processing.processor import SmolVLMProcessor
+from smolvlm.synth.chat import chat_prompts
 from smolvlm.training import replay
 from smolvlm.training.build import build_run, prepare_replay, run_recipe
 from smolvlm.training.recipe import RecipeError, recipe_from_dict
-from smolvlm.training.synth.chat import chat_prompts
 from tests.helpers import tiny_recipe
 
 
@@ -60,7 +60,7 @@ def test_backbone_answers_pads_left_decodes_and_drops_unfinished(ref256, monkeyp
                 (words[2] * 4)[: len(words[0]) + 2]]
         return torch.cat([input_ids, torch.tensor(rows)], dim=1)
 
-    monkeypatch.setattr("smolvlm.generation.generate.generate_ids", fake_generate)
+    monkeypatch.setattr(replay, "generate_ids", fake_generate)
     model = torch.nn.Linear(1, 1).train()
     prompts = ["Hi", "Name three fruits, please, and say why.", "Go on forever."]
     out = replay.backbone_answers(model, processor, prompts, replay.CHATML_TEMPLATE, max_new_tokens=7, batch_size=3)
@@ -106,8 +106,10 @@ def test_recipe_run_mixes_replay_and_resumes_on_the_same_data(ref256, tmp_path):
     assert run_recipe(recipe_from_dict(d), resume=True).step == 2
     assert (tmp_path / "r" / "replay.json").read_text() == before
     d["replay"]["max_new_tokens"] = 5
+    saved = (tmp_path / "r" / "recipe.yaml").read_text()
     with pytest.raises(replay.ReplayError, match="other settings"):
         run_recipe(recipe_from_dict(d), resume=True)
+    assert (tmp_path / "r" / "recipe.yaml").read_text() == saved  # refused before anything is written
     with pytest.raises(RecipeError, match="replay.n"):
         recipe_from_dict({**d, "replay": {"n": -1}})
     with pytest.raises(RecipeError, match="needs a GGUF text backbone"):  # found before any model is built

@@ -1,4 +1,4 @@
-"""smolvlm.training.synth: determinism, split disjointness, answers consistent with the drawing."""
+"""smolvlm.synth: determinism, split disjointness, answers consistent with the drawing."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from collections import Counter
 
 import pytest
 
-from smolvlm.training.synth import (
-    CATEGORIES, exact_match, make_dataset, make_sample, normalize_answer, sample_seed, split_of_seed,
+from smolvlm.synth import (
+    CATEGORIES, answers_match, make_dataset, make_sample, normalize_answer, sample_seed, split_of_seed,
 )
-from smolvlm.training.synth.draw import COLOURS
-from smolvlm.training.synth.preview import contact_sheet
-from smolvlm.training.synth.scenes import _COLS
+from smolvlm.synth.draw import COLOURS
+from smolvlm.synth.preview import contact_sheet
+from smolvlm.synth.scenes import _COLS
 
 SEEDS = range(12)
 
@@ -39,7 +39,7 @@ def test_same_seed_same_bytes(category):
 
 def test_deterministic_across_processes():
     """String seeds go through SHA-512, not ``hash()``: another PYTHONHASHSEED gives the same data."""
-    code = ("import hashlib, sys; from smolvlm.training.synth import make_dataset; "
+    code = ("import hashlib, sys; from smolvlm.synth import make_dataset; "
             "h = hashlib.sha256(); [h.update(im.tobytes()) or h.update(repr(s['texts']).encode()) "
             "for s in make_dataset(7, 'eval', 2) for im in s['images']]; print(h.hexdigest())")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -205,15 +205,15 @@ def test_pixels_agree_with_meta():
     ("12.5", "12.50"), ("1,200", "1200"), ("the circle", "circle"), ("An apple.", "apple"),
     ("2019-08-26", "2019-08-26"), ("007", "7"), ("There are 4.", "there are four"), ("a", "A"),
 ])
-def test_exact_match_equal(pred, gold):
-    assert exact_match(pred, gold)
+def test_answers_match_equal(pred, gold):
+    assert answers_match(pred, gold)
 
 
 @pytest.mark.parametrize("pred,gold", [
     ("no", "yes"), ("4", "3"), ("12.05", "12.5"), ("", "A"), ("the", "a"), ("red circle", "red"), ("1200", "120"),
 ])
-def test_exact_match_different(pred, gold):
-    assert not exact_match(pred, gold)
+def test_answers_match_different(pred, gold):
+    assert not answers_match(pred, gold)
 
 
 def test_normalize_answer_form():

@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
+from smolvlm.data.cauldron import sample_to_messages
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.processing.processor import SmolVLMProcessor
 from smolvlm.training import checkpoint as ckpt
-from smolvlm.training import sft
+from smolvlm.training import optim, sft
 from smolvlm.training.build import run_recipe, write_processor_files
 from smolvlm.training.collate import CollateError, collate
-from smolvlm.training.data import (DataError, align_labels, encode_sample, make_samples, sample_to_messages)
+from smolvlm.training.data import DataError, align_labels, encode_sample, make_samples
 from smolvlm.training.recipe import (ModelRecipe, OptimRecipe, RecipeError, ScheduleRecipe, TrainRecipe,
                                      load_recipe, recipe_from_dict)
 from tests.helpers import TINY_TEXT, TINY_VISION, tiny_recipe
@@ -135,8 +136,8 @@ def test_freezing_keeps_frozen_params_bit_identical(processor):
     new_rows = [49190, 49279]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     sft.train_embedding_rows(model, ["model.text_model.embed_tokens.weight"], new_rows)
-    opt = sft.build_optimizer(model, OptimRecipe(lr=1e-2, weight_decay=0.1))
-    sched = sft.build_scheduler(opt, ScheduleRecipe(kind="constant"), 3)
+    opt = optim.build_optimizer(model, OptimRecipe(lr=1e-2, weight_decay=0.1))
+    sched = optim.build_scheduler(opt, ScheduleRecipe(kind="constant"), 3)
     batch = _batch(processor)
     for _ in range(3):
         sft.train_step(model, [batch], opt, sched, grad_clip=1.0)
@@ -158,8 +159,8 @@ def test_freezing_keeps_frozen_params_bit_identical(processor):
 
 def test_loss_decreases_on_tiny_batch(processor):
     model = tiny_model(seed=1)
-    opt = sft.build_optimizer(model, OptimRecipe(lr=1e-2))
-    sched = sft.build_scheduler(opt, ScheduleRecipe(kind="constant"), 25)
+    opt = optim.build_optimizer(model, OptimRecipe(lr=1e-2))
+    sched = optim.build_scheduler(opt, ScheduleRecipe(kind="constant"), 25)
     batch = _batch(processor)
     losses = [sft.train_step(model, [batch], opt, sched, grad_clip=1.0)["loss"] for _ in range(25)]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -189,7 +190,7 @@ def test_grad_accumulation_matches_big_batch_and_checkpointing_matches(processor
 
 def test_schedule_warmup_then_cosine():
     s = ScheduleRecipe(kind="cosine", warmup_steps=2, min_lr_ratio=0.1)
-    f = [sft.lr_factor(i, s, 10) for i in range(11)]
+    f = [optim.lr_factor(i, s, 10) for i in range(11)]
     assert f[0] == 0.0 and f[1] == 0.5 and f[2] == 1.0  # linear warmup from 0, as transformers
     assert all(a >= b for a, b in zip(f[2:], f[3:])) and abs(f[10] - 0.1) < 1e-12
     assert abs(f[6] - (0.1 + 0.9 * 0.5)) < 1e-12  # cosine midpoint
@@ -197,7 +198,7 @@ def test_schedule_warmup_then_cosine():
 
 def test_param_groups_lrs_and_no_decay():
     model = tiny_model()
-    groups = sft.param_groups(model, OptimRecipe(lr=1e-4, weight_decay=0.1, lr_groups={"model.vision_model": 1e-3}))
+    groups = optim.param_groups(model, OptimRecipe(lr=1e-4, weight_decay=0.1, lr_groups={"model.vision_model": 1e-3}))
     by_name = {n: (g["lr"], g["weight_decay"]) for g in groups for n in g["names"]}
     assert by_name["model.vision_model.encoder.layers.0.mlp.fc1.weight"] == (1e-3, 0.1)
     assert by_name["model.vision_model.encoder.layers.0.mlp.fc1.bias"] == (1e-3, 0.0)
@@ -216,8 +217,8 @@ def test_data_order_is_a_function_of_position():
 def test_checkpoint_keep_last_temp_and_fingerprint(tmp_path):
     model = tiny_model()
     sft.apply_freezing(model, freeze=["model.text_model"])
-    opt = sft.build_optimizer(model, OptimRecipe())
-    sched = sft.build_scheduler(opt, ScheduleRecipe(), 10)
+    opt = optim.build_optimizer(model, OptimRecipe())
+    sched = optim.build_scheduler(opt, ScheduleRecipe(), 10)
     for step in (1, 2, 3):
         ckpt.save_checkpoint(tmp_path, step, model, opt, sched, {"samples_seen": step}, keep_last=2)
     (tmp_path / ".tmp-step-00000004").mkdir()  # a save killed half-way
@@ -311,7 +312,7 @@ def test_recipe_errors_and_overrides(tmp_path):
 def test_data_categories_restrict_the_synthetic_mix(tmp_path):
     """``data.categories`` trains on a subset, round-robin, with the same seeds as
     ``synth.make_dataset(..., categories)``; an unknown name is a recipe error up front."""
-    from smolvlm.training import synth
+    from smolvlm import synth
 
     samples = make_samples("synth", 5, "train", 0, ["text", "form"])
     assert [s["category"] for s in samples] == ["text", "form", "text", "form", "text"]
@@ -340,3 +341,33 @@ def test_connector_starts_at_the_text_embedding_scale():
     proj = model.model.connector.modality_projection.proj
     out = proj(torch.randn(4096, proj.in_features))  # post-layernorm features: unit scale per dim
     assert abs(float(out.std()) - 0.13) < 0.01
+
+
+def test_recipe_errors_found_before_anything_is_written(ref256, tmp_path):
+    """A prefix typo (found only once the model is built) or a missing source is raised before
+    ``output_dir`` exists; checkpoints without --resume leave the run's files as they were."""
+    out = tmp_path / "run"
+    bad = tiny_recipe(ref256, out)
+    bad["freeze"]["freeze"] = ["model.txt_model"]
+    with pytest.raises(sft.TrainError, match="model.txt_model"):
+        run_recipe(recipe_from_dict(bad))
+    bad = tiny_recipe(ref256, out)
+    bad["optim"]["lr_groups"] = {"model.vision": 1e-3}
+    with pytest.raises(sft.TrainError, match="lr_groups"):
+        run_recipe(recipe_from_dict(bad))
+    with pytest.raises(RecipeError, match="model.checkpoint"):
+        run_recipe(recipe_from_dict({"model": {"checkpoint": str(tmp_path / "nope")}, "train": {"output_dir": str(out)}}))
+    with pytest.raises(RecipeError, match="model.tokenizer"):
+        run_recipe(recipe_from_dict({"model": {"tokenizer": str(tmp_path)}, "train": {"output_dir": str(out)}}))
+    assert not out.exists()
+
+
+def test_autocast_auto_is_bf16_only_with_native_bf16(monkeypatch):
+    from smolvlm.training import loop
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert loop.autocast_dtype("auto", "cpu") is None  # an AVX2-only CPU: float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert loop.autocast_dtype("auto", "cpu") is torch.bfloat16
+    assert loop.autocast_dtype("none", "cpu") is None and loop.autocast_dtype("bf16", "cpu") is torch.bfloat16

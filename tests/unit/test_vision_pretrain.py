@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,8 @@ from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.processing.image import ImageProcessor, ImageProcessorConfig
 from smolvlm.training import vision_pretrain as vp
-from smolvlm.training.synth import make_sample
-from smolvlm.training.synth.draw import record_glyphs
+from smolvlm.synth import make_sample
+from smolvlm.synth.draw import record_glyphs
 
 
 def tiny_model(image_size: int = 48, patch: int = 8, scale: int = 3) -> SmolVLM:
@@ -57,7 +59,7 @@ def test_recording_glyphs_changes_no_pixel_and_logs_every_character(category):
 def test_recording_refuses_text_it_cannot_place():
     from PIL import Image
 
-    from smolvlm.training.synth.draw import canvas, font
+    from smolvlm.synth.draw import canvas, font
 
     d = canvas(Image.new("RGB", (64, 32)))
     d.text((2, 2), "ok", font=font("default", 12), anchor="mm")  # not recording: any option draws
@@ -145,14 +147,19 @@ def test_pretrain_trains_only_vision_and_connector_and_saves(tmp_path):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     res = vp.pretrain_vision(model, image_processor(48), tmp_path / "s1", steps=3, batch_size=4, warmup_steps=1,
-                             eval_images=4, progress=False, log_every=1)
+                             eval_images=4, progress=False, eval_every=2)
     assert res.steps == 3 and res.images >= 12 and res.path.is_file()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(vp.VISION_PREFIXES) for n in changed)
     assert any(n.startswith("model.vision_model.") for n in changed)
     assert set(res.metrics) == {"kind", "colour", "background", "chars_ink", "chars_exact"}
-    assert (tmp_path / "s1" / "summary.json").is_file() and len((tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "s1" / "summary.json").is_file()
+    # the one loop's log: a line per step, held-out accuracies every eval_every steps and at the end
+    recs = [json.loads(x) for x in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3] and all("loss_chars" in r and "lr" in r for r in recs)
+    assert ["eval_kind" in r for r in recs] == [False, True, True]
+    assert recs[0]["lr"] == 0.0 and recs[1]["lr"] == pytest.approx(1e-3)  # warmup from 0, then cosine
     # a fresh model loads the saved tower + connector exactly
     other = tiny_model()
     vp.load_vision_state(other, res.path)

@@ -1,7 +1,7 @@
 """Answer metrics (pure functions, no torch): exact match, ANLS, VQA accuracy, aggregation.
 
-* ``exact_match``: the synthetic set's scorer, re-exported from ``training.synth`` (one definition;
-  see ``training/synth/match.py`` for its normalisation), as a float.
+* ``exact_match``: the synthetic set's scorer as a float, 1.0 where ``synth.answers_match`` holds
+  (one comparison; ``synth/match.py`` has its normalisation).
 * ``anls``: Average Normalized Levenshtein Similarity as DocVQA defines it (Biten et al. 2019,
   "Scene Text Visual Question Answering"; the DocVQA/ST-VQA evaluation scripts): per question
   ``max_gold (1 - NL(pred, gold))`` when ``NL < 0.5``, else 0, with
@@ -20,8 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from smolvlm.training.synth.match import exact_match as _exact_match
-from smolvlm.training.synth.match import normalize_answer
+from smolvlm.synth.match import answers_match, normalize_answer
 
 __all__ = ["ANLS_THRESHOLD", "METRICS", "aggregate", "anls", "exact_match", "levenshtein", "normalize_answer",
            "normalize_vqa_answer", "vqa_accuracy"]
@@ -31,7 +30,7 @@ ANLS_THRESHOLD = 0.5
 
 def exact_match(pred: str, gold: str) -> float:
     """1.0 when ``pred`` and ``gold`` are the same answer after ``normalize_answer``, else 0.0."""
-    return 1.0 if _exact_match(pred, gold) else 0.0
+    return 1.0 if answers_match(pred, gold) else 0.0
 
 
 # -- ANLS ----------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Deterministic synthetic image-text data in the_cauldron layout.
+"""Deterministic synthetic image-text data in the_cauldron layout, for training (the "train" split)
+and evaluation (the held-out "eval" split) alike; imports nothing else of smolvlm's.
 
 A sample is ``{"images": [PIL.Image, ...], "texts": [{"user": q, "assistant": a}, ...],
 "category": str, "id": str, "meta": dict}`` -- the_cauldron's keys (HuggingFaceM4/the_cauldron,
 which SmolVLM was fine-tuned on) plus ``meta``: what was drawn and what each turn asks, so an
 answer can be re-derived and checked. Answers are a word, number or short phrase that
-``exact_match`` can score, except ``caption``.
+``answers_match`` compares after normalisation, except ``caption``.
 
 Determinism: ``make_sample(category, seed)`` seeds ``random.Random`` with the string
 ``"smolvlm-synth/<category>/<seed>"`` (string seeds hash with SHA-512, independent of
@@ -19,9 +20,9 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from smolvlm.training.synth.documents import gen_chart, gen_form, gen_receipt, gen_text
-from smolvlm.training.synth.match import exact_match, normalize_answer
-from smolvlm.training.synth.scenes import gen_caption, gen_multi_image, gen_shapes
+from smolvlm.synth.documents import gen_chart, gen_form, gen_receipt, gen_text
+from smolvlm.synth.match import answers_match, normalize_answer
+from smolvlm.synth.scenes import gen_caption, gen_multi_image, gen_shapes
 
 GENERATORS: dict[str, Callable] = {
     "shapes": gen_shapes,
@@ -36,7 +37,7 @@ CATEGORIES: tuple[str, ...] = tuple(GENERATORS)
 SPLITS = {"train": 0, "eval": 1}
 _MAX_N = 2**32
 
-__all__ = ["CATEGORIES", "SPLITS", "check_categories", "dataset_sample", "exact_match", "make_dataset", "make_sample",
+__all__ = ["CATEGORIES", "SPLITS", "answers_match", "check_categories", "dataset_sample", "make_dataset", "make_sample",
            "normalize_answer", "sample_seed", "split_of_seed"]
 
 

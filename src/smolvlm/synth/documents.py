@@ -10,7 +10,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from smolvlm.training.synth.draw import COLOURS, canvas, contrast_colour, font, font_names, text_size
+from smolvlm.synth.draw import COLOURS, canvas, contrast_colour, font, font_names, text_size
 
 Sample = tuple[list[Image.Image], list[dict[str, str]], dict]
 

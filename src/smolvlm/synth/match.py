@@ -1,4 +1,5 @@
-"""Exact-match scoring for the synthetic evaluation split.
+"""Answer comparison for the synthetic set: ``answers_match`` (bool), the one normalised comparison
+that ``evaluation.metrics.exact_match`` turns into a score.
 
 ``normalize_answer`` follows the spirit of the VQA answer normalisation (lower case, no
 punctuation, no articles, number words -> digits) plus what our answers need: decimal points
@@ -54,6 +55,6 @@ def normalize_answer(s: str) -> str:
     return " ".join(_canon_number(t) for t in tokens)
 
 
-def exact_match(pred: str, gold: str) -> bool:
+def answers_match(pred: str, gold: str) -> bool:
     """True when ``pred`` and ``gold`` are the same answer after ``normalize_answer``."""
     return normalize_answer(pred) == normalize_answer(gold)

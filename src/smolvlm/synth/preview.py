@@ -1,4 +1,4 @@
-"""Contact sheet of synthetic samples, to look at the data: ``python -m smolvlm.training.synth.preview OUT.png``."""
+"""Contact sheet of synthetic samples, to look at the data: ``python -m smolvlm.synth.preview OUT.png``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from smolvlm.training.synth.draw import font
+from smolvlm.synth import CATEGORIES, make_dataset
+from smolvlm.synth.draw import font
 
 CELL_W, IMG_H, TEXT_H = 400, 300, 130
 
@@ -36,8 +37,6 @@ def contact_sheet(samples: list[dict[str, Any]], cols: int = 4) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from smolvlm.training.synth import CATEGORIES, make_dataset
-
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0] if argv else "synth_preview.png")
     n = int(argv[1]) if len(argv) > 1 else 2 * len(CATEGORIES)

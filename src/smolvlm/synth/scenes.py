@@ -12,7 +12,7 @@ from collections import Counter
 
 from PIL import Image
 
-from smolvlm.training.synth.draw import BACKGROUNDS, COLOURS, SHAPES, Shape, clamp_side, number_word, place_shapes, plural, shapes_image
+from smolvlm.synth.draw import BACKGROUNDS, COLOURS, SHAPES, Shape, clamp_side, number_word, place_shapes, plural, shapes_image
 
 Sample = tuple[list[Image.Image], list[dict[str, str]], dict]
 _ROWS, _COLS = ("top", "middle", "bottom"), ("left", "centre", "right")

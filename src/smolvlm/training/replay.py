@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from smolvlm.generation.generate import generate_ids
+from smolvlm.processing.chat import compile_template
+from smolvlm.weights import gguf
 
 IM_END = "<|im_end|>"
 # SmolLM2-Instruct's template (the GGUF's tokenizer.chat_template); used when a backbone has none
@@ -38,8 +43,6 @@ def backbone_chat_template(text_backbone: str) -> str:
     ``tokenizer.chat_template`` (else SmolLM2's ChatML), ChatML for ``"random"`` (tests). Other
     backbones are refused (``Recipe.validate`` says so up front)."""
     if text_backbone.startswith("gguf:"):
-        from smolvlm.weights import gguf
-
         return gguf.gguf_chat_template(gguf.backbone_gguf_path(text_backbone)) or CHATML_TEMPLATE
     if text_backbone == "random":
         return CHATML_TEMPLATE
@@ -50,8 +53,6 @@ def backbone_chat_template(text_backbone: str) -> str:
 def render_prompts(template: str, prompts: Sequence[str]) -> list[str]:
     """Each prompt as a one-turn conversation in ``template`` (compiled as transformers does), ready for
     the assistant's answer. Contents are plain strings, as text-only templates such as ChatML expect."""
-    from smolvlm.processing.chat import compile_template
-
     t = compile_template(template)
     return [t.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
@@ -61,10 +62,6 @@ def backbone_answers(model: Any, processor: Any, prompts: Sequence[str], templat
                      max_new_tokens: int = 96, batch_size: int = 16, progress: bool = False) -> list[str | None]:
     """Greedy answers of ``model`` to ``prompts`` rendered with ``template``; ``None`` where the answer
     did not end (no ``<|im_end|>``) within ``max_new_tokens``."""
-    from tqdm.auto import tqdm
-
-    from smolvlm.generation.generate import generate_ids
-
     tok = processor.tokenizer
     end_id = tok.token_to_id(IM_END)
     if end_id is None:
@@ -95,23 +92,33 @@ def replay_samples(prompts: Sequence[str], answers: Sequence[str | None]) -> lis
             for i, (p, a) in enumerate(zip(prompts, answers)) if a]
 
 
-def load_or_make(path: str | Path, settings: dict[str, Any], make: Any) -> list[dict[str, Any]]:
-    """Replay samples cached at ``path`` for ``settings``, else ``make() -> (prompts, answers)``
-    written there atomically. A cache made with other settings is an error, never reused."""
+def cached_samples(path: str | Path, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Replay samples cached at ``path`` for ``settings``; None when there is no cache. A cache made
+    with other settings is an error, never reused. Reads only."""
     path = Path(path)
+    if not path.is_file():
+        return None
     settings = json.loads(json.dumps(settings))
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ReplayError(f"{path} is not a readable replay file ({e}); delete it to regenerate") from e
-        if data.get("settings") != settings:
-            raise ReplayError(f"{path} was made with other settings ({data.get('settings')}, recipe wants {settings}); "
-                              f"use a new train.output_dir or delete that file")
-        return replay_samples(data["prompts"], data["answers"])
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReplayError(f"{path} is not a readable replay file ({e}); delete it to regenerate") from e
+    if data.get("settings") != settings:
+        raise ReplayError(f"{path} was made with other settings ({data.get('settings')}, recipe wants {settings}); "
+                          f"use a new train.output_dir or delete that file")
+    return replay_samples(data["prompts"], data["answers"])
+
+
+def load_or_make(path: str | Path, settings: dict[str, Any], make: Any) -> list[dict[str, Any]]:
+    """``cached_samples(path, settings)``, else ``make() -> (prompts, answers)`` written there atomically."""
+    path = Path(path)
+    cached = cached_samples(path, settings)
+    if cached is not None:
+        return cached
     prompts, answers = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "prompts": list(prompts), "answers": list(answers)}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"settings": json.loads(json.dumps(settings)), "prompts": list(prompts),
+                               "answers": list(answers)}, indent=1) + "\n")
     os.replace(tmp, path)
     return replay_samples(prompts, answers)

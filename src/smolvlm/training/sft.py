@@ -1,4 +1,4 @@
-"""One supervised fine-tuning loop, full or LoRA, with exact resume.
+"""Supervised fine-tuning, full or LoRA: the language-model task of the one loop (``loop.py``).
 
 Works on any module called as ``model(input_ids=..., attention_mask=..., [pixel_values=...,
 pixel_attention_mask=...,] labels=...)`` that returns an object with ``.loss`` (SmolVLM does:
@@ -6,25 +6,20 @@ fp32 logits, shift by one, ignore -100, mean; SPEC 1.8). Pieces, each small and 
 
 * ``apply_freezing``       - per-parameter ``requires_grad`` from name prefixes (longest wins);
 * ``train_embedding_rows`` - train only some rows of an embedding / head (new special tokens);
-* ``build_optimizer``      - AdamW with per-prefix learning rates, no decay on norms / biases;
-* ``build_scheduler``      - linear warmup then cosine (HF ``get_cosine_schedule_with_warmup``);
 * ``enable_gradient_checkpointing`` - wraps each ``*.layers[i].forward`` from the outside;
 * ``DataOrder``            - epoch permutations that are a pure function of (seed, position);
+* ``LMLoss``               - the next-token loss, each micro-batch weighted by its target tokens;
 * ``train_step`` / ``evaluate`` / ``train``.
 
-Gradient accumulation weights each micro-batch by its number of target tokens, so accumulating
-k micro-batches gives the same gradient as one batch k times larger (the reference Trainer's
-``num_items_in_batch`` path, SPEC 1.8).
+The optimizer and schedule are ``optim.py``'s; ``train`` hands ``loop.run`` a ``Task`` whose data
+position is the number of samples consumed, so a resumed run reads the same samples in order.
 """
 
 from __future__ import annotations
 
-import math
-import random
-import time
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,25 +27,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from smolvlm.training import checkpoint as ckpt
+from smolvlm.training import loop
 from smolvlm.training.collate import IGNORE_INDEX
 from smolvlm.training.lora import LoRALinear
-from smolvlm.training.plot import append_metrics, plot_loss, truncate_metrics
+from smolvlm.training.optim import TrainError, prefix_match
 from smolvlm.training.recipe import OptimRecipe, ScheduleRecipe, TrainRecipe
 
 Batch = dict[str, torch.Tensor]
 
 
-class TrainError(ValueError):
-    """A training setup that cannot run (no trainable parameters, bad prefix, stale run dir)."""
-
-
 # -- freezing --------------------------------------------------------------------------------
-def _prefix_match(name: str, prefix: str) -> bool:
-    prefix = prefix.rstrip(".")
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def apply_freezing(model: nn.Module, freeze: Sequence[str] = (), train: Sequence[str] = ()) -> dict[str, int]:
     """Set ``requires_grad`` by name prefix: the longest matching prefix of ``freeze`` or ``train``
     decides; unmatched parameters train. LoRA adapters always train and the base weights of
@@ -58,7 +44,7 @@ def apply_freezing(model: nn.Module, freeze: Sequence[str] = (), train: Sequence
     lora_base = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.weight, m.bias) if p is not None}
     names = [n for n, _ in model.named_parameters()]
     for pre in [*freeze, *train]:
-        if not any(_prefix_match(n, pre) for n in names):
+        if not any(prefix_match(n, pre) for n in names):
             raise TrainError(f"freeze/train prefix {pre!r} matches no parameter (e.g. {names[0]!r})")
     rules = sorted([(p, False) for p in freeze] + [(p, True) for p in train], key=lambda r: -len(r[0]))
     counts = {"trainable": 0, "frozen": 0}
@@ -68,7 +54,7 @@ def apply_freezing(model: nn.Module, freeze: Sequence[str] = (), train: Sequence
         elif ".lora_A." in n or ".lora_B." in n:
             flag = True
         else:
-            flag = next((t for pre, t in rules if _prefix_match(n, pre)), True)
+            flag = next((t for pre, t in rules if prefix_match(n, pre)), True)
         p.requires_grad_(flag)
         counts["trainable" if flag else "frozen"] += p.numel()
     if counts["trainable"] == 0:
@@ -125,56 +111,6 @@ def merge_embedding_rows(model: nn.Module) -> int:
     return n
 
 
-# -- optimizer and schedule ----------------------------------------------------------------------
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim < 2 or "norm" in name or getattr(p, "_row_mask", None) is not None
-
-
-def param_groups(model: nn.Module, optim: OptimRecipe) -> list[dict[str, Any]]:
-    """Trainable parameters grouped by (learning rate, weight decay), in model order."""
-    lr_rules = sorted(optim.lr_groups.items(), key=lambda kv: -len(kv[0]))
-    names = [n for n, _ in model.named_parameters()]
-    for pre in optim.lr_groups:
-        if not any(_prefix_match(n, pre) for n in names):
-            raise TrainError(f"optim.lr_groups prefix {pre!r} matches no parameter")
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = next((v for pre, v in lr_rules if _prefix_match(n, pre)), optim.lr)
-        wd = 0.0 if _no_decay(n, p) else optim.weight_decay
-        g = groups.setdefault((lr, wd), {"params": [], "names": [], "lr": lr, "weight_decay": wd})
-        g["params"].append(p)
-        g["names"].append(n)
-    if not groups:
-        raise TrainError("no trainable parameters")
-    return list(groups.values())
-
-
-def build_optimizer(model: nn.Module, optim: OptimRecipe) -> torch.optim.AdamW:
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, optim)]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-
-
-def lr_factor(step: int, sched: ScheduleRecipe, total: int) -> float:
-    """Multiplier of the base lr for optimizer step ``step`` (0-based). Warmup is linear from 0
-    and cosine decays to ``min_lr_ratio`` at ``total``, as transformers' cosine schedule."""
-    if step < sched.warmup_steps:
-        return step / max(1, sched.warmup_steps)
-    if sched.kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - sched.warmup_steps) / max(1, total - sched.warmup_steps))
-    if sched.kind == "linear":
-        decay = 1.0 - progress
-    else:  # cosine
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return sched.min_lr_ratio + (1.0 - sched.min_lr_ratio) * decay
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, sched: ScheduleRecipe, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, sched, total))
-
-
 # -- gradient checkpointing ------------------------------------------------------------------------
 def enable_gradient_checkpointing(model: nn.Module, list_suffix: str = "layers") -> int:
     """Recompute each transformer layer in backward: every child of a ``ModuleList`` whose name ends
@@ -226,7 +162,7 @@ class DataOrder:
         return [int(self._perm(pos // self.n)[pos % self.n]) for pos in range(start, start + count)]
 
 
-# -- steps ---------------------------------------------------------------------------------------
+# -- the LM task --------------------------------------------------------------------------------------
 def _to(batch: Batch, device: torch.device | str) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -235,15 +171,8 @@ def _n_targets(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # targets after the shift by one
 
 
-def _autocast(device: str, dtype: torch.dtype | None):
-    dev = torch.device(device).type
-    return torch.autocast(dev, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 def _loss_kwargs(model: nn.Module) -> dict[str, Any]:
     """``return_logits=False`` where the model takes it (SmolVLM: head only at target positions)."""
-    import inspect
-
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -251,79 +180,42 @@ def _loss_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"return_logits": False} if "return_logits" in params else {}
 
 
+class LMLoss:
+    """Mean next-token loss of a collated batch; a micro-batch weighs its number of target tokens."""
+
+    def __init__(self, model: nn.Module, device: str = "cpu") -> None:
+        self.device, self.extra = device, _loss_kwargs(model)
+
+    def weight(self, batch: Batch) -> int:
+        return _n_targets(batch)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return model(**_to(batch, self.device), **self.extra).loss, {}
+
+
 def train_step(model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, scheduler: Any,
                grad_clip: float = 0.0, autocast_dtype: torch.dtype | None = None, device: str = "cpu") -> dict[str, float]:
-    """Forward/backward over the micro-batches (token-weighted), clip, step. Returns loss, grad norm."""
-    model.train()
-    counts = [_n_targets(b) for b in micro_batches]
-    total = sum(counts)
-    if total == 0:
-        raise TrainError("a training batch has no target tokens (all labels are -100)")
-    loss_sum, extra = 0.0, _loss_kwargs(model)
-    for b, n in zip(micro_batches, counts):
-        if n == 0:
-            continue
-        with _autocast(device, autocast_dtype):
-            loss = model(**_to(b, device), **extra).loss
-        (loss.float() * (n / total)).backward()
-        loss_sum += float(loss.detach()) * n
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return {"loss": loss_sum / total, "grad_norm": float(gnorm)}
+    """One optimizer step of the LM loss over the micro-batches (token-weighted). Returns loss, grad norm."""
+    return loop.train_step(model, micro_batches, optimizer, scheduler, LMLoss(model, device), grad_clip,
+                           autocast_dtype, device)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Batch] | Any, autocast_dtype: torch.dtype | None = None,
+def evaluate(model: nn.Module, batches: Iterable[Batch], autocast_dtype: torch.dtype | None = None,
              device: str = "cpu") -> float:
     """Token-weighted mean loss over ``batches`` in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
-    loss_sum, total, extra = 0.0, 0, _loss_kwargs(model)
+    loss_fn, loss_sum, total = LMLoss(model, device), 0.0, 0
     for b in batches:
-        n = _n_targets(b)
+        n = loss_fn.weight(b)
         if n == 0:
             continue
-        with _autocast(device, autocast_dtype):
-            loss_sum += float(model(**_to(b, device), **extra).loss) * n
+        with loop.autocast_context(device, autocast_dtype):
+            loss_sum += float(loss_fn(model, b)[0]) * n
         total += n
     model.train(was_training)
     return loss_sum / max(total, 1)
-
-
-# -- the loop -----------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class LoopResult:
-    step: int
-    last_loss: float
-    eval_loss: float | None
-    output_dir: Path
-    checkpoint: Path | None
-
-
-def _resume_or_start(out: Path, resume: bool, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    root = out / "checkpoints"
-    ckpt.clean_temp(root)
-    last = ckpt.latest_checkpoint(root)
-    if resume and last is not None:
-        state = ckpt.load_checkpoint(last, model, optimizer, scheduler)
-        truncate_metrics(out / "metrics.jsonl", state["step"])
-        return state
-    if not resume and last is not None:
-        raise TrainError(f"{out} already holds checkpoints (latest {last.name}); pass --resume or use a new output_dir")
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    return {"step": 0, "samples_seen": 0, "elapsed": 0.0}
 
 
 def _eval_batches(eval_data: Sequence, collate_fn: Callable, bs: int):
@@ -333,58 +225,21 @@ def _eval_batches(eval_data: Sequence, collate_fn: Callable, bs: int):
 
 def train(model: nn.Module, train_data: Sequence, collate_fn: Callable[[list], Batch], cfg: TrainRecipe,
           optim: OptimRecipe, sched: ScheduleRecipe, eval_data: Sequence | None = None, resume: bool = False,
-          stop_at: int | None = None) -> LoopResult:
-    """Run (or resume) training until ``cfg.max_steps``; ``stop_at`` ends early after that step
-    (used to simulate a killed run). Freezing/LoRA must already be applied to ``model``."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    model.to(cfg.device)
-    optimizer = build_optimizer(model, optim)
-    scheduler = build_scheduler(optimizer, sched, cfg.max_steps)
-    state = _resume_or_start(out, resume, model, optimizer, scheduler)
+          stop_at: int | None = None) -> loop.LoopResult:
+    """Run (or resume) SFT until ``cfg.max_steps``; ``stop_at`` ends early after that step (used to
+    simulate a killed run). Freezing/LoRA must already be applied to ``model``."""
     order = DataOrder(len(train_data), cfg.seed, cfg.shuffle)
-    amp = AUTOCAST[cfg.autocast]
-    step, seen, elapsed = state["step"], state["samples_seen"], state.get("elapsed", 0.0)
-    last_loss, eval_loss, saved = state.get("last_loss", float("nan")), state.get("eval_loss"), None
-    bar = _progress(cfg, step)
-    end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
-    while step < end:
-        t0 = time.perf_counter()
-        lr = optim.lr * lr_factor(step, sched, cfg.max_steps)  # base lr of this step (groups scale alike)
+
+    def batches(seen: int) -> tuple[list[Batch], int, int]:
         micro = []
         for _ in range(cfg.grad_accum):
             micro.append(collate_fn([train_data[i] for i in order.indices(seen, cfg.batch_size)]))
             seen += cfg.batch_size
-        stats = train_step(model, micro, optimizer, scheduler, cfg.grad_clip, amp, cfg.device)
-        step += 1
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        last_loss = stats["loss"]
-        rec = {"step": step, "loss": last_loss, "lr": lr,
-               "grad_norm": stats["grad_norm"], "samples_per_s": cfg.batch_size * cfg.grad_accum / dt,
-               "elapsed": elapsed}
-        if eval_data is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            eval_loss = evaluate(model, _eval_batches(eval_data, collate_fn, cfg.batch_size), amp, cfg.device)
-            rec["eval_loss"] = eval_loss
-        append_metrics(out / "metrics.jsonl", rec)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{rec['samples_per_s']:.1f}")
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
-            saved = ckpt.save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                                         {"samples_seen": seen, "elapsed": elapsed, "eval_loss": eval_loss,
-                                          "last_loss": last_loss},
-                                         keep_last=cfg.keep_last)
-    if bar is not None:
-        bar.close()
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
-    return LoopResult(step, last_loss, eval_loss, out, saved)
+        return micro, seen, cfg.batch_size * cfg.grad_accum
 
+    def evaluate_lm(m: nn.Module) -> dict[str, float]:
+        amp = loop.autocast_dtype(cfg.autocast, cfg.device)
+        return {"loss": evaluate(m, _eval_batches(eval_data, collate_fn, cfg.batch_size), amp, cfg.device)}
 
-def _progress(cfg: TrainRecipe, initial: int):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    task = loop.Task(LMLoss(model, cfg.device), batches, evaluate_lm if eval_data is not None else None)
+    return loop.run(model, task, cfg, optim, sched, resume=resume, stop_at=stop_at)

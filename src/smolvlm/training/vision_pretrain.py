@@ -15,12 +15,14 @@ and every image its ``background`` name where the scene has one (shape scenes). 
 these from the connector output, the very vectors the language model will see, so stage 2 starts
 from features that linearly hold what each region shows and where. Coordinates follow the
 processor: an unsplit image is stretched to ``image_size`` x ``image_size`` (``image.split``).
+
+Training is the one loop's (``loop.run``): ``DenseLoss`` is the loss, the tower, connector and heads
+(``TowerAndHeads``) the trained parameters, and each step's batch the next ``batch_size`` images.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvlm.training.synth.draw import BACKGROUNDS, COLOURS, SHAPES
+from smolvlm import synth
+from smolvlm.synth.draw import BACKGROUNDS, COLOURS, SHAPES, record_glyphs
+from smolvlm.training import loop
+from smolvlm.training.recipe import OptimRecipe, ScheduleRecipe, TrainRecipe
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.-:"  # class i + 1; 0 = no character; len + 1 = any other
 KINDS = ("none", *SHAPES, "bar")
@@ -174,16 +179,12 @@ class DenseImages:
 
     def __init__(self, image_processor: Any, grid: TokenGrid, seed: int = 0,
                  categories: Sequence[str] | None = None, split: str = "train") -> None:
-        from smolvlm.training import synth
-
-        self.synth, self.proc, self.grid, self.seed, self.split = synth, image_processor, grid, seed, split
+        self.proc, self.grid, self.seed, self.split = image_processor, grid, seed, split
         self.categories = synth.check_categories(categories)
 
     def sample(self, i: int) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:
-        from smolvlm.training.synth.draw import record_glyphs
-
         with record_glyphs() as glyphs:
-            s = self.synth.dataset_sample(i, self.split, self.seed, self.categories)
+            s = synth.dataset_sample(i, self.split, self.seed, self.categories)
         return s["images"], dense_targets(s, glyphs, self.grid)
 
     def batch(self, start: int, n_images: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -201,7 +202,7 @@ class DenseImages:
         return pv, stacked, i
 
 
-# -- the loop ------------------------------------------------------------------------------------
+# -- the task for the one loop ----------------------------------------------------------------------
 @dataclass
 class PretrainResult:
     steps: int
@@ -211,9 +212,34 @@ class PretrainResult:
     path: Path
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def encode(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     """(N, 3, S, S) full unpadded images -> connector outputs (N, n*n, D), as inference encodes a tile."""
-    return model._encode_tiles(pixel_values, None)
+    return model._encode_tiles(pixel_values.to(device=_device(model), dtype=model.dtype), None)
+
+
+class TowerAndHeads(nn.Module):
+    """The VLM and the dense heads as one module, so the loop's optimizer and clipping see both."""
+
+    def __init__(self, vlm: nn.Module, heads: DenseHeads) -> None:
+        super().__init__()
+        self.vlm, self.heads = vlm, heads
+
+
+class DenseLoss:
+    """Sum of the heads' losses on one ``(pixel_values, targets)`` batch; parts logged as ``loss_<name>``."""
+
+    def weight(self, batch: Any) -> int:
+        return 1
+
+    def __call__(self, model: TowerAndHeads, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pv, targets = batch
+        dev = _device(model.vlm)
+        losses = DenseHeads.losses(model.heads(encode(model.vlm, pv).float()), {k: v.to(dev) for k, v in targets.items()})
+        return sum(losses.values()), {f"loss_{k}": v for k, v in losses.items()}
 
 
 def vision_state(model: Any) -> dict[str, torch.Tensor]:
@@ -237,83 +263,57 @@ def load_vision_state(model: Any, path: str | Path) -> None:
             params[n].copy_(t)
 
 
-def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, steps: int, batch_size: int = 32,
-                    lr: float = 1e-3, warmup_steps: int = 50, weight_decay: float = 0.0, seed: int = 0,
-                    autocast: torch.dtype | None = None, eval_images: int = 128, progress: bool = True,
-                    log_every: int = 25) -> PretrainResult:
-    """Train ``model``'s vision tower + connector on dense targets; save them to
-    ``out_dir/vision.safetensors`` (atomically) with ``metrics.jsonl`` and ``summary.json``.
-    Other parameters are untouched; ``requires_grad`` flags are restored afterwards."""
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+
+
+def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, steps: int, batch_size: int = 32,
+                    lr: float = 1e-3, warmup_steps: int = 50, weight_decay: float = 0.0, seed: int = 0,
+                    autocast: str = "none", device: str = "cpu", eval_images: int = 128, eval_every: int = 100,
+                    progress: bool = True) -> PretrainResult:
+    """Train ``model``'s vision tower + connector on dense targets with ``loop.run`` (AdamW, gradient
+    clip 1.0, warmup then cosine to 5 % of ``lr``); save them to ``out_dir/vision.safetensors``
+    (atomically) with ``metrics.jsonl`` (one line per step; held-out accuracies every ``eval_every``
+    steps and at the end), ``loss.png`` and ``summary.json``. ``batch_size`` counts images, so
+    ``samples_per_s`` in the metrics is images per second. Other parameters are untouched;
+    ``requires_grad`` flags are restored afterwards. No checkpoints: an unfinished stage 1 reruns."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     grid = TokenGrid.for_config(model.config)
-    heads = DenseHeads(model.config.text_config.hidden_size, grid.n_slots)
-    params = [p for n, p in model.named_parameters() if n.startswith(VISION_PREFIXES)]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    decay = [p for p in params + list(heads.parameters()) if p.ndim >= 2]
-    no_decay = [p for p in params + list(heads.parameters()) if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-    def factor(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / max(1, steps - warmup_steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    both = TowerAndHeads(model, DenseHeads(model.config.text_config.hidden_size, grid.n_slots))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(VISION_PREFIXES))
     train = DenseImages(image_processor, grid, seed=seed)
     held = DenseImages(image_processor, grid, seed=seed + 1)  # other training seeds, never the eval split
     eval_pv, eval_tg, _ = held.batch(0, eval_images)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    amp = loop.autocast_dtype(autocast, device)
 
-        bar = tqdm(total=steps, desc="vision pretrain", unit="step", dynamic_ncols=True)
-    model.train()
-    t0, nxt, seen, metrics = time.perf_counter(), 0, 0, {}
+    def batches(position: int) -> tuple[list[Any], int, int]:
+        pv, tg, nxt = train.batch(position, batch_size)
+        return [(pv, tg)], nxt, len(pv)
+
+    task = loop.Task(DenseLoss(), batches, lambda m: evaluate_dense(m.vlm, m.heads, eval_pv, eval_tg, amp))
+    cfg = TrainRecipe(output_dir=str(out), max_steps=steps, batch_size=batch_size, grad_clip=1.0,
+                      eval_every=max(1, eval_every), seed=seed, autocast=autocast, device=device, progress=progress)
+    sched = ScheduleRecipe(kind="cosine", warmup_steps=warmup_steps, min_lr_ratio=0.05)
+    t0 = time.perf_counter()
     try:
-        for step in range(steps):
-            pv, tg, nxt = train.batch(nxt, batch_size)
-            seen += len(pv)
-            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                logits = heads(encode(model, pv.to(model.dtype)).float())
-            losses = DenseHeads.losses(logits, tg)
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params + list(heads.parameters()), 1.0)
-            opt.step()
-            sched.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            last = step + 1 == steps
-            if log_every and ((step + 1) % log_every == 0 or last):
-                rec = {"step": step + 1, "images": seen, "elapsed": time.perf_counter() - t0, "loss": float(loss.detach()),
-                       **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}}
-                if last or (step + 1) % (log_every * 4) == 0:
-                    metrics = evaluate_dense(model, heads, eval_pv, eval_tg, autocast)
-                    rec.update({f"eval_{k}": v for k, v in metrics.items()})
-                with (out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
+        result = loop.run(both, task, cfg, OptimRecipe(lr=lr, weight_decay=weight_decay), sched, checkpoints=False,
+                          desc="vision pretrain")
     finally:
-        if bar is not None:
-            bar.close()
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
     seconds = time.perf_counter() - t0
-    tmp = out / "vision.safetensors.tmp"
-    save_file(vision_state(model), str(tmp))
-    tmp.replace(out / "vision.safetensors")
-    summary = {"steps": steps, "images": seen, "seconds": round(seconds, 1), "images_per_s": round(seen / seconds, 2),
-               "held_out": metrics}
+    _save_atomic(vision_state(model), out / "vision.safetensors")
+    summary = {"steps": steps, "images": result.samples, "seconds": round(seconds, 1),
+               "images_per_s": round(result.samples / seconds, 2), "held_out": result.eval}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return PretrainResult(steps, seen, seconds, metrics, out / "vision.safetensors")
+    return PretrainResult(steps, result.samples, seconds, result.eval, out / "vision.safetensors")
 
 
 @torch.no_grad()
@@ -323,8 +323,8 @@ def evaluate_dense(model: Any, heads: DenseHeads, pixel_values: torch.Tensor, ta
     model.eval()
     parts = []
     for i in range(0, len(pixel_values), chunk):
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            parts.append({k: v.float() for k, v in heads(encode(model, pixel_values[i:i + chunk].to(model.dtype))).items()})
+        with loop.autocast_context(_device(model).type, autocast):
+            parts.append({k: v.float().cpu() for k, v in heads(encode(model, pixel_values[i:i + chunk])).items()})
     model.train(was)
     logits = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return accuracies(logits, targets)
@@ -335,7 +335,7 @@ def match_feature_scale(model: Any, pixel_values: torch.Tensor, n_rows: int) -> 
     """Scale the connector so its outputs have the per-dimension std of the text model's first
     ``n_rows`` embedding rows (what a frozen language model is used to). Returns the factor."""
     emb_std = float(model.model.text_model.embed_tokens.weight[:n_rows].float().std())
-    feat_std = float(encode(model, pixel_values.to(model.dtype)).float().std())
+    feat_std = float(encode(model, pixel_values).float().std())
     factor = emb_std / max(feat_std, 1e-12)
     model.model.connector.modality_projection.proj.weight.mul_(factor)
     return factor

@@ -1,15 +1,15 @@
-"""The held-out synthetic task: ``training/synth`` samples of the "eval" split, one request per turn.
+"""The held-out synthetic task: ``smolvlm.synth`` samples of the "eval" split, one request per turn.
 
 Samples: ``make_dataset(n, "eval", seed)`` -- eval seeds are odd and training seeds even
 (``synth.sample_seed``), so no evaluated image was ever trained on, whatever the seeds and sizes.
 
-Prompts: exactly the training format. Messages come from ``training.data.sample_to_messages``
+Prompts: exactly the training format. Messages come from ``data.cauldron.sample_to_messages``
 (the function training encodes), so images open the first user turn and an optional system
 prompt leads. Turn ``k`` of a multi-turn sample is asked *in conversation with the previous gold
 turns* (teacher forcing): the prompt is the first ``k`` gold user/assistant turns plus the k-th
 question, rendered with the generation prompt -- character for character the prefix of the
-training sequence that precedes the k-th answer (``data.assistant_char_spans`` checks that the
-template renders prefixes consistently). Later questions never get the images again, as in
+training sequence that precedes the k-th answer (training's ``assistant_char_spans`` checks that
+the template renders prefixes consistently). Later questions never get the images again, as in
 training. Every turn is one request, so a sample with 3 turns weighs 3 in the micro average.
 
 Scoring: every category but ``caption`` is scored by exact match (``metrics.exact_match``, the
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from smolvlm.data.cauldron import sample_to_messages
 from smolvlm.evaluation.tasks import Request
-from smolvlm.training.data import sample_to_messages
-from smolvlm.training.synth import make_dataset
+from smolvlm.synth import make_dataset
 
 SPLIT = "eval"
 RELAXED_CATEGORIES = {"caption": "anls"}  # category -> metric; these are excluded from ``overall``

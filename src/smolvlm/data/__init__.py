@@ -1,0 +1,1 @@
+"""Dataset formats shared by training and evaluation (imports nothing else of smolvlm's)."""
