@@ -6,6 +6,7 @@ deleted without breaking another.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -94,3 +95,33 @@ def tiny_recipe(ref: Path, out: Path, **train) -> dict:
         "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 1, "grad_accum": 2, "eval_every": 3,
                   "checkpoint_every": 3, "keep_last": 3, "progress": False, **train},
     }
+
+
+@contextlib.contextmanager
+def live_server(app, timeout_s: float = 60.0):
+    """Serve an ASGI app with uvicorn in a thread on a free 127.0.0.1 port; yields the base URL.
+
+    The socket is bound here (port 0), so there is no race for the port; the server always shuts
+    down (lifespan shutdown included) when the block ends, and startup is bounded by ``timeout_s``."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()

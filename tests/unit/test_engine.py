@@ -226,6 +226,18 @@ def test_too_long_rejected_and_full_queue_busy(model, proc):
         engine.submit(request(model, inp, stop_strings=["x"]))
 
 
+
+def test_no_queue_takes_a_request_only_when_a_row_is_free(model, proc):
+    """max_queue=0 (the server's "no waiting" setting): a free row takes the request, a busy one refuses."""
+    inp = inputs(proc, "Hi")
+    engine = Engine(model, max_batch=1, max_context=64, max_queue=0)
+    first = engine.submit(request(model, inp, max_new_tokens=5))
+    with pytest.raises(EngineBusy, match="max_queue=0"):
+        engine.submit(request(model, inp, max_new_tokens=5))
+    drain(engine)
+    assert first.finish.reason in ("length", "stop")
+    assert engine.generate([request(model, inp, max_new_tokens=3)] * 2)[1].finish.completion_tokens <= 3
+
 def test_bad_request_fails_alone(model, proc):
     """A request whose images do not match its <image> tokens ends in "error"; the others run on."""
     good, img = inputs(proc, "Hi"), inputs(proc, "Describe this image.", (IMG_A,))

@@ -3,7 +3,7 @@ included) is parsed, and a forbidden edge between layers or an import cycle betw
 
 The layers, each importing only what is below it (docs/ARCHITECTURE.md):
 config, hub -> model -> quantization -> weights; processing; synth; data; generation (takes model
-and processor as arguments) -> evaluation, training -> cli. The public model class keeps
+and processor as arguments) -> evaluation, training, serving -> cli. The public model class keeps
 ``from_pretrained``/``from_config``/``save_pretrained``/``generate`` as thin facades over weights/
 and generation/: those four calls are the only upward imports, listed in FACADES.
 """
@@ -28,10 +28,11 @@ ALLOWED: dict[str, set[str]] = {
     "synth": {"config"},
     "data": {"config"},  # dataset formats (the_cauldron rows -> chat messages)
     "generation": {"config", "model"},
+    "serving": {"config", "hub", "model", "weights", "processing", "generation"},  # a thin HTTP shell
     "evaluation": {"config", "hub", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
     "training": {"config", "hub", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
     "cli": {"config", "hub", "model", "quantization", "weights", "processing", "synth", "data", "generation",
-            "evaluation", "training", "smolvlm"},
+            "evaluation", "training", "serving", "smolvlm"},
     "smolvlm": {"config"},  # the package root: lazy attributes name their modules as strings
 }
 # (importing module, imported module): the model class's facades, imported when called.

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("smolvlm.cli.train", "fine-tune or train a model from a YAML recipe (full, frozen parts, LoRA; resumable)"),
     "generate": ("smolvlm.cli.generate", "answer one prompt about images/video, streaming the text"),
     "chat": ("smolvlm.cli.chat", "interactive multi-turn chat on stdin (/image PATH, /reset, /quit)"),
+    "serve": ("smolvlm.cli.serve", "OpenAI-compatible HTTP server (/v1/chat/completions, streaming, images, video)"),
     "tokens": ("smolvlm.cli.tokens", "count tiles and prompt tokens for images (no model needed)"),
     "eval": ("smolvlm.cli.eval", "evaluate a model on the held-out synthetic set (exact match per category)"),
     "export-default": ("smolvlm.cli.export_default", "write the built-in default model as a standard checkpoint folder"),

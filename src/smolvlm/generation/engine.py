@@ -100,7 +100,7 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is stopped")
-            if self._queued() >= self.max_queue:
+            if self._queued(extra=1) > self.max_queue:
                 self.counters["rejected"] += 1
                 raise EngineBusy(f"all {self.max_batch} rows are busy and {self._queued()} requests are waiting "
                                  f"(max_queue={self.max_queue}); retry later")
@@ -117,9 +117,10 @@ class Engine:
         req.settings = resolve_settings(self.model, n, **gen_kwargs)
         return self.submit(req)
 
-    def _queued(self) -> int:
-        """Waiting requests that no free row will take at the next step (call with the lock held)."""
-        return max(0, len(self._waiting) - sum(r is None for r in self.rows))
+    def _queued(self, extra: int = 0) -> int:
+        """Waiting requests (plus ``extra`` new ones) that no free row will take at the next step
+        (call with the lock held). With ``max_queue=0`` a request is taken only if a row is free."""
+        return max(0, len(self._waiting) + extra - sum(r is None for r in self.rows))
 
     def _wake(self) -> None:
         with self._lock:
@@ -290,6 +291,11 @@ class Engine:
         self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        """The loop thread is alive and the engine takes requests (the server's /health)."""
+        return not self._closed and self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         """Refuse new requests, end the loop thread, finish everything left as "cancelled"."""
         with self._lock:
@@ -336,7 +342,7 @@ class Engine:
 
     def _has_room(self) -> bool:
         with self._lock:
-            return self._queued() < self.max_queue
+            return self._queued(extra=1) <= self.max_queue
 
     def metrics(self) -> dict[str, Any]:
         """A snapshot for /metrics: counters, rows in use, queue length, cache size, feature-cache counts."""
