@@ -125,3 +125,48 @@ def live_server(app, timeout_s: float = 60.0):
         server.should_exit = True
         thread.join(timeout_s)
         sock.close()
+
+
+@contextlib.contextmanager
+def serve_command(args: list[str], log: Path, env: dict[str, str] | None = None, timeout_s: float = 300.0):
+    """``smolvlm serve ARGS --port 0`` in a subprocess; yields its base URL once ``/health`` answers 200.
+
+    Output goes to ``log`` (shown when the server fails to start); startup is bounded by
+    ``timeout_s`` (the default model loads a GGUF on a busy 2-core machine); the process is always
+    stopped (terminate, then kill)."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    repo = Path(__file__).resolve().parents[1]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "smolvlm.cli.main", "serve", *args, "--port", "0"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=repo, env=env)
+
+    def healthy(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = re.findall(r"on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+            if found and healthy(found[0]):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"smolvlm serve did not start (exit {proc.poll()}):\n"
+                                     f"{log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+        yield found[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)

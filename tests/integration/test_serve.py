@@ -14,8 +14,6 @@ import io
 import json
 import re
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +29,7 @@ from smolvlm.serving.app import ServerConfig, create_app
 from smolvlm.serving.media import MediaLimits
 from tests._video_fixtures import encode_video
 from tests.conftest import REPO
-from tests.helpers import build_tiny_checkpoint, live_server, make_image
+from tests.helpers import build_tiny_checkpoint, live_server, make_image, serve_command
 
 MODEL = "tiny-smolvlm"
 KB = 1024
@@ -380,31 +378,8 @@ def test_a_non_streamed_client_that_leaves_frees_its_row(one_row):
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """`smolvlm serve` (the default model) in a subprocess on a port it picks; always stopped."""
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "smolvlm.cli.main", "serve", "--port", "0", "--max-batch", "2"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        found: list[str] = []
-
-        def started() -> bool:
-            found[:] = re.findall(r"on (http://127\.0\.0\.1:\d+)", log.read_text())
-            if proc.poll() is not None:
-                raise AssertionError(f"smolvlm serve exited: {log.read_text()[-2000:]}")
-            return bool(found) and httpx.get(f"{found[0]}/health").status_code == 200
-
-        deadline = time.monotonic() + 300  # loading the default model (GGUF + parts) on a busy 2-core machine
-        while not started():
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
-        yield found[0]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+    with serve_command(["--max-batch", "2"], tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
 
 
 def test_default_model_through_the_command(default_server):

@@ -17,8 +17,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +26,7 @@ import pytest
 
 from tests._video_fixtures import encode_format
 from tests.conftest import REPO
-from tests.helpers import build_tiny_checkpoint
+from tests.helpers import build_tiny_checkpoint, serve_command
 
 PAGE = REPO / "src" / "smolvlm" / "serving" / "static" / "index.html"
 SHAPES = REPO / "examples" / "shapes.png"
@@ -423,35 +421,9 @@ def real_server(tmp_path_factory, ref256):
     """`smolvlm serve` on a tiny random checkpoint, on a free loopback port; always stopped."""
     ckpt = build_tiny_checkpoint(tmp_path_factory.mktemp("web") / "ckpt", ref256)
     env = {**os.environ, "SMOLVLM_API_KEY": KEY}  # the key reaches the server as CI would pass it
-    proc = subprocess.Popen([sys.executable, "-m", "smolvlm.cli.main", "serve", "--model", str(ckpt), "--port", "0"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    lines: list[str] = []
-    found = threading.Event()
-
-    def drain() -> None:  # read stderr to the end, so uvicorn's log never fills the pipe
-        for line in proc.stderr:
-            lines.append(line)
-            if " on http://" in line:
-                found.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not found.wait(0.1):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"smolvlm serve did not start (exit {proc.poll()}):\n{''.join(lines)}")
-        url = re.search(r" on (http://\S+)", next(x for x in lines if " on http://" in x)).group(1) + "/"
-        yield str(ckpt), url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
-        reader.join(5)
+    with serve_command(["--model", str(ckpt)], tmp_path_factory.mktemp("web") / "serve.log", env=env,
+                       timeout_s=120) as url:
+        yield str(ckpt), url + "/"
 
 
 def test_page_against_the_real_server(browser, real_server, tmp_path):
