@@ -5,34 +5,27 @@ the vision encoder and connector too with ``vision=True``. Norms, embeddings, th
 biases stay in floating point. A tied ``lm_head`` is untied first: the embedding keeps its
 float table for lookups, lm_head gets its own quantized copy.
 
-Saved format (``save_quantized``): the usual ``config.json`` (+ generation config), a
-``quantization.json`` ({"format_version", "mode", "group_size", "modules": [...]}), and
-``model.safetensors`` holding the float tensors plus each quantized module's buffers
-(``<name>.weight_int8`` + ``<name>.scale``, or ``<name>.weight_uint4`` + ``.scales`` + ``.zeros``).
-``load_quantized`` rebuilds the same module tree on the meta device and loads it strictly.
+Saving and loading a quantized model is ``weights/``'s work (``weights/quantized.py`` holds the
+format; ``SmolVLM.from_pretrained`` loads such a folder); ``swap_in_empty`` gives the loader the
+quantized module tree to load into.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
 
-from smolvlm.quantization.int4 import Int4Linear
+from smolvlm.quantization.int4 import GROUP_SIZES, Int4Linear, erased_update
 from smolvlm.quantization.int8 import Int8Linear
 
 if TYPE_CHECKING:
     from smolvlm.model.vlm import SmolVLM
 
 MODES = ("none", "int8", "int4")
-QUANT_FILE = "quantization.json"
-FORMAT_VERSION = 1
 
-__all__ = ["MODES", "Int4Linear", "Int8Linear", "quantize", "quantized_modules", "save_quantized", "load_quantized",
-           "QuantizationError"]
+__all__ = ["MODES", "Int4Linear", "Int8Linear", "quantize", "quantized_modules", "swap_in_empty", "QuantizationError"]
 
 
 class QuantizationError(ValueError):
@@ -60,108 +53,94 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _untie(model: "SmolVLM") -> None:
-    head = model.lm_head
-    if head.weight is model.model.text_model.embed_tokens.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    if model.lm_head_is_tied():
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
 
 
 @torch.no_grad()
-def quantize(model: "SmolVLM", mode: str = "int8", group_size: int = 32, vision: bool = False,
+def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None, vision: bool = False,
              names: Iterable[str] | None = None) -> "SmolVLM":
     """Swap the target ``nn.Linear`` modules for ``Int8Linear``/``Int4Linear`` in place; returns ``model``.
 
-    ``mode="none"`` is a no-op. ``names`` overrides the default target list. ``group_size`` is
-    int4's group width. The model's float dtype (activations) is unchanged; bf16 is the fast path.
+    ``mode="none"`` is a no-op. ``names`` overrides the default target list. The model's float
+    dtype (activations) is unchanged; bf16 is the fast path. ``group_size`` is int4's group width;
+    None picks the smallest of ``int4.GROUP_SIZES`` that divides every target's ``in_features``
+    and keeps what sits off the weights' existing 4-bit grid (``int4.erased_update``): 32 for
+    ordinary weights, 64 for the default model (a Q4_1 GGUF, blocks of 32, + a merged LoRA). A
+    group size that does not divide, or that would round such an update away, is a
+    QuantizationError raised before any module is swapped.
     """
-    check_mode(mode, group_size)
+    check_mode(mode, 32 if group_size is None else group_size)
     if mode == "none":
         return model
     names = list(names) if names is not None else target_linears(model, vision)
-    if "lm_head" in names:
-        _untie(model)
     for name in names:
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise QuantizationError(f"{name} is a {type(lin).__name__}, not an nn.Linear (already quantized?)")
-        if mode == "int8":
-            new: nn.Module = Int8Linear.from_linear(lin)
-        else:
-            new = Int4Linear.from_linear(lin, group_size)
-        _swap(model, name, new)
+    if mode == "int4":  # all built (and checked) first: ~0.75 byte a weight on top of the float model
+        group_size, new = _int4_modules(model, names, group_size)
+    else:  # int8 cannot fail: built one at a time, each float weight freed as its module goes in
+        group_size, new = 32 if group_size is None else group_size, {}  # int8 records it, unused
+    if "lm_head" in names:
+        _untie(model)
+    for name in names:
+        _swap(model, name, new[name] if mode == "int4" else Int8Linear.from_linear(model.get_submodule(name)))
     model.quantization = {"mode": mode, "group_size": group_size, "modules": names}
     return model
+
+
+def _int4_modules(model: "SmolVLM", names: list[str], group_size: int | None) -> tuple[int, dict[str, nn.Module]]:
+    """(group size, {name: Int4Linear}) for ``quantize``; see its docstring for the choice."""
+    widths = {n: model.get_submodule(n).in_features for n in names}
+    fits = [g for g in GROUP_SIZES if all(k % g == 0 for k in widths.values())]
+    if group_size is not None and group_size not in fits:
+        bad = [f"{n} ({k})" for n, k in widths.items() if k % group_size]
+        raise QuantizationError(f"int4 group_size {group_size} does not divide in_features of {len(bad)} layer(s): "
+                                f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
+                                f"{'use one of ' + ', '.join(map(str, fits)) if fits else 'use int8'}")
+    if not fits:
+        raise QuantizationError(f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides the in_features "
+                                f"of every layer ({', '.join(map(str, sorted(set(widths.values()))))}); use int8")
+    erased: dict[str, float] = {}
+    for g in [group_size] if group_size is not None else fits:
+        new, erased = {}, {}
+        for name in names:
+            lin = model.get_submodule(name)
+            new[name] = module = Int4Linear.from_linear(lin, g)
+            lost = erased_update(lin.weight, module.dequantized_weight(), module.scales)
+            if lost:
+                erased[name] = lost
+                if group_size is None:
+                    break  # this grid is the weights' own: try the next group size
+        if not erased:
+            return g, new
+    name, lost = max(erased.items(), key=lambda kv: kv[1])
+    if group_size is not None:
+        where = f"with group_size {group_size} ({len(erased)} layer(s); {name} loses {lost:.2%} of its weight)"
+        hint = "pass group_size=None to pick one that keeps it, or use int8"
+    else:
+        where = f"at every group size that fits ({', '.join(map(str, fits))}; e.g. {name} loses {lost:.2%} of its weight)"
+        hint = "use int8"
+    raise QuantizationError(f"int4 would round away a float update on top of weights that already sit on its 4-bit "
+                            f"grid (e.g. a Q4 GGUF with a merged LoRA), leaving the model without it, {where}; {hint}")
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
 
 
-def save_quantized(model: "SmolVLM", directory: str | Path) -> Path:
-    """Write config.json, generation_config.json, quantization.json and model.safetensors."""
-    from safetensors.torch import save_file
-
-    from smolvlm.weights.save import _config_for_save
-
-    info = getattr(model, "quantization", None)
-    if not info or not quantized_modules(model):
-        raise QuantizationError("model is not quantized; call smolvlm.quantization.quantize(model, mode) first")
-    directory = Path(directory).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    head = model.lm_head
-    if isinstance(head, nn.Linear) and head.weight is model.model.text_model.embed_tokens.weight:
-        state.pop("lm_head.weight", None)  # tied (lm_head not quantized): stored once, as the embedding
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    _config_for_save(model).save(directory)
-    if model.generation_config is not None:
-        (directory / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2) + "\n")
-    meta = {"format_version": FORMAT_VERSION, **info}
-    (directory / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
-
-
-def load_quantized(directory: str | Path, dtype: torch.dtype | str | None = None,
-                   device: torch.device | str = "cpu") -> "SmolVLM":
-    """Inverse of :func:`save_quantized`: strict, meta-device build, mmap'd tensors assigned in place."""
-    from safetensors.torch import load_file
-
-    from smolvlm.config import SmolVLMConfig
-    from smolvlm.model.vlm import SmolVLM
-    from smolvlm.weights.load import check_keys, read_generation_config, resolve_dtype
-
-    directory = Path(directory).expanduser()
-    qfile = directory / QUANT_FILE
-    if not qfile.is_file():
-        raise FileNotFoundError(f"{directory} has no {QUANT_FILE}; it is not a quantized smolvlm checkpoint")
-    info = json.loads(qfile.read_text())
-    if info.get("format_version") != FORMAT_VERSION:
-        raise QuantizationError(f"{qfile}: unsupported format_version {info.get('format_version')!r}")
-    mode, group_size, names = info.get("mode"), int(info.get("group_size", 32)), info.get("modules")
-    check_mode(str(mode), group_size)
-    config = SmolVLMConfig.from_json_file(directory / "config.json")
-    dtype = resolve_dtype(dtype, config)  # None -> float32, as from_pretrained
-    with torch.device("meta"):
-        model = SmolVLM(config)
-        if "lm_head" in names:
-            _untie(model)
-        for name in names:
-            lin = model.get_submodule(name)
-            cls_kw = dict(bias=lin.bias is not None, dtype=dtype)
-            new = Int8Linear(lin.in_features, lin.out_features, **cls_kw) if mode == "int8" else \
-                Int4Linear(lin.in_features, lin.out_features, group_size=group_size, **cls_kw)
-            _swap(model, name, new)
-    state = load_file(str(directory / "model.safetensors"), device=str(device))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    tied = "lm_head" not in names and model.lm_head.weight is model.model.text_model.embed_tokens.weight
-    optional = {"lm_head.weight"} if tied else set()
-    check_keys({k: s for k, s in expected.items() if k not in optional}, {k: tuple(v.shape) for k, v in state.items()},
-               optional, where=str(directory))
-    for k, v in state.items():  # float tensors take the requested dtype; quantized buffers keep theirs
-        if v.is_floating_point() and not k.endswith((".scale", ".scales", ".zeros")):
-            state[k] = v.to(dtype)
-    model.load_state_dict(state, strict=not tied, assign=True)
-    if tied:
-        model.tie_weights()
+def swap_in_empty(model: "SmolVLM", mode: str, group_size: int, names: Iterable[str], dtype: torch.dtype) -> None:
+    """Replace ``names`` with empty quantized modules of the same size (on the current default device,
+    e.g. meta), ready to be assigned a saved quantized state; records ``model.quantization``."""
+    check_mode(mode, group_size)
+    names = list(names)
+    if "lm_head" in names:
+        _untie(model)
+    for name in names:
+        lin = model.get_submodule(name)
+        kw = dict(bias=lin.bias is not None, dtype=dtype)
+        new = Int8Linear(lin.in_features, lin.out_features, **kw) if mode == "int8" else \
+            Int4Linear(lin.in_features, lin.out_features, group_size=group_size, **kw)
+        _swap(model, name, new)
     model.quantization = {"mode": mode, "group_size": group_size, "modules": names}
-    model.generation_config = read_generation_config(directory)
-    return model.eval()

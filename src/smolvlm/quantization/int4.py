@@ -8,6 +8,12 @@ Dequantized: ``w ~= (q - 8) * scale + zero`` with ``zero = lo + 8 * scale`` (gpt
 Saved layout (independent of the torch version): ``weight_uint4`` (N, K/2) uint8, two values a
 byte (low nibble = even input channel), ``scales`` and ``zeros`` (N, K/group_size) float32.
 The kernel's own packed layout (``_convert_weight_to_int4pack_for_cpu``) is derived at load.
+
+Weights that already sit on a grid like this one (a Q4_0/Q4_1/Q4_K GGUF, whose blocks are 32
+wide, dequantized) round back onto it exactly. That is lossless for the plain file, but a float
+update added afterwards and smaller than half a step (a merged LoRA) is then rounded away
+instead of approximated: int4 hands back the model without its fine-tune. ``erased_update``
+detects this; ``quantize`` then picks a group size whose grid is not the file's.
 """
 
 from __future__ import annotations
@@ -18,7 +24,17 @@ from torch import nn
 
 from smolvlm.quantization.int8 import KERNEL_MAX_ROWS  # same GEMV-vs-GEMM crossover (measured)
 
-_FAST = (torch.bfloat16,)  # the CPU int4 kernel takes bf16 activations (and fp16/fp32 on some builds)
+# Activation dtypes for the CPU int4 kernel (torch 2.13 takes both). float32 matters: it is the
+# CLI's default, and dequantizing every weight for every decoded token was 4.8 s/token on the
+# default model against 1.1 s with the kernel (2-core AMD EPYC, loaded); the kernel's fp32 result
+# is the dequantized reference to float32 rounding (~4e-6 on O(1) outputs).
+_FAST = (torch.bfloat16, torch.float32)
+GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
+# Rounding an ordinary float weight to 16 levels leaves an error spread evenly over +-half a
+# step: rms 1/sqrt(12) = 0.29 steps (measured 0.25-0.28 on SmolLM2-135M layers and on Gaussian
+# weights). A weight on the grid already rounds back with rms ~0 (the default model's GGUF +
+# merged LoRA: 0.012-0.065 steps at group 32, 0.25 at group 64). The threshold sits between.
+ON_GRID_RMS_STEPS = 0.15
 
 
 @torch.no_grad()
@@ -41,6 +57,32 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
     g = k // scales.shape[1]
     w = (q.to(torch.float32).reshape(n, -1, g) - 8.0) * scales[..., None] + zeros[..., None]
     return w.reshape(n, k)
+
+
+@torch.no_grad()
+def erased_update(weight: torch.Tensor, dequantized: torch.Tensor, scales: torch.Tensor) -> float:
+    """Relative norm of what int4 rounds away from ``weight`` *because it already sits on this grid*.
+
+    0.0 for an ordinary float weight (rounding error ~uniform, rms >= ``ON_GRID_RMS_STEPS``), and
+    for one exactly on the grid up to its own dtype's rounding (a dequantized Q4 GGUF: lossless).
+    Otherwise ``|w - w_int4| / |w|``: the weight is a grid plus an off-grid part smaller than half a
+    step, and int4 keeps the grid and drops that part (on the default model it keeps ~6% of the
+    merged LoRA, int8 keeps ~100%).
+    """
+    n, k = weight.shape
+    w = weight.detach().to(torch.float32)
+    err = (w - dequantized.to(torch.float32)).reshape(n, scales.shape[1], -1)  # (N, G, g)
+    step = scales.to(torch.float32)[..., None]  # (N, G, 1)
+    if (err / step).pow(2).mean().sqrt() >= ON_GRID_RMS_STEPS:
+        return 0.0
+    # What the weight's own dtype explains: its rounding (half an ulp, eps/2 |w|) and the grid rebuilt
+    # from rounded ends (each level off by up to eps/2 max|w| of the group); twice that, plus
+    # float32 arithmetic slack. bf16: ~0.06-0.12 steps; the default model's update reaches 0.16-0.5.
+    a = w.abs().reshape(err.shape)
+    bound = torch.finfo(weight.dtype).eps * (a + a.amax(dim=-1, keepdim=True)) + 1e-5 * step
+    if bool((err.abs() <= bound).all()):
+        return 0.0
+    return (err.norm() / w.norm().clamp(min=1e-30)).item()
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
