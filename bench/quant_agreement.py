@@ -17,7 +17,7 @@ update that survives quantization (median over layers of <W_q - W_gguf, dW> / |d
 
     .venv/bin/python bench/quant_agreement.py --out bench/QUANT_AGREEMENT.md
 
-``--dtypes float32 bfloat16`` took ~6 min on 2 CPU cores (AVX2 only; 10+ min while other jobs ran).
+``--dtypes float32 bfloat16``: 7 min on 2 CPU cores (AVX2 only), 13 min while other jobs shared them.
 """
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ BACKBONE_PROMPTS = ["What is the capital of France?", "Name three fruits.", "Wha
                     "Write one sentence about the sea."]
 MODES = ("int8", "int4", "int4, lm_head float", "int4 g32 (forced)")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+NOTES = """\
+Reading it. `int4 g32 (forced)` is what `--quantize int4` did before the fix: the default model's
+text weights are the Q4_1 GGUF (a 4-bit grid in blocks of 32) plus a merged LoRA smaller than half
+a step, and group 32 rounds them back onto that grid: the smallest weight error of all, but the
+LoRA is gone (`LoRA update kept`), so image answers are a bare `<end_of_utterance>` and text runs on
+in ChatML turns. `quantize` now refuses group 32 there (`QuantizationError`) and picks 64, whose
+groups straddle two GGUF blocks. On the plain backbone group 32 is lossless for the text linears
+(weight error 0, no update to lose); what int4 changes there is lm_head (a Q6_K table in the
+GGUF): compare the `int4, lm_head float` row."""
 
 
 def cpu_flags() -> list[str]:
@@ -240,6 +249,8 @@ def main() -> None:
         "outputs that end | weight rel. error, median | LoRA update kept |",
         "|---|---|---|---|---|---|---|---|---|",
         *summary,
+        "",
+        NOTES,
         "",
         "Outputs (first 70 characters, special tokens shown):",
         "",

@@ -33,9 +33,9 @@ SHAPES = REPO / "examples" / "shapes.png"
 WAIT_S = 20  # the longest any single wait in these tests may take
 STATS_RE = re.compile(r"^\d+\.\d\d s to first token · \d+\.\d tokens/s · \d+ tokens$")
 INSTALL_HINT = (
-    "the web page test needs Chromium, its driver and Selenium: run "
-    "`sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium chromium-driver` and "
-    "`.venv/bin/pip install -c constraints.txt -e '.[test]'` (.ci/run installs them when missing)"
+    "the web page test needs Chromium, its driver and Selenium: run `bash tools/install-chromium.sh` "
+    "(apt-get install chromium chromium-driver) and `.venv/bin/pip install -c constraints.txt -e '.[test]'`, "
+    "as the README's test command does"
 )
 
 

@@ -69,9 +69,8 @@ def erased_update(weight: torch.Tensor, dequantized: torch.Tensor, scales: torch
     step, and int4 keeps the grid and drops that part (on the default model it keeps ~6% of the
     merged LoRA, int8 keeps ~100%).
     """
-    n, k = weight.shape
     w = weight.detach().to(torch.float32)
-    err = (w - dequantized.to(torch.float32)).reshape(n, scales.shape[1], -1)  # (N, G, g)
+    err = (w - dequantized.to(torch.float32)).reshape(w.shape[0], scales.shape[1], -1)  # (N, G, g)
     step = scales.to(torch.float32)[..., None]  # (N, G, 1)
     if (err / step).pow(2).mean().sqrt() >= ON_GRID_RMS_STEPS:
         return 0.0
