@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from smolvlm.serving import schemas
-from smolvlm.serving.completions import AnswerText
+from smolvlm.generation.text_stream import AnswerText
 from smolvlm.serving.errors import APIError
 from smolvlm.serving.media import MediaLimits, fetch, load_image_ref, load_media
 from smolvlm.serving.metrics import ServerMetrics

@@ -9,6 +9,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, TextIO
 
+from smolvlm.generation.text_stream import AnswerText
 from smolvlm.hub import DEFAULT_MODEL
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -196,13 +197,10 @@ def stats_dict(stats: Any, text: str | None = None) -> dict[str, Any]:
 
 
 def answer_pieces(pieces: Iterable[str]) -> Iterator[str]:
-    """The answer as the CLI shows it: the pieces without the answer's leading whitespace (the
-    model's first token usually carries a space after "Assistant:")."""
-    started = False
+    """The answer as the CLI shows it (``text_stream.AnswerText``: no leading whitespace), empty pieces dropped."""
+    strip = AnswerText()
     for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
+        piece = strip(piece)
         if piece:
             yield piece
 

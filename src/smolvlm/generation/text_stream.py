@@ -131,3 +131,18 @@ class RowStops:
     def update(self, tokens: Sequence[int], finished: Sequence[bool]) -> list[int]:
         """Feed each unfinished row its new token; the rows whose text now holds a stop string."""
         return [i for i, (t, done) in enumerate(zip(tokens, finished)) if not done and self.rows[i].push(t)[1]]
+
+
+class AnswerText:
+    """Text pieces -> answer pieces: whitespace before the first visible character is dropped (the
+    model's first token usually carries a space after "Assistant:"). The one rule the CLI and the
+    server share, so streamed, ``--json`` and HTTP answers are the same text."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __call__(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        return piece

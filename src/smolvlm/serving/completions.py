@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 from smolvlm.generation.config import resolve_settings
 from smolvlm.generation.requests import (EngineBusy, EngineClosed, FinishEvent, Request, RequestHandle,
                                          RequestTooLong)
-from smolvlm.generation.text_stream import TextStream
+from smolvlm.generation.text_stream import AnswerText, TextStream
 from smolvlm.serving import schemas
 from smolvlm.serving.errors import APIError, bad_request, context_too_long, error_body
 from smolvlm.serving.media import MediaLimits, load_media
@@ -31,19 +31,6 @@ from smolvlm.serving.metrics import ServerMetrics
 from smolvlm.serving.parse import ChatRequest, generation_kwargs
 
 log = logging.getLogger("smolvlm.serving")
-
-
-class AnswerText:
-    """Engine text pieces -> answer pieces: whitespace before the first visible character is dropped."""
-
-    def __init__(self) -> None:
-        self.started = False
-
-    def __call__(self, piece: str) -> str:
-        if not self.started:
-            piece = piece.lstrip()
-            self.started = bool(piece)
-        return piece
 
 
 def chat_messages(req: ChatRequest, media: dict[tuple[str, str], Any]) -> list[dict[str, Any]]:
