@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("smolvlm.cli.chat", "interactive multi-turn chat on stdin (/image PATH, /reset, /quit)"),
     "serve": ("smolvlm.cli.serve", "OpenAI-compatible HTTP server (/v1/chat/completions, streaming, images, video)"),
     "tokens": ("smolvlm.cli.tokens", "count tiles and prompt tokens for images (no model needed)"),
-    "eval": ("smolvlm.cli.eval", "evaluate a model on the held-out synthetic set (exact match per category)"),
+    "eval": ("smolvlm.cli.eval", "score a model on benchmarks (DocVQA, MMMU, Video-MME, ...) or the synthetic set; score predictions; reports"),
     "export-default": ("smolvlm.cli.export_default", "write the built-in default model as a standard checkpoint folder"),
     "ship-default": ("smolvlm.cli.ship_default", "package a finished default-model training run as the built-in model"),
 }

@@ -81,7 +81,9 @@ def resolve(data: str, split: str | None, config: str | None = None, hub_id: str
     from huggingface_hub import snapshot_download
 
     sub = f"{config}/" if config else ""
-    patterns = [f"{sub}*{split}*", f"{sub}**/*{split}*"] if split else None
+    # the split's files only; without a split, the annotation / parquet files (not the videos)
+    patterns = ([f"{sub}*{split}*", f"{sub}**/*{split}*"] if split
+                else [f"{sub}*{ext}" for ext in DATA_SUFFIXES] + [f"{sub}**/*{ext}" for ext in DATA_SUFFIXES])
     try:
         folder = snapshot_download(data, repo_type="dataset", allow_patterns=patterns)
     except Exception as e:  # no internet, unknown repo, gated dataset

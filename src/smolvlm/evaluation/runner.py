@@ -16,7 +16,6 @@ Results (``evaluate``)::
 
 from __future__ import annotations
 
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from smolvlm.evaluation import metrics
+from smolvlm.evaluation.provenance import git_commit
 from smolvlm.evaluation.tasks import Request, get_task
 from smolvlm.generation.feature_cache import FeatureCache
 from smolvlm.generation.generate import generate_ids
@@ -55,21 +55,6 @@ class EvalConfig:
         if self.seed < 0 or self.num_examples < 0:
             raise ValueError(f"seed and num_examples must be >= 0, got {self.seed} / {self.num_examples}")
         return self
-
-
-def git_commit(path: str | Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` of the repository holding this package (``"+dirty"`` when ``src/``
-    has uncommitted changes); None outside a git checkout."""
-    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/src"], cwd=cwd, capture_output=True,
-                               text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def stop_ids(model: Any, processor: Any) -> list[int]:
