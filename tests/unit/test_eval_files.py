@@ -155,3 +155,26 @@ def test_reports_tables_and_charts(tmp_path):
     assert "| docvqa | anls | 50.00 | 55.50 | 79.98 |" in table
     assert "| textvqa | anls | 30.00 |  | 79.98 |" in table
     assert report.combined_chart(runs, tmp_path / "all.png").stat().st_size > 1000
+
+
+def test_a_hub_id_downloads_only_the_split(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot(repo_id, repo_type=None, allow_patterns=None):
+        calls.append((repo_id, repo_type, allow_patterns))
+        _parquet(tmp_path / "DocVQA" / "validation-00000-of-00001.parquet", [{"q": 1}])
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    files = dataset_files.resolve("lmms-lab/DocVQA", "validation", "DocVQA", "lmms-lab/DocVQA")
+    assert [f.name for f in files] == ["validation-00000-of-00001.parquet"]
+    assert calls == [("lmms-lab/DocVQA", "dataset", ["DocVQA/*validation*", "DocVQA/**/*validation*"])]
+
+    def offline(*a, **k):
+        raise OSError("no internet")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DataError, match=r"cannot download dataset lmms-lab/textvqa.*no internet"):
+        dataset_files.resolve("lmms-lab/textvqa", "validation")
