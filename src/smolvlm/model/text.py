@@ -17,6 +17,12 @@ The same rule selects keys, per row: slot j is visible to row b's query at slot 
 request's stale keys) are never seen; the mask may be omitted. L defaults to
 ``input_pos.max() + 1``; RoPE positions default to ``input_pos`` (pass ``position_ids`` (B, T)
 when they differ from the slots).
+
+Packed training rows (no cache). ``segment_ids`` (B, T), int, marks which sample each token belongs
+to (1, 2, ... within a row; 0 = padding): a token attends only to earlier-or-equal slots with its
+own segment id (block-diagonal causal mask, ``segment_mask``), and RoPE positions default to the
+offset inside the token's run of equal ids, restarting at 0 for each sample (``segment_positions``).
+Without ``segment_ids`` nothing of the above changes.
 """
 
 from __future__ import annotations
@@ -45,6 +51,30 @@ def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | 
         allowed = allowed & key_valid.to(torch.bool)[:, None, None, :]  # (B, 1, T, L)
     empty = ~allowed.any(dim=-1, keepdim=True)
     return allowed | (empty & (slots == query_pos[..., None])[lead])
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) RoPE positions restarting at 0 at the start of every run of equal segment ids."""
+    b, t = segment_ids.shape
+    idx = torch.arange(t, device=segment_ids.device).expand(b, t)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    run_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - run_start
+
+
+def segment_mask(segment_ids: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, 1, T, T) block-diagonal causal mask for packed rows: query i sees key j iff
+    ``j <= i``, both carry the same segment id, the id is not 0 (padding) and ``key_valid[b, j]``.
+    A query that sees nothing (padding) sees its own slot only, as in ``build_mask``."""
+    t = segment_ids.shape[1]
+    slots = torch.arange(t, device=segment_ids.device)
+    allowed = (slots[None, :] <= slots[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    allowed = allowed & (segment_ids != 0)[:, None, :]  # (B, T, T)
+    if key_valid is not None:
+        allowed = allowed & key_valid.to(torch.bool)[:, None, :]
+    allowed = allowed | (~allowed.any(dim=-1, keepdim=True) & torch.eye(t, dtype=torch.bool, device=slots.device))
+    return allowed[:, None]  # (B, 1, T, T)
 
 
 def _cache_mask(slots: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
@@ -145,6 +175,7 @@ class TextModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         input_pos: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = inputs_embeds.shape
         dev = inputs_embeds.device
@@ -155,11 +186,22 @@ class TextModel(nn.Module):
             key_len = t
             if attention_mask is not None and attention_mask.shape != (b, t):
                 raise ValueError(f"attention_mask must have shape (batch, seq) = {(b, t)}, got {tuple(attention_mask.shape)}")
-            # An all-ones mask is the same as no mask; skip it for the fused causal kernel.
-            padded = attention_mask is not None and not bool(attention_mask.all())
-            mask = build_mask(slots, t, attention_mask) if padded else None
-            causal = mask is None and t > 1
+            if segment_ids is not None:  # packed training rows: one causal block per sample
+                if segment_ids.shape != (b, t):
+                    raise ValueError(f"segment_ids must have shape (batch, seq) = {(b, t)}, "
+                                     f"got {tuple(segment_ids.shape)}")
+                segment_ids = segment_ids.to(dev)
+                mask, causal = segment_mask(segment_ids, attention_mask), False
+                if position_ids is None:
+                    position_ids = segment_positions(segment_ids)
+            else:
+                # An all-ones mask is the same as no mask; skip it for the fused causal kernel.
+                padded = attention_mask is not None and not bool(attention_mask.all())
+                mask = build_mask(slots, t, attention_mask) if padded else None
+                causal = mask is None and t > 1
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be used with a kv_cache")
             if input_pos is None:
                 raise ValueError("kv_cache needs input_pos: the (T,) or (B, T) cache slots written by this call")
             slots = input_pos.to(dev)

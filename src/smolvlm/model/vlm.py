@@ -241,8 +241,13 @@ class SmolVLM(nn.Module):
         logits_to_keep: int = 0,
         image_features: torch.Tensor | None = None,
         return_logits: bool = True,
+        segment_ids: torch.Tensor | None = None,
     ) -> SmolVLMOutput:
         """Logits (and loss if ``labels``). See ``text.py`` for the cache/mask contract.
+
+        ``segment_ids`` (B, T) (training, no cache): packed rows, each sample attending only to
+        itself with RoPE positions restarting at 0 (``text.segment_mask``). The caller masks the
+        label of each sample's first token, so no sample predicts the next one's first token.
 
         ``return_logits=False`` (training, with ``labels``): the head runs only at the positions that
         have a target after the shift, so the loss is the same and ``logits`` is ``None``."""
@@ -259,7 +264,8 @@ class SmolVLM(nn.Module):
             tok = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
             image_mask = (inputs_embeds == self.model.text_model.embed_tokens(tok)).all(-1)
             inputs_embeds = self._merge(inputs_embeds, image_mask, image_features)
-        hidden = self.model.text_model(inputs_embeds, attention_mask, position_ids, kv_cache, input_pos)
+        hidden = self.model.text_model(inputs_embeds, attention_mask, position_ids, kv_cache, input_pos,
+                                       segment_ids=segment_ids)
         if not return_logits:
             if labels is None:
                 raise ValueError("return_logits=False needs labels (it computes the loss only)")
