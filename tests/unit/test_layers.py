@@ -21,6 +21,7 @@ PACKAGE = SRC / "smolvlm"
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "hub": set(),
+    "torchrun": set(),  # torchrun's RANK / WORLD_SIZE
     "model": {"config"},
     "quantization": {"config", "model"},
     "weights": {"config", "hub", "model", "quantization"},
@@ -29,9 +30,9 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"config"},  # dataset formats (the_cauldron rows -> chat messages)
     "generation": {"config", "model"},
     "serving": {"config", "hub", "model", "weights", "processing", "generation"},  # a thin HTTP shell
-    "evaluation": {"config", "hub", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
-    "training": {"config", "hub", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
-    "cli": {"config", "hub", "model", "quantization", "weights", "processing", "synth", "data", "generation",
+    "evaluation": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
+    "training": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
+    "cli": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation",
             "evaluation", "training", "serving", "smolvlm"},
     "smolvlm": {"config"},  # the package root: lazy attributes name their modules as strings
 }

@@ -10,37 +10,9 @@ ranks may finish minutes apart.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from datetime import timedelta
+from smolvlm.torchrun import BARRIER_TIMEOUT, Shard, from_env
 
-BARRIER_TIMEOUT = timedelta(hours=12)
-
-
-@dataclass(frozen=True)
-class Shard:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def owns(self, position: int) -> bool:
-        """Whether the ``position``-th planned row is this rank's."""
-        return position % self.world == self.rank
-
-
-def from_env() -> Shard:
-    """The shard torchrun's environment describes (``RANK``, ``WORLD_SIZE``); one process otherwise."""
-    try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ValueError(f"RANK / WORLD_SIZE must be integers, got {os.environ.get('RANK')!r} / "
-                         f"{os.environ.get('WORLD_SIZE')!r}") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
-    return Shard(rank, world)
+__all__ = ["BARRIER_TIMEOUT", "Shard", "barrier", "close", "from_env", "init"]
 
 
 def init(shard: Shard, device: str = "cpu") -> None:

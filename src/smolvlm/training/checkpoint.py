@@ -6,7 +6,12 @@ A checkpoint is a folder ``<root>/step-00000012/`` holding
 * ``optimizer.pt``          - ``optimizer.state_dict()``,
 * ``trainer_state.json``    - step, samples seen (= data-order position), scheduler state,
   a fingerprint of the frozen parameters, free-form loop state,
-* ``rng.json``              - python, numpy and torch (CPU + CUDA) generator states.
+* ``rng.json``              - python, numpy and torch (CPU + CUDA) generator states,
+* ``rng-ranks.json``        - (multi-process runs) every rank's generator states, in rank order.
+
+Multi-process runs (``distributed.py``) save from rank 0 what the ranks gathered there (the full
+trainable tensors and optimizer state, even when FSDP2 shards them) in this same layout, so a
+checkpoint resumes under one process, DDP or FSDP alike.
 
 Frozen parameters are not stored: resume rebuilds the model from its recipe (same base weights,
 same seeded init) and checks the fingerprint, so a changed base is a loud error instead of a
@@ -30,6 +35,7 @@ from torch import nn
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
+RNG_RANKS_FILE = "rng-ranks.json"
 
 
 class CheckpointError(ValueError):
@@ -107,9 +113,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ck[-1] if ck else None
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write the checkpoint for ``step`` atomically and keep only the newest ``keep_last``."""
+def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    scheduler: Any, state: dict[str, Any], keep_last: int = 2, *,
+                    tensors: dict[str, torch.Tensor] | None = None, optim_state: dict[str, Any] | None = None,
+                    fingerprint: list[float] | None = None, rng_ranks: list[dict[str, Any]] | None = None) -> Path:
+    """Write the checkpoint for ``step`` atomically and keep only the newest ``keep_last``.
+
+    By default everything comes from the live objects; a multi-process run passes what it gathered
+    instead: ``tensors`` (trainable parameters), ``optim_state`` (``optimizer.state_dict()`` layout),
+    ``fingerprint`` (of the frozen weights, taken before sharding) and ``rng_ranks`` (every rank's
+    generator states; rank 0's also go to ``rng.json``)."""
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -119,12 +132,14 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(trainable_state(model) if tensors is None else tensors, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict() if optim_state is None else optim_state, tmp / "optimizer.pt")
     full_state = dict(state, step=step, scheduler=scheduler.state_dict() if scheduler is not None else None,
-                      frozen_fingerprint=frozen_fingerprint(model))
+                      frozen_fingerprint=frozen_fingerprint(model) if fingerprint is None else fingerprint)
     (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
-    (tmp / "rng.json").write_text(json.dumps(rng_state()))
+    (tmp / "rng.json").write_text(json.dumps(rng_state() if rng_ranks is None else rng_ranks[0]))
+    if rng_ranks is not None and len(rng_ranks) > 1:
+        (tmp / RNG_RANKS_FILE).write_text(json.dumps(rng_ranks))
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
@@ -147,40 +162,79 @@ def clean_temp(root: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any, restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint`` into live objects; returns trainer state.
-
-    Strict: the trainable parameter names must equal the saved ones, and the frozen weights must
-    have the saved fingerprint (relative tolerance 1e-9 on float64 sums: the same tensors give
-    bit-identical sums; any changed base weight moves them far more)."""
-    from safetensors.torch import load_file
-
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint (an error if ``path`` is not one)."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint (no {STATE_FILE})")
-    state = json.loads((path / STATE_FILE).read_text())
-    saved = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    live = {n for n, p in params.items() if p.requires_grad}
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def read_trainable(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "trainable.safetensors"))
+
+
+def read_optimizer(path: str | Path, map_location: Any = None) -> dict[str, Any]:
+    return torch.load(Path(path) / "optimizer.pt", weights_only=True, map_location=map_location)
+
+
+def read_rng(path: str | Path) -> list[dict[str, Any]]:
+    """Generator states by rank: every rank's for a multi-process checkpoint, else ``[rank 0's]``."""
+    path = Path(path)
+    if (path / RNG_RANKS_FILE).is_file():
+        return json.loads((path / RNG_RANKS_FILE).read_text())
+    return [json.loads((path / "rng.json").read_text())]
+
+
+def check_fingerprint(path: str | Path, fp: list[float], want: list[float]) -> None:
+    """The frozen weights are the ones the checkpoint was trained on (relative tolerance 1e-9 on
+    float64 sums: the same tensors give bit-identical sums; any changed base weight moves them far more)."""
+    if fp[0] != want[0] or any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(fp[1:], want[1:])):
+        raise CheckpointError(f"checkpoint {path}: frozen weights differ from the ones it was trained on "
+                              f"(fingerprint {fp} != {want}); rebuild the model from the same recipe")
+
+
+def check_names(path: str | Path, model: nn.Module, saved: dict[str, Any]) -> None:
+    """The saved tensors are exactly ``model``'s trainable parameters, by name."""
+    live = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(live - set(saved)), sorted(set(saved) - live)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model's trainable parameters: "
                               f"{len(missing)} missing: {', '.join(missing[:5])}; "
                               f"{len(unexpected)} unexpected: {', '.join(unexpected[:5])}")
-    fp, want = frozen_fingerprint(model), state["frozen_fingerprint"]
-    if fp[0] != want[0] or any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(fp[1:], want[1:])):
-        raise CheckpointError(f"checkpoint {path}: frozen weights differ from the ones it was trained on "
-                              f"(fingerprint {fp} != {want}); rebuild the model from the same recipe")
+
+
+def apply_trainable(path: str | Path, model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into ``model``'s trainable parameters (names and shapes checked)."""
+    check_names(path, model, saved)
+    params = dict(model.named_parameters())
+    live = [n for n, p in params.items() if p.requires_grad]
+    for n in live:
+        if saved[n].shape != params[n].shape:
+            raise CheckpointError(f"{n}: checkpoint shape {tuple(saved[n].shape)} != model {tuple(params[n].shape)}")
     with torch.no_grad():
         for n in live:
-            if saved[n].shape != params[n].shape:
-                raise CheckpointError(f"{n}: checkpoint shape {tuple(saved[n].shape)} != model {tuple(params[n].shape)}")
             params[n].copy_(saved[n])
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    scheduler: Any, restore_rng: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint`` into live objects; returns trainer state.
+
+    Strict: the trainable parameter names must equal the saved ones, and the frozen weights must
+    have the saved fingerprint (``check_fingerprint``)."""
+    path = Path(path)
+    state = read_state(path)
+    saved = read_trainable(path)
+    check_names(path, model, saved)
+    check_fingerprint(path, frozen_fingerprint(model), state["frozen_fingerprint"])
+    apply_trainable(path, model, saved)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(read_optimizer(path))
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        set_rng_state(json.loads((path / "rng.json").read_text()))
+        set_rng_state(read_rng(path)[0])
     return state

@@ -28,26 +28,27 @@ def truncate_metrics(path: str | Path, max_step: int) -> None:
 
 
 def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """Plot train loss (and eval loss where logged) against step; None if nothing was logged."""
+    """One panel each, against the optimizer step, for what was logged: train loss, eval loss,
+    learning rate. None if nothing was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
-    if not train and not evals:
+    series = [(name, label, [(r["step"], r[key]) for r in recs if key in r])
+              for key, name, label in (("loss", "train loss", "loss"), ("eval_loss", "eval loss", "loss"),
+                                       ("lr", "learning rate", "lr"))]
+    panels = [p for p in series if p[2]]
+    if not any(name != "learning rate" for name, _, _ in panels):
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", ms=3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2.2 * len(panels) + 0.6), dpi=100, sharex=True, squeeze=False)
+    for ax, (name, label, points) in zip(axes[:, 0], panels):
+        ax.plot(*zip(*points), "o-" if name == "eval loss" else "-", lw=1, ms=3, label=name)
+        ax.set_ylabel(label)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
