@@ -43,17 +43,32 @@ class ModelRecipe:
     processor: dict[str, Any] = field(default_factory=dict)  # preprocessor_config.json overrides
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype (autocast is train.autocast)
     init_seed: int = 0  # seed of the from-scratch initialisation
+    # QLoRA: the frozen base's text linears quantized (weight-only, ``smolvlm.quantization``) under LoRA
+    quantize: Literal["none", "int8", "int4"] = "none"
+    quantize_group_size: int | None = None  # int4 group size (None: the quantizer's choice)
 
 
 @dataclass
 class DataRecipe:
-    generator: Literal["synth"] = "synth"  # the sample source (``data.make_samples``)
-    n_train: int = 1000
-    n_eval: int = 0
+    # where samples come from: "synth" (the generator), "cauldron" (the_cauldron / Docmatix parquet),
+    # "jsonl" (cauldron-layout or chat-messages lines), "preference" (DPO: images, prompt, chosen, rejected)
+    format: Literal["synth", "cauldron", "jsonl", "preference"] = "synth"
+    path: str | None = None  # file or folder of the training data (not for synth)
+    eval_path: str | None = None  # held-out data in the same format
+    # several sources: [{format, path, weight}, ...] (weight: relative share of the training samples)
+    mixture: list[dict[str, Any]] = field(default_factory=list)
+    limit: int | None = None  # use only the first N samples of each source
+    generator: Literal["synth"] = "synth"  # the synthetic sample source (``data.make_samples``)
+    n_train: int = 1000  # synth only
+    n_eval: int = 0  # synth only
     seed: int = 0
     categories: list[str] | None = None  # synth: train/eval on these categories only (default: all)
-    max_length: int | None = None  # truncate longer samples (an error if it would cut an image)
+    max_length: int | None = None  # longer samples are truncated (never through an image) or dropped
     system_prompt: str | None = None
+    image_splitting: bool | None = None  # None: as the checkpoint's processor config says
+    video_fps: float | None = None  # None: the checkpoint's video sampling
+    video_max_frames: int | None = None
+    packing: bool = False  # pack short samples into one row (attention isolated per sample)
 
 
 @dataclass
@@ -113,6 +128,14 @@ class ReplayRecipe:
 
 
 @dataclass
+class DPORecipe:
+    """Direct Preference Optimization (``train.objective: dpo``; Rafailov et al. 2023, as TRL's DPOTrainer)."""
+
+    beta: float = 0.1  # strength of the KL-like penalty towards the reference model
+    label_smoothing: float = 0.0  # conservative DPO (0: the original sigmoid loss)
+
+
+@dataclass
 class TrainRecipe:
     output_dir: str = "runs/train"
     max_steps: int = 100
@@ -128,6 +151,10 @@ class TrainRecipe:
     gradient_checkpointing: bool = False
     device: str = "cpu"
     progress: bool = True
+    objective: Literal["sft", "dpo"] = "sft"
+    # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 fully_shard, for models that do not fit)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
 
 
 @dataclass
@@ -141,6 +168,7 @@ class Recipe:
     train: TrainRecipe = field(default_factory=TrainRecipe)
     vision_pretrain: VisionPretrainRecipe = field(default_factory=VisionPretrainRecipe)
     replay: ReplayRecipe = field(default_factory=ReplayRecipe)
+    dpo: DPORecipe = field(default_factory=DPORecipe)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from smolvlm.training import loop
+from smolvlm.training import distributed, loop
 from smolvlm.training.collate import IGNORE_INDEX
-from smolvlm.training.lora import LoRALinear
+from smolvlm.training.lora import QUANTIZED, LoRALinear
 from smolvlm.training.optim import TrainError, prefix_match
 from smolvlm.training.recipe import OptimRecipe, ScheduleRecipe, TrainRecipe
 
@@ -40,11 +40,15 @@ Batch = dict[str, torch.Tensor]
 def apply_freezing(model: nn.Module, freeze: Sequence[str] = (), train: Sequence[str] = ()) -> dict[str, int]:
     """Set ``requires_grad`` by name prefix: the longest matching prefix of ``freeze`` or ``train``
     decides; unmatched parameters train. LoRA adapters always train and the base weights of
-    ``LoRALinear`` layers never do. A prefix that matches no parameter is an error (typos)."""
+    ``LoRALinear`` layers never do, nor anything of a quantized layer (QLoRA: the bias of an
+    ``Int8Linear`` / ``Int4Linear``). A prefix that matches no parameter is an error (typos)."""
     lora_base = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.weight, m.bias) if p is not None}
+    lora_base |= {id(p) for m in model.modules() if isinstance(m, QUANTIZED) for p in m.parameters()}
     names = [n for n, _ in model.named_parameters()]
+    # a quantized layer's weights are buffers, frozen by nature; a prefix naming them is no typo
+    quantized = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QUANTIZED) for b, _ in m.named_buffers()]
     for pre in [*freeze, *train]:
-        if not any(prefix_match(n, pre) for n in names):
+        if not any(prefix_match(n, pre) for n in (*names, *quantized)):
             raise TrainError(f"freeze/train prefix {pre!r} matches no parameter (e.g. {names[0]!r})")
     rules = sorted([(p, False) for p in freeze] + [(p, True) for p in train], key=lambda r: -len(r[0]))
     counts = {"trainable": 0, "frozen": 0}
@@ -233,7 +237,8 @@ def train(model: nn.Module, train_data: Sequence, collate_fn: Callable[[list], B
     def batches(seen: int) -> tuple[list[Batch], int, int]:
         micro = []
         for _ in range(cfg.grad_accum):
-            micro.append(collate_fn([train_data[i] for i in order.indices(seen, cfg.batch_size)]))
+            # under torchrun each rank collates its share of the micro-batch (distributed.shard)
+            micro.append(collate_fn([train_data[i] for i in distributed.shard(order.indices(seen, cfg.batch_size))]))
             seen += cfg.batch_size
         return micro, seen, cfg.batch_size * cfg.grad_accum
 
