@@ -2,7 +2,7 @@
 
 Not run in CI. Each variant runs in its own subprocess (a fresh heap): the model is built with
 ``SmolVLM.from_config`` from shared/reference/SmolVLM-256M-Instruct/config.json (random weights,
-seed 0, float32), then set up exactly as ``build_run`` does for a recipe (``build._quantize_base``
+seed 0, float32), then set up exactly as ``build_run`` does for a recipe (``qlora.quantize_base``
 for ``model.quantize``, then ``build._configure``: LoRA r=8 on the 7 text projections, base frozen
 with ``freeze: [model, lm_head]``), and trained ``--steps`` AdamW steps (``sft.train_step``) on one
 fixed text-only batch (batch 1, ``--seq`` tokens, no image: the vision tower is resident but idle).
@@ -57,7 +57,7 @@ def child(mode: str, steps: int, seq: int) -> dict:
 
     from smolvlm import SmolVLM, SmolVLMConfig
     from smolvlm.quantization import quantized_modules
-    from smolvlm.training import build, optim, sft
+    from smolvlm.training import build, optim, qlora, sft
     from smolvlm.training.recipe import FreezeRecipe, LoRARecipe, ModelRecipe, OptimRecipe, Recipe, ScheduleRecipe
 
     rss0 = _status_kib("VmRSS")
@@ -68,7 +68,7 @@ def child(mode: str, steps: int, seq: int) -> dict:
     recipe = Recipe(model=ModelRecipe(quantize=mode), lora=LoRARecipe(enabled=True, targets=TARGETS, r=8, alpha=8.0),
                     freeze=FreezeRecipe(freeze=["model", "lm_head"]))
     vocab = cfg.text_config.vocab_size
-    build._quantize_base(model, recipe, vocab)
+    qlora.quantize_base(model, recipe, vocab)
     build._configure(model, recipe, vocab)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -159,7 +159,7 @@ Command (from the repository root; each variant in its own subprocess):
 
 Model: the real SmolVLM-256M-Instruct shape (`shared/reference/SmolVLM-256M-Instruct/config.json`),
 random weights (`SmolVLM.from_config`, seed 0, float32). Set up as `build_run` does: `model.quantize`
-quantizes the text decoder's linears and lm_head (`build._quantize_base`; {rows[1]['quantized_layers']} layers),
+quantizes the text decoder's linears and lm_head (`qlora.quantize_base`; {rows[1]['quantized_layers']} layers),
 then LoRA r=8 on q/k/v/o/gate/up/down of the text model with `freeze: [model, lm_head]`
 (`build._configure`). Training:
 AdamW (`sft.train_step`), {a.steps} steps on one fixed text-only batch, batch 1, {a.seq} tokens, no

@@ -26,10 +26,10 @@ from torch import nn
 
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.quantization import Int4Linear, Int8Linear, quantize, quantized_modules
-from smolvlm.training import lora, optim, sft
+from smolvlm.training import lora, optim, qlora, sft
 from smolvlm.training.build import build_run, export_final, run_recipe
-from smolvlm.training.lora import (LoRALinear, QLoRALinear, dequantize_base, dequantized_linear, inject_lora,
-                                   load_lora, lora_modules, merge_lora)
+from smolvlm.training.lora import LoRALinear, QLoRALinear, inject_lora, load_lora, lora_modules, merge_lora
+from smolvlm.training.qlora import dequantize_base, dequantized_linear
 from smolvlm.training.recipe import OptimRecipe, RecipeError, ScheduleRecipe, recipe_from_dict
 from tests.helpers import tiny_config, tiny_recipe
 
@@ -73,8 +73,8 @@ def test_row_blocks_dequantize_bit_for_bit(mode):
     q = quantized(nn.Linear(64, 96, bias=False), mode)
     for dtype in (torch.float32, torch.bfloat16):
         w = q.dequantized_weight(dtype)
-        assert torch.equal(lora._dequantized_rows(q, 0, 96, dtype), w)
-        assert torch.equal(lora._dequantized_rows(q, 16, 40, dtype), w[16:40])
+        assert torch.equal(qlora._dequantized_rows(q, 0, 96, dtype), w)
+        assert torch.equal(qlora._dequantized_rows(q, 16, 40, dtype), w[16:40])
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -82,8 +82,8 @@ def test_row_blocks_dequantize_bit_for_bit(mode):
 @pytest.mark.parametrize("block_rows", [None, 48])  # 48: the weight dequantized in row blocks 48 + 48 + 32
 def test_layer_gradients_equal_lora_over_the_dequantized_base(mode, rows, block_rows, monkeypatch):
     if block_rows:
-        monkeypatch.setattr(lora, "DEQUANT_BLOCK_BYTES", 4 * 256 * block_rows)
-        assert len(lora._row_blocks(quantized(nn.Linear(256, 128), mode))) == 3
+        monkeypatch.setattr(qlora, "DEQUANT_BLOCK_BYTES", 4 * 256 * block_rows)
+        assert len(qlora._row_blocks(quantized(nn.Linear(256, 128), mode))) == 3
     ql, ref, q = qlora_and_reference(mode)
     x = torch.randn(2, rows // 2, 256)
     loss = lambda y: (y.tanh() ** 2).sum()  # noqa: E731 - nonlinear: grad_y depends on y

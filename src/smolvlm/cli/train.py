@@ -23,8 +23,9 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from smolvlm.evaluation.shard import from_env
-    from smolvlm.training.build import dry_run, run_recipe
+    from smolvlm.torchrun import from_env
+    from smolvlm.training.build import run_recipe
+    from smolvlm.training.dry_run import dry_run
     from smolvlm.training.loop import Interrupted
     from smolvlm.training.recipe import load_recipe
 

@@ -25,17 +25,15 @@ import torch
 import yaml
 from torch.utils.data import ConcatDataset
 
-from smolvlm import quantization
 from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
-from smolvlm.data import sources as data_sources
-from smolvlm.training import validate as data_validate
 from smolvlm.hub import resolve_checkpoint_dir
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.processing.processor import SmolVLMProcessor
 from smolvlm.processing.tokenizer import Tokenizer
 from smolvlm.synth.chat import chat_prompts
 from smolvlm.training import data as data_mod
-from smolvlm.training import distributed, dpo, loop, lora, optim, replay, sft
+from smolvlm.training import distributed, dpo, loop, lora, optim, packing, qlora, replay, sft
+from smolvlm.training import validate as data_validate
 from smolvlm.training import vision_pretrain as vp
 from smolvlm.training.collate import collate
 from smolvlm.training.packing import pack_collate
@@ -192,46 +190,14 @@ def _replay_settings(recipe: Recipe) -> dict[str, Any]:
     return {"replay": dataclasses.asdict(recipe.replay), "text_backbone": recipe.model.checkpoint or recipe.model.text_backbone}
 
 
-def check_packing(recipe: Recipe) -> None:
-    """``data.packing`` needs ``data.max_length`` (the packed row length) and the SFT objective."""
-    if not recipe.data.packing:
-        return
-    if recipe.data.max_length is None:
-        raise RecipeError("data.packing: true needs data.max_length (the length of a packed row)")
-    if recipe.train.objective != "sft":
-        raise RecipeError(f"data.packing is for train.objective: sft, not {recipe.train.objective!r}")
-
-
-def check_qlora(recipe: Recipe) -> None:
-    """``model.quantize`` (QLoRA) trains adapters over a frozen quantized base: it needs ``lora.enabled``."""
-    if recipe.model.quantize != "none" and not recipe.lora.enabled:
-        raise RecipeError(f"model.quantize: {recipe.model.quantize}: QLoRA needs lora.enabled: the quantized base "
-                          f"cannot be trained (set lora.enabled: true, or model.quantize: none)")
-
-
-def own_data(recipe: Recipe) -> bool:
-    """Users' files (``data.format: cauldron | jsonl`` or ``data.mixture``) for SFT."""
-    d = recipe.data
-    return recipe.train.objective == "sft" and (d.format in data_sources.FORMATS or bool(d.mixture))
-
-
-def check_data_paths(recipe: Recipe) -> None:
-    """Users' data: ``data.path`` / ``eval_path`` / every mixture entry exists and holds files of its format."""
-    if own_data(recipe):
-        try:
-            data_sources.check_paths(recipe.data)
-        except data_sources.DataError as e:
-            raise RecipeError(f"data: {e}") from None
-
-
 def check_run(recipe: Recipe, resume: bool = False) -> None:
     """Errors found by reading only: the model's sources exist, and ``train.output_dir`` holds nothing
     this run would contradict (checkpoints without ``resume``, stage 1 or replay data made with other
     settings). Writes nothing."""
-    check_packing(recipe)
-    check_qlora(recipe)
+    packing.check_recipe(recipe)
+    qlora.check_recipe(recipe)
     dpo.check_recipe(recipe)  # train.objective / data.format agree, preference files exist
-    check_data_paths(recipe)
+    data_validate.check_data_paths(recipe)
     check_sources(recipe.model)
     out = Path(recipe.train.output_dir)
     if out.exists() and not out.is_dir():
@@ -245,39 +211,6 @@ def check_run(recipe: Recipe, resume: bool = False) -> None:
 
 
 # -- building -------------------------------------------------------------------------------------
-def _quantize_base(model: Any, recipe: Recipe, backbone_vocab: int) -> list[str]:
-    """QLoRA (``model.quantize: int8 | int4``): swap the text decoder's linears and lm_head for
-    weight-only quantized layers, as ``smolvlm.quantization.quantize`` does for inference, before
-    LoRA goes on top (``lora.inject_lora`` wraps quantized targets in ``QLoRALinear``). lm_head stays
-    float when tied to the embedding (a quantized copy would add memory, not save it) or when
-    ``freeze.train_added_tokens`` trains its new rows. A quantized layer cannot train: one the freeze
-    rules would train (and not a LoRA target) is a RecipeError. Returns the quantized names."""
-    mr = recipe.model
-    if mr.quantize == "none":
-        return []
-    if quantization.quantized_modules(model):
-        raise RecipeError(f"model.quantize: {mr.quantize}: model.checkpoint is already quantized; set model.quantize: "
-                          f"none (LoRA trains over its quantized layers as they are)")
-    names = quantization.target_linears(model)
-    new_rows = recipe.freeze.train_added_tokens and backbone_vocab < model.config.vocab_size
-    if "lm_head" in names and (model.lm_head_is_tied() or new_rows):
-        names.remove("lm_head")
-    targets = [recipe.lora.targets] if isinstance(recipe.lora.targets, str) else list(recipe.lora.targets)
-    rules = sorted([(p, False) for p in recipe.freeze.freeze] + [(p, True) for p in recipe.freeze.train],
-                   key=lambda r: -len(r[0]))  # sft.apply_freezing's rule: the longest prefix decides
-    trained = [n for n in names if not lora.target_matches(n, targets)
-               and next((t for pre, t in rules if optim.prefix_match(f"{n}.weight", pre)), True)]
-    if trained:
-        raise RecipeError(f"model.quantize: {mr.quantize}: the freeze rules would train {len(trained)} layer(s) that "
-                          f"QLoRA quantizes (e.g. {trained[0]}), and a quantized weight cannot train; freeze them "
-                          f"(e.g. freeze: [model.text_model, lm_head]) or make them lora.targets")
-    try:
-        quantization.quantize(model, mr.quantize, group_size=mr.quantize_group_size, names=names)
-    except quantization.QuantizationError as e:
-        raise RecipeError(f"model.quantize: {e}") from None
-    return names
-
-
 def _configure(model: Any, recipe: Recipe, backbone_vocab: int) -> None:
     """LoRA, freezing, new-token rows and gradient checkpointing, as the recipe says; prefixes that
     match no parameter raise here, before the run writes anything."""
@@ -296,26 +229,12 @@ def _configure(model: Any, recipe: Recipe, backbone_vocab: int) -> None:
     optim.param_groups(model, recipe.optim)  # optim.lr_groups prefixes
 
 
-def _own_datasets(recipe: Recipe, processor: Any, model: Any) -> tuple[Any, Any]:
-    """Users' data, every sample validated first (``training/validate.py``: bad ones reported by name and
-    dropped); samples longer than ``data.max_length`` (or the model's positions) truncated or dropped."""
-    d = recipe.data
-    limits = [x for x in (d.max_length, model.config.text_config.max_position_embeddings) if x]
-    max_length = min(limits) if limits else None
-    options = data_mod.MediaOptions(d.image_splitting, d.video_fps, d.video_max_frames)
-    train, ev = data_validate.prepare_data(d, processor, options=options, max_length=max_length,
-                                           progress=recipe.train.progress)
-    datasets = [data_mod.SFTDataset(s, processor, d.system_prompt, options, max_length, skip_bad=True)
-                if s is not None else None for s in (train, ev)]
-    return datasets[0], datasets[1]
-
-
 def build_run(recipe: Recipe) -> RunParts:
     """Model (+ LoRA, freezing, checkpointing), processor, datasets and collate for a recipe. Its one
     write, the processor files of a model built from parts (``<output_dir>/processor``), comes after
     every check on the model."""
-    check_packing(recipe)
-    check_qlora(recipe)
+    packing.check_recipe(recipe)
+    qlora.check_recipe(recipe)
     mr, out = recipe.model, Path(recipe.train.output_dir)
     if mr.checkpoint:
         processor_dir = _checkpoint_dir(mr.checkpoint)
@@ -326,7 +245,7 @@ def build_run(recipe: Recipe) -> RunParts:
         check_sources(mr)
         tok = Tokenizer.from_pretrained(Path(mr.tokenizer))
         model, backbone_vocab = build_model(mr, tok.token_to_id("<image>"), len(tok))
-    _quantize_base(model, recipe, backbone_vocab)  # QLoRA: before LoRA goes on top
+    qlora.quantize_base(model, recipe, backbone_vocab)  # QLoRA: before LoRA goes on top
     _configure(model, recipe, backbone_vocab)
     if not mr.checkpoint:
         with distributed.rank0_first() as main:  # under torchrun rank 0 writes, the others read
@@ -338,8 +257,8 @@ def build_run(recipe: Recipe) -> RunParts:
         train_pairs, eval_pairs, pair_collate = dpo.build_data(recipe, processor)
         return RunParts(model, processor, train_pairs, eval_pairs, pair_collate, processor_dir, backbone_vocab)
     d = recipe.data
-    if own_data(recipe):
-        train_data, eval_data = _own_datasets(recipe, processor, model)
+    if data_validate.own_data(recipe):
+        train_data, eval_data = data_validate.own_datasets(recipe, processor, model)
     else:
         train_data = data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_train, "train", d.seed, d.categories), processor, d.system_prompt)
         eval_data = (data_mod.SFTDataset(data_mod.make_samples(d.generator, d.n_eval, "eval", d.seed, d.categories), processor, d.system_prompt)
@@ -364,7 +283,7 @@ def export_final(parts: RunParts, recipe: Recipe) -> Path:
     if lora.lora_modules(model):
         lora.save_lora(model, out / "adapter", base_model_name_or_path=recipe.model.checkpoint or recipe.model.text_backbone)
         lora.merge_lora(model)  # a QLoRALinear merges into its dequantized base
-    lora.dequantize_base(model)  # QLoRA: the quantized layers LoRA did not wrap go back to float too
+    qlora.dequantize_base(model)  # QLoRA: the quantized layers LoRA did not wrap go back to float too
     final = out / "final"
     model.save_pretrained(final)
     for name in _PROCESSOR_FILES:
@@ -447,33 +366,3 @@ def run_recipe(recipe: Recipe, resume: bool = False, stop_at: int | None = None)
     distributed.barrier()
     distributed.close()
     return result
-
-
-def dry_run(recipe: Recipe) -> str:
-    """``smolvlm train --dry-run``: build the model and the data as the run would (the processor files
-    of a model built from parts go to a temporary folder), train nothing, write nothing. Returns the
-    data summary, the trainable / frozen parameter counts and a memory estimate."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        parts = build_run(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, output_dir=tmp)))
-    lines = []
-    for split, ds in (("train", parts.train_data), ("eval", parts.eval_data)):
-        n = len(ds) if ds is not None else 0
-        samples = getattr(ds, "samples", None)
-        if isinstance(samples, data_mod.SynthSamples):  # round-robin over the categories
-            cats = samples.categories
-            n_by = ", ".join(f"{c} {len(range(i, n, len(cats)))}" for i, c in enumerate(cats))
-            lines.append(f"data {split}: {n} samples (synth: {n_by})")
-        else:
-            lines.append(f"data {split}: {n} samples")
-    t = recipe.train
-    step_samples = t.batch_size * t.grad_accum
-    n_train = len(parts.train_data)
-    lines.append(f"steps: {t.max_steps} x {step_samples} samples (batch_size {t.batch_size} x grad_accum "
-                 f"{t.grad_accum}) = {t.max_steps * step_samples / max(n_train, 1):.2f} epochs")
-    counts, mem = loop.param_counts(parts.model), loop.memory_estimate(parts.model)
-    lines.append(f"parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen")
-    lines.append(f"memory estimate: {mem['total']:.1f} MiB (weights {mem['weights']:.1f} + grads {mem['grads']:.1f} "
-                 f"+ AdamW states {mem['adamw']:.1f}; activations not included)")
-    return "\n".join(lines) + "\n"

@@ -209,32 +209,6 @@ def _progress(cfg: TrainRecipe, initial: int, desc: str):
 
 
 # -- parameters, memory, tokens -------------------------------------------------------------------
-def param_counts(model: nn.Module) -> dict[str, int]:
-    """Trainable and frozen parameter counts (shared tensors once)."""
-    seen, out = set(), {"trainable": 0, "frozen": 0}
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out["trainable" if p.requires_grad else "frozen"] += p.numel()
-    return out
-
-
-def memory_estimate(model: nn.Module) -> dict[str, float]:
-    """MiB for the weights (all parameters and buffers: a quantized base's weights are buffers), the
-    gradients and the AdamW states (exp_avg, exp_avg_sq) of the trainable parameters, in their
-    dtypes; activations are not included (they depend on the batch)."""
-    seen, weights, trainable = set(), 0, 0
-    for p in [*model.parameters(), *model.buffers()]:
-        if id(p) not in seen:
-            seen.add(id(p))
-            weights += p.numel() * p.element_size()
-            trainable += p.numel() * p.element_size() if p.requires_grad else 0
-    mib = 1024.0 ** 2
-    out = {"weights": weights / mib, "grads": trainable / mib, "adamw": 2 * trainable / mib}
-    out["total"] = sum(out.values())
-    return out
-
-
 def input_tokens(batch: Any) -> int:
     """Tokens a micro-batch feeds the model: non-padding positions of an LM batch (0 if it has none)."""
     if isinstance(batch, dict):

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from smolvlm.training.collate import IGNORE_INDEX, CollateError, _pad_1d, _pad_images, _truncate
+from smolvlm.training.recipe import Recipe, RecipeError
 
 
 def plan_packing(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -114,3 +115,13 @@ def pack_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int, max_
     if any("pixel_values" in r for r in rows):
         batch["pixel_values"], batch["pixel_attention_mask"] = _pad_images(rows)
     return batch
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """``data.packing`` needs ``data.max_length`` (the packed row length) and the SFT objective."""
+    if not recipe.data.packing:
+        return
+    if recipe.data.max_length is None:
+        raise RecipeError("data.packing: true needs data.max_length (the length of a packed row)")
+    if recipe.train.objective != "sft":
+        raise RecipeError(f"data.packing is for train.objective: sft, not {recipe.train.objective!r}")

@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from smolvlm.training import distributed, loop
 from smolvlm.training.collate import IGNORE_INDEX
-from smolvlm.training.lora import QUANTIZED, LoRALinear
+from smolvlm.training.lora import LoRALinear
+from smolvlm.training.qlora import QUANTIZED
 from smolvlm.training.optim import TrainError, prefix_match
 from smolvlm.training.recipe import OptimRecipe, ScheduleRecipe, TrainRecipe
 

@@ -25,8 +25,11 @@ from typing import Any, TextIO
 
 from smolvlm.data import samples as S
 from smolvlm.data.cauldron import DataError
+from smolvlm.data import sources
 from smolvlm.data.sources import Mixture, eval_format, mixture_entries, open_source
+from smolvlm.training import data as data_mod
 from smolvlm.training.collate import IGNORE_INDEX
+from smolvlm.training.recipe import Recipe, RecipeError
 from smolvlm.training.data import (
     MediaOptions,
     align_by_utterance,
@@ -188,3 +191,33 @@ def prepare_data(data: Any, processor: Any, *, options: MediaOptions = MediaOpti
         ev = validate(open_source(eval_format(data), data.eval_path, data.limit), processor,
                       what=data.eval_path, **kw)
     return train, ev
+
+
+# -- the recipe's users' data ----------------------------------------------------------------------
+def own_data(recipe: Recipe) -> bool:
+    """Users' files (``data.format: cauldron | jsonl`` or ``data.mixture``) for SFT."""
+    d = recipe.data
+    return recipe.train.objective == "sft" and (d.format in sources.FORMATS or bool(d.mixture))
+
+
+def check_data_paths(recipe: Recipe) -> None:
+    """Users' data: ``data.path`` / ``eval_path`` / every mixture entry exists and holds files of its format."""
+    if own_data(recipe):
+        try:
+            sources.check_paths(recipe.data)
+        except sources.DataError as e:
+            raise RecipeError(f"data: {e}") from None
+
+
+def own_datasets(recipe: Recipe, processor: Any, model: Any) -> tuple[Any, Any]:
+    """Users' data, every sample validated first (``prepare_data``: bad ones reported by name and
+    dropped); samples longer than ``data.max_length`` (or the model's positions) truncated or dropped."""
+    d = recipe.data
+    limits = [x for x in (d.max_length, model.config.text_config.max_position_embeddings) if x]
+    max_length = min(limits) if limits else None
+    options = data_mod.MediaOptions(d.image_splitting, d.video_fps, d.video_max_frames)
+    train, ev = prepare_data(d, processor, options=options, max_length=max_length,
+                                           progress=recipe.train.progress)
+    datasets = [data_mod.SFTDataset(s, processor, d.system_prompt, options, max_length, skip_bad=True)
+                if s is not None else None for s in (train, ev)]
+    return datasets[0], datasets[1]
