@@ -6,7 +6,10 @@ Each variant is a real ``smolvlm train`` run (its own process; ``torchrun --npro
 2-process rows) of the SmolVLM-256M-Instruct shape with random weights (config from
 ``shared/reference``), on the 12 example samples of ``examples/data/finetune.jsonl`` (one image each,
 one or more question/answer turns), batch 2 (the global batch: with 2 processes, 1 sample per rank),
-no gradient checkpointing. samples/s: the median over the steps after the first (``metrics.jsonl``);
+no gradient checkpointing, image splitting off (each image is one 512 px tile: 64 visual tokens).
+With splitting on, the 256M processor upscales these images to 17 tiles each, and full fine-tuning
+(which trains the vision tower, so its attention maps are kept for the backward) went past 24 GB
+here and was killed: use ``train.gradient_checkpointing: true`` for that. samples/s: the median over the steps after the first (``metrics.jsonl``);
 peak RSS: the largest process's high-water mark (``getrusage(RUSAGE_CHILDREN)`` in a fresh wrapper
 process per variant, which covers torchrun's workers). One process uses every core (torch's threads); each of 2 processes uses one.
 """
@@ -69,7 +72,7 @@ def make_checkpoint(dest: Path) -> Path:
 def run_variant(ckpt: Path, out: Path, procs: int, sets: list[str], steps: int) -> dict:
     base = [f"model.checkpoint={ckpt}", f"train.output_dir={out}", f"train.max_steps={steps}", "train.batch_size=2",
             "train.grad_accum=1", "train.gradient_checkpointing=false", "train.checkpoint_every=0",
-            "train.progress=false", "schedule.warmup_steps=0", "data.max_length=2048"]
+            "train.progress=false", "schedule.warmup_steps=0", "data.max_length=2048", "data.image_splitting=false"]
     args = ["train", "--recipe", str(REPO / "configs" / "finetune-jsonl.yaml"),
             *(x for s in base + sets for x in ("--set", s))]
     env = {**os.environ}
