@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.data.preference import load_preferences
-from smolvlm.training import distributed, loop, lora, sft
+from smolvlm.training import loop, lora, sft
 from smolvlm.training.collate import IGNORE_INDEX, collate
 from smolvlm.training.data import encode_sample
 from smolvlm.training.optim import TrainError
@@ -239,16 +239,8 @@ def train(model: nn.Module, train_data: Sequence, collate_fn: Callable[[list], B
     freezing must already be applied to ``model``; the reference is taken here, before any step (a
     resumed run takes it before its checkpoint loads, so it is still the starting model)."""
     dpo = dpo or DPORecipe()
-    order = sft.DataOrder(len(train_data), cfg.seed, cfg.shuffle)
     loss_fn = DPOLoss(model, dpo.beta, dpo.label_smoothing, cfg.device)
-
-    def batches(seen: int) -> tuple[list[Batch], int, int]:
-        micro = []
-        for _ in range(cfg.grad_accum):
-            # under torchrun each rank collates its share of the micro-batch's pairs (distributed.shard)
-            micro.append(collate_fn([train_data[i] for i in distributed.shard(order.indices(seen, cfg.batch_size))]))
-            seen += cfg.batch_size
-        return micro, seen, cfg.batch_size * cfg.grad_accum
+    batches = sft.step_batches(train_data, collate_fn, cfg)  # batch_size pairs per micro-batch
 
     def evaluate_dpo(m: nn.Module) -> dict[str, float]:
         amp = loop.autocast_dtype(cfg.autocast, cfg.device)

@@ -228,20 +228,29 @@ def _eval_batches(eval_data: Sequence, collate_fn: Callable, bs: int):
         yield collate_fn([eval_data[j] for j in range(i, min(i + bs, len(eval_data)))])
 
 
+def step_batches(train_data: Sequence, collate_fn: Callable[[list], Any], cfg: TrainRecipe
+                 ) -> Callable[[int], tuple[list[Any], int, int]]:
+    """The loop's ``Task.batches``: from data position ``seen``, ``grad_accum`` micro-batches of
+    ``batch_size`` samples in ``DataOrder``; under torchrun each rank collates its share of every
+    micro-batch (``distributed.shard``). Returns (micro-batches, next position, samples)."""
+    order = DataOrder(len(train_data), cfg.seed, cfg.shuffle)
+
+    def batches(seen: int) -> tuple[list[Any], int, int]:
+        micro = []
+        for _ in range(cfg.grad_accum):
+            micro.append(collate_fn([train_data[i] for i in distributed.shard(order.indices(seen, cfg.batch_size))]))
+            seen += cfg.batch_size
+        return micro, seen, cfg.batch_size * cfg.grad_accum
+
+    return batches
+
+
 def train(model: nn.Module, train_data: Sequence, collate_fn: Callable[[list], Batch], cfg: TrainRecipe,
           optim: OptimRecipe, sched: ScheduleRecipe, eval_data: Sequence | None = None, resume: bool = False,
           stop_at: int | None = None) -> loop.LoopResult:
     """Run (or resume) SFT until ``cfg.max_steps``; ``stop_at`` ends early after that step (used to
     simulate a killed run). Freezing/LoRA must already be applied to ``model``."""
-    order = DataOrder(len(train_data), cfg.seed, cfg.shuffle)
-
-    def batches(seen: int) -> tuple[list[Batch], int, int]:
-        micro = []
-        for _ in range(cfg.grad_accum):
-            # under torchrun each rank collates its share of the micro-batch (distributed.shard)
-            micro.append(collate_fn([train_data[i] for i in distributed.shard(order.indices(seen, cfg.batch_size))]))
-            seen += cfg.batch_size
-        return micro, seen, cfg.batch_size * cfg.grad_accum
+    batches = step_batches(train_data, collate_fn, cfg)
 
     def evaluate_lm(m: nn.Module) -> dict[str, float]:
         amp = loop.autocast_dtype(cfg.autocast, cfg.device)
