@@ -42,3 +42,15 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-model tests: the test machine is shared, and two
+    threads on a busy box made these tiny matmuls ~50x slower. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

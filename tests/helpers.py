@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from PIL import Image
 
 from smolvlm import SmolVLM
 from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
+from smolvlm.data.cauldron import DataError
+from smolvlm.training.collate import IGNORE_INDEX
 
 REF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
              "vocab.json", "merges.txt", "chat_template.json")
@@ -170,3 +173,52 @@ def serve_command(args: list[str], log: Path, env: dict[str, str] | None = None,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+# -- the earlier label-alignment method (image-block lengths), kept as an independent oracle for
+# training.data.align_by_utterance (tests/unit/test_data_sources.py) --------------------------------
+def _segments(ids: Sequence[int], image_id: int) -> list[tuple[int, int]]:
+    """[start, end) of the text runs between ``<image>`` tokens (m images -> m + 1 runs)."""
+    segs, start = [], 0
+    for i, t in enumerate(ids):
+        if t == image_id:
+            segs.append((start, i))
+            start = i + 1
+    segs.append((start, len(ids)))
+    return segs
+
+
+def align_labels_by_blocks(u_ids: Sequence[int], u_labels: Sequence[int], e_ids: Sequence[int], image_id: int,
+                 block_lengths: Callable[[], list[int]] | None = None) -> list[int]:
+    """Carry labels from the unexpanded ids (one ``<image>`` token per image) to the expanded ids.
+
+    Text runs before the first and after the last image sit at known offsets (start / end). Runs in
+    between need each image block's length, asked from ``block_lengths`` only in that case (images in
+    later user turns). Every carried run is checked id by id."""
+    segs = _segments(u_ids, image_id)
+    m = len(segs) - 1
+    extra = len(e_ids) - (len(u_ids) - m)  # total tokens of all image blocks
+    starts: list[int | None] = [None] * len(segs)
+    starts[0] = 0
+    starts[-1] = len(e_ids) - (segs[-1][1] - segs[-1][0])
+    needs_middle = any(u_labels[i] != IGNORE_INDEX for a, b in segs[1:-1] for i in range(a, b))
+    if needs_middle:
+        if block_lengths is None:
+            raise DataError("assistant turns between images need the image block lengths")
+        blocks = block_lengths()
+        if len(blocks) != m or sum(blocks) != extra:
+            raise DataError(f"image block lengths {blocks} do not add up to the {extra} expanded tokens")
+        pos = 0
+        for k, (a, b) in enumerate(segs):
+            starts[k] = pos
+            pos += (b - a) + (blocks[k] if k < m else 0)
+    out = [IGNORE_INDEX] * len(e_ids)
+    for k, (a, b) in enumerate(segs):
+        s = starts[k]
+        if s is None:
+            continue  # only masked text here (checked by needs_middle)
+        if list(e_ids[s: s + b - a]) != list(u_ids[a:b]):
+            raise DataError(f"label alignment failed: text run {k} of the prompt is tokenized differently "
+                            f"after image expansion (expected ids {list(u_ids[a:b])[:8]}... at {s})")
+        out[s: s + b - a] = u_labels[a:b]
+    return out

@@ -30,12 +30,7 @@ KEYS = {"model", "task", "n", "n_requests", "overall", "overall_metric", "macro"
         "excluded_from_overall", "examples", "settings", "git_commit", "seconds"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from smolvlm.cli.main import main
 from smolvlm.evaluation import bench_runner, predictions
-from tests.eval_fixtures import VIDEO_TASKS, WRITERS, gold
+from tests.eval_fixtures import WRITERS, gold
 from tests.helpers import build_tiny_checkpoint
 
 TASKS = sorted(WRITERS)
@@ -30,12 +29,7 @@ RESULT_KEYS = {"task", "metric", "score", "n", "overall", "per_category", "publi
 CATEGORIZED = {"chartqa", "ocrbench", "mmmu", "mmstar", "mathvista", "videomme", "mvbench", "mlvu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

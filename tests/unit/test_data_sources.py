@@ -238,7 +238,8 @@ def test_check_paths(tmp_path):
 def test_synth_samples_encode_as_before(processor):
     """the_cauldron samples (synth) get the labels of the image-segment alignment they always had."""
     from smolvlm.data.cauldron import sample_to_messages
-    from smolvlm.training.data import IMAGE, align_labels, assistant_char_spans, char_span_labels, make_samples
+    from smolvlm.training.data import IMAGE, assistant_char_spans, char_span_labels, make_samples
+    from tests.helpers import align_labels_by_blocks
 
     for s in make_samples("synth", 7, "train", 0):
         enc = encode_sample(s, processor, system_prompt="Answer briefly.")
@@ -248,6 +249,6 @@ def test_synth_samples_encode_as_before(processor):
         def blocks(s=s) -> list[int]:
             return [len(processor(text=[IMAGE], images=[[im]])["input_ids"][0]) for im in s["images"]]
 
-        old = align_labels(u_ids, u_labels, enc["input_ids"].tolist(), processor.image_token_id, blocks)
+        old = align_labels_by_blocks(u_ids, u_labels, enc["input_ids"].tolist(), processor.image_token_id, blocks)
         assert enc["labels"].tolist() == old
         assert_answer_labels(enc, processor, [t["assistant"] for t in s["texts"]])

@@ -18,7 +18,7 @@ from smolvlm.training import checkpoint as ckpt
 from smolvlm.training import optim, sft
 from smolvlm.training.build import run_recipe, write_processor_files
 from smolvlm.training.collate import CollateError, collate
-from smolvlm.training.data import DataError, align_labels, encode_sample, make_samples
+from smolvlm.training.data import DataError, encode_sample, make_samples
 from smolvlm.training.recipe import (ModelRecipe, OptimRecipe, RecipeError, ScheduleRecipe, TrainRecipe,
                                      load_recipe, recipe_from_dict)
 from tests.helpers import TINY_TEXT, TINY_VISION, tiny_recipe
@@ -71,18 +71,6 @@ def test_messages_layout():
     assert [c["type"] for c in m[3]["content"]] == ["text"]
     with pytest.raises(DataError, match="no 'texts'"):
         sample_to_messages({"images": [], "texts": []})
-
-
-def test_align_labels_between_images():
-    IMG = 9
-    u_ids = [1, 2, IMG, 3, 4, IMG, 5]
-    u_lab = [-100, -100, -100, 3, 4, -100, 5]  # a target run between the two images
-    e_ids = [1, 2, 7, 7, 7, 3, 4, 7, 7, 5]  # blocks of 3 and 2 tokens
-    assert align_labels(u_ids, u_lab, e_ids, IMG, lambda: [3, 2]) == [-100] * 5 + [3, 4, -100, -100, 5]
-    with pytest.raises(DataError, match="block lengths"):
-        align_labels(u_ids, u_lab, e_ids, IMG, lambda: [2, 2])
-    with pytest.raises(DataError, match="alignment failed"):
-        align_labels(u_ids, u_lab, [1, 2, 7, 7, 7, 3, 8, 7, 7, 5], IMG, lambda: [3, 2])
 
 
 # -- collate ---------------------------------------------------------------------------------

@@ -12,14 +12,12 @@ How the spans are found, robustly: the chat template is rendered for each prefix
 conversation, which gives the character span of every answer in the rendered text (between the
 ``"Assistant:"`` generation prompt and the end of its ``<end_of_utterance>``). The rendered text is
 tokenized with offsets; a token is a target iff its start offset lies in a span. Those labels live on
-the *unexpanded* text, where each ``<image>`` is one token; the processor then replaces every
-``<image>`` by its tile block. Because each block is delimited by special tokens, the text between
-images tokenizes identically in both, so labels are carried over segment by segment and every
-carried token is checked to be the same id (an error otherwise, never silent misalignment).
-``encode_sample`` carries them over by ``<end_of_utterance>`` anchors instead (``align_by_utterance``),
-which holds for videos too: their expansion starts with plain text that BPE may merge with the text
-before it, but no expansion holds an ``<end_of_utterance>``, so every answer segment (from the user's
-``<end_of_utterance>`` through its own) is the same ids in both sequences, and is checked to be.
+the *unexpanded* text, where each ``<image>`` / ``<video>`` is one token; the processor then
+expands them. ``align_by_utterance`` carries the labels over by ``<end_of_utterance>`` anchors: no
+expansion holds an ``<end_of_utterance>``, so every answer segment (from the user's
+``<end_of_utterance>`` through its own) is the same ids in both sequences, and is checked to be (an
+error otherwise, never silent misalignment). This holds for videos too, whose expansion starts with
+plain text that BPE may merge with the text before it.
 """
 
 from __future__ import annotations
@@ -74,54 +72,6 @@ def char_span_labels(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]
     labels = [tid if any(s <= start < e for s, e in spans) else IGNORE_INDEX
               for tid, (start, _) in zip(enc.ids, enc.offsets)]
     return list(enc.ids), labels
-
-
-# -- unexpanded labels -> expanded sequence -----------------------------------------------------
-def _segments(ids: Sequence[int], image_id: int) -> list[tuple[int, int]]:
-    """[start, end) of the text runs between ``<image>`` tokens (m images -> m + 1 runs)."""
-    segs, start = [], 0
-    for i, t in enumerate(ids):
-        if t == image_id:
-            segs.append((start, i))
-            start = i + 1
-    segs.append((start, len(ids)))
-    return segs
-
-
-def align_labels(u_ids: Sequence[int], u_labels: Sequence[int], e_ids: Sequence[int], image_id: int,
-                 block_lengths: Callable[[], list[int]] | None = None) -> list[int]:
-    """Carry labels from the unexpanded ids (one ``<image>`` token per image) to the expanded ids.
-
-    Text runs before the first and after the last image sit at known offsets (start / end). Runs in
-    between need each image block's length, asked from ``block_lengths`` only in that case (images in
-    later user turns). Every carried run is checked id by id."""
-    segs = _segments(u_ids, image_id)
-    m = len(segs) - 1
-    extra = len(e_ids) - (len(u_ids) - m)  # total tokens of all image blocks
-    starts: list[int | None] = [None] * len(segs)
-    starts[0] = 0
-    starts[-1] = len(e_ids) - (segs[-1][1] - segs[-1][0])
-    needs_middle = any(u_labels[i] != IGNORE_INDEX for a, b in segs[1:-1] for i in range(a, b))
-    if needs_middle:
-        if block_lengths is None:
-            raise DataError("assistant turns between images need the image block lengths")
-        blocks = block_lengths()
-        if len(blocks) != m or sum(blocks) != extra:
-            raise DataError(f"image block lengths {blocks} do not add up to the {extra} expanded tokens")
-        pos = 0
-        for k, (a, b) in enumerate(segs):
-            starts[k] = pos
-            pos += (b - a) + (blocks[k] if k < m else 0)
-    out = [IGNORE_INDEX] * len(e_ids)
-    for k, (a, b) in enumerate(segs):
-        s = starts[k]
-        if s is None:
-            continue  # only masked text here (checked by needs_middle)
-        if list(e_ids[s: s + b - a]) != list(u_ids[a:b]):
-            raise DataError(f"label alignment failed: text run {k} of the prompt is tokenized differently "
-                            f"after image expansion (expected ids {list(u_ids[a:b])[:8]}... at {s})")
-        out[s: s + b - a] = u_labels[a:b]
-    return out
 
 
 # -- the processor step --------------------------------------------------------------------------
