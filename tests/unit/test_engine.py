@@ -136,6 +136,45 @@ def test_concurrent_greedy_equals_one_at_a_time(model, proc):
     assert m["vision_encoder_calls"] == 2 and m["feature_cache_hits"] > 0  # request 2 and 4 reuse IMG_A's tiles
 
 
+def test_burst_shares_one_prefill_forward_and_equals_one_at_a_time(model, proc):
+    """Requests arriving together in adjacent rows are prefilled by one right-padded forward (text and
+    image prompts alike); each one's tokens equal its tokens alone."""
+    cases = [("Tell me about cats.", ()), ("Tell me about dogs!", ()), ("And birds, please.", ()),
+             ("Describe this image.", (IMG_A,)), ("What is in the picture?", (IMG_A,))]
+    inps = [inputs(proc, t, ims) for t, ims in cases]
+    refs = [alone(model, inp, max_new_tokens=6, eos_token_id=[]) for inp in inps]
+    engine = Engine(model, max_batch=8, max_context=256)
+    handles = [engine.submit(request(model, inp, max_new_tokens=6, eos_token_id=[])) for inp in inps]
+    drain(engine)
+    assert [tokens(h) for h in handles] == refs
+    m = engine.metrics()
+    assert m["prefills"] == 5 and m["prefill_forwards"] == 2  # 3 text prompts together, the 2 image prompts together
+
+
+def test_prefill_groups_adjacent_rows_similar_lengths_bounded_tokens():
+    def prep(t):
+        return type("P", (), {"input_ids": torch.zeros(1, t, dtype=torch.long)})()
+
+    def shape(admitted, **kw):
+        return [[(r, p.input_ids.shape[1]) for r, p in g] for g in Engine._prefill_groups(admitted, **kw)]
+
+    assert shape([(0, prep(10)), (1, prep(12)), (3, prep(11))]) == [[(0, 10), (1, 12)], [(3, 11)]]  # row 2 busy
+    assert shape([(0, prep(10)), (1, prep(40))]) == [[(0, 10)], [(1, 40)]]  # 30 of 80 slots would be padding
+    assert shape([(0, prep(30)), (1, prep(40))]) == [[(0, 30), (1, 40)]]  # 10 of 80: fine
+    assert shape([(r, prep(100)) for r in range(5)], max_tokens=300) == [[(0, 100), (1, 100), (2, 100)],
+                                                                          [(3, 100), (4, 100)]]
+
+
+@torch.no_grad()
+def test_logits_at_picks_one_position_per_row():
+    torch.manual_seed(0)
+    m = SmolVLM.from_config(tiny_config("smolvlm")).eval()
+    ids = torch.randint(3, 290, (3, 9), generator=torch.Generator().manual_seed(1))
+    full = m(input_ids=ids).logits
+    at = torch.tensor([8, 2, 5])
+    assert torch.equal(m(input_ids=ids, logits_at=at).logits, full[torch.arange(3), at][:, None])
+
+
 def test_eos_stops_and_default_settings(model, proc):
     inp = inputs(proc, "Tell me a long story about a cat and a dog.")
     free = alone(model, inp, max_new_tokens=8, eos_token_id=[])
@@ -255,10 +294,11 @@ def test_failed_decode_step_fails_its_rows_and_engine_goes_on(model, proc, monke
     engine = Engine(model, max_batch=2, max_context=256)
     calls = []
 
-    def flaky(**kw):  # prefill, prefill, then the first batched decode fails
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("device lost")
+    def flaky(**kw):  # the first batched decode (one token per row) fails
+        if kw["input_ids"].shape[1] == 1:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("device lost")
         return model(**kw)
 
     monkeypatch.setattr(engine, "model", flaky)
@@ -378,3 +418,15 @@ def test_bf16_rows_attend_in_fp32_and_match_alone(ckpt, proc):
     hs = [engine.submit(request(m, inp, max_new_tokens=8, eos_token_id=[])) for inp in inps]
     drain(engine)
     assert [tokens(h) for h in hs] == [alone(m, inp, max_new_tokens=8, eos_token_id=[]) for inp in inps]
+
+
+def test_in_passing_thread_returns_raises_and_leaves_no_thread():
+    import threading
+
+    from smolvlm.generation.engine import in_passing_thread
+
+    before = threading.active_count()
+    assert in_passing_thread(lambda a, b=0: threading.current_thread().name + str(a + b), 1, b=2) == "smolvlm-load3"
+    with pytest.raises(KeyError, match="boom"):
+        in_passing_thread(lambda: {}["boom"])
+    assert threading.active_count() == before

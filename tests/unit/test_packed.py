@@ -163,3 +163,22 @@ def test_packed_linear_handles_odd_inputs():
     with pytest.raises(ValueError, match="cannot pack"):
         PackedLinear(torch.randn(8, 16, dtype=torch.float16))
     assert packing_available(torch.float32)  # every x86-64 CPU oneDNN runs on packs fp32
+
+
+def test_pack_auto_follows_the_measured_policy(tmp_path: Path) -> None:
+    """``pack="auto"`` (the CLI and server): bf16 packs wherever oneDNN can; fp32 only on CPUs without
+    AVX-512 (there packed fp32 GEMVs measured slower than ``F.linear``). Either way the outputs match
+    the plain model at the dtype's tolerance."""
+    from smolvlm.model.packed import packing_pays
+
+    d = save_tiny(tmp_path)
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert packing_pays(torch.bfloat16) == packing_available(torch.bfloat16)
+    assert packing_pays(torch.float32) == (packing_available(torch.float32) and not avx512)
+    assert not packing_pays(torch.float16)
+    for dtype in (torch.float32, torch.bfloat16):
+        auto = SmolVLM.from_pretrained(d, dtype=dtype, pack="auto")
+        assert isinstance(auto.lm_head, PackedLinear) == packing_pays(dtype), dtype
+        assert_close(logits(auto), logits(SmolVLM.from_pretrained(d, dtype=dtype)), **TOL[dtype])
+    with pytest.raises(ValueError, match="pack must be True, False or 'auto'"):
+        SmolVLM.from_pretrained(d, pack="yes")

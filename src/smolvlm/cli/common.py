@@ -132,7 +132,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
                              processor: Any = None, quantize: str = "none") -> tuple[Any, Any]:
     """Checkpoint folder, repo id or None (the built-in default model) -> (SmolVLM in eval mode,
     SmolVLMProcessor). Commands only run inference, so the text model's linears are packed
-    (``smolvlm.model.packed``). ``processor``: one already loaded with ``load_processor`` (not loaded again)."""
+    where that is faster on this CPU (``pack="auto"``, ``smolvlm.model.packed.packing_pays``). ``processor``: one already loaded with ``load_processor`` (not loaded again)."""
     import torch
 
     from smolvlm.hub import resolve_checkpoint_dir
@@ -148,7 +148,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available")
     directory = resolve_checkpoint_dir(model_arg or DEFAULT_MODEL)
-    model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize, pack=True)
+    model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize, pack="auto")
     processor = processor if processor is not None else SmolVLMProcessor.from_pretrained(directory)
     return model, processor
 

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import sys
+from typing import Any
 
 from smolvlm.cli import common
 
@@ -84,6 +85,7 @@ def is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from smolvlm.generation.engine import in_passing_thread
     from smolvlm.serving.app import ServerConfig, create_app
     from smolvlm.serving.media import MB, MediaLimits
 
@@ -96,15 +98,19 @@ def run(args: argparse.Namespace) -> int:
         if not is_loopback(args.host) and key is None:
             print(f"smolvlm serve: warning: listening on {args.host} without an API key: anyone who can reach "
                   f"this port can use the model (set {API_KEY_ENV} or --api-key)", file=sys.stderr)
-        model, processor = common.load_model(args)
         config = ServerConfig(
             model_id=args.model or "default", api_key=key, max_batch=args.max_batch, max_context=args.max_context,
             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * MB),
             media=MediaLimits(int(args.max_media_mb * MB), args.media_timeout, args.allow_remote_media))
-        try:
-            app = create_app(model, processor, config)
-        except ValueError as e:  # e.g. --max-context above the model's limit
-            raise common.UserError(str(e)) from None
+
+        def build() -> Any:  # model, packing and the KV cache off the main thread (engine.py, "Threads")
+            model, processor = common.load_model(args)
+            try:
+                return create_app(model, processor, config)
+            except ValueError as e:  # e.g. --max-context above the model's limit
+                raise common.UserError(str(e)) from None
+
+        app = in_passing_thread(build)
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         print(f"smolvlm serve: {config.model_id} on http://{url_host}:{port} (Ctrl-C stops)", file=sys.stderr,

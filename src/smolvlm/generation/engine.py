@@ -1,8 +1,12 @@
 """Continuous batching: one model, one loop, one KV cache of ``max_batch`` rows x ``max_context`` slots.
 
 Each ``step()``: (1) drop cancelled requests, freeing their rows; (2) admit waiting requests into
-free rows, prefilling each one alone straight into its row (``KVCache.rows`` is a view, so no
-copy) with images through the feature cache (a repeated image skips the vision encoder); (3) run
+free rows and prefill them straight into their rows (``KVCache.rows`` is a view, so no copy), with
+images through the feature cache (a repeated image skips the vision encoder). Newcomers in adjacent
+rows with similar prompt lengths share ONE right-padded forward (``_prefill_groups``): a burst of 8
+short prompts reads the weights once instead of 8 times. A padded slot past a prompt's end is
+never attended (the per-row causal mask below) and is overwritten by that row's next token; if a
+batched forward fails, each of its requests is prefilled alone, so a bad request fails by itself; (3) run
 ONE batched decode step for every running row, each at its own cache slot (``input_pos`` (B, 1),
 see ``model/text.py``); (4) sample each row with its own settings and RNG and hand the token to
 its handle. A row that finishes (eos, stop string, length, cancel) is free for the next request
@@ -17,6 +21,14 @@ Rows are taken lowest-first and the decode batch spans rows ``0..hi`` (the highe
 single stream decodes with batch 1; a free row inside that range decodes a dummy token at slot 0
 (its row is overwritten by the next prefill). A row attends only to slots it has written
 (per-row causal mask), so stale keys of earlier requests are never seen.
+
+Threads. PyTorch's CPU kernels run on libgomp (OpenMP). A thread's OpenMP worker pool outlives its
+last parallel region, and while more OpenMP threads exist than cores libgomp stops spin-waiting, so
+every parallel op of the engine thread then pays a futex wake-up. If the main thread ran any parallel
+op (loading, packing, allocating the cache) before ``start()``, the engine thread decodes ~1.7x
+slower (256M fp32, 2 cores, Xeon: 31 -> 54 ms per token; a (1536, 576) GEMV 35 -> 130 us). A
+server therefore builds its model and engine with ``in_passing_thread``: that thread's pool ends
+with it, and the engine thread's pool is the only one.
 
 Greedy and sampled rows share a batch. Each seeded request has its own ``torch.Generator``
 seeded like ``sampling.make_generator``, so it draws the same tokens alone, in any batch, or
@@ -41,6 +53,26 @@ from smolvlm.generation.requests import (Completion, EngineBusy, EngineClosed, F
                                          PreparedRequest, Request, RequestHandle, TokenEvent, prepare_request)
 
 DEFAULT_MAX_CONTEXT = 2048
+MAX_PREFILL_TOKENS = 4096  # padded tokens in one batched prefill forward (bounds its activations)
+
+
+def in_passing_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a new thread that ends before this returns (result or exception
+    passed through), so no OpenMP pool of its parallel work outlives it (see "Threads" above)."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, name="smolvlm-load")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 @dataclass
@@ -85,7 +117,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._ids = itertools.count()
-        self.counters = dict(submitted=0, rejected=0, prefills=0, prefill_tokens=0, decode_steps=0,
+        image_id = int(model.config.image_token_id)
+        self._pad_id = 0 if image_id != 0 else 1  # right padding of batched prompts: any id but <image>
+        self.counters = dict(submitted=0, rejected=0, prefills=0, prefill_forwards=0, prefill_tokens=0, decode_steps=0,
                              decode_rows=0, generated_tokens=0, stop=0, length=0, cancelled=0, error=0)
 
     # -- submitting -----------------------------------------------------------------------
@@ -133,8 +167,8 @@ class Engine:
             raise RuntimeError("Engine.step() is already running in another thread (one loop per engine)")
         try:
             admitted = self._admit()
-            for r, prep in admitted:
-                self._prefill(r, prep)
+            for group in self._prefill_groups(admitted):
+                self._prefill(group)
             self._retire_cancelled()
             if any(row is not None for row in self.rows):
                 self._decode()
@@ -155,30 +189,70 @@ class Engine:
                     admitted.append((r, self._waiting.popleft()))
         return admitted
 
+    @staticmethod
+    def _prefill_groups(admitted: list[tuple[int, PreparedRequest]],
+                        max_tokens: int = MAX_PREFILL_TOKENS) -> list[list[tuple[int, PreparedRequest]]]:
+        """Admitted (row, request) pairs, rows ascending, cut into batches of one forward each: adjacent
+        rows (one cache view), padding at most a quarter of the batch's slots, at most ``max_tokens``
+        padded tokens."""
+        groups: list[list[tuple[int, PreparedRequest]]] = []
+        for r, prep in admitted:
+            g = groups[-1] if groups else None
+            if g is not None and g[-1][0] + 1 == r:
+                lens = [p.input_ids.shape[1] for _, p in g] + [prep.input_ids.shape[1]]
+                padded = len(lens) * max(lens)
+                if padded <= max_tokens and 4 * (padded - sum(lens)) <= padded:
+                    g.append((r, prep))
+                    continue
+            groups.append([(r, prep)])
+        return groups
+
     @torch.inference_mode()
-    def _prefill(self, r: int, prep: PreparedRequest) -> None:
-        """The whole prompt (and images) alone into row r; then sample its first token."""
-        t = prep.input_ids.shape[1]
-        try:
-            feats = None
+    def _prompt_logits(self, group: list[tuple[int, PreparedRequest]]) -> torch.Tensor:
+        """One forward over the group's prompts (right-padded, adjacent rows): (n, V) fp32 logits at
+        each prompt's last token."""
+        lens = [prep.input_ids.shape[1] for _, prep in group]
+        t, n = max(lens), len(group)
+        ids = torch.full((n, t), self._pad_id, dtype=torch.long, device=self.device)
+        feats = []
+        for i, (_, prep) in enumerate(group):
+            ids[i, :lens[i]] = prep.input_ids[0]
             if prep.pixel_values is not None:
-                feats = self.feature_cache.get_or_encode(self.model, prep.pixel_values, prep.pixel_attention_mask)
-            out = self.model(input_ids=prep.input_ids, kv_cache=self.cache.rows(r, r + 1),
-                             input_pos=torch.arange(t, device=self.device), image_features=feats, logits_to_keep=1)
-            logits = out.logits[:, -1].float()  # (1, V)
+                f = self.feature_cache.get_or_encode(self.model, prep.pixel_values, prep.pixel_attention_mask)
+                if n > 1 and f.shape[0] * f.shape[1] != int((prep.input_ids == self.model.config.image_token_id).sum()):
+                    raise ValueError("image features do not match <image> tokens")  # prefilled alone: its own error
+                feats.append(f)
+        r0 = group[0][0]
+        kw: dict[str, Any] = dict(logits_to_keep=1) if n == 1 else dict(logits_at=torch.tensor(lens) - 1)
+        out = self.model(input_ids=ids, kv_cache=self.cache.rows(r0, r0 + n), input_pos=torch.arange(t, device=self.device),
+                         image_features=torch.cat(feats) if feats else None, **kw)
+        return out.logits[:, -1].float()  # (n, V)
+
+    @torch.inference_mode()
+    def _prefill(self, group: list[tuple[int, PreparedRequest]]) -> None:
+        """The group's prompts (and images) into their rows; then sample each one's first token."""
+        try:
+            logits = self._prompt_logits(group)
         except Exception as e:  # a bad request (e.g. images vs <image> tokens) must not stop the engine
-            self._finish_unstarted(prep, "error", f"{type(e).__name__}: {e}")
+            if len(group) > 1:  # nor fail the requests batched with it
+                for item in group:
+                    self._prefill([item])
+            else:
+                self._finish_unstarted(group[0][1], "error", f"{type(e).__name__}: {e}")
             return
-        self.counters["prefills"] += 1
-        self.counters["prefill_tokens"] += t
-        s = prep.settings
-        seen = None
-        if s.repetition_penalty != 1.0:
-            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
-            seen[prep.input_ids[0]] = True
-        row = _Row(prep, sampling.make_generator(s.seed, self.device), seen, n_cached=t)
-        self.rows[r] = row
-        self._sample_and_advance(r, row, logits, int(logits.argmax(-1)))
+        self.counters["prefill_forwards"] += 1
+        for i, (r, prep) in enumerate(group):
+            t = prep.input_ids.shape[1]
+            self.counters["prefills"] += 1
+            self.counters["prefill_tokens"] += t
+            s = prep.settings
+            seen = None
+            if s.repetition_penalty != 1.0:
+                seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
+                seen[prep.input_ids[0]] = True
+            row = _Row(prep, sampling.make_generator(s.seed, self.device), seen, n_cached=t)
+            self.rows[r] = row
+            self._sample_and_advance(r, row, logits[i:i + 1], int(logits[i].argmax(-1)))
 
     @torch.inference_mode()
     def _decode(self) -> None:

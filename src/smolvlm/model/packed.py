@@ -37,6 +37,19 @@ def packing_available(dtype: torch.dtype, device: torch.device | str = "cpu") ->
             and _cpu_can_pack(dtype))
 
 
+def packing_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether packing is available *and faster* here (``pack="auto"``, what the CLI and server use).
+
+    bf16: yes wherever oneDNN packs it (Xeon with AVX-512 BF16/AMX, 256M decode step 33 -> 26.5 ms
+    at batch 1, 37 -> 31 ms at batch 8). fp32: only on CPUs without AVX-512. On that Xeon the packed
+    fp32 GEMV is slower than ``F.linear`` (decode step 30 -> 43 ms at batch 1, 53 -> 59 ms at batch 8),
+    while on the AVX2-only AMD EPYC it was faster (fp32 decode 1.37x -> 1.48x transformers,
+    bench/ANALYSIS.md). Measured with ``bench/decode_speed.py``-style steps, 2 threads."""
+    if not packing_available(dtype, device):
+        return False
+    return dtype == torch.bfloat16 or not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_can_pack(dtype: torch.dtype) -> bool:
     """Pack and run one tiny weight: the only sure test of what this CPU's oneDNN accepts."""

@@ -92,12 +92,13 @@ class SmolVLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path | None, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", quantize: str = "none", mmap: bool = True,
-                        pack: bool = False) -> "SmolVLM":
+                        pack: bool | str = False) -> "SmolVLM":
         """Load a checkpoint folder, a hub repo id, or ``"default"`` (the built-in default model).
 
         ``dtype``: torch.dtype, "auto" (the config's) or None (float32). ``quantize``: "none",
         "int8", "int4" (weight-only, after loading; a folder saved quantized loads as saved).
-        ``pack``: inference-only packed linears (``model/packed.py``). ``mmap``: alias the file's
+        ``pack``: inference-only packed linears (``model/packed.py``; ``"auto"``: only where they are
+        faster on this CPU). ``mmap``: alias the file's
         copy-on-write mapping when no conversion is needed. All of it: ``weights/load.py:load_model``.
         """
         from smolvlm.weights.load import load_model
@@ -242,12 +243,16 @@ class SmolVLM(nn.Module):
         image_features: torch.Tensor | None = None,
         return_logits: bool = True,
         segment_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> SmolVLMOutput:
         """Logits (and loss if ``labels``). See ``text.py`` for the cache/mask contract.
 
         ``segment_ids`` (B, T) (training, no cache): packed rows, each sample attending only to
         itself with RoPE positions restarting at 0 (``text.segment_mask``). The caller masks the
         label of each sample's first token, so no sample predicts the next one's first token.
+
+        ``logits_at`` (B,) int: the one position per row whose logits are returned, (B, 1, vocab),
+        e.g. the last real token of each right-padded prompt in a batched prefill (the engine).
 
         ``return_logits=False`` (training, with ``labels``): the head runs only at the positions that
         have a target after the shift, so the loss is the same and ``logits`` is ``None``."""
@@ -273,7 +278,10 @@ class SmolVLM(nn.Module):
             keep = shifted != -100
             logits = self.lm_head(hidden[keep])  # (N targets, vocab)
             return SmolVLMOutput(logits=None, loss=F.cross_entropy(logits.float(), shifted[keep]))
-        if logits_to_keep > 0:
+        if logits_at is not None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            hidden = hidden[rows, logits_at.to(hidden.device)][:, None]
+        elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)  # (B, T', vocab)
         loss = causal_lm_loss(logits, labels) if labels is not None else None

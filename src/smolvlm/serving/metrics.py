@@ -101,7 +101,8 @@ class ServerMetrics:
         counters = {"vision_encoder_calls": "Calls into the vision encoder.",
                     "feature_cache_hits": "Image tiles whose features came from the cache.",
                     "feature_cache_misses": "Image tiles encoded.",
-                    "prefills": "Prompts prefilled.", "decode_steps": "Batched decode steps.",
+                    "prefills": "Prompts prefilled.",
+                    "prefill_forwards": "Prefill forwards (prompts arriving together share one).", "decode_steps": "Batched decode steps.",
                     "rejected": "Requests refused because the queue was full."}
         for key, help_ in counters.items():
             metric(f"smolvlm_{key}_total", "counter", help_, [f"smolvlm_{key}_total {engine[key]}"])

@@ -27,7 +27,7 @@ from smolvlm import quantization
 from smolvlm.config import SmolVLMConfig
 from smolvlm.hub import resolve_checkpoint_dir
 from smolvlm.model.layers import RMSNorm
-from smolvlm.model.packed import pack_linears, pack_targets, packing_available
+from smolvlm.model.packed import pack_linears, pack_targets, packing_available, packing_pays
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.weights import default_model
 from smolvlm.weights.check import check_keys, expected_shapes
@@ -106,14 +106,15 @@ def _default_model_tensors(directory: Path, device: torch.device | str) -> _Tens
 
 
 def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu", quantize: str = "none", mmap: bool = True, pack: bool = False,
+               device: torch.device | str = "cpu", quantize: str = "none", mmap: bool = True, pack: bool | str = False,
                cls: type[SmolVLM] = SmolVLM) -> SmolVLM:
     """Build ``cls`` from a checkpoint folder, a hub repo id or ``"default"``/None (the built-in default model).
 
     ``dtype``: torch.dtype, "auto" (the config's) or None (float32); quantized buffers keep theirs.
     ``quantize``: "none" | "int8" | "int4", applied after loading; a folder saved quantized loads as
     saved (asking for another mode is an error). ``pack``: inference only (``model/packed.py``;
-    ignored with quantization or where unavailable); packed weights are read into private memory
+    ignored with quantization or where unavailable; ``"auto"``: only where it is faster,
+    ``packed.packing_pays``); packed weights are read into private memory
     and freed once packed. ``mmap``: alias the file's copy-on-write mapping when no conversion is
     needed (``safetensors_io.py``). Returns the model in eval mode.
     """
@@ -134,7 +135,10 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     expected = expected_shapes(model, optional)
     where = "the default model" if is_default else str(directory)
     check_keys(expected, tensors.shapes, optional, where=where, config=config)
-    pack = pack and quantize == "none" and not saved and packing_available(dtype, device)
+    if pack not in (True, False, "auto"):
+        raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
+    can_pack = packing_pays if pack == "auto" else packing_available
+    pack = bool(pack) and quantize == "none" and not saved and can_pack(dtype, device)
     meta_dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     copy = {f"{name}.weight" for name in pack_targets(model)} if pack else set()
     state = tensors.read(set(expected), meta_dtypes.__getitem__, copy)
