@@ -447,7 +447,7 @@ def write_report(data: dict) -> None:
         if p != "smolvlm" and common:
             same = sum(ref[k].strip() == other[k].strip() for k in common)
             L.append(f"- sanity: greedy text of `{p}` identical to smolvlm's (1 client, leading space aside: smolvlm drops the one after `Assistant:`) on {same}/{len(common)} prompts")
-    L += ["", "![aggregate throughput and latency vs concurrency](serve_load.png)", "",
+    L += ["", f"![aggregate throughput and latency vs concurrency]({CHART.name})", "",
           "Server commands (ports are random free ones):", ""] + [f"- `{r['cmd'].replace(str(ROOT) + '/', '')}`" for r in rows] + [""]
     REPORT.write_text("\n".join(L))
     print(f"wrote {REPORT}")
@@ -491,6 +491,7 @@ def chart(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    global REPORT, CHART, RAW
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -511,9 +512,14 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32, help="smolvlm serve --max-batch")
     ap.add_argument("--max-context", type=int, default=512, help="smolvlm serve --max-context")
     ap.add_argument("--transformers-bin", default=None, help="`transformers` CLI of a peer venv (default: this venv's)")
+    ap.add_argument("--report", default=str(REPORT), help="the Markdown report to write (the chart and raw JSON go "
+                    "beside it, named after it)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from bench/.cache/serve_load.json")
     args = ap.parse_args()
 
+    REPORT = Path(args.report).resolve()
+    CHART = REPORT.with_name(REPORT.stem.lower() + ".png")
+    RAW = CACHE / (REPORT.stem.lower() + ".json")
     CACHE.mkdir(parents=True, exist_ok=True)
     if args.build:
         build(Path(args.model), args.reference)
