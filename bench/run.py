@@ -147,7 +147,7 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
              "token (ours: the token generator; transformers: a streamer); prefill = 900 / time to the first token, "
              "decode = K / (last token - first token), no early stop. TTFT: processor (chat template, "
              "image resize/tiling, tokenizer) + vision + prefill + first token, each engine with its own processor. "
-             "Ours is loaded as the CLI loads it (`pack=True`: oneDNN-packed text linears).", ""]
+             "Ours is loaded as the CLI loads it (`pack=\"auto\"`: oneDNN-packed text linears where packing is faster on this CPU).", ""]
     lines += ["## 1. VLM: ours vs transformers", ""]
     for model in dict.fromkeys(r["model"] for r in vlm):
         lines += report.vlm_table(vlm, model)

@@ -40,7 +40,7 @@ def gguf_model(dtype: torch.dtype, mode: str) -> SmolVLM:
     model.tie_weights()
     model = model.to(dtype).eval()
     if mode == "none":
-        return model.pack_for_inference()  # as the CLI loads it (smolvlm.model.packed)
+        return model.pack_for_inference(auto=True)  # as the CLI loads it (pack="auto", smolvlm.model.packed)
     return quantize(model, mode)
 
 

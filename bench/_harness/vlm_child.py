@@ -37,8 +37,8 @@ class Ours:
         from smolvlm import SmolVLM
         from smolvlm.processing.processor import SmolVLMProcessor
 
-        # pack=True: what the CLI loads (oneDNN-packed text linears, smolvlm.model.packed)
-        self.model = SmolVLM.from_pretrained(ckpt, dtype=dtype, quantize=quantize, pack=True)
+        # pack="auto": what the CLI loads (oneDNN-packed text linears where they are faster, smolvlm.model.packed)
+        self.model = SmolVLM.from_pretrained(ckpt, dtype=dtype, quantize=quantize, pack="auto")
         self.proc = SmolVLMProcessor.from_pretrained(ref)
         self.tile = self.proc.image_processor.config.max_image_size
 

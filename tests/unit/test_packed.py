@@ -180,5 +180,7 @@ def test_pack_auto_follows_the_measured_policy(tmp_path: Path) -> None:
         auto = SmolVLM.from_pretrained(d, dtype=dtype, pack="auto")
         assert isinstance(auto.lm_head, PackedLinear) == packing_pays(dtype), dtype
         assert_close(logits(auto), logits(SmolVLM.from_pretrained(d, dtype=dtype)), **TOL[dtype])
+    late = SmolVLM.from_pretrained(d).pack_for_inference(auto=True)
+    assert isinstance(late.lm_head, PackedLinear) == packing_pays(torch.float32)
     with pytest.raises(ValueError, match="pack must be True, False or 'auto'"):
         SmolVLM.from_pretrained(d, pack="yes")

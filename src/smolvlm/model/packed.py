@@ -147,18 +147,19 @@ def pack_targets(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module) -> list[str]:
+def pack_linears(model: nn.Module, auto: bool = False) -> list[str]:
     """Swap the text decoder's and lm_head's ``nn.Linear`` for ``PackedLinear`` in place.
 
     A no-op (returns []) where packing is unavailable (not CPU, fp16, no oneDNN). Quantized and
     LoRA layers are left alone, LoRA's inner A/B too (only exact ``nn.Linear`` is packed). A tied lm_head gets
-    its own packed copy; the embedding keeps its table for lookups. Returns the packed names.
+    its own packed copy; the embedding keeps its table for lookups. ``auto``: only where packing is
+    faster on this CPU (``packing_pays``). Returns the packed names.
     """
     names = pack_targets(model)
     if not names:
         return []
     first = model.get_submodule(names[0]).weight
-    if not packing_available(first.dtype, first.device):
+    if not (packing_pays if auto else packing_available)(first.dtype, first.device):
         return []
     for name in names:
         parent_name, _, child = name.rpartition(".")

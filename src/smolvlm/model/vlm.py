@@ -106,12 +106,13 @@ class SmolVLM(nn.Module):
         return load_model(path_or_repo_id, dtype=dtype, device=device, quantize=quantize, mmap=mmap, pack=pack,
                           cls=cls)
 
-    def pack_for_inference(self) -> "SmolVLM":
+    def pack_for_inference(self, auto: bool = False) -> "SmolVLM":
         """Pack the text decoder's and lm_head's linears in place (``smolvlm.model.packed``); returns self.
 
-        A no-op where packing is unavailable. ``from_pretrained(pack=True)`` does the same with
+        A no-op where packing is unavailable (``auto=True``: also where it is not faster on this CPU,
+        as ``from_pretrained(pack="auto")``). ``from_pretrained(pack=True)`` does the same with
         less peak memory (the packed weights are never mapped from the file)."""
-        pack_linears(self)
+        pack_linears(self, auto=auto)
         return self
 
     @classmethod
