@@ -63,8 +63,11 @@ def test_packed_model_matches_plain(tmp_path, dtype, tie):
     names = pack_targets(plain)
     assert "lm_head" in names and any(n.endswith("self_attn.q_proj") for n in names)
     assert all(isinstance(packed.get_submodule(n), PackedLinear) for n in names)
-    # only the text decoder + head: the vision tower and connector keep nn.Linear
-    assert not any(isinstance(m, PackedLinear) for m in packed.model.vision_model.modules())
+    # the text decoder + head, and the vision tower only in bf16 (its fused GELU/residual post-ops);
+    # the connector keeps nn.Linear
+    vision_packed = [isinstance(m, PackedLinear) for m in packed.model.vision_model.modules()
+                     if isinstance(m, (nn.Linear, PackedLinear))]
+    assert vision_packed and all(p == (dtype == torch.bfloat16) for p in vision_packed)
     assert type(packed.model.connector.modality_projection.proj) is nn.Linear
     assert isinstance(packed.model.text_model.embed_tokens.weight, nn.Parameter)  # lookups still use the table
     assert_close(logits(packed), logits(plain), **TOL[dtype])
@@ -184,3 +187,30 @@ def test_pack_auto_follows_the_measured_policy(tmp_path: Path) -> None:
     assert isinstance(late.lm_head, PackedLinear) == packing_pays(torch.float32)
     with pytest.raises(ValueError, match="pack must be True, False or 'auto'"):
         SmolVLM.from_pretrained(d, pack="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gelu_and_residual_post_ops_match_separate_ops(dtype):
+    """``linear_gelu_tanh`` / ``linear_add`` on a packed linear (one oneDNN kernel with a post-op)
+    equal the separate ops: fp32 to summation order; bf16 within 2 bf16 ulps of the fp32 truth,
+    which the separate ops (rounding twice) are too."""
+    from smolvlm.model.packed import VISION_ROWS, linear_add, linear_gelu_tanh
+
+    require_packing(dtype)
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 96)
+    lin = lin.to(dtype)
+    xd, rd = torch.randn(3, 40, 64, generator=g).to(dtype), torch.randn(3, 40, 96, generator=g).to(dtype)
+    with torch.no_grad():  # the truth: the same (rounded) inputs, fp32 math
+        exact = torch.nn.functional.linear(xd.float(), lin.weight.float(), lin.bias.float())
+    truth_gelu, truth_add = torch.nn.functional.gelu(exact, approximate="tanh"), rd.float() + exact
+    packed = PackedLinear.from_linear(lin, rows=VISION_ROWS)
+    for fused, plain, truth in ((linear_gelu_tanh(packed, xd), linear_gelu_tanh(lin, xd), truth_gelu),
+                                (linear_add(packed, xd, rd), linear_add(lin, xd, rd), truth_add)):
+        assert fused.dtype == dtype and fused.shape == plain.shape
+        if dtype == torch.float32:
+            assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+        else:
+            tol = dict(rtol=2 ** -7, atol=2 ** -7)  # 2 ulps at O(1) magnitudes
+            assert_close(fused.float(), truth.float(), **tol)
+            assert_close(plain.float(), truth.float(), **tol)

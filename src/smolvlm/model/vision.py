@@ -9,11 +9,11 @@ tanh-GELU MLP, final ``post_layernorm``. Padded patches are masked as *keys* onl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import VisionConfig
 from smolvlm.model.layers import attention
+from smolvlm.model.packed import linear_add, linear_gelu_tanh
 
 
 def patch_position_ids(patch_mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -69,13 +69,15 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_proj(attn(x))``, plus ``residual`` when given (fused into out_proj when packed)."""
         b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        return self.out_proj(attention(q, k, v, mask))  # (B, T, D)
+        out = attention(q, k, v, mask)
+        return self.out_proj(out) if residual is None else linear_add(self.out_proj, out, residual)  # (B, T, D)
 
 
 class VisionMLP(nn.Module):
@@ -88,8 +90,11 @@ class VisionMLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``fc2(gelu(fc1(x)))``, plus ``residual`` when given; GELU and the add are fused into the
+        linears when they are packed (``model/packed.py``)."""
+        h = linear_gelu_tanh(self.fc1, x)
+        return self.fc2(h) if residual is None else linear_add(self.fc2, h, residual)
 
 
 class EncoderLayer(nn.Module):
@@ -103,8 +108,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        x = self.self_attn(self.layer_norm1(x), mask, residual=x)  # x + attn(LN1(x))
+        return self.mlp(self.layer_norm2(x), residual=x)
 
 
 class VisionEncoder(nn.Module):
