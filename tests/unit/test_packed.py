@@ -16,10 +16,11 @@ from torch.testing import assert_close
 
 from smolvlm import SmolVLM
 from smolvlm.generation.generate import generate_ids
-from smolvlm.model.packed import PackedLinear, pack_targets, packing_available
+from smolvlm.model.packed import FUSED_GROUPS, PackedFused, PackedLinear, PackedPart, pack_targets, packing_available
 from smolvlm.weights.safetensors_io import load_safetensors
 from tests.helpers import logits, tiny_config
 
+FUSED_PARTS = {p for parts, _ in FUSED_GROUPS for p in parts}
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
@@ -62,11 +63,16 @@ def test_packed_model_matches_plain(tmp_path, dtype, tie):
     packed = SmolVLM.from_pretrained(d, dtype=dtype, pack=True)
     names = pack_targets(plain)
     assert "lm_head" in names and any(n.endswith("self_attn.q_proj") for n in names)
-    assert all(isinstance(packed.get_submodule(n), PackedLinear) for n in names)
+    # q/k/v and gate/up are fused into one packed weight each; the parts stay at their names
+    assert all(isinstance(packed.get_submodule(n), PackedPart if n.rpartition(".")[2] in FUSED_PARTS else PackedLinear)
+               for n in names)
+    attn = packed.model.text_model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, PackedFused) and attn.q_proj.fused is attn.qkv_proj
+    assert isinstance(packed.model.text_model.layers[0].mlp.gate_up_proj, PackedFused)
     # the text decoder + head, and the vision tower only in bf16 (its fused GELU/residual post-ops);
     # the connector keeps nn.Linear
-    vision_packed = [isinstance(m, PackedLinear) for m in packed.model.vision_model.modules()
-                     if isinstance(m, (nn.Linear, PackedLinear))]
+    vision_packed = [isinstance(m, (PackedLinear, PackedPart)) for m in packed.model.vision_model.modules()
+                     if isinstance(m, (nn.Linear, PackedLinear, PackedPart)) and not isinstance(m, PackedFused)]
     assert vision_packed and all(p == (dtype == torch.bfloat16) for p in vision_packed)
     assert type(packed.model.connector.modality_projection.proj) is nn.Linear
     assert isinstance(packed.model.text_model.embed_tokens.weight, nn.Parameter)  # lookups still use the table
@@ -214,3 +220,21 @@ def test_fused_gelu_and_residual_post_ops_match_separate_ops(dtype):
             tol = dict(rtol=2 ** -7, atol=2 ** -7)  # 2 ulps at O(1) magnitudes
             assert_close(fused.float(), truth.float(), **tol)
             assert_close(plain.float(), truth.float(), **tol)
+
+
+def test_fused_parts_run_alone_and_refuse_wrong_shapes(tmp_path):
+    """A fused projection's part (``q_proj``...) called alone equals the plain linear, and loading a
+    wrongly shaped part is an error naming its key."""
+    d = save_tiny(tmp_path)
+    plain = SmolVLM.from_pretrained(d)
+    packed = SmolVLM.from_pretrained(d, pack=True)
+    x = torch.randn(2, 5, plain.config.text_config.hidden_size)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        part = getattr(packed.model.text_model.layers[1].self_attn, name)
+        assert isinstance(part, PackedPart)
+        with torch.no_grad():
+            assert_close(part(x), getattr(plain.model.text_model.layers[1].self_attn, name)(x), **TOL[torch.float32])
+    sd = plain.state_dict()
+    key = "model.text_model.layers.1.self_attn.k_proj.weight"
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+        packed.load_state_dict({**sd, key: sd[key][:-1]})

@@ -149,6 +149,102 @@ class PackedLinear(nn.Module):
                f"packed {self.packed.dtype}"
 
 
+class PackedFused(PackedLinear):
+    """Linears that read the same input (q/k/v, gate/up) as ONE packed weight: one GEMM or GEMV
+    instead of two or three (256M bf16 decode step 27.9 -> 25.6 ms; vision ~10% per tile).
+
+    ``forward`` returns the parts' outputs as a tuple. It owns no state-dict entries: the
+    ``PackedPart`` modules left at the original names save and load their own rows of it, so
+    checkpoints and ``state_dict()`` keep the plain layout."""
+
+    def __init__(self, linears: list[nn.Linear], rows: int = 1) -> None:
+        biases = [lin.bias for lin in linears]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            raise ValueError("fused linears must all have a bias or all have none")
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        super().__init__(weight, bias, rows)
+        self.sizes = [lin.out_features for lin in linears]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return super().forward(x).split(self.sizes, dim=-1)
+
+    def rows_of(self, index: int) -> slice:
+        start = sum(self.sizes[:index])
+        return slice(start, start + self.sizes[index])
+
+    def load_part(self, index: int, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        dense = self.weight
+        dense[self.rows_of(index)] = weight.to(dense.dtype)
+        self.packed = _pack(dense, self.rows)
+        if bias is not None and self.bias is not None:
+            with torch.no_grad():
+                self.bias[self.rows_of(index)] = bias.to(self.bias.dtype)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        pass  # the parts save their rows
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        pass  # the parts load their rows
+
+
+class PackedPart(nn.Module):
+    """One projection of a ``PackedFused`` at its original name (``q_proj``...): its ``weight`` and
+    state-dict rows are that slice of the fused weight; calling it alone runs the fused GEMM."""
+
+    def __init__(self, fused: PackedFused, index: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "fused", fused)  # not a child: registered once, at its own name
+        self.index = index
+        self.in_features, self.out_features = fused.in_features, fused.sizes[index]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fused.weight[self.fused.rows_of(self.index)]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = self.fused.bias
+        return None if b is None else b.detach()[self.fused.rows_of(self.index)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)[self.index]
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight
+        if self.fused.bias is not None:
+            destination[prefix + "bias"] = self.bias
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        names = ["weight"] + (["bias"] if self.fused.bias is not None else [])
+        found = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        if strict:
+            missing_keys.extend(prefix + n for n in names if n not in found)
+        w = found.get("weight")
+        if w is not None and tuple(w.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {prefix}weight: checkpoint {list(w.shape)} vs "
+                              f"model {[self.out_features, self.in_features]}")
+        elif w is not None:
+            self.fused.load_part(self.index, w, found.get("bias"))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused packed linear"
+
+
+# Projections of one input that packing fuses: (parts, the fused module's name).
+FUSED_GROUPS = ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
+
+
+def fused_outputs(module: nn.Module, fused_name: str, parts: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The parts' outputs for input ``x``: one fused GEMM when packing fused them, else each alone."""
+    fused = getattr(module, fused_name, None)
+    if fused is not None:
+        return fused(x)
+    return tuple(getattr(module, p)(x) for p in parts)
+
+
 def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(linear(x))``: one fused kernel when ``linear`` is packed."""
     if isinstance(linear, PackedLinear) and x.dtype == linear.packed.dtype:
@@ -195,7 +291,18 @@ def pack_linears(model: nn.Module, auto: bool = False) -> list[str]:
     first = model.get_submodule(names[0]).weight
     if not (packing_pays if auto else packing_available)(first.dtype, first.device):
         return []
-    for name in names:
+    targets = set(names)
+    for parent_name, parent in list(model.named_modules()):
+        rows = VISION_ROWS if parent_name.startswith("model.vision_model.") else 1
+        for parts, fused_name in FUSED_GROUPS:
+            full = [f"{parent_name}.{p}" for p in parts]
+            if hasattr(parent, fused_name) and all(n in targets for n in full):
+                fused = PackedFused([getattr(parent, p) for p in parts], rows)
+                setattr(parent, fused_name, fused)
+                for i, p in enumerate(parts):
+                    setattr(parent, p, PackedPart(fused, i))  # the dense weight goes here
+                targets -= set(full)
+    for name in sorted(targets, key=names.index):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         rows = VISION_ROWS if name.startswith("model.vision_model.") else 1

@@ -33,6 +33,7 @@ from torch import nn
 from smolvlm.config import TextConfig
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from smolvlm.model.packed import fused_outputs
 
 
 def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -111,6 +112,7 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=cfg.attention_bias)
+        self.qkv_proj: nn.Module | None = None  # q/k/v as one packed weight, set by packing (model/packed.py)
 
     def forward(
         self,
@@ -124,9 +126,10 @@ class TextAttention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = fused_outputs(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"), x)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             kc, vc = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, max_len, hd)

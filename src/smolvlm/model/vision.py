@@ -13,7 +13,7 @@ from torch import nn
 
 from smolvlm.config import VisionConfig
 from smolvlm.model.layers import attention
-from smolvlm.model.packed import linear_add, linear_gelu_tanh
+from smolvlm.model.packed import fused_outputs, linear_add, linear_gelu_tanh
 
 
 def patch_position_ids(patch_mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -68,14 +68,14 @@ class VisionAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
+        self.qkv_proj: nn.Module | None = None  # q/k/v as one packed weight, set by packing (model/packed.py)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``out_proj(attn(x))``, plus ``residual`` when given (fused into out_proj when packed)."""
         b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = fused_outputs(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"), x)
+        q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))  # (B, H, T, hd)
         out = attention(q, k, v, mask)
         return self.out_proj(out) if residual is None else linear_add(self.out_proj, out, residual)  # (B, T, D)
 
