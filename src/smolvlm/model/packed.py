@@ -292,7 +292,10 @@ def pack_linears(model: nn.Module, auto: bool = False) -> list[str]:
     if not (packing_pays if auto else packing_available)(first.dtype, first.device):
         return []
     targets = set(names)
-    for parent_name, parent in list(model.named_modules()):
+    # Only the modules that can hold a fused group: a list of every module would keep each replaced
+    # dense weight alive until the end (peak RSS +100 MiB at 256M).
+    parents = [(n, m) for n, m in model.named_modules() if any(hasattr(m, f) for _, f in FUSED_GROUPS)]
+    for parent_name, parent in parents:
         rows = VISION_ROWS if parent_name.startswith("model.vision_model.") else 1
         for parts, fused_name in FUSED_GROUPS:
             full = [f"{parent_name}.{p}" for p in parts]
