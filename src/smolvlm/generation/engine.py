@@ -67,7 +67,7 @@ def in_passing_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
         except BaseException as e:  # re-raised in the caller's thread
             result["error"] = e
 
-    thread = threading.Thread(target=target, name="smolvlm-load")
+    thread = threading.Thread(target=target, name="smolvlm-load", daemon=True)  # Ctrl-C in join() exits at once
     thread.start()
     thread.join()
     if "error" in result:
