@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: smolvlm vs transformers (VLM) and vs llama.cpp (text decode). Writes
+"""Side-by-side benchmark: smolvlm vs transformers and OpenVINO (VLM) and vs llama.cpp (text decode). Writes
 bench/RESULTS.md and bench/results.png.
 
 Every measurement runs in a fresh subprocess per engine (so peak RSS, ``ru_maxrss``, is that
@@ -8,10 +8,13 @@ medians. Checkpoints: random-weight bf16 checkpoints of the real configs built b
 bench/parity_full_size.py in bench/.cache/<model>/ckpt; processor files from shared/reference.
 Text decode: the real SmolLM2-135M Q4_1 GGUF, ours (bf16, int8, int4; fp32 as the agreement
 reference) vs llama-cpp-python in bench/.cache/llama-venv (n_threads=2).
+OpenVINO (optimum-intel, engines openvino and openvino-int8) runs from its own bench-only venv and
+exports, made by `bash bench/setup_openvino.sh [MODEL]`; run.py skips it, saying so, where they are missing.
 
     .venv/bin/python bench/run.py                                  # 256M, fp32+bf16, 3 reps
     .venv/bin/python bench/run.py --models 256M,500M,2.2B --dtypes bfloat16 --reps 2
     .venv/bin/python bench/run.py --quick                          # 1 rep, smaller workloads
+    .venv/bin/python bench/run.py --engines ours,openvino          # a subset of the VLM engines
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ CACHE = ROOT / "bench" / ".cache"
 REFERENCE = Path(os.environ.get("SMOLVLM_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
 MODELS = {"256M": "SmolVLM-256M-Instruct", "500M": "SmolVLM-500M-Instruct", "2.2B": "SmolVLM-Instruct"}
 LLAMA_PY = CACHE / "llama-venv" / "bin" / "python"
+OV_PY = CACHE / "openvino-venv" / "bin" / "python"
+OV_CHILD = ROOT / "bench" / "_harness" / "openvino_child.py"
+OV_EXPORTS = {"openvino": "ov-fp", "openvino-int8": "ov-int8"}  # engine -> bench/.cache/<model>/<export>
+VLM_ENGINES = ["ours", "transformers", *OV_EXPORTS]
 RAW = CACHE / "run_results.json"
 TEXT = ("Here is a short passage about the history of astronomy. Early observers tracked the motion of the "
         "planets against the fixed stars, built calendars from the cycles of the Sun and the Moon, and later "
@@ -62,19 +69,50 @@ def me(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
 
+def openvino_missing(model: str, engine: str) -> str | None:
+    """Why the OpenVINO engine cannot run for this model (None: it can)."""
+    export = CACHE / model / OV_EXPORTS[engine]
+    if not OV_PY.is_file():
+        return f"no venv {OV_PY.parent.parent.relative_to(ROOT)}"
+    if not (export / "openvino_language_model.xml").is_file():
+        return f"no export {export.relative_to(ROOT)}"
+    return None
+
+
+def vlm_engines(args: argparse.Namespace, model: str) -> list[str]:
+    """The engines to run for this model: --engines, less the OpenVINO ones whose venv/export is missing."""
+    engines, skipped = [], {}
+    for eng in args.engines or VLM_ENGINES:
+        why = openvino_missing(model, eng) if eng in OV_EXPORTS else None
+        if why:
+            skipped[eng] = why
+        else:
+            engines.append(eng)
+    if skipped:
+        print(f"  -- skipping {', '.join(skipped)} for {model} ({'; '.join(dict.fromkeys(skipped.values()))}): "
+              f"create with `bash bench/setup_openvino.sh {model}`", flush=True)
+    return engines
+
+
 def run_vlm(args: argparse.Namespace, rows: list[dict]) -> None:
     for model in args.models:
         ckpt, ref = CACHE / model / "ckpt", REFERENCE / MODELS[model]
         if not (ckpt / "config.json").is_file():
             raise SystemExit(f"{ckpt} missing: build it with .venv/bin/python bench/parity_full_size.py --models {model}")
+        engines = vlm_engines(args, model)
         for dtype in args.dtypes:
             for rep in range(args.reps):
-                order = ["ours", "transformers"] if rep % 2 == 0 else ["transformers", "ours"]
+                order = engines if rep % 2 == 0 else engines[::-1]  # alternate the order between repetitions
                 for eng in order:
                     extra = ["--quick"] if args.quick else []
                     extra += ["--threads", str(args.threads)] if args.threads else []
-                    r = child(me("--child", "vlm", "--engine", eng, "--ckpt", str(ckpt), "--ref", str(ref),
-                                 "--dtype", dtype, *extra), f"{model} {dtype} rep{rep} {eng}")
+                    if eng in OV_EXPORTS:  # its own venv's python, on its own export (never imports smolvlm)
+                        cmd = [str(OV_PY), str(OV_CHILD), "--engine", eng, "--ckpt", str(CACHE / model / OV_EXPORTS[eng]),
+                               "--ref", str(ref), "--dtype", dtype, *extra]
+                    else:
+                        cmd = me("--child", "vlm", "--engine", eng, "--ckpt", str(ckpt), "--ref", str(ref),
+                                 "--dtype", dtype, *extra)
+                    r = child(cmd, f"{model} {dtype} rep{rep} {eng}")
                     if r:
                         rows.append({"model": model, "rep": rep, **r})
                         save_raw(args, rows=rows)
@@ -119,6 +157,10 @@ def save_raw(args: argparse.Namespace, **parts: object) -> None:
     RAW.write_text(json.dumps(data))
 
 
+OV_VERSIONS = ("from importlib.metadata import version as v; "
+               "print(' / '.join(v(p) for p in ('openvino', 'optimum-intel', 'transformers')))")
+
+
 def machine() -> dict[str, str]:
     import torch
     import transformers
@@ -128,6 +170,7 @@ def machine() -> dict[str, str]:
     return {"CPU": cpu, "cores (os.cpu_count)": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llama-cpp-python": sh([str(LLAMA_PY), "-c", "import llama_cpp; print(llama_cpp.__version__)"]),
+            "openvino / optimum-intel / transformers (bench venv)": sh([str(OV_PY), "-c", OV_VERSIONS]),
             "commit": sh(["git", "rev-parse", "--short", "HEAD"]) + (" + uncommitted changes" if sh(["git", "status", "--porcelain", "src", "bench"]) else ""),
             "date": datetime.datetime.now().isoformat(timespec="minutes")}
 
@@ -136,7 +179,8 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
     from _harness import report
 
     vlm, text, agree = data.get("rows", []), data.get("text", []), data.get("agree256")
-    lines = ["# Benchmarks: smolvlm vs transformers vs llama.cpp (CPU)", "",
+    ov = [e for e in OV_EXPORTS if any(r["engine"] == e for r in vlm)]
+    lines = ["# Benchmarks: smolvlm vs transformers" + (" vs OpenVINO" if ov else "") + " vs llama.cpp (CPU)", "",
              f"Regenerate: `{' && '.join(data['commands'])}`" + (" (--quick: 2 vision tiles and 16 decode tokens per child instead of 4 and 32)" if args.quick else ""),
              "", "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in data["machine"].items()], "",
              "Method: each engine runs in its own subprocess (peak RSS = that process's `ru_maxrss`); engines "
@@ -148,7 +192,16 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
              "decode = K / (last token - first token), no early stop. TTFT: processor (chat template, "
              "image resize/tiling, tokenizer) + vision + prefill + first token, each engine with its own processor. "
              "Ours is loaded as the CLI loads it (`pack=\"auto\"`: oneDNN-packed text linears where packing is faster on this CPU).", ""]
-    lines += ["## 1. VLM: ours vs transformers", ""]
+    if ov:
+        kv = next((r["openvino_compiled"].get("KV_CACHE_PRECISION") for r in vlm if r.get("openvino_compiled")), None)
+        lines[-1:-1] = ["", "OpenVINO: optimum-intel `OVModelForVisualCausalLM` (bench-only venv, `bash bench/setup_openvino.sh`) "
+                        "on an `optimum-cli export openvino` of the same checkpoint (openvino: its bf16 weights; openvino-int8: "
+                        "`--weight-format int8`), INFERENCE_PRECISION_HINT = the dtype shown (OpenVINO's default KV cache "
+                        f"precision, {kv} here), INFERENCE_NUM_THREADS = --threads, its processor from transformers 4.57 "
+                        "(a streamer timestamps the tokens, as for transformers). Greedy agreement: the 32 greedy tokens "
+                        "after the 900-token decode prompt, against ours in the same dtype (random weights: near-ties, so "
+                        "bf16 rounding differences flip tokens early; fp32 is the exactness check)."]
+    lines += ["## 1. VLM: ours vs transformers" + (" and " + ", ".join(ov) if ov else ""), ""]
     for model in dict.fromkeys(r["model"] for r in vlm):
         lines += report.vlm_table(vlm, model)
     if vlm:
@@ -178,6 +231,9 @@ def main() -> None:
     ap.add_argument("--text-reps", type=int, default=None, help="repetitions of the text-decode table (default --reps)")
     ap.add_argument("--quick", action="store_true", help="fewer tiles/tokens per child, 1 repetition unless --reps")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--engines", default=None,
+                    help=f"comma list of VLM engines of {','.join(VLM_ENGINES)} (default: all; the OpenVINO ones "
+                         "only where bench/setup_openvino.sh made their venv and export)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from bench/.cache/run_results.json")
     ap.add_argument("--append", action="store_true",
@@ -204,6 +260,9 @@ def main() -> None:
 
     args.models = [m for m in args.models.split(",") if m]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.engines = [e for e in (args.engines or "").split(",") if e] or None
+    if args.engines and set(args.engines) - set(VLM_ENGINES):
+        ap.error(f"--engines: unknown {sorted(set(args.engines) - set(VLM_ENGINES))} (of {','.join(VLM_ENGINES)})")
     args.reps = args.reps or (1 if args.quick else 3)
     args.text_reps = args.text_reps or args.reps
     skip = set(args.skip.split(","))
@@ -213,8 +272,9 @@ def main() -> None:
             RAW.unlink()
         commands = old.get("commands", []) + [".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])]
         save_raw(args, commands=commands, machine=machine())
-        rows: list[dict] = [r for r in old.get("rows", [])
-                            if "vlm" in skip or not (r.get("model") in args.models and r.get("dtype") in args.dtypes)]
+        rows: list[dict] = [r for r in old.get("rows", [])  # keep what this run does not measure again
+                            if "vlm" in skip or not (r.get("model") in args.models and r.get("dtype") in args.dtypes
+                                                     and (args.engines is None or r.get("engine") in args.engines))]
         text: list[dict] = old.get("text", []) if "text" in skip else []
         if "vlm" not in skip:
             run_vlm(args, rows)

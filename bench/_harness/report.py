@@ -39,24 +39,40 @@ def ratio(ours: list[float], theirs: list[float], higher_better: bool) -> float 
 
 
 def vlm_table(rows: list[dict[str, Any]], model: str) -> list[str]:
+    # peers beyond transformers (OpenVINO): a value column and an "ours vs" ratio column each; targets stay vs transformers
+    peers = [e for e in dict.fromkeys(r["engine"] for r in rows if r["model"] == model) if e not in ("ours", "transformers")]
+    pad = " |" * (2 * len(peers))
     out = [f"### {model}", "",
            "ratio = how many times better ours is (speed: ours/theirs; time and memory: theirs/ours); "
            "values are median [min-max] over the repetitions.", "",
-           "| dtype | metric | ours | transformers | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+           "| dtype | metric | ours | transformers | ratio | target | met |" + "".join(f" {e} | ours vs {e} |" for e in peers),
+           "|---|---|---|---|---|---|---|" + "---|---|" * len(peers)]
     for dtype in sorted({r["dtype"] for r in rows if r["model"] == model}, reverse=True):
         sel = [r for r in rows if r["model"] == model and r["dtype"] == dtype]
         for key, (label, unit, hib, target) in VLM_METRICS.items():
-            o = [r[key] for r in sel if r["engine"] == "ours" and key in r]
-            t = [r[key] for r in sel if r["engine"] == "transformers" and key in r]
+            o = [r[key] for r in sel if r["engine"] == "ours" and r.get(key) is not None]
+            t = [r[key] for r in sel if r["engine"] == "transformers" and r.get(key) is not None]
             q = ratio(o, t, hib)
             tgt = "-" if target is None else (f"<= {1 / target:.1f}x RSS" if key == "peak_rss_mb" else f">= {target:g}x")
             met = "-" if target is None or q is None else ("yes" if q >= target - 1e-9 else "**no**")
-            out.append(f"| {dtype} | {label} ({unit}) | {fmt(o)} | {fmt(t)} | {'-' if q is None else f'{q:.2f}x'} | {tgt} | {met} |")
+            line = f"| {dtype} | {label} ({unit}) | {fmt(o)} | {fmt(t)} | {'-' if q is None else f'{q:.2f}x'} | {tgt} | {met} |"
+            for e in peers:
+                p = [r[key] for r in sel if r["engine"] == e and r.get(key) is not None]
+                qp = ratio(o, p, hib)
+                line += f" {fmt(p)} | {'-' if qp is None else f'{qp:.2f}x'} |"
+            out.append(line)
+        ref = next((r["greedy_ids"] for r in sel if r["engine"] == "ours" and r.get("greedy_ids")), None)
+        if ref is not None:
+            def agree(engine: str) -> str:
+                got = next((r["greedy_ids"] for r in sel if r["engine"] == engine and r.get("greedy_ids")), None)
+                return "-" if got is None else agreement([ref], [got])
+            out.append(f"| {dtype} | greedy agreement with ours ({len(ref)} tokens after the decode prompt; leading; positions) "
+                       f"| reference | {agree('transformers')} | | | |" + "".join(f" {agree(e)} | |" for e in peers))
         tiles = [r for r in sel if r["engine"] == "ours"]
         if tiles:
             r0 = tiles[0]
             out.append(f"| {dtype} | prompt: 1536x1024 = {r0['ttft_1536x1024_tiles']} tiles / {r0['ttft_1536x1024_tokens']} tok; "
-                       f"512x512 = {r0['ttft_512x512_tiles']} tiles / {r0['ttft_512x512_tokens']} tok | | | | | |")
+                       f"512x512 = {r0['ttft_512x512_tiles']} tiles / {r0['ttft_512x512_tokens']} tok | | | | | |" + pad)
     return out + [""]
 
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 PROMPT_LEN = 900  # decode is measured at a ~900-token context
+GREEDY_N = 32  # greedy ids after the decode prompt, reported for the cross-engine agreement
 QUESTION = "Describe this image in detail."
 
 
@@ -51,12 +52,15 @@ class Ours:
 
         return generate_ids(self.model, ids, max_new_tokens=n, eos_token_id=[])
 
-    def token_times(self, ids: torch.Tensor, n: int) -> list[float]:
-        """perf_counter() at each new token (first = after prefill), from the token generator."""
+    def token_times(self, ids: torch.Tensor, n: int) -> tuple[list[float], list[int]]:
+        """perf_counter() at each new token (first = after prefill), from the token generator; and the tokens."""
         from smolvlm.generation.generate import generate_tokens
 
-        t0 = time.perf_counter()
-        return [t0] + [time.perf_counter() for _ in generate_tokens(self.model, ids, max_new_tokens=n, eos_token_id=[])]
+        times, toks = [time.perf_counter()], []
+        for tok in generate_tokens(self.model, ids, max_new_tokens=n, eos_token_id=[]):
+            times.append(time.perf_counter())
+            toks.append(tok)
+        return times, [int(t[0]) for t in toks]
 
     def ttft(self, image: Image.Image, split: bool = True, **budget: Any) -> dict[str, Any]:
         from smolvlm.generation.generate import generate_ids
@@ -93,9 +97,9 @@ class Theirs:
         return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                    min_new_tokens=n, do_sample=False, eos_token_id=self.eos, pad_token_id=0)
 
-    def token_times(self, ids: torch.Tensor, n: int) -> list[float]:
-        """perf_counter() at each new token, from a streamer (generate calls put() once per step)."""
-        times = [time.perf_counter()]
+    def token_times(self, ids: torch.Tensor, n: int) -> tuple[list[float], list[int]]:
+        """perf_counter() at each new token, from a streamer (generate calls put() once per step); and the tokens."""
+        times, toks = [time.perf_counter()], []
 
         class Clock:
             def __init__(self) -> None:
@@ -104,6 +108,7 @@ class Theirs:
             def put(self, value: torch.Tensor) -> None:
                 if self.prompt_seen:
                     times.append(time.perf_counter())
+                    toks.append(value)
                 self.prompt_seen = True  # the first put() is the prompt itself
 
             def end(self) -> None:
@@ -112,7 +117,7 @@ class Theirs:
         with torch.inference_mode():
             self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                 do_sample=False, eos_token_id=self.eos, pad_token_id=0, streamer=Clock())
-        return times
+        return times, [int(t.reshape(-1)[0]) for t in toks]
 
     @torch.inference_mode()
     def ttft(self, image: Image.Image, split: bool = True) -> dict[str, Any]:
@@ -147,7 +152,7 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
     r["vision_s_per_tile"] = t_vis / n_tiles
     # One generation of 1 + K tokens, timestamped per token: prefill = start -> first token,
     # decode = first -> last token (K single-token steps), so prefill noise cannot leak into decode.
-    times = eng.token_times(ids, 1 + k_new)
+    times, tokens = eng.token_times(ids, 1 + k_new)
     assert len(times) == k_new + 2, len(times)
     r["prefill_tok_s"] = PROMPT_LEN / (times[1] - times[0])
     r["decode_tok_s"] = k_new / (times[-1] - times[1])
@@ -162,6 +167,9 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
         res = eng.ttft(test_image(512, 512), no_upscale=True)
         r["ttft_512x512_no_upscale"] = res["s"]
         r["ttft_512x512_no_upscale_tiles"], r["ttft_512x512_no_upscale_tokens"] = res["tiles"], res["prompt_tokens"]
+    if len(tokens) < GREEDY_N:  # --quick decodes fewer: one more (untimed) generation for the agreement ids
+        tokens = eng.generate(ids, GREEDY_N)[0, PROMPT_LEN:].tolist()
+    r["greedy_ids"] = tokens[:GREEDY_N]
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return r
 
