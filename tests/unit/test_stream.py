@@ -160,3 +160,30 @@ def test_stream_builds_inputs_with_the_processor_chat_path(ref256):
     list(stream(model, proc, text, stats=stats, max_new_tokens=1, allow_special_tokens=True))
     assert stats.prompt_tokens == raw.shape[1] != ids.shape[1]
     assert smolvlm.answer is answer and not hasattr(smolvlm, "generate")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_compact_pixel_inputs_are_bit_identical_and_smaller(dtype_name):
+    """``stream`` holds pixel values in the model's dtype and the pixel mask as bool: the vision
+    tower casts and compares them so anyway, so the features are bit-identical; bf16 halves them."""
+    import torch
+
+    from smolvlm import SmolVLM
+    from smolvlm.generation.pixels import compact_pixel_inputs
+    from tests.helpers import tiny_config
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    model = SmolVLM.from_config(tiny_config()).to(dtype).eval()
+    size = model.config.vision_config.image_size
+    pv = torch.randn(1, 2, 3, size, size)
+    pm = torch.ones(1, 2, size, size, dtype=torch.long)
+    pm[0, 1, :, size // 2:] = 0  # a padded tile half
+    inputs = {"input_ids": torch.tensor([[1, 2]]), "pixel_values": pv, "pixel_attention_mask": pm}
+    compact = compact_pixel_inputs(model, dict(inputs))
+    assert compact["pixel_values"].dtype == dtype and compact["pixel_attention_mask"].dtype == torch.bool
+    assert compact["input_ids"] is inputs["input_ids"]
+    with torch.no_grad():
+        want = model.get_image_features(pv, pm)
+        got = model.get_image_features(compact["pixel_values"], compact["pixel_attention_mask"])
+    assert torch.equal(got, want)

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 from smolvlm.generation.config import resolve_settings
 from smolvlm.generation.generate import generate_tokens
+from smolvlm.generation.pixels import compact_pixel_inputs
 from smolvlm.generation.text_stream import TextStream
 
 
@@ -60,7 +61,8 @@ def stream(
     """
     stats = stats if stats is not None else StreamStats()
     t0 = time.perf_counter()
-    inputs = processor.chat_inputs(messages_or_prompt, images, allow_special_tokens=allow_special_tokens)
+    inputs = compact_pixel_inputs(model, processor.chat_inputs(messages_or_prompt, images,
+                                                                allow_special_tokens=allow_special_tokens))
     stats.prompt_tokens = int(inputs["input_ids"].shape[1])
     settings = resolve_settings(model, stats.prompt_tokens, **gen_kwargs)
     text_stream = TextStream(processor.tokenizer, settings.stop_strings)
