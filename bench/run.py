@@ -10,6 +10,9 @@ Text decode: the real SmolLM2-135M Q4_1 GGUF, ours (bf16, int8, int4; fp32 as th
 reference) vs llama-cpp-python in bench/.cache/llama-venv (n_threads=2).
 OpenVINO (optimum-intel, engines openvino and openvino-int8) runs from its own bench-only venv and
 exports, made by `bash bench/setup_openvino.sh [MODEL]`; run.py skips it, saying so, where they are missing.
+llama.cpp's multimodal pipeline (llama-cpp-python + libmtmd, engines llama.cpp and llama.cpp-q8_0) runs from
+bench/.cache/llama-venv on GGUF conversions of the same checkpoint, made by `bash bench/setup_llamacpp_vlm.sh [MODEL]`;
+skipped the same way where they are missing.
 
     .venv/bin/python bench/run.py                                  # 256M, fp32+bf16, 3 reps
     .venv/bin/python bench/run.py --models 256M,500M,2.2B --dtypes bfloat16 --reps 2
@@ -38,7 +41,12 @@ LLAMA_PY = CACHE / "llama-venv" / "bin" / "python"
 OV_PY = CACHE / "openvino-venv" / "bin" / "python"
 OV_CHILD = ROOT / "bench" / "_harness" / "openvino_child.py"
 OV_EXPORTS = {"openvino": "ov-fp", "openvino-int8": "ov-int8"}  # engine -> bench/.cache/<model>/<export>
-VLM_ENGINES = ["ours", "transformers", *OV_EXPORTS]
+LLAMA_VLM_CHILD = ROOT / "bench" / "_harness" / "llamacpp_vlm_child.py"
+# engine -> text GGUF per dtype, in bench/.cache/<model>/llamacpp/ (float32 falls back to bf16 where no f32 one exists)
+LLAMA_TEXT = {"llama.cpp": {"bfloat16": "text-bf16.gguf", "float32": "text-f32.gguf"},
+              "llama.cpp-q8_0": {"bfloat16": "text-q8_0.gguf", "float32": "text-q8_0.gguf"}}
+LLAMA_MMPROJ = {"bfloat16": "mmproj-bf16.gguf", "float32": "mmproj-f32.gguf"}
+VLM_ENGINES = ["ours", "transformers", *OV_EXPORTS, *LLAMA_TEXT]
 RAW = CACHE / "run_results.json"
 TEXT = ("Here is a short passage about the history of astronomy. Early observers tracked the motion of the "
         "planets against the fixed stars, built calendars from the cycles of the Sun and the Moon, and later "
@@ -79,19 +87,54 @@ def openvino_missing(model: str, engine: str) -> str | None:
     return None
 
 
+def llamacpp_files(model: str, engine: str, dtype: str) -> tuple[Path, Path]:
+    """The (text GGUF, mmproj GGUF) the llama.cpp engine runs for this dtype (bf16 ones where no f32 one exists)."""
+    d = CACHE / model / "llamacpp"
+    text, mmproj = d / LLAMA_TEXT[engine][dtype], d / LLAMA_MMPROJ[dtype]
+    if not text.is_file():
+        text = d / LLAMA_TEXT[engine]["bfloat16"]
+    if not mmproj.is_file():
+        mmproj = d / LLAMA_MMPROJ["bfloat16"]
+    return text, mmproj
+
+
+def llamacpp_missing(model: str, engine: str) -> str | None:
+    """Why the llama.cpp engine cannot run for this model (None: it can)."""
+    if not LLAMA_PY.is_file():
+        return f"no venv {LLAMA_PY.parent.parent.relative_to(ROOT)}"
+    for f in llamacpp_files(model, engine, "bfloat16"):
+        if not f.is_file():
+            return f"no {f.relative_to(ROOT)}"
+    return None
+
+
 def vlm_engines(args: argparse.Namespace, model: str) -> list[str]:
-    """The engines to run for this model: --engines, less the OpenVINO ones whose venv/export is missing."""
-    engines, skipped = [], {}
+    """The engines to run for this model: --engines, less the OpenVINO / llama.cpp ones whose venv/files are missing."""
+    engines, skipped = [], {"openvino": {}, "llamacpp": {}}
     for eng in args.engines or VLM_ENGINES:
-        why = openvino_missing(model, eng) if eng in OV_EXPORTS else None
-        if why:
-            skipped[eng] = why
+        if eng in OV_EXPORTS and (why := openvino_missing(model, eng)):
+            skipped["openvino"][eng] = why
+        elif eng in LLAMA_TEXT and (why := llamacpp_missing(model, eng)):
+            skipped["llamacpp"][eng] = why
         else:
             engines.append(eng)
-    if skipped:
-        print(f"  -- skipping {', '.join(skipped)} for {model} ({'; '.join(dict.fromkeys(skipped.values()))}): "
-              f"create with `bash bench/setup_openvino.sh {model}`", flush=True)
+    for script, sk in (("setup_openvino.sh", skipped["openvino"]), ("setup_llamacpp_vlm.sh", skipped["llamacpp"])):
+        if sk:
+            print(f"  -- skipping {', '.join(sk)} for {model} ({'; '.join(dict.fromkeys(sk.values()))}): "
+                  f"create with `bash bench/{script} {model}`", flush=True)
     return engines
+
+
+def vlm_decode_ids(ref: Path, quick: bool) -> list[int]:
+    """The 900 decode-prompt ids vlm_child.measure() draws (same seed, same draw order: the vision batch of
+    n_tiles x 3 x M x M uniforms first), for the peers whose venv has no torch (llama.cpp)."""
+    import torch
+
+    m = json.loads((ref / "preprocessor_config.json").read_text())["max_image_size"]["longest_edge"]
+    n_tiles = 2 if quick else 4  # vlm_child: (2, 16) if quick else (4, 32)
+    g = torch.Generator().manual_seed(0)
+    torch.rand(1, n_tiles, 3, m, m, generator=g)
+    return torch.randint(1000, 40000, (1, 900), generator=g)[0].tolist()
 
 
 def run_vlm(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -100,6 +143,7 @@ def run_vlm(args: argparse.Namespace, rows: list[dict]) -> None:
         if not (ckpt / "config.json").is_file():
             raise SystemExit(f"{ckpt} missing: build it with .venv/bin/python bench/parity_full_size.py --models {model}")
         engines = vlm_engines(args, model)
+        llama_spec = json.dumps({"prompt": vlm_decode_ids(ref, args.quick)}) if set(engines) & set(LLAMA_TEXT) else None
         for dtype in args.dtypes:
             for rep in range(args.reps):
                 order = engines if rep % 2 == 0 else engines[::-1]  # alternate the order between repetitions
@@ -109,6 +153,11 @@ def run_vlm(args: argparse.Namespace, rows: list[dict]) -> None:
                     if eng in OV_EXPORTS:  # its own venv's python, on its own export (never imports smolvlm)
                         cmd = [str(OV_PY), str(OV_CHILD), "--engine", eng, "--ckpt", str(CACHE / model / OV_EXPORTS[eng]),
                                "--ref", str(ref), "--dtype", dtype, *extra]
+                    elif eng in LLAMA_TEXT:  # the llama venv's python (numpy only), on its GGUFs; the prompt ids from here
+                        text_gguf, mmproj = llamacpp_files(model, eng, dtype)
+                        cmd = [str(LLAMA_PY), str(LLAMA_VLM_CHILD), "--engine", eng, "--text-gguf", str(text_gguf),
+                               "--mmproj", str(mmproj), "--dtype", dtype, "--spec", llama_spec,
+                               "--threads", str(args.threads or 2), *(["--quick"] if args.quick else [])]
                     else:
                         cmd = me("--child", "vlm", "--engine", eng, "--ckpt", str(ckpt), "--ref", str(ref),
                                  "--dtype", dtype, *extra)
@@ -180,6 +229,7 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
 
     vlm, text, agree = data.get("rows", []), data.get("text", []), data.get("agree256")
     ov = [e for e in OV_EXPORTS if any(r["engine"] == e for r in vlm)]
+    lc = [e for e in LLAMA_TEXT if any(r["engine"] == e for r in vlm)]
     lines = ["# Benchmarks: smolvlm vs transformers" + (" vs OpenVINO" if ov else "") + " vs llama.cpp (CPU)", "",
              f"Regenerate: `{' && '.join(data['commands'])}`" + (" (--quick: 2 vision tiles and 16 decode tokens per child instead of 4 and 32)" if args.quick else ""),
              "", "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in data["machine"].items()], "",
@@ -201,7 +251,18 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
                         "(a streamer timestamps the tokens, as for transformers). Greedy agreement: the 32 greedy tokens "
                         "after the 900-token decode prompt, against ours in the same dtype (random weights: near-ties, so "
                         "bf16 rounding differences flip tokens early; fp32 is the exactness check)."]
-    lines += ["## 1. VLM: ours vs transformers" + (" and " + ", ".join(ov) if ov else ""), ""]
+    if lc:
+        r0 = next(r for r in vlm if r["engine"] in LLAMA_TEXT)
+        files = sorted({f"{r['engine']} {r['dtype']}: {r['gguf']['text']} + {r['gguf']['mmproj']}" for r in vlm
+                        if r["engine"] in LLAMA_TEXT and r.get("gguf")})
+        lines[-1:-1] = ["", "llama.cpp: llama-cpp-python's bindings to libllama + libmtmd (bench-only venv, `bash bench/setup_llamacpp.sh`; "
+                        "GGUFs from llama.cpp's own `convert_hf_to_gguf.py` of the same checkpoint, `bash bench/setup_llamacpp_vlm.sh`), "
+                        "the full multimodal pipeline: its chat template, its image processing and tiling (`mtmd_tokenize`), "
+                        "one vision-encoder call per tile, then prefill (a separate vision batch has no counterpart, so vision "
+                        "per tile is its encode time per tile inside the 512x512 TTFT). Same decode-prompt ids and images as the "
+                        f"others; greedy agreement as for OpenVINO; \"decode after the 512x512 image\": K greedy tokens "
+                        f"right after that TTFT (context = its prompt). GGUFs: {'; '.join(files)}. Child notes: {r0.get('notes', '-')}."]
+    lines += ["## 1. VLM: ours vs transformers" + (" and " + ", ".join(ov + lc) if ov or lc else ""), ""]
     for model in dict.fromkeys(r["model"] for r in vlm):
         lines += report.vlm_table(vlm, model)
     if vlm:
@@ -233,7 +294,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--engines", default=None,
                     help=f"comma list of VLM engines of {','.join(VLM_ENGINES)} (default: all; the OpenVINO ones "
-                         "only where bench/setup_openvino.sh made their venv and export)")
+                         "only where bench/setup_openvino.sh made their venv and export, the llama.cpp ones only where "
+                         "bench/setup_llamacpp_vlm.sh made their GGUFs)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from bench/.cache/run_results.json")
     ap.add_argument("--append", action="store_true",

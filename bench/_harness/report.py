@@ -11,6 +11,7 @@ VLM_METRICS = {
     "vision_s_per_tile": ("vision, s per tile", "s", False, 1.5),
     "prefill_tok_s": ("prefill (900 tok)", "tok/s", True, None),
     "decode_tok_s": ("decode @ ~900 ctx", "tok/s", True, 4.0),
+    "decode_after_image_tok_s": ("decode after the 512x512 image", "tok/s", True, None),  # llama.cpp only so far
     "ttft_1536x1024": ("TTFT 1536x1024 image", "s", False, 1.5),
     "ttft_512x512": ("TTFT 512x512 image", "s", False, 1.5),
     "peak_rss_mb": ("peak RSS", "MiB", False, 1 / 0.7),
@@ -39,9 +40,8 @@ def ratio(ours: list[float], theirs: list[float], higher_better: bool) -> float 
 
 
 def vlm_table(rows: list[dict[str, Any]], model: str) -> list[str]:
-    # peers beyond transformers (OpenVINO): a value column and an "ours vs" ratio column each; targets stay vs transformers
+    # peers beyond transformers (OpenVINO, llama.cpp): a value column and an "ours vs" ratio column each; targets stay vs transformers
     peers = [e for e in dict.fromkeys(r["engine"] for r in rows if r["model"] == model) if e not in ("ours", "transformers")]
-    pad = " |" * (2 * len(peers))
     out = [f"### {model}", "",
            "ratio = how many times better ours is (speed: ours/theirs; time and memory: theirs/ours); "
            "values are median [min-max] over the repetitions.", "",
@@ -50,6 +50,8 @@ def vlm_table(rows: list[dict[str, Any]], model: str) -> list[str]:
     for dtype in sorted({r["dtype"] for r in rows if r["model"] == model}, reverse=True):
         sel = [r for r in rows if r["model"] == model and r["dtype"] == dtype]
         for key, (label, unit, hib, target) in VLM_METRICS.items():
+            if not any(r.get(key) is not None for r in sel):  # a metric only some peer measures, absent here
+                continue
             o = [r[key] for r in sel if r["engine"] == "ours" and r.get(key) is not None]
             t = [r[key] for r in sel if r["engine"] == "transformers" and r.get(key) is not None]
             q = ratio(o, t, hib)
@@ -61,6 +63,14 @@ def vlm_table(rows: list[dict[str, Any]], model: str) -> list[str]:
                 qp = ratio(o, p, hib)
                 line += f" {fmt(p)} | {'-' if qp is None else f'{qp:.2f}x'} |"
             out.append(line)
+        bw = [r for r in sel if r["engine"] == "ours" and r.get("read_gb_s") and r.get("decode_step_ms_median")]
+        if bw:  # the decode step against the machine's read bandwidth, measured in the same child process
+            stream = med([r["decode_weight_mb"] * 2**20 / (r["decode_step_ms_median"] / 1e3) / 1e9 for r in bw])
+            read = med([r["read_gb_s"] for r in bw])
+            floor = med([r["decode_weight_mb"] * 2**20 / (r["read_gb_s"] * 1e9) * 1e3 for r in bw])
+            out.append(f"| {dtype} | decode step vs read bandwidth (ours: {bw[0]['decode_weight_mb']:.0f} MiB of weights per "
+                       f"step) | {stream:.1f} GB/s of {read:.1f} GB/s read; floor {floor:.1f} ms vs "
+                       f"{med([r['decode_step_ms_median'] for r in bw]):.1f} ms per step | | | | |" + " | |" * len(peers))
         ref = next((r["greedy_ids"] for r in sel if r["engine"] == "ours" and r.get("greedy_ids")), None)
         if ref is not None:
             def agree(engine: str) -> str:
@@ -71,8 +81,14 @@ def vlm_table(rows: list[dict[str, Any]], model: str) -> list[str]:
         tiles = [r for r in sel if r["engine"] == "ours"]
         if tiles:
             r0 = tiles[0]
+
+            def peer_tiles(engine: str) -> str:  # each peer's own processor: its tiles / tokens, where it reports them
+                p = next((r for r in sel if r["engine"] == engine and r.get("ttft_512x512_tiles") is not None), None)
+                return "-" if p is None else (f"{p['ttft_1536x1024_tiles']} / {p['ttft_1536x1024_tokens']}; "
+                                              f"{p['ttft_512x512_tiles']} / {p['ttft_512x512_tokens']}")
             out.append(f"| {dtype} | prompt: 1536x1024 = {r0['ttft_1536x1024_tiles']} tiles / {r0['ttft_1536x1024_tokens']} tok; "
-                       f"512x512 = {r0['ttft_512x512_tiles']} tiles / {r0['ttft_512x512_tokens']} tok | | | | | |" + pad)
+                       f"512x512 = {r0['ttft_512x512_tiles']} tiles / {r0['ttft_512x512_tokens']} tok | | | | | |"
+                       + "".join(f" {peer_tiles(e)} | |" for e in peers))
     return out + [""]
 
 

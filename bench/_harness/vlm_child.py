@@ -170,8 +170,36 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
     if len(tokens) < GREEDY_N:  # --quick decodes fewer: one more (untimed) generation for the agreement ids
         tokens = eng.generate(ids, GREEDY_N)[0, PROMPT_LEN:].tolist()
     r["greedy_ids"] = tokens[:GREEDY_N]
+    if engine == "ours":  # the decode step against this machine's read bandwidth, in the same process
+        r["read_gb_s"] = read_bandwidth_gb_s()
+        r["decode_weight_mb"] = decode_weight_bytes(eng.model) / 2**20
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return r
+
+
+def read_bandwidth_gb_s(mib: int = 256, reps: int = 5) -> float:
+    """Best of ``reps`` full reads (``sum``) of a ``mib``-MiB fp32 tensor: the floor a decode step that
+    streams its weights cannot beat."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = min(timed(x.sum)[0] for _ in range(reps))
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: the text decoder's and lm_head's weights (packed or not), tied once."""
+    from smolvlm.model.packed import PackedLinear
+
+    seen, total = set(), 0
+    for name, m in model.named_modules():
+        if not (name.startswith("model.text_model.") or name == "lm_head"):
+            continue
+        tensors = [m.packed] if isinstance(m, PackedLinear) else list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        for t in tensors:
+            if id(t) not in seen and not name.endswith("embed_tokens"):  # the embedding is a row lookup
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
 
 
 def main(args: Any) -> None:
