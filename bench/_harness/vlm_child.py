@@ -170,10 +170,10 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
     if len(tokens) < GREEDY_N:  # --quick decodes fewer: one more (untimed) generation for the agreement ids
         tokens = eng.generate(ids, GREEDY_N)[0, PROMPT_LEN:].tolist()
     r["greedy_ids"] = tokens[:GREEDY_N]
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the probe's 256 MiB
     if engine == "ours":  # the decode step against this machine's read bandwidth, in the same process
         r["read_gb_s"] = read_bandwidth_gb_s()
         r["decode_weight_mb"] = decode_weight_bytes(eng.model) / 2**20
-    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return r
 
 
