@@ -23,20 +23,14 @@
 # - the converter imports `gguf` and its newest APIs: use the source tree's own gguf-py (PYTHONPATH),
 #   never a PyPI gguf, whose version can lag the converter;
 # - transformers 4.57 does not read `rope_parameters` from a config.json written by transformers 5.x
-#   (bench/.cache/<model>/ckpt), so convert from a folder with the checkpoint's weights and the
-#   reference config.json (top-level rope_theta): bench/.cache/<model>/ov-src, shared with the
-#   OpenVINO export and created here if missing;
+#   (bench/.cache/<model>/ckpt), so convert from bench/peer_source.sh's folder (the checkpoint's
+#   weights + the reference config.json with a top-level rope_theta, dims checked), the one the
+#   OpenVINO export reads;
 # - `pip download --no-binary :all:` of the sdist prepares its metadata with scikit-build-core in an
 #   isolated build env (no compile; a few seconds).
 set -euo pipefail
 
 MODEL=${1:-256M}
-case "$MODEL" in
-  256M) NAME=SmolVLM-256M-Instruct ;;
-  500M) NAME=SmolVLM-500M-Instruct ;;
-  2.2B) NAME=SmolVLM-Instruct ;;
-  *) echo "unknown model size '$MODEL' (256M, 500M or 2.2B)" >&2; exit 2 ;;
-esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=$ROOT/bench/.cache
@@ -44,9 +38,6 @@ VERSION=0.3.36                       # = the llama-cpp-python in bench/.cache/ll
 LLAMA_VENV=$CACHE/llama-venv
 SRC_DIR=$CACHE/llama-src
 LLAMA_CPP=$SRC_DIR/llama_cpp_python-$VERSION/vendor/llama.cpp
-REF=$(realpath -m "${SMOLVLM_REFERENCE_DIR:-$ROOT/../shared/reference}/$NAME")
-CKPT=$CACHE/$MODEL/ckpt
-SRC=$CACHE/$MODEL/ov-src
 OUT=$CACHE/$MODEL/llamacpp
 TORCH=torch==2.13.0
 TRANSFORMERS=transformers==4.57.6
@@ -97,30 +88,8 @@ if ! PYTHONPATH="$EXTRA" "$CONVERT_PY" -c "import sentencepiece" 2>/dev/null; th
 fi
 echo "converter python: $CONVERT_PY ($("$CONVERT_PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"))"
 
-# 4. the conversion source folder: checkpoint weights + reference config/tokenizer/processor files
-[ -f "$CKPT/config.json" ] || { echo "$CKPT missing: build it with .venv/bin/python bench/parity_full_size.py --models $MODEL" >&2; exit 1; }
-[ -f "$REF/config.json" ] || { echo "$REF missing (reference config/tokenizer files)" >&2; exit 1; }
-mkdir -p "$SRC"
-for f in "$CKPT"/*.safetensors "$CKPT"/*.safetensors.index.json; do
-  [ -e "$f" ] && ln -sfn "$f" "$SRC/$(basename "$f")"
-done
-for f in "$REF"/*.json "$REF"/*.txt "$REF"/*.jinja; do
-  [ -e "$f" ] && ln -sfn "$f" "$SRC/$(basename "$f")"
-done
-python3 - "$CKPT/config.json" "$SRC/config.json" <<'EOF'
-import json, sys
-ck, ref = (json.load(open(p)) for p in sys.argv[1:3])
-keys = {"text_config": ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "vocab_size"],
-        "vision_config": ["hidden_size", "num_hidden_layers", "image_size", "patch_size"]}
-bad = [f"{s}.{k}: ckpt {ck[s].get(k)} != ref {ref[s].get(k)}" for s, ks in keys.items() for k in ks
-       if k in ck.get(s, {}) and ck[s].get(k) != ref.get(s, {}).get(k)]
-if "rope_theta" not in ref.get("text_config", {}):
-    bad.append("reference config.json has no top-level text_config.rope_theta")
-if bad:
-    sys.exit("conversion source: checkpoint and reference configs differ:\n  " + "\n  ".join(bad))
-print(f"conversion source: {sys.argv[2].rsplit('/', 2)[0]} (rope_theta {ref['text_config']['rope_theta']})")
-EOF
+# 4. the conversion source folder (bench/peer_source.sh: checkpoint weights + reference config, dims checked)
+SRC=$(bash "$ROOT/bench/peer_source.sh" "$MODEL" | tail -n 1)
 
 # 5. the conversions (a few seconds each at 256M)
 mkdir -p "$OUT"

@@ -15,25 +15,16 @@
 #   import (`operator torchvision::nms does not exist`): uninstall it (nothing here uses it);
 # - transformers 4.57 does not read `rope_parameters` from a config.json written by transformers
 #   5.x (bench/.cache/<model>/ckpt), so an export straight from the checkpoint silently uses
-#   rope_theta 10000 instead of 100000: export from a folder with the checkpoint's weights and
-#   the reference config.json (top-level rope_theta), after checking that the dims match.
+#   rope_theta 10000 instead of 100000: export from bench/peer_source.sh's folder (the checkpoint's
+#   weights + the reference config.json with a top-level rope_theta, dims checked).
 set -euo pipefail
 
 MODEL=${1:-256M}
-case "$MODEL" in
-  256M) NAME=SmolVLM-256M-Instruct ;;
-  500M) NAME=SmolVLM-500M-Instruct ;;
-  2.2B) NAME=SmolVLM-Instruct ;;
-  *) echo "unknown model size '$MODEL' (256M, 500M or 2.2B)" >&2; exit 2 ;;
-esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=$ROOT/bench/.cache
 VENV=${OPENVINO_VENV:-$CACHE/openvino-venv}  # bench/run.py looks for it here
 PY=$VENV/bin/python
-REF=$(realpath -m "${SMOLVLM_REFERENCE_DIR:-$ROOT/../shared/reference}/$NAME")
-CKPT=$CACHE/$MODEL/ckpt
-SRC=$CACHE/$MODEL/ov-src
 TORCH=torch==2.13.0
 # the versions this harness was verified with (bench/_harness/openvino_child.py)
 PKGS=("optimum-intel[openvino]==2.2.0" "optimum==2.3.0" "openvino==2026.4.1" "openvino-tokenizers==2026.4.1.0"
@@ -59,37 +50,8 @@ print("versions: " + ", ".join(f"{p} {version(p)}" for p in
       ("openvino", "optimum-intel", "optimum", "transformers", "nncf", "torch")))
 EOF
 
-# 2. the export source folder: checkpoint weights + reference config/tokenizer/processor files
-[ -f "$CKPT/config.json" ] || { echo "$CKPT missing: build it with .venv/bin/python bench/parity_full_size.py --models $MODEL" >&2; exit 1; }
-[ -f "$REF/config.json" ] || { echo "$REF missing (reference config/tokenizer files)" >&2; exit 1; }
-mkdir -p "$SRC"
-for f in "$CKPT"/*.safetensors "$CKPT"/*.safetensors.index.json; do
-  [ -e "$f" ] && ln -sfn "$f" "$SRC/$(basename "$f")"
-done
-for f in "$REF"/*.json "$REF"/*.txt "$REF"/*.jinja; do
-  [ -e "$f" ] && ln -sfn "$f" "$SRC/$(basename "$f")"
-done
-"$PY" - "$CKPT/config.json" "$SRC/config.json" <<'EOF'
-import json, sys
-ck, ref = (json.load(open(p)) for p in sys.argv[1:3])
-keys = {"": ["model_type", "scale_factor", "image_token_id"],
-        "text_config": ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings"],
-        "vision_config": ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                          "image_size", "patch_size"]}
-bad = []
-for sub, ks in keys.items():
-    a, b = (ck.get(sub, {}), ref.get(sub, {})) if sub else (ck, ref)
-    bad += [f"{sub}.{k}: ckpt {a.get(k)} != ref {b.get(k)}" for k in ks if k in a and a.get(k) != b.get(k)]
-theta = ck.get("text_config", {}).get("rope_parameters", {}).get("rope_theta", ck.get("text_config", {}).get("rope_theta"))
-if theta is not None and theta != ref["text_config"].get("rope_theta"):
-    bad.append(f"rope_theta: ckpt {theta} != ref {ref['text_config'].get('rope_theta')}")
-if "rope_theta" not in ref.get("text_config", {}):
-    bad.append("reference config.json has no top-level text_config.rope_theta")
-if bad:
-    sys.exit("export source: checkpoint and reference configs differ:\n  " + "\n  ".join(bad))
-print(f"export source: checkpoint dims match the reference config (rope_theta {ref['text_config']['rope_theta']})")
-EOF
+# 2. the export source folder (bench/peer_source.sh: checkpoint weights + reference config, dims checked)
+SRC=$(bash "$ROOT/bench/peer_source.sh" "$MODEL" | tail -n 1)
 
 # 3. the exports (fp: weights as stored, bf16 here; int8: weight-only int8)
 export_one() {  # out_dir, extra optimum-cli args...

@@ -33,28 +33,15 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-# copied from vlm_child (this venv has no smolvlm/torch and must not import the project)
-PROMPT_LEN = 900  # decode is measured at a ~900-token context
-QUESTION = "Describe this image in detail."
-GREEDY_N = 32
+from peer_common import GREEDY_N, PROMPT_LEN, QUESTION, timed  # run from this folder
+from peer_common import test_pixels as test_image  # (raw RGB bytes are what mtmd takes)
+
 # the reference chat template's output for one image + QUESTION, should the GGUF carry no template
 FALLBACK_PROMPT = "<|im_start|>User:<image>" + QUESTION + "<end_of_utterance>\nAssistant:"
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def test_image(width: int, height: int) -> np.ndarray:
-    """vlm_child.test_image as a (height, width, 3) uint8 array (the same rng, the same draw)."""
-    rng = np.random.default_rng(width * 7 + height)
-    return np.ascontiguousarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 class LlamaCppVLM:

@@ -21,28 +21,18 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-# copied from vlm_child (this venv has no smolvlm and must not import the project)
-PROMPT_LEN = 900  # decode is measured at a ~900-token context
-QUESTION = "Describe this image in detail."
-GREEDY_N = 32
+from peer_common import GREEDY_N, PROMPT_LEN, QUESTION, test_pixels, timed  # run from this folder
+
 PRECISION = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def test_image(width: int, height: int) -> Image.Image:
-    rng = np.random.default_rng(width * 7 + height)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return Image.fromarray(test_pixels(width, height))
 
 
 class OpenVINO:
