@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm.model.packed import fused_outputs
+
 
 class RMSNorm(nn.Module):
     """Llama RMSNorm (``LlamaRMSNorm``): normalise in fp32, cast back, then scale."""
@@ -71,10 +73,8 @@ class GatedMLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # gate/up as one packed weight, set by packing (model/packed.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_outputs(self, "gate_up_proj", ("gate_proj", "up_proj"), x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)

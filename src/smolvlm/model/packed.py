@@ -97,14 +97,22 @@ class PackedLinear(nn.Module):
         """A dense copy of the weight (for saving and inspection; the forward never uses it)."""
         return self.packed.to_dense()
 
-    def forward(self, x: torch.Tensor, _post: str = "none", _algorithm: str = "") -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, "none", "")
+
+    def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """``gelu_tanh(self(x))`` as one kernel (oneDNN eltwise post-op)."""
+        return self._run(x, "gelu", "tanh")
+
+    def _run(self, x: torch.Tensor, post: str, algorithm: str) -> torch.Tensor:
         in_dtype = x.dtype
         if in_dtype != self.packed.dtype:
             x = x.to(self.packed.dtype)
         if x.numel() == 0:
             y = x.new_empty(*x.shape[:-1], self.out_features)
+            y = y if post == "none" else F.gelu(y, approximate=algorithm)
         else:
-            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, _post, [], _algorithm)
+            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, post, [], algorithm)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -248,7 +256,7 @@ def fused_outputs(module: nn.Module, fused_name: str, parts: tuple[str, ...], x:
 def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(linear(x))``: one fused kernel when ``linear`` is packed."""
     if isinstance(linear, PackedLinear) and x.dtype == linear.packed.dtype:
-        return linear(x, "gelu", "tanh")
+        return linear.forward_gelu_tanh(x)
     return F.gelu(linear(x), approximate="tanh")
 
 
