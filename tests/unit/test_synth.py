@@ -125,6 +125,16 @@ def _expected(category: str, meta: dict, qa: dict) -> str:
         if t == "side":
             (s,) = of(qa["kind"])
             return _COLS[s["cell"][1]]
+        if t == "vside":
+            (s,) = of(qa["kind"])
+            return ("top", "middle", "bottom")[s["cell"][0]]
+        if t == "where":  # spelled out per cell, independently of scenes.where_words
+            (s,) = of(qa["kind"])
+            return [["top left", "top", "top right"], ["left", "centre", "right"],
+                    ["bottom left", "bottom", "bottom right"]][s["cell"][0]][s["cell"][1]]
+        if t == "what":
+            (s,) = shapes
+            return f"a {s['colour']} {s['kind']}"
     if category == "multi_image":
         counts = [sum(s["kind"] == qa.get("kind") for s in p["shapes"]) for p in meta["panels"]]
         if t == "more":

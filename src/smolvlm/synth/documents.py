@@ -81,7 +81,10 @@ def gen_text(rng: random.Random) -> Sample:
         y += (y1 - y0) + gap
     pool = []
     if n == 1:
-        pool.append(({"type": "read"}, rng.choice(["What is written in the image?", "What does the text say?"]), lines[0]))
+        asks = ["What is written in the image?", "What does the text say?", "What does it say?", "Read the text."]
+        if " " not in lines[0]:
+            asks.append("What number is written?" if lines[0].isdigit() else "What word is written?")
+        pool.append(({"type": "read"}, rng.choice(asks), lines[0]))
     else:
         i = rng.randrange(n)
         pool.append(({"type": "read_line", "line": i}, f"What is written on the {ORDINALS[i]} line?", lines[i]))

@@ -38,8 +38,14 @@ def _questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[dict, str,
                 str(len(shapes))))
     for s in shapes:
         if kinds[s.kind] == 1:
-            q = rng.choice([f"What colour is the {s.kind}?", f"What is the colour of the {s.kind}?"])
+            q = rng.choice([f"What colour is the {s.kind}?", f"What is the colour of the {s.kind}?",
+                            f"What color is the {s.kind}?", f"Which colour is the {s.kind}?"])
             out.append(({"type": "colour", "kind": s.kind}, q, s.colour))
+            q = rng.choice([f"Where is the {s.kind}?", f"Where is the {s.kind} in the image?"])
+            out.append(({"type": "where", "kind": s.kind}, q, where_words(s.cell)))
+    if len(shapes) == 1:
+        q = rng.choice(["What is this?", "What shape is this?", "What is in the image?", "What do you see?"])
+        out.append(({"type": "what"}, q, f"a {shapes[0].colour} {shapes[0].kind}"))
     uniq = [s for s in shapes if colours[s.colour] == 1]
     for a in uniq:
         for b in uniq:
@@ -62,13 +68,26 @@ def _questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[dict, str,
                             f"Which is bigger, the {first} or the {second}?", a.kind))
     for s in one:
         if s.cell[1] != 1:
-            out.append(({"type": "side", "kind": s.kind},
-                        f"Is the {s.kind} on the left or the right side of the image?", _COLS[s.cell[1]]))
+            q = rng.choice([f"Is the {s.kind} on the left or the right side of the image?",
+                            f"Is the {s.kind} on the left or the right?"])
+            out.append(({"type": "side", "kind": s.kind}, q, _COLS[s.cell[1]]))
+        if s.cell[0] != 1:
+            q = rng.choice([f"Is the {s.kind} at the top or the bottom?",
+                            f"Is the {s.kind} in the top or the bottom half of the image?"])
+            out.append(({"type": "vside", "kind": s.kind}, q, _ROWS[s.cell[0]]))
     return out
 
 
+def where_words(cell: tuple[int, int]) -> str:
+    """Where a grid cell lies, as a user would say it: "top left", "bottom", "centre"..."""
+    row, col = _ROWS[cell[0]], _COLS[cell[1]]
+    if row == "middle":
+        return col
+    return row if col == "centre" else f"{row} {col}"
+
+
 def gen_shapes(rng: random.Random) -> Sample:
-    shapes, side, bg = _scene(rng, rng.randint(1, 6))
+    shapes, side, bg = _scene(rng, rng.choice((1, 1, 2, 3, 4, 5, 6, 7, 8, 9)))
     pool = _questions(rng, shapes)
     # Prefer one question of each type, so count questions (always available) don't dominate.
     by_type: dict[str, list] = {}
