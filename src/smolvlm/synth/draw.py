@@ -59,11 +59,16 @@ def font(name: str, size: int) -> ImageFont.FreeTypeFont:
 
 @dataclass(frozen=True)
 class Glyph:
-    """One drawn character: the image it was drawn on and its ink box (x0, y0, x1, y1) in pixels."""
+    """One drawn character: the image it was drawn on and its ink box (x0, y0, x1, y1) in pixels;
+    ``text`` is the whole line drawn by that ``text`` call, ``index`` the character's place in it and
+    ``run`` tells the calls apart (the same for every character of one call)."""
 
     image: Image.Image
     char: str
     box: tuple[int, int, int, int]
+    text: str = ""
+    index: int = 0
+    run: int = 0
 
 
 _GLYPH_LOG: contextvars.ContextVar[list[Glyph] | None] = contextvars.ContextVar("smolvlm_glyph_log", default=None)
@@ -83,12 +88,13 @@ class GlyphDraw(ImageDraw.ImageDraw):
             raise ValueError(f"record_glyphs: cannot place characters drawn with extra options "
                              f"{sorted(kwargs) or list(args)} or line breaks; draw one left-anchored line per call")
         x, y = xy
+        run = len(log)  # the index of this call's first glyph: unique per call
         for i, ch in enumerate(text):
             if ch.isspace():
                 continue
             left = x + font.getlength(text[:i])
             x0, y0, x1, y1 = self.textbbox((left, y), ch, font=font)
-            log.append(Glyph(self._image, ch, (int(x0), int(y0), int(x1), int(y1))))
+            log.append(Glyph(self._image, ch, (int(x0), int(y0), int(x1), int(y1)), text, i, run))
 
 
 def canvas(img: Image.Image) -> GlyphDraw:

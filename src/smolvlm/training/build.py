@@ -295,7 +295,8 @@ def export_final(parts: RunParts, recipe: Recipe) -> Path:
 def prepare_vision(parts: RunParts, recipe: Recipe) -> Path | None:
     """Stage 1 when ``vision_pretrain.steps`` > 0: pretrain the vision tower + connector on dense
     labels (``<output_dir>/vision_pretrain/``), or reload them when that run already finished (a
-    resumed run), then scale the connector to the text embeddings. Returns the weights' path."""
+    resumed run), then scale the connector to the text embeddings (not after word targets, which
+    already put it there). Returns the weights' path."""
     cfg = recipe.vision_pretrain
     if cfg.steps == 0:
         return None
@@ -309,7 +310,11 @@ def prepare_vision(parts: RunParts, recipe: Recipe) -> Path | None:
         (stage / "settings.json").write_text(json.dumps(_stage1_settings(recipe), indent=2) + "\n")
         weights = vp.pretrain_vision(parts.model, image_processor, stage, steps=cfg.steps, batch_size=cfg.batch_size,
                                      lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-                                     autocast=recipe.train.autocast, progress=recipe.train.progress).path
+                                     autocast=recipe.train.autocast, progress=recipe.train.progress,
+                                     tokenizer=parts.processor.tokenizer, word_weight=cfg.word_weight,
+                                     backbone_rows=parts.backbone_vocab).path
+    if cfg.word_weight:  # the connector already speaks in embedding units: rescaling would move it off the words
+        return weights
     grid = vp.TokenGrid.for_config(parts.model.config)
     pv, _, _ = vp.DenseImages(image_processor, grid, seed=cfg.seed + 2).batch(0, 16)
     vp.match_feature_scale(parts.model, pv, parts.backbone_vocab)

@@ -114,6 +114,9 @@ class VisionPretrainRecipe:
     lr: float = 1.0e-3
     warmup_steps: int = 50
     seed: int = 0
+    # > 0: also train each visual token towards the words it shows, scored against the frozen text
+    # model's embedding table (training/lexical.py); the connector then keeps that scale (no rescaling)
+    word_weight: float = 0.0
 
 
 @dataclass
@@ -183,6 +186,8 @@ class Recipe:
         vp = self.vision_pretrain
         if vp.steps < 0 or vp.batch_size < 1:
             raise RecipeError(f"vision_pretrain.steps must be >= 0 and batch_size >= 1, got {vp.steps} / {vp.batch_size}")
+        if vp.word_weight < 0:
+            raise RecipeError(f"vision_pretrain.word_weight must be >= 0, got {vp.word_weight}")
         rp = self.replay
         if rp.n < 0 or rp.max_new_tokens < 1 or rp.batch_size < 1:
             raise RecipeError(f"replay.n must be >= 0, max_new_tokens and batch_size >= 1, got "

@@ -13,7 +13,10 @@ tower) gets:
 
 and every image its ``background`` name where the scene has one (shape scenes). Linear heads read
 these from the connector output, the very vectors the language model will see, so stage 2 starts
-from features that linearly hold what each region shows and where. Coordinates follow the
+from features that linearly hold what each region shows and where. With ``word_weight`` > 0 the
+connector output of every token is also trained to *be* the words it shows in the frozen text
+model's embedding space (``lexical.py``, the ``words`` target), so that the language model reads
+visual tokens as it reads text. Coordinates follow the
 processor: an unsplit image is stretched to ``image_size`` x ``image_size`` (``image.split``).
 
 Training is the one loop's (``loop.run``): ``DenseLoss`` is the loss, the tower, connector and heads
@@ -34,7 +37,7 @@ from torch import nn
 
 from smolvlm import synth
 from smolvlm.synth.draw import BACKGROUNDS, COLOURS, SHAPES, record_glyphs
-from smolvlm.training import loop
+from smolvlm.training import lexical, loop
 from smolvlm.training.recipe import OptimRecipe, ScheduleRecipe, TrainRecipe
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.-:"  # class i + 1; 0 = no character; len + 1 = any other
@@ -175,17 +178,24 @@ def accuracies(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
 class DenseImages:
     """Images and their dense targets from the synth generator, round-robin over categories.
     Item ``i`` is the images of sample ``synth.sample_seed("train", seed, i)``: training seeds,
-    never the held-out evaluation split."""
+    never the held-out evaluation split. With a ``tokenizer`` each image's targets also hold
+    ``words`` (``lexical.word_targets``)."""
 
     def __init__(self, image_processor: Any, grid: TokenGrid, seed: int = 0,
-                 categories: Sequence[str] | None = None, split: str = "train") -> None:
+                 categories: Sequence[str] | None = None, split: str = "train", tokenizer: Any = None) -> None:
         self.proc, self.grid, self.seed, self.split = image_processor, grid, seed, split
         self.categories = synth.check_categories(categories)
+        self.tokenizer = tokenizer
+        self.vocab = lexical.WordVocab.build(tokenizer, (*COLOUR_NAMES, *KINDS[1:])) if tokenizer is not None else None
 
     def sample(self, i: int) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:
         with record_glyphs() as glyphs:
             s = synth.dataset_sample(i, self.split, self.seed, self.categories)
-        return s["images"], dense_targets(s, glyphs, self.grid)
+        targets = dense_targets(s, glyphs, self.grid)
+        if self.tokenizer is not None:
+            words = lexical.word_targets(s, glyphs, self.grid, self.tokenizer, self.vocab, _shapes_of)
+            targets = [{**t, "words": w} for t, w in zip(targets, words, strict=True)]
+        return s["images"], targets
 
     def batch(self, start: int, n_images: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         """At least ``n_images`` images from samples ``start, start + 1, ...``: pixel values
@@ -230,7 +240,11 @@ class TowerAndHeads(nn.Module):
 
 
 class DenseLoss:
-    """Sum of the heads' losses on one ``(pixel_values, targets)`` batch; parts logged as ``loss_<name>``."""
+    """Sum of the heads' losses on one ``(pixel_values, targets)`` batch, plus ``word_weight`` times the
+    word-target loss (``lexical.WordTargetLoss``) when one is given; parts logged as ``loss_<name>``."""
+
+    def __init__(self, words: lexical.WordTargetLoss | None = None, word_weight: float = 0.0) -> None:
+        self.words, self.word_weight = words, word_weight
 
     def weight(self, batch: Any) -> int:
         return 1
@@ -238,7 +252,11 @@ class DenseLoss:
     def __call__(self, model: TowerAndHeads, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pv, targets = batch
         dev = _device(model.vlm)
-        losses = DenseHeads.losses(model.heads(encode(model.vlm, pv).float()), {k: v.to(dev) for k, v in targets.items()})
+        feats = encode(model.vlm, pv).float()
+        dense = {k: v.to(dev) for k, v in targets.items() if k != "words"}
+        losses = DenseHeads.losses(model.heads(feats), dense)
+        if self.words is not None and self.word_weight:
+            losses.update({k: self.word_weight * v for k, v in self.words(feats, targets["words"]).items()})
         return sum(losses.values()), {f"loss_{k}": v for k, v in losses.items()}
 
 
@@ -274,13 +292,17 @@ def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
 def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, steps: int, batch_size: int = 32,
                     lr: float = 1e-3, warmup_steps: int = 50, weight_decay: float = 0.0, seed: int = 0,
                     autocast: str = "none", device: str = "cpu", eval_images: int = 128, eval_every: int = 100,
-                    progress: bool = True) -> PretrainResult:
+                    progress: bool = True, tokenizer: Any = None, word_weight: float = 0.0,
+                    backbone_rows: int | None = None) -> PretrainResult:
     """Train ``model``'s vision tower + connector on dense targets with ``loop.run`` (AdamW, gradient
     clip 1.0, warmup then cosine to 5 % of ``lr``); save them to ``out_dir/vision.safetensors``
     (atomically) with ``metrics.jsonl`` (one line per step; held-out accuracies every ``eval_every``
     steps and at the end), ``loss.png`` and ``summary.json``. ``batch_size`` counts images, so
     ``samples_per_s`` in the metrics is images per second. Other parameters are untouched;
-    ``requires_grad`` flags are restored afterwards. No checkpoints: an unfinished stage 1 reruns."""
+    ``requires_grad`` flags are restored afterwards. No checkpoints: an unfinished stage 1 reruns.
+
+    ``word_weight`` > 0 (needs ``tokenizer``) adds the word targets (``lexical.py``), scored against
+    the text model's first ``backbone_rows`` embedding rows (default: all), frozen."""
     out = Path(out_dir)
     torch.manual_seed(seed)
     grid = TokenGrid.for_config(model.config)
@@ -288,8 +310,15 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith(VISION_PREFIXES))
-    train = DenseImages(image_processor, grid, seed=seed)
-    held = DenseImages(image_processor, grid, seed=seed + 1)  # other training seeds, never the eval split
+    words = None
+    if word_weight:
+        if tokenizer is None:
+            raise ValueError("word targets (word_weight > 0) need the tokenizer")
+        table = model.model.text_model.embed_tokens.weight
+        words = lexical.WordTargetLoss(table[:backbone_rows or len(table)], space_id=tokenizer.encode(" ")[0])
+    tok = tokenizer if words is not None else None
+    train = DenseImages(image_processor, grid, seed=seed, tokenizer=tok)
+    held = DenseImages(image_processor, grid, seed=seed + 1, tokenizer=tok)  # other training seeds, never the eval split
     eval_pv, eval_tg, _ = held.batch(0, eval_images)
     amp = loop.autocast_dtype(autocast, device)
 
@@ -297,7 +326,8 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
         pv, tg, nxt = train.batch(position, batch_size)
         return [(pv, tg)], nxt, len(pv)
 
-    task = loop.Task(DenseLoss(), batches, lambda m: evaluate_dense(m.vlm, m.heads, eval_pv, eval_tg, amp))
+    task = loop.Task(DenseLoss(words, word_weight), batches,
+                     lambda m: evaluate_dense(m.vlm, m.heads, eval_pv, eval_tg, amp, words=words))
     cfg = TrainRecipe(output_dir=str(out), max_steps=steps, batch_size=batch_size, grad_clip=1.0,
                       eval_every=max(1, eval_every), seed=seed, autocast=autocast, device=device, progress=progress)
     sched = ScheduleRecipe(kind="cosine", warmup_steps=warmup_steps, min_lr_ratio=0.05)
@@ -318,16 +348,24 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
 
 @torch.no_grad()
 def evaluate_dense(model: Any, heads: DenseHeads, pixel_values: torch.Tensor, targets: dict[str, torch.Tensor],
-                   autocast: torch.dtype | None = torch.bfloat16, chunk: int = 32) -> dict[str, float]:
+                   autocast: torch.dtype | None = torch.bfloat16, chunk: int = 32,
+                   words: lexical.WordTargetLoss | None = None) -> dict[str, float]:
+    """Held-out accuracies of the heads (``accuracies``), and with ``words`` the nearest-embedding
+    read-out of the word targets (``WordTargetLoss.readout``)."""
     was = model.training
     model.eval()
-    parts = []
+    parts, feats = [], []
     for i in range(0, len(pixel_values), chunk):
         with loop.autocast_context(_device(model).type, autocast):
-            parts.append({k: v.float().cpu() for k, v in heads(encode(model, pixel_values[i:i + chunk])).items()})
+            f = encode(model, pixel_values[i:i + chunk])
+            parts.append({k: v.float().cpu() for k, v in heads(f).items()})
+        feats.append(f.float().cpu())
     model.train(was)
     logits = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return accuracies(logits, targets)
+    out = accuracies(logits, targets)
+    if words is not None:
+        out.update(words.readout(torch.cat(feats), targets["words"]))
+    return out
 
 
 @torch.no_grad()
