@@ -269,9 +269,11 @@ def test_default_model_recipe_values():
     assert (v["image_size"] // v["patch_size"] // r.model.scale_factor) ** 2 == 36  # 36 tokens per image
     assert r.model.processor["do_image_splitting"] is False  # one tile per image on CPU
     assert r.lora.enabled and "model.text_model" in r.freeze.freeze
-    # two stages: dense vision pretraining, then the LM stage with the tower frozen, in float32
-    assert r.vision_pretrain.steps > 0 and "model.vision_model" in r.freeze.freeze
-    assert r.train.autocast == "none"
+    # two stages: dense + word-target vision pretraining, then the LM stage with tower and connector
+    # frozen (the connector keeps its outputs on the words), bf16 only where the CPU has it natively
+    assert r.vision_pretrain.steps > 0 and r.vision_pretrain.word_weight > 0
+    assert {"model.vision_model", "model.connector"} <= set(r.freeze.freeze) and not r.freeze.train
+    assert r.train.autocast == "auto"
     assert r.replay.n > 0  # text-only replay of the backbone's answers keeps chat fluent
     assert (REPO / r.model.tokenizer / "tokenizer.json").is_file()  # the shipped tokenizer, not ../shared
 
