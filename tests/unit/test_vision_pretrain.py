@@ -135,6 +135,8 @@ def test_heads_losses_and_accuracies():
     tg["chars"][0, 1, 5] = 7
     losses = heads.losses(logits, tg)
     assert set(losses) == {"kind", "colour", "background", "chars"} and all(torch.isfinite(v) for v in losses.values())
+    no_background = heads.losses(logits, {**tg, "background": torch.full((3,), vp.IGNORE)})
+    assert float(no_background["background"]) == 0.0  # a batch with no named background: zero, not NaN
     perfect = {k: torch.nn.functional.one_hot(v.clamp(min=0), logits[k].shape[-1]).float() * 10 for k, v in tg.items()}
     acc = vp.accuracies(perfect, tg)
     assert acc == {"kind": 1.0, "colour": 1.0, "background": 1.0, "chars_ink": 1.0, "chars_exact": 1.0}

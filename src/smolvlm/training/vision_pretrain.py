@@ -155,8 +155,10 @@ class DenseHeads(nn.Module):
                 ce = F.cross_entropy(lg.float().flatten(0, -2), tg.flatten(), reduction="none")
                 ink = tg.flatten() > 0
                 out[name] = (ce[ink].mean() if ink.any() else ce.sum() * 0) + ce[~ink].mean()
-            else:
+            elif (tg != IGNORE).any():
                 out[name] = F.cross_entropy(lg.float().flatten(0, -2), tg.flatten(), ignore_index=IGNORE)
+            else:  # e.g. no image of the batch has a named background (text-only batches): nothing to learn, not NaN
+                out[name] = lg.sum() * 0
         return out
 
 
@@ -293,7 +295,7 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
                     lr: float = 1e-3, warmup_steps: int = 50, weight_decay: float = 0.0, seed: int = 0,
                     autocast: str = "none", device: str = "cpu", eval_images: int = 128, eval_every: int = 100,
                     progress: bool = True, tokenizer: Any = None, word_weight: float = 0.0,
-                    backbone_rows: int | None = None) -> PretrainResult:
+                    backbone_rows: int | None = None, categories: Sequence[str] | None = None) -> PretrainResult:
     """Train ``model``'s vision tower + connector on dense targets with ``loop.run`` (AdamW, gradient
     clip 1.0, warmup then cosine to 5 % of ``lr``); save them to ``out_dir/vision.safetensors``
     (atomically) with ``metrics.jsonl`` (one line per step; held-out accuracies every ``eval_every``
@@ -302,7 +304,8 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
     ``requires_grad`` flags are restored afterwards. No checkpoints: an unfinished stage 1 reruns.
 
     ``word_weight`` > 0 (needs ``tokenizer``) adds the word targets (``lexical.py``), scored against
-    the text model's first ``backbone_rows`` embedding rows (default: all), frozen."""
+    the text model's first ``backbone_rows`` embedding rows (default: all), frozen. ``categories``:
+    the synth categories to draw from (default: all; probes train on one)."""
     out = Path(out_dir)
     torch.manual_seed(seed)
     grid = TokenGrid.for_config(model.config)
@@ -317,8 +320,8 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
         table = model.model.text_model.embed_tokens.weight
         words = lexical.WordTargetLoss(table[:backbone_rows or len(table)], space_id=tokenizer.encode(" ")[0])
     tok = tokenizer if words is not None else None
-    train = DenseImages(image_processor, grid, seed=seed, tokenizer=tok)
-    held = DenseImages(image_processor, grid, seed=seed + 1, tokenizer=tok)  # other training seeds, never the eval split
+    train = DenseImages(image_processor, grid, seed=seed, tokenizer=tok, categories=categories)
+    held = DenseImages(image_processor, grid, seed=seed + 1, tokenizer=tok, categories=categories)  # other training seeds, never the eval split
     eval_pv, eval_tg, _ = held.batch(0, eval_images)
     amp = loop.autocast_dtype(autocast, device)
 
