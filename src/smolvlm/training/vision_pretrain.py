@@ -313,15 +313,15 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith(VISION_PREFIXES))
+    if word_weight and tokenizer is None:
+        raise ValueError("word targets (word_weight > 0) need the tokenizer")
+    tok = tokenizer if word_weight else None
+    train = DenseImages(image_processor, grid, seed=seed, tokenizer=tok, categories=categories)
+    held = DenseImages(image_processor, grid, seed=seed + 1, tokenizer=tok, categories=categories)
     words = None
     if word_weight:
-        if tokenizer is None:
-            raise ValueError("word targets (word_weight > 0) need the tokenizer")
         table = model.model.text_model.embed_tokens.weight
-        words = lexical.WordTargetLoss(table[:backbone_rows or len(table)], space_id=tokenizer.encode(" ")[0])
-    tok = tokenizer if words is not None else None
-    train = DenseImages(image_processor, grid, seed=seed, tokenizer=tok, categories=categories)
-    held = DenseImages(image_processor, grid, seed=seed + 1, tokenizer=tok, categories=categories)  # other training seeds, never the eval split
+        words = lexical.WordTargetLoss(table[:backbone_rows or len(table)], space_id=train.vocab.space)  # other training seeds, never the eval split
     eval_pv, eval_tg, _ = held.batch(0, eval_images)
     amp = loop.autocast_dtype(autocast, device)
 
@@ -362,7 +362,8 @@ def evaluate_dense(model: Any, heads: DenseHeads, pixel_values: torch.Tensor, ta
         with loop.autocast_context(_device(model).type, autocast):
             f = encode(model, pixel_values[i:i + chunk])
             parts.append({k: v.float().cpu() for k, v in heads(f).items()})
-        feats.append(f.float().cpu())
+        if words is not None:
+            feats.append(f.float().cpu())
     model.train(was)
     logits = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     out = accuracies(logits, targets)
