@@ -27,6 +27,7 @@ from smolvlm.generation.config import resolve_settings
 from smolvlm.generation.engine import Engine
 from smolvlm.generation.feature_cache import FeatureCache
 from smolvlm.generation.generate import generate_ids
+from smolvlm.model import vlm as vlm_mod
 from smolvlm.generation.requests import EngineBusy, EngineClosed, FinishEvent, Request, RequestTooLong, TokenEvent
 from smolvlm.model.kv_cache import KVCache
 from tests.helpers import build_tiny_checkpoint, make_image, tiny_config
@@ -408,13 +409,17 @@ def test_get_timeout_and_stop_cancels(model, proc):
         engine.submit(request(model, inputs(proc, "Hi"), max_new_tokens=2))
 
 
-def test_bf16_rows_attend_in_fp32_and_match_alone(ckpt, proc):
-    """bf16 weights, fp32 cache (``new_kv_cache`` on CPU): per-row decode attends in fp32 like the
-    one-query path of ``generate_ids``, so the same greedy tokens (only summation order differs)."""
+@pytest.mark.parametrize("bf16_attention_fast", [False, True])
+def test_bf16_rows_match_alone_with_either_cache(ckpt, proc, monkeypatch, bf16_attention_fast):
+    """bf16 weights. An fp32 cache (``new_kv_cache`` on CPUs slow at bf16 SDPA): per-row decode
+    attends in fp32 like the one-query path of ``generate_ids``. A bf16 cache (CPUs with native
+    bf16): both attend in bf16. Either way the same greedy tokens (only summation order differs);
+    both policies run on every CPU."""
+    monkeypatch.setattr(vlm_mod, "cpu_attends_fast_in", lambda dtype: bf16_attention_fast)
     m = SmolVLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     inps = [inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Describe this image.", (IMG_A,))]
     engine = Engine(m, max_batch=2, max_context=256)
-    assert engine.cache.dtype == torch.float32
+    assert engine.cache.dtype == (torch.bfloat16 if bf16_attention_fast else torch.float32)
     hs = [engine.submit(request(m, inp, max_new_tokens=8, eos_token_id=[])) for inp in inps]
     drain(engine)
     assert [tokens(h) for h in hs] == [alone(m, inp, max_new_tokens=8, eos_token_id=[]) for inp in inps]

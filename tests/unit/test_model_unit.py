@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from smolvlm import SmolVLM
 from smolvlm.model.connector import pixel_shuffle
 from smolvlm.model.kv_cache import KVCache
-from smolvlm.model.layers import RMSNorm, rope_cos_sin, rope_inv_freq, rotate_half
+from smolvlm.model.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, rope_tables, rotate_half
 from tests.helpers import tiny_config
 
 IMG, S = 299, 4
@@ -150,6 +150,27 @@ def test_rope_halves_and_theta():
     cos, sin = rope_cos_sin(torch.tensor([[3]]), inv, torch.bfloat16)
     assert cos.dtype == torch.bfloat16 and cos.shape == (1, 1, 8)
     assert torch.equal(cos[..., :4], cos[..., 4:])  # frequencies concatenated twice
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_by_roll_is_the_reference_rotation_bit_for_bit(dtype):
+    """``apply_rope`` (roll + signed sin, q and k heads in one call) against the reference's
+    ``x * cos + rotate_half(x) * sin`` on the (B, H, T, hd) layout: exactly equal (negation is exact)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=g).to(dtype)  # (B, T, H, hd)
+    cos, sin = rope_cos_sin(torch.tensor([[0, 1, 2, 7, 40], [3, 4, 5, 6, 9]]), rope_inv_freq(8, 10000.0), dtype)
+    want = x.transpose(1, 2) * cos[:, None] + rotate_half(x.transpose(1, 2)) * sin[:, None]  # (B, H, T, hd)
+    assert torch.equal(apply_rope(x, *rope_tables(cos, sin)).transpose(1, 2), want)
+
+
+def test_cache_slice_write_equals_index_write():
+    """``KVCache.update`` with ``start`` (consecutive slots: one slice copy, cast included) stores
+    what the index path stores."""
+    k, v = torch.randn(2, 2, 3, 4).bfloat16(), torch.randn(2, 2, 3, 4).bfloat16()
+    a, b = KVCache(1, 2, 2, 8, 4), KVCache(1, 2, 2, 8, 4)
+    a.update(0, torch.tensor([4, 5, 6]), k, v)
+    b.update(0, torch.tensor([4, 5, 6]), k, v, start=4)
+    assert torch.equal(a.k[0], b.k[0]) and torch.equal(a.v[0], b.v[0]) and a.k[0][:, :, 4:7].abs().sum() > 0
 
 
 @torch.no_grad()

@@ -15,7 +15,8 @@ from torch.testing import assert_close
 from smolvlm import SmolVLM
 from smolvlm.generation.generate import generate_ids
 from smolvlm.model import text as text_mod
-from smolvlm.model.layers import attention
+from smolvlm.model import vlm as vlm_mod
+from smolvlm.model.layers import attention, cpu_attends_fast_in
 from smolvlm.model.vision import key_padding_mask
 from smolvlm.processing.image import ImageProcessorConfig, TileBudget, plan_layout
 from tests.helpers import tiny_config
@@ -60,19 +61,32 @@ def test_bf16_single_query_attention_matches_sdpa():
     q = torch.randn(2, 4, 1, 16, generator=g).bfloat16()
     k, v = (torch.randn(2, 2, 37, 16, generator=g).bfloat16() for _ in range(2))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)  # (B, H, 1, hd)
-    got = attention(q, k, v)  # (B, 1, H*hd), fp32 inside
+    got = attention(q, k, v)  # (B, 1, H*hd), bf16 SDPA over a bf16 cache
     assert got.dtype == torch.bfloat16
     assert_close(got.float(), ref.transpose(1, 2).reshape(2, 1, 64), **BF16_TOL)
-    # an fp32 cache (what new_kv_cache gives bf16 models on CPU) is accepted as is
-    assert_close(attention(q, k.float(), v.float()), got, rtol=0, atol=0)
+    # an fp32 cache (what new_kv_cache gives bf16 models on CPUs slow at bf16 SDPA) is attended in
+    # fp32 as it is, not cast down: exactly the fp32 result, rounded once
+    assert torch.equal(attention(q, k.float(), v.float()), ref.transpose(1, 2).reshape(2, 1, 64).bfloat16())
+
+
+def test_kv_cache_dtype_follows_the_cpus_bf16_attention_speed(model, monkeypatch):
+    """bf16 models get a bf16 cache (as the reference) where this CPU attends fast in bf16, an fp32
+    one where it does not (AVX2-only CPUs; fp16 models everywhere); fp32 models an fp32 one."""
+    bf = SmolVLM.from_config(model.config, dtype=torch.bfloat16)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_attends_fast_in(torch.bfloat16) == native and cpu_attends_fast_in(torch.float32)
+    assert not cpu_attends_fast_in(torch.float16)
+    assert bf.new_kv_cache(1, 4).dtype == (torch.bfloat16 if native else torch.float32)
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):  # both policies, whatever this CPU is
+        monkeypatch.setattr(vlm_mod, "cpu_attends_fast_in", lambda dtype, fast=fast: fast)
+        assert bf.new_kv_cache(1, 4).dtype == want
+        assert model.new_kv_cache(1, 4).dtype == torch.float32
 
 
 @torch.no_grad()
-def test_bf16_model_gets_fp32_cache_and_same_tokens(model):
+def test_bf16_model_with_fp32_or_bf16_cache_gives_same_tokens(model):
     bf = SmolVLM.from_config(model.config, dtype=torch.bfloat16)
     bf.load_state_dict(model.state_dict())
-    assert bf.new_kv_cache(1, 4).dtype == torch.float32
-    assert model.new_kv_cache(1, 4).dtype == torch.float32
     assert bf.new_kv_cache(1, 4, dtype=torch.bfloat16).dtype == torch.bfloat16
     ids = torch.randint(3, 290, (1, 8), generator=torch.Generator().manual_seed(4))
     cache32 = bf.new_kv_cache(1, 11)

@@ -75,9 +75,11 @@ class KVCache:
                 f"positions; allocate a larger cache (new_kv_cache(batch_size, max_len=...))"
             )
 
-    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, hd) at slots ``input_pos`` (T,) or, per row, (B, T); return this layer's
-        full (k, v) buffers."""
+        full (k, v) buffers. ``start``: the caller knows ``input_pos`` is ``start .. start+T-1``, so
+        each buffer takes one slice copy (with the dtype cast) instead of a cast and an index copy."""
         if k.shape[0] != self.batch_size:
             raise ValueError(f"KV cache was allocated for batch size {self.batch_size}, got a batch of {k.shape[0]}")
         if k.shape[2] != input_pos.shape[-1] or (input_pos.dim() == 2 and input_pos.shape[0] != k.shape[0]):
@@ -86,6 +88,10 @@ class KVCache:
         if layer_idx == 0:
             self.check_positions(input_pos)
         kc, vc = self.k[layer_idx], self.v[layer_idx]
+        if input_pos.dim() == 1 and start is not None:
+            kc[:, :, start:start + k.shape[2]].copy_(k)
+            vc[:, :, start:start + v.shape[2]].copy_(v)
+            return kc, vc
         if input_pos.dim() == 1:
             kc.index_copy_(2, input_pos, k.to(kc.dtype))
             vc.index_copy_(2, input_pos, v.to(vc.dtype))

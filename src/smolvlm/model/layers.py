@@ -7,11 +7,13 @@ cos/sin cast to the activation dtype; GQA repeats KV heads consecutively.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvlm.model.packed import fused_outputs
+from smolvlm.model.packed import fused_outputs, linear_add
 
 
 class RMSNorm(nn.Module):
@@ -23,11 +25,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        # The reference multiplies the weight in the activation dtype (after the cast back).
-        return self.weight * h.to(dtype)
+        # ``F.rms_norm`` is the reference's ``h * rsqrt(mean(h^2) + eps)`` on the fp32 cast, as one
+        # kernel instead of five (a decode step runs 61 of them). The reference multiplies the
+        # weight in the activation dtype (after the cast back).
+        h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
@@ -56,10 +58,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, Hq, T, hd) and k (B, Hkv, T, hd) with cos/sin (B, T, hd)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, hd) cos/sin -> the (B, T, 1, hd) tables ``apply_rope`` takes: cos, and sin with its
+    first half negated (``rotate_half(x) * sin == roll(x, hd/2) * signed_sin``, bit for bit)."""
+    half = sin.shape[-1] // 2
+    return cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, hd), heads of q and k together if wanted, with ``rope_tables``' (B, T, 1, hd) tables.
+
+    The reference's ``x * cos + rotate_half(x) * sin`` in four kernels instead of six:
+    ``rotate_half(x) = [-x2, x1]`` is ``roll(x, hd/2) = [x2, x1]`` times the signs folded into ``signed_sin``.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class GatedMLP(nn.Module):
@@ -72,12 +84,32 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # gate/up as one packed weight, set by packing (model/packed.py)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``down(silu(gate(x)) * up(x))``, plus ``residual`` (one fused kernel when packed) if given."""
         gate, up = fused_outputs(self, "gate_up_proj", ("gate_proj", "up_proj"), x)
-        return self.down_proj(F.silu(gate) * up)
+        h = F.silu(gate) * up
+        return self.down_proj(h) if residual is None else linear_add(self.down_proj, h, residual)
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's CPU SDPA is at least as fast in ``dtype`` as in fp32 on this CPU (decides the
+    KV cache dtype: ``SmolVLM.new_kv_cache``).
+
+    bf16 only where the CPU computes it natively (AVX-512 BF16 or AMX). Measured, 2 threads, one
+    query over 900 keys x 3 KV heads (cache read from memory): Xeon with AMX 72 us in bf16 vs 100 in
+    fp32, and batch 8 with a mask 348 vs 515 us; on the AVX2-only AMD EPYC bf16 was ~5x slower
+    (about 1 ms vs 0.18 ms per layer). fp16: never (no native fp16 SDPA path on these CPUs).
+    """
+    if dtype == torch.float32:
+        return True
+    if dtype != torch.bfloat16:
+        return False
+    probe = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(f is not None and f() for f in probe)
 
 
 def attention(
@@ -94,12 +126,11 @@ def attention(
     attend. Returns (B, T, Hq*hd).
     """
     gqa = q.shape[1] != k.shape[1]
-    if q.shape[2] == 1 and mask is None and q.dtype in _LOW_PRECISION and q.device.type == "cpu":
-        # One-query decode in bf16/fp16: PyTorch's CPU SDPA kernel is ~5x slower in reduced
-        # precision than in fp32 for T=1 (about 1 ms vs 0.18 ms per layer at L=950, cast included),
-        # so attend in fp32 and round the (B, Hq, 1, hd) result back. More accurate, not less.
-        # (``new_kv_cache`` keeps the cache in fp32 for such models, so k/v need no cast here.)
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=gqa).to(q.dtype)
+    if q.shape[2] == 1 and mask is None and q.dtype in _LOW_PRECISION and k.dtype == torch.float32:
+        # One-query decode over an fp32 cache (``new_kv_cache`` keeps one for bf16/fp16 models on
+        # CPUs that attend slowly in them, ``cpu_attends_fast_in``): attend in fp32 and round the
+        # (B, Hq, 1, hd) result back, rather than cast the whole cache down every step.
+        out = F.scaled_dot_product_attention(q.float(), k, v, enable_gqa=gqa).to(q.dtype)
     else:
         k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the KV cache is kept wider (fp32)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)

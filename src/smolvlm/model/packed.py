@@ -175,7 +175,11 @@ class PackedFused(PackedLinear):
         self.sizes = [lin.out_features for lin in linears]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return super().forward(x).split(self.sizes, dim=-1)
+        return self.joint(x).split(self.sizes, dim=-1)
+
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts' outputs side by side, unsplit (..., sum(sizes))."""
+        return super().forward(x)
 
     def rows_of(self, index: int) -> slice:
         start = sum(self.sizes[:index])

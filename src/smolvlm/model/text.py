@@ -32,8 +32,8 @@ from torch import nn
 
 from smolvlm.config import TextConfig
 from smolvlm.model.kv_cache import KVCache
-from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
-from smolvlm.model.packed import fused_outputs
+from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq, rope_tables
+from smolvlm.model.packed import PackedFused, linear_add
 
 
 def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -98,6 +98,18 @@ def _cache_mask(slots: torch.Tensor, key_len: int, key_valid: torch.Tensor | Non
     return build_mask(slots, key_len, key_valid), False
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _first_of_run(slots: torch.Tensor) -> int | None:
+    """The first slot when ``slots`` (T,) are consecutive (decode, a prompt, a chunk), else None."""
+    if slots.dim() != 1 or torch.compiler.is_compiling():
+        return None
+    first = int(slots[0])
+    t = slots.shape[0]
+    return first if t == 1 or torch.equal(slots, torch.arange(first, first + t, device=slots.device)) else None
+
+
 class TextAttention(nn.Module):
     """GQA self-attention (``LlamaAttention``)."""
 
@@ -124,15 +136,26 @@ class TextAttention(nn.Module):
         input_pos: torch.Tensor | None = None,
         key_len: int = 0,
         is_causal: bool = False,
+        start: int | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output (B, T, D), plus ``residual`` if given (fused into o_proj when packed).
+
+        ``cos``/``sin`` are ``layers.rope_tables``; ``start``: the first of ``input_pos``' slots
+        when they are consecutive (the cache then writes one slice instead of indexing)."""
         b, t, _ = x.shape
-        q, k, v = fused_outputs(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"), x)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
+        hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if isinstance(self.qkv_proj, PackedFused):  # q and k side by side in one output: rotate both at once
+            qkv = self.qkv_proj.joint(x)  # (B, T, (Hq + 2 Hkv) hd)
+            qk = apply_rope(qkv[..., : (hq + hkv) * hd].view(b, t, hq + hkv, hd), cos, sin)
+            q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[..., (hq + hkv) * hd:].view(b, t, hkv, hd)
+        else:
+            q, k, v = (getattr(self, p)(x) for p in QKV)
+            q, k = apply_rope(q.view(b, t, hq, hd), cos, sin), apply_rope(k.view(b, t, hkv, hd), cos, sin)
+            v = v.view(b, t, hkv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if kv_cache is not None:
-            kc, vc = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, max_len, hd)
+            kc, vc = kv_cache.update(self.layer_idx, input_pos, k, v, start)  # (B, Hkv, max_len, hd)
             # A causal prompt at slots 0..T-1 attends over exactly the k, v just written; reuse them
             # unless the cache rounded them (a cache narrower than the activations).
             if not (is_causal and kc.dtype in (k.dtype, torch.float32)):
@@ -140,10 +163,14 @@ class TextAttention(nn.Module):
                 k, v = kc[:, :, :key_len], vc[:, :, :key_len]  # (B, Hkv, L, hd)
             if input_pos.dim() == 2 and kc.dtype == torch.float32 != q.dtype:
                 # Per-row decode always has a mask, so ``attention``'s fp32 one-query path does not
-                # apply; do the same here: attend in the fp32 cache's precision, not bf16 (CPU SDPA
-                # with a mask is ~5x slower in bf16; B=8, L=900: 25 vs 5 ms per layer), round back.
-                return self.o_proj(attention(q.float(), k, v, mask).to(q.dtype))
-        return self.o_proj(attention(q, k, v, mask, is_causal=is_causal))  # (B, T, D)
+                # apply; do the same here: attend in the fp32 cache's precision, not bf16 (an fp32
+                # cache means bf16 SDPA is slow on this CPU: with a mask, B=8, L=900, 25 vs 5 ms
+                # per layer on the AVX2-only EPYC), round back.
+                return self._out(attention(q.float(), k, v, mask).to(q.dtype), residual)
+        return self._out(attention(q, k, v, mask, is_causal=is_causal), residual)  # (B, T, D)
+
+    def _out(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return self.o_proj(h) if residual is None else linear_add(self.o_proj, h, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -155,8 +182,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, **cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, **cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # The residual adds ride on o_proj and down_proj (one oneDNN kernel each when packed).
+        x = self.self_attn(self.input_layernorm(x), cos, sin, mask, residual=x, **cache)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class TextModel(nn.Module):
@@ -214,8 +242,10 @@ class TextModel(nn.Module):
             position_ids = slots if slots.dim() == 2 else slots[None].expand(b, t)
         elif position_ids.dim() == 1:
             position_ids = position_ids[None].expand(b, t)
-        cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config.head_dim, self.config.rope_theta, dev), inputs_embeds.dtype)
-        cache = {"kv_cache": kv_cache, "input_pos": slots, "key_len": key_len} if kv_cache is not None else {}
+        cos, sin = rope_tables(*rope_cos_sin(position_ids, rope_inv_freq(self.config.head_dim, self.config.rope_theta, dev),
+                                              inputs_embeds.dtype))
+        cache = {"kv_cache": kv_cache, "input_pos": slots, "key_len": key_len,
+                 "start": _first_of_run(slots)} if kv_cache is not None else {}
         cache["is_causal"] = causal
         x = inputs_embeds
         for layer in self.layers:

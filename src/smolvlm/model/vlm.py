@@ -17,6 +17,7 @@ from torch import nn
 from smolvlm.config import SmolVLMConfig
 from smolvlm.model.connector import Connector
 from smolvlm.model.kv_cache import KVCache
+from smolvlm.model.layers import cpu_attends_fast_in
 from smolvlm.model.packed import pack_linears
 from smolvlm.model.text import TextModel
 from smolvlm.model.vision import VisionTransformer
@@ -142,15 +143,16 @@ class SmolVLM(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """Zeroed static cache for this model.
 
-        Default dtype: the model's, except bf16/fp16 models on CPU get an fp32 cache. It holds the
-        same (exactly representable) values; decode attention then runs in fp32 with no per-step
-        cast, because PyTorch's CPU SDPA is several times slower for one bf16 query (see
-        ``layers.attention``). Costs 2x cache memory (256M: 46 KB per token instead of 23 KB).
+        Default dtype: the model's (as the reference), except bf16/fp16 models on a CPU whose SDPA
+        is slower in that dtype than in fp32 (``layers.cpu_attends_fast_in``: AVX2-only CPUs, and
+        fp16 everywhere) get an fp32 cache. It holds the same (exactly representable) values;
+        decode attention then runs in fp32 with no per-step cast. Costs 2x cache memory (256M:
+        46 KB per token instead of 23 KB).
         """
         tc = self.config.text_config
         if dtype is None:
-            low = self.dtype in (torch.bfloat16, torch.float16) and self.device.type == "cpu"
-            dtype = torch.float32 if low else self.dtype
+            slow = self.device.type == "cpu" and not cpu_attends_fast_in(self.dtype)
+            dtype = torch.float32 if slow else self.dtype
         return KVCache(tc.num_hidden_layers, batch_size, tc.num_key_value_heads, max_len, tc.head_dim,
                        dtype=dtype, device=self.device)
 
