@@ -22,7 +22,7 @@ from torch import nn
 from smolvlm import SmolVLM, SmolVLMProcessor
 from smolvlm.generation.generate import generate_ids
 from smolvlm.generation.stream import answer
-from smolvlm.quantization import Int4Linear, QuantizationError, quantize
+from smolvlm.quantization import Int4Linear, Int8Linear, QuantizationError, quantize
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shapes.png"
 LIMIT = 32
@@ -40,7 +40,7 @@ def processor() -> SmolVLMProcessor:
 
 @torch.no_grad()
 def test_int4_default_model_answers_like_float(float_model, processor):
-    model = quantize(copy.deepcopy(float_model), "int4")  # what load_model(quantize="int4") runs
+    model = quantize(copy.deepcopy(float_model), "int4")
     for m in (float_model, model):
         assert answer(m, processor, "What colour is the triangle?", images=[EXAMPLE], max_new_tokens=LIMIT).strip() \
             == "orange"
@@ -50,7 +50,20 @@ def test_int4_default_model_answers_like_float(float_model, processor):
     new = generate_ids(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=LIMIT)[0, n:].tolist()
     assert new[-1] == eou and len(new) <= LIMIT // 2, processor.tokenizer.decode(new)
     assert "Paris" in processor.tokenizer.decode(new)
-    assert model.quantization["group_size"] == 64 and isinstance(model.lm_head, Int4Linear)
+    assert model.quantization["group_size"] == 64 and isinstance(model.lm_head, Int8Linear)  # int4 keeps the head at int8
+    assert isinstance(model.model.text_model.layers[0].self_attn.q_proj, Int4Linear)
+
+
+@torch.no_grad()
+def test_quantized_load_of_the_default_model_restarts_at_group_64(float_model):
+    """What the CLI's ``--quantize int4`` runs: the loader quantizes layer by layer, finds group 32
+    erasing the merged LoRA at the first layer, and reads the layers again at group 64: the same
+    model as quantizing the float one."""
+    loaded = SmolVLM.from_pretrained("default", quantize="int4")
+    after = quantize(copy.deepcopy(float_model), "int4")
+    assert loaded.quantization == after.quantization and loaded.quantization["group_size"] == 64
+    a, b = loaded.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_int4_group_32_is_refused_on_the_default_model(float_model):

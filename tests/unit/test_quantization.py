@@ -160,6 +160,84 @@ def test_save_load_roundtrip_identical(tmp_path, mode, tie):
         assert_close(bf(input_ids=ids, pixel_values=pv).logits.float(), want, **BF16_TOL)
 
 
+def test_int4_keeps_the_head_at_int8_and_saves_which(tmp_path):
+    """int4's lm_head is int8 unless ``head="int4"`` (as llama.cpp's Q4 files keep their output
+    matrix wider); the saved description (format 2) says which modules are int8, and a version-1
+    file (no ``int8_modules``: every module int4) still loads as it was saved."""
+    import json
+
+    torch.manual_seed(0)
+    base = SmolVLM.from_config(tiny_config())
+    q = quantize(_clone(base), "int4", group_size=32)
+    assert isinstance(q.lm_head, Int8Linear) and q.quantization["int8_modules"] == ["lm_head"]
+    assert all(isinstance(m, Int4Linear) for n, m in quantized_modules(q).items() if n != "lm_head")
+    old = quantize(_clone(base), "int4", group_size=32, head="int4")
+    assert isinstance(old.lm_head, Int4Linear) and old.quantization["int8_modules"] == []
+    with pytest.raises(QuantizationError, match="unknown head quantization 'fp8'"):
+        quantize(_clone(base), "int4", head="fp8")
+    ids = torch.tensor([[5, 299, 7, 8]])
+    for model, name in ((q, "new"), (old, "old")):
+        d = model.save_pretrained(tmp_path / name)
+        info = json.loads((d / "quantization.json").read_text())
+        assert info["format_version"] == 2 and info["int8_modules"] == model.quantization["int8_modules"]
+        back = SmolVLM.from_pretrained(d)
+        assert type(back.lm_head) is type(model.lm_head)
+        with torch.no_grad():
+            assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    d = tmp_path / "old"
+    info = json.loads((d / "quantization.json").read_text())
+    del info["int8_modules"]
+    (d / "quantization.json").write_text(json.dumps({**info, "format_version": 1}))
+    assert isinstance(SmolVLM.from_pretrained(d).lm_head, Int4Linear)
+    (d / "quantization.json").write_text(json.dumps({**info, "format_version": 2, "int8_modules": ["nope"]}))
+    with pytest.raises(QuantizationError, match="'int8_modules' names modules that 'modules' does not"):
+        SmolVLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_quantizing_while_loading_equals_quantizing_after(tmp_path, mode, tie):
+    """``from_pretrained(quantize=)`` quantizes layer by layer as it reads (``quantize_while_loading``):
+    the same modules, buffers and logits as loading in float and calling ``quantize``; and each
+    layer's float weights are gone before the next layer is read."""
+    import gc
+    import weakref
+
+    from smolvlm.weights import load as load_mod
+
+    torch.manual_seed(0)
+    d = SmolVLM.from_config(tiny_config(tie=tie)).save_pretrained(tmp_path / "f")
+    after = quantize(SmolVLM.from_pretrained(d), mode)
+    alive: list[weakref.ref] = []
+    make_reader = load_mod._linear_reader
+
+    def watched(*args):
+        read = make_reader(*args)
+
+        def one(name):
+            gc.collect()
+            assert not [r for r in alive if r() is not None], f"a float layer was still alive when {name} was read"
+            lin = read(name)
+            if not (tie and name == "lm_head"):  # a tied head reads the model's own embedding table
+                alive.append(weakref.ref(lin.weight))
+            return lin
+        return one
+
+    load_mod._linear_reader = watched
+    try:
+        during = SmolVLM.from_pretrained(d, quantize=mode)
+    finally:
+        load_mod._linear_reader = make_reader
+    assert during.quantization == after.quantization and len(alive) > 10
+    a, b = during.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])
+    pv = torch.randn(1, 1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(during(input_ids=ids, pixel_values=pv).logits, after(input_ids=ids, pixel_values=pv).logits)
+    assert torch.equal(during.model.text_model.embed_tokens.weight, after.model.text_model.embed_tokens.weight)
+
+
 def test_from_pretrained_quantize_flag(tmp_path):
     d = tmp_path / "ckpt"
     SmolVLM.from_config(tiny_config()).save_pretrained(d)

@@ -3,7 +3,10 @@
 Which layers: every ``nn.Linear`` of the text decoder (q/k/v/o, gate/up/down) and ``lm_head``;
 the vision encoder and connector too with ``vision=True``. Norms, embeddings, the patch conv and
 biases stay in floating point. A tied ``lm_head`` is untied first: the embedding keeps its
-float table for lookups, lm_head gets its own quantized copy.
+float table for lookups, lm_head gets its own quantized copy. int4 keeps ``lm_head`` at int8 by
+default (``head="int8"``), as llama.cpp's Q4 files keep their output matrix at 6 bits: on the real
+SmolLM2-135M an int4 head alone changes the greedy answers (bench/QUANT_AGREEMENT.md); its
+49152 x 576 head takes 27 MiB at int8 against 20 MiB at int4 with its group scales.
 
 Saving and loading a quantized model is ``weights/``'s work (``weights/quantized.py`` holds the
 format; ``SmolVLM.from_pretrained`` loads such a folder); ``swap_in_empty`` gives the loader the
@@ -12,7 +15,7 @@ quantized module tree to load into.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
@@ -24,8 +27,10 @@ if TYPE_CHECKING:
     from smolvlm.model.vlm import SmolVLM
 
 MODES = ("none", "int8", "int4")
+HEADS = ("int8", "int4")  # what int4 does with lm_head
 
-__all__ = ["MODES", "Int4Linear", "Int8Linear", "quantize", "quantized_modules", "swap_in_empty", "QuantizationError"]
+__all__ = ["MODES", "Int4Linear", "Int8Linear", "quantize", "quantize_while_loading", "quantized_modules", "swap_in_empty",
+           "QuantizationError"]
 
 
 class QuantizationError(ValueError):
@@ -59,7 +64,7 @@ def _untie(model: "SmolVLM") -> None:
 
 @torch.no_grad()
 def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None, vision: bool = False,
-             names: Iterable[str] | None = None) -> "SmolVLM":
+             names: Iterable[str] | None = None, head: str = "int8") -> "SmolVLM":
     """Swap the target ``nn.Linear`` modules for ``Int8Linear``/``Int4Linear`` in place; returns ``model``.
 
     ``mode="none"`` is a no-op. ``names`` overrides the default target list. The model's float
@@ -68,9 +73,12 @@ def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None
     and keeps what sits off the weights' existing 4-bit grid (``int4.erased_update``): 32 for
     ordinary weights, 64 for the default model (a Q4_1 GGUF, blocks of 32, + a merged LoRA). A
     group size that does not divide, or that would round such an update away, is a
-    QuantizationError raised before any module is swapped.
+    QuantizationError raised before any module is swapped. ``head``: int4's ``lm_head`` in int8
+    (default) or int4.
     """
     check_mode(mode, 32 if group_size is None else group_size)
+    if head not in HEADS:
+        raise QuantizationError(f"unknown head quantization {head!r}; choose one of {', '.join(HEADS)}")
     if mode == "none":
         return model
     names = list(names) if names is not None else target_linears(model, vision)
@@ -78,43 +86,76 @@ def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise QuantizationError(f"{name} is a {type(lin).__name__}, not an nn.Linear (already quantized?)")
+    int8_names = [n for n in names if mode == "int8" or (n == "lm_head" and head == "int8")]
+    new: dict[str, nn.Module] = {}
     if mode == "int4":  # all built (and checked) first: ~0.75 byte a weight on top of the float model
-        group_size, new = _int4_modules(model, names, group_size)
-    else:  # int8 cannot fail: built one at a time, each float weight freed as its module goes in
-        group_size, new = 32 if group_size is None else group_size, {}  # int8 records it, unused
+        place = new.__setitem__
+    else:  # int8 cannot fail: each float weight is freed as its module goes in
+        place = lambda name, module: _swap(model, name, module)  # noqa: E731
     if "lm_head" in names:
         _untie(model)
-    for name in names:
-        _swap(model, name, new[name] if mode == "int4" else Int8Linear.from_linear(model.get_submodule(name)))
-    model.quantization = {"mode": mode, "group_size": group_size, "modules": names}
+    group_size = _build(model, names, int8_names, group_size, model.get_submodule, place)
+    for name, module in new.items():
+        _swap(model, name, module)
+    _record(model, mode, group_size, names, int8_names)
     return model
 
 
-def _int4_modules(model: "SmolVLM", names: list[str], group_size: int | None) -> tuple[int, dict[str, nn.Module]]:
-    """(group size, {name: Int4Linear}) for ``quantize``; see its docstring for the choice."""
-    widths = {n: model.get_submodule(n).in_features for n in names}
-    fits = [g for g in GROUP_SIZES if all(k % g == 0 for k in widths.values())]
-    if group_size is not None and group_size not in fits:
-        bad = [f"{n} ({k})" for n, k in widths.items() if k % group_size]
-        raise QuantizationError(f"int4 group_size {group_size} does not divide in_features of {len(bad)} layer(s): "
-                                f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
-                                f"{'use one of ' + ', '.join(map(str, fits)) if fits else 'use int8'}")
-    if not fits:
-        raise QuantizationError(f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides the in_features "
-                                f"of every layer ({', '.join(map(str, sorted(set(widths.values()))))}); use int8")
+@torch.no_grad()
+def quantize_while_loading(model: "SmolVLM", mode: str, read_linear: Callable[[str], nn.Linear],
+                           head: str = "int8") -> list[str]:
+    """``quantize`` (default targets and choices) for the loader, one layer at a time.
+
+    The target linears are still empty (meta); ``read_linear(name)`` reads one's float weights
+    into private memory, it is quantized and swapped in, and its float weights go before the next
+    is read. Peak memory is the quantized model plus one float layer, where ``quantize`` after a
+    full load holds the whole float model first. Errors are ``quantize``'s (the model is left
+    half-built: the loader discards it). Returns the quantized names.
+    """
+    check_mode(mode)
+    if head not in HEADS:
+        raise QuantizationError(f"unknown head quantization {head!r}; choose one of {', '.join(HEADS)}")
+    names = target_linears(model)
+    int8_names = [n for n in names if mode == "int8" or (n == "lm_head" and head == "int8")]
+    group_size = _build(model, names, int8_names, None, read_linear, lambda name, m: _swap(model, name, m))
+    _record(model, mode, group_size, names, int8_names)
+    return names
+
+
+def _record(model: "SmolVLM", mode: str, group_size: int, names: list[str], int8_names: list[str]) -> None:
+    """``model.quantization``: what ``weights/quantized.py`` saves."""
+    model.quantization = {"mode": mode, "group_size": group_size, "modules": names}
+    if mode == "int4":
+        model.quantization["int8_modules"] = int8_names
+
+
+def _build(model: "SmolVLM", names: list[str], int8_names: list[str], group_size: int | None,
+           linear_of: Callable[[str], nn.Module], place: Callable[[str, nn.Module], None]) -> int:
+    """Quantize ``names`` in order: ``int8_names`` to int8, the rest to int4 at one group size for all
+    (see ``quantize``'s docstring for the choice), each from ``linear_of(name)``, handing each new
+    module to ``place``. A group size that turns out to erase an update restarts the int4 layers at
+    the next one. Returns the group size (32 when nothing is int4)."""
+    int4 = [n for n in names if n not in int8_names]
+    fits = _group_sizes(model, int4, group_size) if int4 else [32]
     erased: dict[str, float] = {}
     for g in [group_size] if group_size is not None else fits:
-        new, erased = {}, {}
+        erased = {}
         for name in names:
-            lin = model.get_submodule(name)
-            new[name] = module = Int4Linear.from_linear(lin, g)
+            if name in int8_names:
+                if not isinstance(model.get_submodule(name), Int8Linear):  # not again on a restart
+                    place(name, Int8Linear.from_linear(linear_of(name)))
+                continue
+            lin = linear_of(name)
+            module = Int4Linear.from_linear(lin, g)
             lost = erased_update(lin.weight, module.dequantized_weight(), module.scales)
+            del lin
             if lost:
                 erased[name] = lost
                 if group_size is None:
                     break  # this grid is the weights' own: try the next group size
+            place(name, module)
         if not erased:
-            return g, new
+            return g
     name, lost = max(erased.items(), key=lambda kv: kv[1])
     if group_size is not None:
         where = f"with group_size {group_size} ({len(erased)} layer(s); {name} loses {lost:.2%} of its weight)"
@@ -126,21 +167,38 @@ def _int4_modules(model: "SmolVLM", names: list[str], group_size: int | None) ->
                             f"grid (e.g. a Q4 GGUF with a merged LoRA), leaving the model without it, {where}; {hint}")
 
 
+def _group_sizes(model: "SmolVLM", names: list[str], group_size: int | None) -> list[int]:
+    """The int4 group sizes that divide every layer's in_features (a QuantizationError if ``group_size`` does not)."""
+    widths = {n: model.get_submodule(n).in_features for n in names}
+    fits = [g for g in GROUP_SIZES if all(k % g == 0 for k in widths.values())]
+    if group_size is not None and group_size not in fits:
+        bad = [f"{n} ({k})" for n, k in widths.items() if k % group_size]
+        raise QuantizationError(f"int4 group_size {group_size} does not divide in_features of {len(bad)} layer(s): "
+                                f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
+                                f"{'use one of ' + ', '.join(map(str, fits)) if fits else 'use int8'}")
+    if not fits:
+        raise QuantizationError(f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides the in_features "
+                                f"of every layer ({', '.join(map(str, sorted(set(widths.values()))))}); use int8")
+    return fits
+
+
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
 
 
-def swap_in_empty(model: "SmolVLM", mode: str, group_size: int, names: Iterable[str], dtype: torch.dtype) -> None:
+def swap_in_empty(model: "SmolVLM", mode: str, group_size: int, names: Iterable[str], dtype: torch.dtype,
+                  int8_names: Iterable[str] = ()) -> None:
     """Replace ``names`` with empty quantized modules of the same size (on the current default device,
-    e.g. meta), ready to be assigned a saved quantized state; records ``model.quantization``."""
+    e.g. meta), ready to be assigned a saved quantized state; records ``model.quantization``.
+    ``int8_names``: the modules of an int4 model that are int8 (its head)."""
     check_mode(mode, group_size)
-    names = list(names)
+    names, int8_names = list(names), [n for n in int8_names] if mode == "int4" else list(names)
     if "lm_head" in names:
         _untie(model)
     for name in names:
         lin = model.get_submodule(name)
         kw = dict(bias=lin.bias is not None, dtype=dtype)
-        new = Int8Linear(lin.in_features, lin.out_features, **kw) if mode == "int8" else \
+        new = Int8Linear(lin.in_features, lin.out_features, **kw) if name in int8_names else \
             Int4Linear(lin.in_features, lin.out_features, group_size=group_size, **kw)
         _swap(model, name, new)
-    model.quantization = {"mode": mode, "group_size": group_size, "modules": names}
+    _record(model, mode, group_size, names, int8_names)

@@ -11,11 +11,15 @@
 5. read each tensor in the dtype of the parameter it replaces and assign it
    (``load_state_dict(assign=True)``; safetensors reading and the memory rules: ``safetensors_io.py``);
 6. re-tie lm_head where the config ties it (``SmolVLM.lm_head_is_tied``: a tied head may be absent);
-7. attach the generation config; then quantize (``quantize=``) or pack (``pack=True``) as asked.
+7. quantize (``quantize=``): the target linears are read one layer at a time, each quantized
+   before the next is read (``quantization.quantize_while_loading``);
+8. attach the generation config; pack (``pack=True``) as asked.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -74,10 +78,14 @@ def read_config(directory: Path) -> SmolVLMConfig:
 
 
 class _Tensors:
-    """Where a model's tensors come from: names and shapes up front, then the tensors themselves."""
+    """Where a model's tensors come from: names and shapes up front, then the tensors themselves.
+
+    ``read(keys, dtype_of, copy, again=False)``: ``copy``, keys never to alias a file mapping;
+    ``again``, keys that may be asked for a second time (quantizing at load restarts at another
+    int4 group size; the built-in default model otherwise hands each tensor over once)."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]],
-                 read: Callable[[set[str], Callable[[str], torch.dtype], set[str]], dict[str, torch.Tensor]]) -> None:
+                 read: Callable[..., dict[str, torch.Tensor]]) -> None:
         self.shapes, self.read = shapes, read
 
 
@@ -85,7 +93,8 @@ def _file_tensors(directory: Path, device: torch.device | str, mmap: bool) -> _T
     files = weight_files(directory)
     found = checkpoint_shapes(files)
 
-    def read(keys: set[str], dtype_of: Callable[[str], torch.dtype], copy: set[str]) -> dict[str, torch.Tensor]:
+    def read(keys: set[str], dtype_of: Callable[[str], torch.dtype], copy: set[str],
+             again: bool = False) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
         for f in files:
             mine = {k for k in keys if found[k][1] == f}
@@ -99,8 +108,9 @@ def _file_tensors(directory: Path, device: torch.device | str, mmap: bool) -> _T
 def _default_model_tensors(directory: Path, device: torch.device | str) -> _Tensors:
     state = default_model.assemble_state_dict(directory)  # float32, in memory
 
-    def read(keys: set[str], dtype_of: Callable[[str], torch.dtype], copy: set[str]) -> dict[str, torch.Tensor]:
-        return {k: state.pop(k).to(device=device, dtype=dtype_of(k)) for k in keys}
+    def read(keys: set[str], dtype_of: Callable[[str], torch.dtype], copy: set[str],
+             again: bool = False) -> dict[str, torch.Tensor]:
+        return {k: (state[k] if again else state.pop(k)).to(device=device, dtype=dtype_of(k)) for k in keys}
 
     return _Tensors({k: tuple(v.shape) for k, v in state.items()}, read)
 
@@ -130,7 +140,8 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     with torch.device("meta"):
         model = cls(config).to(dtype)
         if saved:
-            quantization.swap_in_empty(model, saved["mode"], saved["group_size"], saved["modules"], dtype)
+            quantization.swap_in_empty(model, saved["mode"], saved["group_size"], saved["modules"], dtype,
+                                       saved["int8_modules"])
     optional = {"lm_head.weight"} if model.lm_head_is_tied() else set()
     expected = expected_shapes(model, optional)
     where = "the default model" if is_default else str(directory)
@@ -141,20 +152,71 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     pack = bool(pack) and quantize == "none" and not saved and can_pack(dtype, device)
     meta_dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     copy = {f"{name}.weight" for name in pack_targets(model)} if pack else set()
-    state = tensors.read(set(expected), meta_dtypes.__getitem__, copy)
+    # Quantizing at load: the target linears' weights are left out of the bulk read and read one
+    # layer at a time by ``quantize_while_loading`` (peak: the quantized model + one float layer).
+    # Nothing aliases the file then: a mapping of it would hold the float weights' pages too.
+    later = _linear_keys(model, quantization.target_linears(model)) if quantize != "none" and not saved else set()
+    if later:
+        copy = set(expected)
+    state = tensors.read(set(expected) - later, meta_dtypes.__getitem__, copy)
     # strict=False only because a tied lm_head is absent from ``state``; check_keys already ran.
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     del state  # the model holds the tensors now; dense copies about to be packed must not outlive the swap
     model.tie_weights()
-    still_meta = sorted(set(missing) - optional) + [n for n, p in model.named_parameters() if p.is_meta]
+    if later:
+        quantization.quantize_while_loading(model, quantize, _linear_reader(model, tensors, meta_dtypes))
+    still_meta = sorted(set(missing) - optional - later) + [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:  # cannot happen after check_keys; guards against a model/loader mismatch
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta[:5])}")
     model.generation_config = read_generation_config(directory)
-    if quantize != "none" and not saved:
-        quantization.quantize(model, quantize)
-    elif pack:
+    if pack:
         pack_linears(model)
     return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed inside the process back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed blocks of a few MiB in its heap for reuse, so a loop that reads a float
+    layer, quantizes it and frees it grows the RSS by about a float layer per iteration
+    (measured: +60 MiB a layer at 60 MiB layers, 4 layers -> +400 MiB for an 86 MiB model)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _linear_keys(model: nn.Module, names: list[str]) -> set[str]:
+    return {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
+
+
+def _linear_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dtype]) -> Callable[[str], nn.Linear]:
+    """``name -> nn.Linear`` holding that layer's checkpoint tensors in private memory (never the
+    file mapping, whose pages would stay resident next to the quantized copy); a tied lm_head
+    absent from the checkpoint reads the (already loaded) embedding table."""
+
+    def read(name: str) -> nn.Linear:
+        release_freed_memory()  # the previous layer's float weights and temporaries
+        empty = model.get_submodule(name)
+        keys = {k for k in _linear_keys(model, [name]) if k in tensors.shapes}
+        got = tensors.read(keys, dtypes.__getitem__, keys, again=True)
+        lin = nn.Linear(empty.in_features, empty.out_features, bias=empty.bias is not None, device="meta")
+        weight = got.get(f"{name}.weight")
+        if weight is None:  # tied head: the embedding, loaded just before
+            weight = model.model.text_model.embed_tokens.weight.detach()
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(got[f"{name}.bias"], requires_grad=False)
+        return lin
+
+    return read
 
 
 @torch.no_grad()
