@@ -122,26 +122,34 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> str:
     return f"{'/'.join(map(str, pre))} (of {len(ref[0])}); {same / total:.0%} positions"
 
 
+def forced_agreement(ref: list[list[int]], got: list[list[int]] | None) -> str:
+    """Teacher-forced top-1 agreement: the share of reference positions where the engine, given the
+    reference's own prefix, predicts the reference's next token."""
+    if not got:
+        return "-"
+    same = sum(x == y for a, b in zip(ref, got) for x, y in zip(a, b))
+    return f"{same / sum(len(a) for a in ref):.1%}"
+
+
 def text_table(rows: list[dict[str, Any]]) -> list[str]:
-    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if not e.startswith("reference")]
     llama = [r["decode_tok_s"] for r in rows if r["engine"].startswith("llama")]
-    ref = next((r for r in rows if r["engine"] == "ours-float32"), None)
+    ref = next((r for r in rows if r["engine"].startswith("reference")), None)
+    n = len(ref["greedy"][0]) if ref else 0
     out = ["| engine | decode tok/s | vs llama.cpp Q4_1 | prefill tok/s | weights MiB | peak RSS MiB | "
-           "greedy agreement with ours fp32 (leading tokens per prompt; positions) |", "|---|---|---|---|---|---|---|"]
+           f"free-running greedy agreement with ours bf16 (leading tokens per prompt, of {n}; positions) | "
+           "teacher-forced top-1 agreement with ours bf16 |", "|---|---|---|---|---|---|---|---|"]
     for e in engines:
         sel = [r for r in rows if r["engine"] == e]
         dec = [r["decode_tok_s"] for r in sel]
         q = f"{med(dec) / med(llama):.2f}x" if llama else "-"
-        agree = "-"
-        if ref is not None:
-            if "greedy" in sel[0]:
-                agree = agreement(ref["greedy"], sel[0]["greedy"])
-            else:  # llama.cpp: the decode prompt's tokens
-                n = min(len(ref["tokens"]), len(sel[0]["tokens"]))
-                agree = agreement([ref["tokens"][:n]], [sel[0]["tokens"][:n]])
+        free = forced = "-"
+        if ref is not None and sel[0].get("greedy"):
+            free = agreement(ref["greedy"], sel[0]["greedy"]).replace(f" (of {n})", "")
+            forced = forced_agreement(ref["greedy"], sel[0].get("forced"))
         w = sel[0].get("weight_mb")
         out.append(f"| {e} | {fmt(dec)} | {q} | {fmt([r['prefill_tok_s'] for r in sel])} | "
-                   f"{'-' if w is None else f'{w:.0f}'} | {fmt([r['peak_rss_mb'] for r in sel])} | {agree} |")
+                   f"{'-' if w is None else f'{w:.0f}'} | {fmt([r['peak_rss_mb'] for r in sel])} | {free} | {forced} |")
     return out + [""]
 
 

@@ -3,8 +3,10 @@
 Our SmolVLM holds the GGUF's dequantized text weights (plus a 1-layer dummy vision tower that is
 never run), in the requested dtype and quantization mode. Measures decode tokens/s the same way
 as ``bench/llamacpp_decode.py`` (same prompt ids, same number of new tokens, greedy, no early
-stop) and returns the greedy tokens for several prompts (agreement with fp32 is computed by the
-parent). Prints ``RESULT {json}``.
+stop) and, for the agreement prompts, (a) its own free-running greedy continuation and (b) its
+teacher-forced top-1 predictions along the reference's continuation (``spec["forced"]``, ours bf16
+unquantized: one forward over prompt + reference, the argmax at each reference position). The
+parent scores both against the reference. Prints ``RESULT {json}``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from smolvlm.generation.generate import generate_ids
 from smolvlm.quantization import quantize, quantized_modules
 from smolvlm.weights.gguf import find_smollm2_gguf, read_gguf_text_model
 
-AGREE_TOKENS = 32
+AGREE_TOKENS = 32  # agree_checkpoint's (random weights); the GGUF text part takes spec["agree_new"]
 
 
 def gguf_model(dtype: torch.dtype, mode: str) -> SmolVLM:
@@ -58,8 +60,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+@torch.inference_mode()
+def teacher_forced(model: SmolVLM, prompt: list[int], continuation: list[int]) -> list[int]:
+    """The model's argmax after ``prompt + continuation[:i]`` for every i: one causal forward, no cache."""
+    ids = torch.tensor([prompt + continuation[:-1]])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:]  # (len(continuation), V)
+    return logits.argmax(-1).tolist()
+
+
 def measure(dtype_name: str, mode: str, prompt_ids: list[int], agree_prompts: list[list[int]], n_new: int,
-            threads: int | None) -> dict[str, Any]:
+            threads: int | None, agree_new: int = AGREE_TOKENS, forced: list[list[int]] | None = None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     model = gguf_model(getattr(torch, dtype_name), mode)
@@ -68,11 +78,13 @@ def measure(dtype_name: str, mode: str, prompt_ids: list[int], agree_prompts: li
     run(4)  # warm-up
     t0 = time.perf_counter(); run(1); t1 = time.perf_counter() - t0
     t0 = time.perf_counter(); out = run(1 + n_new); tk = time.perf_counter() - t0
-    greedy = [generate_ids(model, torch.tensor([p]), max_new_tokens=AGREE_TOKENS, eos_token_id=[])[0, len(p):].tolist()
+    greedy = [generate_ids(model, torch.tensor([p]), max_new_tokens=agree_new, eos_token_id=[])[0, len(p):].tolist()
               for p in agree_prompts]
+    predicted = [teacher_forced(model, p, c) for p, c in zip(agree_prompts, forced)] if forced else None
     return {"engine": f"ours-{mode}" if mode != "none" else f"ours-{dtype_name}", "dtype": dtype_name, "mode": mode,
             "decode_tok_s": n_new / (tk - t1), "prefill_tok_s": len(prompt_ids) / t1,
-            "tokens": out[0, len(prompt_ids):].tolist(), "greedy": greedy, "weight_mb": weight_bytes(model) / 2**20,
+            "tokens": out[0, len(prompt_ids):].tolist(), "greedy": greedy, "forced": predicted,
+            "weight_mb": weight_bytes(model) / 2**20,
             "quantized_modules": len(quantized_modules(model)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads()}
@@ -80,7 +92,8 @@ def measure(dtype_name: str, mode: str, prompt_ids: list[int], agree_prompts: li
 
 def main(args: Any) -> None:
     spec = json.loads(args.spec)
-    r = measure(args.dtype, args.quantize, spec["prompt"], spec["agree"], spec["n_new"], args.threads)
+    r = measure(args.dtype, args.quantize, spec["prompt"], spec["agree"], spec["n_new"], args.threads,
+                spec.get("agree_new", AGREE_TOKENS), spec.get("forced"))
     print("RESULT " + json.dumps(r), flush=True)
 
 
