@@ -160,6 +160,37 @@ def test_save_load_roundtrip_identical(tmp_path, mode, tie):
         assert_close(bf(input_ids=ids, pixel_values=pv).logits.float(), want, **BF16_TOL)
 
 
+def test_int4_kernel_layout_is_the_one_copy_and_saves_as_nibbles(tmp_path):
+    """Where the output width is a multiple of 64 the CPU kernel's layout is a byte rearrangement of
+    ``pack_nibbles`` (checked against torch's own conversion), so the first kernel call replaces the
+    nibble buffer by it instead of keeping both; outputs, state dicts, saving and dequantizing are
+    unchanged. A width that is not a multiple of 64 keeps the nibbles plus torch's converted copy."""
+    from smolvlm.quantization.int4 import _kernel_layout_matches_torch, from_kernel_layout, to_kernel_layout
+
+    assert _kernel_layout_matches_torch()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (192, 128), generator=g, dtype=torch.int32)
+    assert torch.equal(to_kernel_layout(pack_nibbles(q)), torch._convert_weight_to_int4pack_for_cpu(q, 1))
+    assert torch.equal(from_kernel_layout(to_kernel_layout(pack_nibbles(q))), pack_nibbles(q))
+    for n, one_copy in ((128, True), (80, False)):
+        m = Int4Linear.from_linear(linear(k=128, n=n, bias=False), 32)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        x = torch.randn(1, 128).bfloat16()
+        with torch.inference_mode():
+            want = nn.functional.linear(x.float(), m.dequantized_weight()).bfloat16()
+            got = m(x)
+        assert_close(got.float(), want.float(), **BF16_TOL)
+        assert m._kernel_layout == one_copy and (m._kernel[0] is m.weight_uint4) == one_copy
+        after = m.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        assert torch.equal(m.nibbles(5, 70), before["weight_uint4"][5:70])
+        assert torch.equal(m.dequantized_weight(), dequantize_int4(unpack_nibbles(before["weight_uint4"]),
+                                                                   before["scales"], before["zeros"]))
+        back = Int4Linear(128, n, group_size=32)
+        back.load_state_dict(after)
+        assert not back._kernel_layout and torch.equal(back(x), got)
+
+
 def test_int4_keeps_the_head_at_int8_and_saves_which(tmp_path):
     """int4's lm_head is int8 unless ``head="int4"`` (as llama.cpp's Q4 files keep their output
     matrix wider); the saved description (format 2) says which modules are int8, and a version-1

@@ -18,6 +18,8 @@ detects this; ``quantize`` then picks a group size whose grid is not the file's.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,20 +37,28 @@ GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
 # weights). A weight on the grid already rounds back with rms ~0 (the default model's GGUF +
 # merged LoRA: 0.012-0.065 steps at group 32, 0.25 at group 64). The threshold sits between.
 ON_GRID_RMS_STEPS = 0.15
+ROW_CHUNK = 1024  # rows quantized at a time (float32 temporaries of 1024 x K)
 
 
 @torch.no_grad()
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) -> (uint8 values 0..15 (N, K), scales (N, K/g), zeros (N, K/g)) in float32."""
+    """(N, K) -> (uint8 values 0..15 (N, K), scales (N, K/g), zeros (N, K/g)) in float32.
+
+    Rows are independent, so they are done ``ROW_CHUNK`` at a time: the float32 temporaries stay a
+    few MiB instead of several copies of the whole weight (a 2.2B head: 3 x 400 MiB)."""
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"int4 needs in_features divisible by group_size; got {k} and {group_size}")
-    w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)  # (N, G, g)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, G)
-    scales = ((hi - lo) / 15.0).clamp(min=1e-8)
-    q = torch.round((w - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
-    zeros = lo + 8.0 * scales
-    return q.reshape(n, k), scales, zeros
+    q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(n, k // group_size, dtype=torch.float32, device=weight.device)
+    zeros = torch.empty_like(scales)
+    for r in range(0, n, ROW_CHUNK):
+        w = weight[r:r + ROW_CHUNK].detach().to(torch.float32).reshape(-1, k // group_size, group_size)  # (n', G, g)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (n', G)
+        s = ((hi - lo) / 15.0).clamp(min=1e-8)
+        q[r:r + ROW_CHUNK] = torch.round((w - lo[..., None]) / s[..., None]).clamp_(0, 15).reshape(-1, k)
+        scales[r:r + ROW_CHUNK], zeros[r:r + ROW_CHUNK] = s, lo + 8.0 * s
+    return q, scales, zeros
 
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -94,6 +104,37 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1)
 
 
+KERNEL_BLOCK = 64  # output rows per block of the CPU kernel's layout
+
+
+def to_kernel_layout(p: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) nibbles (``pack_nibbles``) -> the layout ``_convert_weight_to_int4pack_for_cpu(q, 1)``
+    gives (torch 2.13, N a multiple of 64): for each block of 64 rows and each input channel k,
+    32 bytes, byte i = row i (low nibble) | row 32 + i (high). The same bytes rearranged, so the
+    kernel's copy can be the only one (``_kernel_layout_matches_torch`` checks the rule at runtime)."""
+    n, half = p.shape
+    b = unpack_nibbles(p).view(n // KERNEL_BLOCK, KERNEL_BLOCK, 2 * half).transpose(1, 2)  # (N/64, K, 64)
+    return (b[..., :KERNEL_BLOCK // 2] | (b[..., KERNEL_BLOCK // 2:] << 4)).contiguous().view(n, half)
+
+
+def from_kernel_layout(k: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_kernel_layout`."""
+    n, half = k.shape
+    b = k.view(n // KERNEL_BLOCK, 2 * half, KERNEL_BLOCK // 2)  # (N/64, K, 32)
+    rows = torch.cat((b & 0xF, b >> 4), dim=-1).transpose(1, 2).reshape(n, 2 * half)  # (N, K)
+    return pack_nibbles(rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_layout_matches_torch() -> bool:
+    """Whether this torch's CPU int4 layout is the one ``to_kernel_layout`` builds (else keep two copies)."""
+    q = torch.randint(0, 16, (2 * KERNEL_BLOCK, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        return torch.equal(torch._convert_weight_to_int4pack_for_cpu(q, 1), to_kernel_layout(pack_nibbles(q)))
+    except (RuntimeError, AttributeError):
+        return False
+
+
 class Int4Linear(nn.Module):
     """Drop-in for ``nn.Linear`` with group-wise int4 weights (see module docstring)."""
 
@@ -109,6 +150,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scales_and_zeros), derived
+        # True once ``weight_uint4`` holds the kernel's own layout (one copy of the weights, not two;
+        # state dicts, saving and dequantizing still see ``pack_nibbles`` order: ``nibbles``).
+        self._kernel_layout = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
@@ -120,13 +164,32 @@ class Int4Linear(nn.Module):
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return m
 
+    def nibbles(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the weights in ``pack_nibbles`` order (N', K/2), whatever layout they are held in."""
+        stop = self.out_features if stop is None else stop
+        if not self._kernel_layout:
+            return self.weight_uint4[start:stop]
+        b0, b1 = start // KERNEL_BLOCK * KERNEL_BLOCK, -(-stop // KERNEL_BLOCK) * KERNEL_BLOCK
+        return from_kernel_layout(self.weight_uint4[b0:b1])[start - b0:stop - b0]
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int4(unpack_nibbles(self.weight_uint4), self.scales, self.zeros).to(dtype)
+        """(N, K) in ``dtype``, ``ROW_CHUNK`` rows at a time: the float32 temporaries stay small (a
+        prefill dequantizes every layer; whole-weight temporaries left glibc holding ~0.7 GiB at 2.2B)."""
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.scales.device)
+        for r in range(0, self.out_features, ROW_CHUNK):
+            rows = slice(r, r + ROW_CHUNK)
+            out[rows] = dequantize_int4(unpack_nibbles(self.nibbles(r, r + ROW_CHUNK)), self.scales[rows], self.zeros[rows])
+        return out
 
     def _kernel_args(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kernel is None or self._kernel[1].dtype != dtype:
-            q = unpack_nibbles(self.weight_uint4).to(torch.int32)  # (N, K)
-            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            if self._kernel_layout:
+                packed = self.weight_uint4
+            elif self.out_features % KERNEL_BLOCK == 0 and _kernel_layout_matches_torch():
+                packed = self.weight_uint4 = to_kernel_layout(self.weight_uint4)  # the nibble copy goes
+                self._kernel_layout = True
+            else:
+                packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight_uint4).to(torch.int32), 1)
             sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
             self._kernel = (packed, sz)
         return self._kernel
@@ -143,8 +206,13 @@ class Int4Linear(nn.Module):
             y = F.linear(x, self.dequantized_weight(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._kernel_layout:
+            destination[prefix + "weight_uint4"] = self.nibbles()
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
-        self._kernel = None  # derived from the buffers being replaced
+        self._kernel, self._kernel_layout = None, False  # derived from the buffers being replaced
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

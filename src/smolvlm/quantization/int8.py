@@ -19,15 +19,23 @@ _FAST = (torch.bfloat16, torch.float16)
 # M=900 (prefill) it is ~4x slower than dequantize + oneDNN GEMM (measured on the 2-core AMD EPYC
 # bench machine, 1536x576). Above this many rows we dequantize to the activation dtype instead.
 KERNEL_MAX_ROWS = 8
+ROW_CHUNK = 1024  # rows quantized at a time (float32 temporaries of 1024 x K)
 
 
 @torch.no_grad()
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float weight -> (int8 (N, K), float32 scale (N,)); rows of zeros get scale 1."""
-    w = weight.detach().to(torch.float32)
-    scale = w.abs().amax(dim=1) / 127.0  # (N,)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
+    """(N, K) float weight -> (int8 (N, K), float32 scale (N,)); rows of zeros get scale 1.
+
+    ``ROW_CHUNK`` rows at a time, so the float32 temporaries stay small (see ``int4.quantize_int4``)."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for r in range(0, n, ROW_CHUNK):
+        w = weight[r:r + ROW_CHUNK].detach().to(torch.float32)
+        s = w.abs().amax(dim=1) / 127.0  # (n',)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[r:r + ROW_CHUNK] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scale[r:r + ROW_CHUNK] = s
     return q, scale
 
 

@@ -45,7 +45,7 @@ def _dequantized_rows(layer: nn.Module, r0: int, r1: int, dtype: torch.dtype) ->
     if isinstance(layer, Int8Linear):
         w = layer.weight_int8[r0:r1].to(torch.float32).mul_(layer.scale[r0:r1, None].to(torch.float32))
         return w.to(dtype)
-    q = _q4.unpack_nibbles(layer.weight_uint4[r0:r1])  # (rows, in) uint8
+    q = _q4.unpack_nibbles(layer.nibbles(r0, r1))  # (rows, in) uint8
     s, z = layer.scales[r0:r1, :, None], layer.zeros[r0:r1, :, None]  # (rows, groups, 1)
     w = q.to(torch.float32).view(q.shape[0], s.shape[1], -1).sub_(8.0).mul_(s).add_(z)  # (q - 8) * s + z
     return w.view(q.shape).to(dtype)
