@@ -24,15 +24,16 @@ from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
 from smolvlm.weights.safetensors_io import CheckpointError, load_safetensors, read_safetensors_header
 
 
-def tiny_config() -> SmolVLMConfig:
+def tiny_config(vocab: int = 300, width: int = 64, mlp: int = 128, layers: int = 2, heads: int = 4) -> SmolVLMConfig:
+    """A small model (half as many KV heads as heads); larger ones for the RSS checks."""
     return SmolVLMConfig(
         model_type="idefics3",
         vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                    image_size=32, patch_size=8),
-        text_config=TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                               rope_theta=100000.0, tie_word_embeddings=False),
-        image_token_id=299, scale_factor=2, tie_word_embeddings=False,
+        text_config=TextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                               max_position_embeddings=256, rope_theta=100000.0, tie_word_embeddings=False),
+        image_token_id=vocab - 1, scale_factor=2, tie_word_embeddings=False,
     )
 
 
@@ -227,16 +228,8 @@ def test_quantized_load_never_holds_the_float_model(tmp_path):
     quantizer's temporaries and the blocks glibc kept); layer by layer, 270-315 MiB (the 86 MiB
     model, one 16 MiB float linear and ~64 MiB of quantizer temporaries, the rest libraries loaded
     on first use and allocator slack). The bound sits between, below the float model + 150 MiB."""
-    cfg = SmolVLMConfig(
-        model_type="idefics3",
-        vision_config=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   image_size=32, patch_size=8),
-        text_config=TextConfig(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-                               num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=256,
-                               rope_theta=100000.0, tie_word_embeddings=False),
-        image_token_id=8191, scale_factor=2, tie_word_embeddings=False,
-    )
-    d = SmolVLM.from_config(cfg).save_pretrained(tmp_path / "big")
+    big = tiny_config(vocab=8192, width=1024, mlp=4096, layers=4, heads=16)
+    d = SmolVLM.from_config(big).save_pretrained(tmp_path / "big")
     out = subprocess.run([sys.executable, "-c", QUANT_CHILD, str(d)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     delta = json.loads(out.stdout)["delta"] / 2**20
