@@ -222,3 +222,39 @@ def align_labels_by_blocks(u_ids: Sequence[int], u_labels: Sequence[int], e_ids:
                             f"after image expansion (expected ids {list(u_ids[a:b])[:8]}... at {s})")
         out[s: s + b - a] = u_labels[a:b]
     return out
+
+
+@contextlib.contextmanager
+def watched_layer_reads(max_alive: int, skip: Callable[[str], bool] = lambda name: False):
+    """Check that the loader's layer-by-layer reads (``weights.load._linear_reader``: quantizing or
+    packing at load) never hold more than ``max_alive`` earlier dense layers when the next one is
+    read. Yields the names read, in order (``skip``: layers whose weights are not the reader's own,
+    e.g. a tied head that reads the model's embedding table)."""
+    import gc
+    import weakref
+
+    from smolvlm.weights import load as load_mod
+
+    alive: list[weakref.ref] = []
+    names: list[str] = []
+    make_reader = load_mod._linear_reader
+
+    def watched(*args, **kwargs):
+        read = make_reader(*args, **kwargs)
+
+        def one(name):
+            gc.collect()
+            held = [r for r in alive if r() is not None]
+            assert len(held) <= max_alive, f"{len(held)} dense layers were still alive when {name} was read"
+            lin = read(name)
+            names.append(name)
+            if not skip(name):
+                alive.append(weakref.ref(lin.weight))
+            return lin
+        return one
+
+    load_mod._linear_reader = watched
+    try:
+        yield names
+    finally:
+        load_mod._linear_reader = make_reader

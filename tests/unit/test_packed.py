@@ -16,9 +16,10 @@ from torch.testing import assert_close
 
 from smolvlm import SmolVLM
 from smolvlm.generation.generate import generate_ids
-from smolvlm.model.packed import FUSED_GROUPS, PackedFused, PackedLinear, PackedPart, pack_targets, packing_available
+from smolvlm.model.packed import (FUSED_GROUPS, PackedFused, PackedLinear, PackedPart, pack_linears, pack_targets,
+                                  packing_available)
 from smolvlm.weights.safetensors_io import load_safetensors
-from tests.helpers import logits, tiny_config
+from tests.helpers import logits, tiny_config, watched_layer_reads
 
 FUSED_PARTS = {p for parts, _ in FUSED_GROUPS for p in parts}
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -78,6 +79,23 @@ def test_packed_model_matches_plain(tmp_path, dtype, tie):
     assert isinstance(packed.model.text_model.embed_tokens.weight, nn.Parameter)  # lookups still use the table
     assert_close(logits(packed), logits(plain), **TOL[dtype])
     assert greedy(packed) == greedy(plain)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_packing_at_load_reads_layer_by_layer(tmp_path, tie):
+    """``from_pretrained(pack=True)`` packs each layer (or fused q/k/v, gate/up group) as it reads it:
+    never more than the two other layers of a group are alive when one is read, so the dense model
+    never exists whole; the result equals packing a plain load."""
+    require_packing(torch.bfloat16)
+    d = save_tiny(tmp_path, tie)
+    after = SmolVLM.from_pretrained(d, dtype=torch.bfloat16)
+    pack_linears(after)
+    with watched_layer_reads(2, skip=lambda name: tie and name == "lm_head") as read:
+        during = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack=True)
+    assert sorted(read) == sorted(pack_targets(SmolVLM.from_pretrained(d, dtype=torch.bfloat16)))
+    a, b = during.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_close(logits(during), logits(after), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -24,7 +24,7 @@ from smolvlm.quantization import (Int4Linear, Int8Linear, QuantizationError, qua
 from smolvlm.quantization.int4 import (dequantize_int4, erased_update, pack_nibbles, quantize_int4,
                                        unpack_nibbles)
 from smolvlm.quantization.int8 import KERNEL_MAX_ROWS
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, watched_layer_reads
 
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 
@@ -231,35 +231,12 @@ def test_quantizing_while_loading_equals_quantizing_after(tmp_path, mode, tie):
     """``from_pretrained(quantize=)`` quantizes layer by layer as it reads (``quantize_while_loading``):
     the same modules, buffers and logits as loading in float and calling ``quantize``; and each
     layer's float weights are gone before the next layer is read."""
-    import gc
-    import weakref
-
-    from smolvlm.weights import load as load_mod
-
     torch.manual_seed(0)
     d = SmolVLM.from_config(tiny_config(tie=tie)).save_pretrained(tmp_path / "f")
     after = quantize(SmolVLM.from_pretrained(d), mode)
-    alive: list[weakref.ref] = []
-    make_reader = load_mod._linear_reader
-
-    def watched(*args):
-        read = make_reader(*args)
-
-        def one(name):
-            gc.collect()
-            assert not [r for r in alive if r() is not None], f"a float layer was still alive when {name} was read"
-            lin = read(name)
-            if not (tie and name == "lm_head"):  # a tied head reads the model's own embedding table
-                alive.append(weakref.ref(lin.weight))
-            return lin
-        return one
-
-    load_mod._linear_reader = watched
-    try:
+    with watched_layer_reads(0, skip=lambda name: tie and name == "lm_head") as read:
         during = SmolVLM.from_pretrained(d, quantize=mode)
-    finally:
-        load_mod._linear_reader = make_reader
-    assert during.quantization == after.quantization and len(alive) > 10
+    assert during.quantization == after.quantization and len(read) > 10
     a, b = during.state_dict(), after.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])

@@ -289,20 +289,27 @@ def pack_targets(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module, auto: bool = False) -> list[str]:
+def pack_linears(model: nn.Module, auto: bool = False,
+                 read_linear: Callable[[str], nn.Module] | None = None) -> list[str]:
     """Swap the text decoder's and lm_head's ``nn.Linear`` for ``PackedLinear`` in place.
 
     A no-op (returns []) where packing is unavailable (not CPU, fp16, no oneDNN). Quantized and
     LoRA layers are left alone, LoRA's inner A/B too (only exact ``nn.Linear`` is packed). A tied lm_head gets
     its own packed copy; the embedding keeps its table for lookups. ``auto``: only where packing is
     faster on this CPU (``packing_pays``). Returns the packed names.
+
+    ``read_linear`` (the loader): the targets are still empty (meta) and ``read_linear(name)`` gives
+    each one's dense layer on demand, packed and dropped before the next is read, so the dense
+    model never exists whole; the caller has already decided that packing applies.
     """
     names = pack_targets(model)
     if not names:
         return []
-    first = model.get_submodule(names[0]).weight
-    if not (packing_pays if auto else packing_available)(first.dtype, first.device):
-        return []
+    if read_linear is None:
+        first = model.get_submodule(names[0]).weight
+        if not (packing_pays if auto else packing_available)(first.dtype, first.device):
+            return []
+        read_linear = model.get_submodule
     targets = set(names)
     # Only the modules that can hold a fused group: a list of every module would keep each replaced
     # dense weight alive until the end (peak RSS +100 MiB at 256M).
@@ -312,7 +319,7 @@ def pack_linears(model: nn.Module, auto: bool = False) -> list[str]:
         for parts, fused_name in FUSED_GROUPS:
             full = [f"{parent_name}.{p}" for p in parts]
             if hasattr(parent, fused_name) and all(n in targets for n in full):
-                fused = PackedFused([getattr(parent, p) for p in parts], rows)
+                fused = PackedFused([read_linear(n) for n in full], rows)
                 setattr(parent, fused_name, fused)
                 for i, p in enumerate(parts):
                     setattr(parent, p, PackedPart(fused, i))  # the dense weight goes here
@@ -321,5 +328,5 @@ def pack_linears(model: nn.Module, auto: bool = False) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         rows = VISION_ROWS if name.startswith("model.vision_model.") else 1
-        setattr(parent, child, PackedLinear.from_linear(getattr(parent, child), rows))  # the dense weight goes here
+        setattr(parent, child, PackedLinear.from_linear(read_linear(name), rows))  # the dense weight goes here
     return names

@@ -11,9 +11,10 @@
 5. read each tensor in the dtype of the parameter it replaces and assign it
    (``load_state_dict(assign=True)``; safetensors reading and the memory rules: ``safetensors_io.py``);
 6. re-tie lm_head where the config ties it (``SmolVLM.lm_head_is_tied``: a tied head may be absent);
-7. quantize (``quantize=``): the target linears are read one layer at a time, each quantized
-   before the next is read (``quantization.quantize_while_loading``);
-8. attach the generation config; pack (``pack=True``) as asked.
+7. quantize (``quantize=``) or pack (``pack=True``): the target linears are read one layer at a
+   time, each quantized or packed before the next is read (``quantization.quantize_while_loading``,
+   ``model.packed.pack_linears``);
+8. attach the generation config.
 """
 
 from __future__ import annotations
@@ -151,26 +152,26 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     can_pack = packing_pays if pack == "auto" else packing_available
     pack = bool(pack) and quantize == "none" and not saved and can_pack(dtype, device)
     meta_dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
-    copy = {f"{name}.weight" for name in pack_targets(model)} if pack else set()
-    # Quantizing at load: the target linears' weights are left out of the bulk read and read one
-    # layer at a time by ``quantize_while_loading`` (peak: the quantized model + one float layer).
-    # Nothing aliases the file then: a mapping of it would hold the float weights' pages too.
-    later = _linear_keys(model, quantization.target_linears(model)) if quantize != "none" and not saved else set()
-    if later:
-        copy = set(expected)
-    state = tensors.read(set(expected) - later, meta_dtypes.__getitem__, copy)
+    # Quantizing or packing at load: the target linears' weights are left out of the bulk read and
+    # read one layer at a time by ``quantize_while_loading`` / ``pack_linears`` (peak: the
+    # converted model + one dense layer). When quantizing nothing aliases the file: a mapping of it
+    # would hold the float weights' pages too.
+    quantizing = quantize != "none" and not saved
+    later = _linear_keys(model, quantization.target_linears(model) if quantizing else pack_targets(model) if pack
+                         else [])
+    state = tensors.read(set(expected) - later, meta_dtypes.__getitem__, set(expected) if quantizing else set())
     # strict=False only because a tied lm_head is absent from ``state``; check_keys already ran.
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     del state  # the model holds the tensors now; dense copies about to be packed must not outlive the swap
     model.tie_weights()
-    if later:
-        quantization.quantize_while_loading(model, quantize, _linear_reader(model, tensors, meta_dtypes))
+    if quantizing:
+        quantization.quantize_while_loading(model, quantize, _linear_reader(model, tensors, meta_dtypes, again=True))
+    elif pack:
+        pack_linears(model, read_linear=_linear_reader(model, tensors, meta_dtypes))
     still_meta = sorted(set(missing) - optional - later) + [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:  # cannot happen after check_keys; guards against a model/loader mismatch
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta[:5])}")
     model.generation_config = read_generation_config(directory)
-    if pack:
-        pack_linears(model)
     return model.eval()
 
 
@@ -197,16 +198,18 @@ def _linear_keys(model: nn.Module, names: list[str]) -> set[str]:
     return {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
 
 
-def _linear_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dtype]) -> Callable[[str], nn.Linear]:
+def _linear_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dtype],
+                   again: bool = False) -> Callable[[str], nn.Linear]:
     """``name -> nn.Linear`` holding that layer's checkpoint tensors in private memory (never the
-    file mapping, whose pages would stay resident next to the quantized copy); a tied lm_head
-    absent from the checkpoint reads the (already loaded) embedding table."""
+    file mapping, whose pages would stay resident next to the quantized or packed copy); a tied
+    lm_head absent from the checkpoint reads the (already loaded) embedding table. ``again``: a
+    layer may be read twice (quantizing restarts at another group size)."""
 
     def read(name: str) -> nn.Linear:
         release_freed_memory()  # the previous layer's float weights and temporaries
         empty = model.get_submodule(name)
         keys = {k for k in _linear_keys(model, [name]) if k in tensors.shapes}
-        got = tensors.read(keys, dtypes.__getitem__, keys, again=True)
+        got = tensors.read(keys, dtypes.__getitem__, keys, again=again)
         lin = nn.Linear(empty.in_features, empty.out_features, bias=empty.bias is not None, device="meta")
         weight = got.get(f"{name}.weight")
         if weight is None:  # tied head: the embedding, loaded just before
