@@ -77,8 +77,7 @@ def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None
     (default) or int4.
     """
     check_mode(mode, 32 if group_size is None else group_size)
-    if head not in HEADS:
-        raise QuantizationError(f"unknown head quantization {head!r}; choose one of {', '.join(HEADS)}")
+    check_head(head)
     if mode == "none":
         return model
     names = list(names) if names is not None else target_linears(model, vision)
@@ -86,7 +85,7 @@ def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise QuantizationError(f"{name} is a {type(lin).__name__}, not an nn.Linear (already quantized?)")
-    int8_names = [n for n in names if mode == "int8" or (n == "lm_head" and head == "int8")]
+    int8_names = _int8_names(names, mode, head)
     new: dict[str, nn.Module] = {}
     if mode == "int4":  # all built (and checked) first: ~0.75 byte a weight on top of the float model
         place = new.__setitem__
@@ -113,13 +112,22 @@ def quantize_while_loading(model: "SmolVLM", mode: str, read_linear: Callable[[s
     half-built: the loader discards it). Returns the quantized names.
     """
     check_mode(mode)
-    if head not in HEADS:
-        raise QuantizationError(f"unknown head quantization {head!r}; choose one of {', '.join(HEADS)}")
+    check_head(head)
     names = target_linears(model)
-    int8_names = [n for n in names if mode == "int8" or (n == "lm_head" and head == "int8")]
+    int8_names = _int8_names(names, mode, head)
     group_size = _build(model, names, int8_names, None, read_linear, lambda name, m: _swap(model, name, m))
     _record(model, mode, group_size, names, int8_names)
     return names
+
+
+def check_head(head: str) -> None:
+    if head not in HEADS:
+        raise QuantizationError(f"unknown head quantization {head!r}; choose one of {', '.join(HEADS)}")
+
+
+def _int8_names(names: list[str], mode: str, head: str) -> list[str]:
+    """The target names that become int8: all of them in int8 mode, lm_head in int4 mode with ``head="int8"``."""
+    return [n for n in names if mode == "int8" or (n == "lm_head" and head == "int8")]
 
 
 def _record(model: "SmolVLM", mode: str, group_size: int, names: list[str], int8_names: list[str]) -> None:
@@ -192,7 +200,8 @@ def swap_in_empty(model: "SmolVLM", mode: str, group_size: int, names: Iterable[
     e.g. meta), ready to be assigned a saved quantized state; records ``model.quantization``.
     ``int8_names``: the modules of an int4 model that are int8 (its head)."""
     check_mode(mode, group_size)
-    names, int8_names = list(names), [n for n in int8_names] if mode == "int4" else list(names)
+    names = list(names)
+    int8_names = list(int8_names) if mode == "int4" else names
     if "lm_head" in names:
         _untie(model)
     for name in names:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvlm.quantization.int8 import KERNEL_MAX_ROWS  # same GEMV-vs-GEMM crossover (measured)
+from smolvlm.quantization.int8 import KERNEL_MAX_ROWS, ROW_CHUNK  # same crossover (measured); same chunking
 
 # Activation dtypes for the CPU int4 kernel (torch 2.13 takes both). float32 matters: it is the
 # CLI's default, and dequantizing every weight for every decoded token was 4.8 s/token on the
@@ -37,7 +37,6 @@ GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
 # weights). A weight on the grid already rounds back with rms ~0 (the default model's GGUF +
 # merged LoRA: 0.012-0.065 steps at group 32, 0.25 at group 64). The threshold sits between.
 ON_GRID_RMS_STEPS = 0.15
-ROW_CHUNK = 1024  # rows quantized at a time (float32 temporaries of 1024 x K)
 
 
 @torch.no_grad()

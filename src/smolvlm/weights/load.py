@@ -157,8 +157,8 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     # converted model + one dense layer). When quantizing nothing aliases the file: a mapping of it
     # would hold the float weights' pages too.
     quantizing = quantize != "none" and not saved
-    later = _linear_keys(model, quantization.target_linears(model) if quantizing else pack_targets(model) if pack
-                         else [])
+    streamed = quantization.target_linears(model) if quantizing else (pack_targets(model) if pack else [])
+    later = _linear_keys(model, streamed)
     state = tensors.read(set(expected) - later, meta_dtypes.__getitem__, set(expected) if quantizing else set())
     # strict=False only because a tied lm_head is absent from ``state``; check_keys already ran.
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
@@ -183,7 +183,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def release_freed_memory() -> None:
+def _release_freed_memory() -> None:
     """Hand memory freed inside the process back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
     glibc keeps freed blocks of a few MiB in its heap for reuse, so a loop that reads a float
@@ -206,7 +206,7 @@ def _linear_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dt
     layer may be read twice (quantizing restarts at another group size)."""
 
     def read(name: str) -> nn.Linear:
-        release_freed_memory()  # the previous layer's float weights and temporaries
+        _release_freed_memory()  # the previous layer's float weights and temporaries
         empty = model.get_submodule(name)
         keys = {k for k in _linear_keys(model, [name]) if k in tensors.shapes}
         got = tensors.read(keys, dtypes.__getitem__, keys, again=again)
