@@ -3,8 +3,10 @@ int4 peak memory and decode speed, and load time (ours packed bf16, ours int4) a
 
 Not run in CI (a 4.5 GB checkpoint, minutes). Each measurement runs in its own subprocess, so peak
 RSS (``ru_maxrss``: the whole process, interpreter and imports included) and load time are its own.
-Decode: ``generate_ids`` greedy on a 100-token text prompt, tokens/s = K / (t(1 + K new) - t(1 new)),
-after a warm-up, no early stop. Writes ``bench/BIG_MODEL.md``.
+Decode (every engine; transformers' ``generate``): greedy on a 100-token text prompt, tokens/s =
+K / (t(1 + K new) - t(1 new)), after a warm-up, no early stop. Peak RSS is taken after the
+generation (and, for ours, one image tile), before a pass that reads every weight. Writes
+``bench/BIG_MODEL.md``.
 
     .venv/bin/python bench/parity_full_size.py make 2.2B bench/.cache/2.2B/ckpt   # once (transformers, ~2 min)
     .venv/bin/python bench/big_model.py [--model 2.2B] [--new 32]
@@ -25,9 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache"
 REPORT = ROOT / "bench" / "BIG_MODEL.md"
 GIB = 2**30
+VISION_INT8 = "ours-int4+vision-int8"
+FEATURES = CACHE / "big_model_bf16_features.pt"  # ours-bf16's features of one tile, for the int8 tower's error
 
 
-def child(kind: str, ckpt: str, new: int) -> None:
+def child(kind: str, part: str, ckpt: str, new: int) -> None:
+    """``part="read"``: load, then one pass reading every weight (timed). ``part="run"``: load, then
+    the generation (and for ours one image tile); peak RSS. Separate processes, so that the read
+    pass (which maps every page of a lazily loaded file, the embedding table included) neither
+    sets the other's peak nor reads pages a generation already brought in."""
     import torch
 
     torch.set_num_threads(2)
@@ -39,33 +47,57 @@ def child(kind: str, ckpt: str, new: int) -> None:
     else:
         from smolvlm import SmolVLM
 
-        quantize = "int4" if kind == "ours-int4" else "none"
-        model = SmolVLM.from_pretrained(ckpt, dtype=torch.bfloat16, quantize=quantize, pack="auto")
+        quantize = "int4" if kind.startswith("ours-int4") else "none"
+        model = SmolVLM.from_pretrained(ckpt, dtype=torch.bfloat16, quantize=quantize, pack="auto",
+                                        quantize_vision=kind == VISION_INT8)
     load_s = time.perf_counter() - t0
-    # transformers maps the file lazily: its load reads almost nothing (0.37 GiB RSS at 2.2B). The
-    # time until every weight has been read once (one pass over parameters and buffers) is what a
-    # first answer needs, so it is reported next to the load for every engine.
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            t.float().sum() if t.is_floating_point() else t.sum()
-    out = {"engine": kind, "load_s": load_s, "read_s": load_s + time.perf_counter() - t0}
-    if kind != "transformers":
+    out = {"engine": kind, "load_s": load_s}
+    if part == "read":
+        # transformers maps the file lazily: its load reads almost nothing (0.37 GiB RSS at 2.2B).
+        # The time until every weight has been read once is reported next to the load for every engine.
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                for chunk in t.detach().reshape(-1).split(1 << 22):  # 4M values at a time: no whole fp32 copy
+                    chunk.float().sum() if t.is_floating_point() else chunk.sum()
+        print("RESULT " + json.dumps({"read_s": load_s + time.perf_counter() - t0}), flush=True)
+        return
+    ids = torch.randint(1000, 40000, (1, 100), generator=torch.Generator().manual_seed(0))
+    if kind == "transformers":
+        def run(n: int) -> None:
+            with torch.inference_mode():
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, eos_token_id=model.config.text_config.vocab_size + 1000, pad_token_id=0)
+    else:
         from smolvlm.generation.generate import generate_ids
 
-        ids = torch.randint(1000, 40000, (1, 100), generator=torch.Generator().manual_seed(0))
         run = lambda n: generate_ids(model, ids, max_new_tokens=n, eos_token_id=[])  # noqa: E731
-        run(4)  # warm-up
-        t0 = time.perf_counter(); run(1); t1 = time.perf_counter() - t0
-        t0 = time.perf_counter(); run(1 + new); tk = time.perf_counter() - t0
-        out["decode_tok_s"] = new / (tk - t1)
+    run(4)  # warm-up
+    t0 = time.perf_counter(); run(1); t1 = time.perf_counter() - t0
+    t0 = time.perf_counter(); run(1 + new); tk = time.perf_counter() - t0
+    out["decode_tok_s"] = new / (tk - t1)
+    if kind != "transformers":
+        # One 384 px tile through the vision tower + connector (an image question's first step), kept
+        # by ours-bf16 so that the int8 vision tower's features can be compared with the bf16 ones.
+        g = torch.Generator().manual_seed(1)
+        m = model.config.vision_config.image_size
+        pv = (torch.rand(1, 1, 3, m, m, generator=g) * 2 - 1).to(torch.bfloat16)
+        with torch.inference_mode():
+            feats = model.get_image_features(pv).float()
+        if kind == "ours-bf16":
+            torch.save(feats, FEATURES)
+        elif FEATURES.is_file():
+            ref = torch.load(FEATURES)
+            out["features_rel_err"] = ((feats - ref).norm() / ref.norm()).item()
+            out["features_cos"] = torch.nn.functional.cosine_similarity(feats.flatten(), ref.flatten(), dim=0).item()
+    # Peak RSS of load + generation (+ one tile)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(kind: str, ckpt: Path, new: int) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--child", kind, "--ckpt", str(ckpt), "--new", str(new)],
-                       capture_output=True, text=True)
+def run_child(kind: str, part: str, ckpt: Path, new: int) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--child", kind, "--part", part, "--ckpt", str(ckpt),
+                        "--new", str(new)], capture_output=True, text=True)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not lines:
         raise SystemExit(f"{kind} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
@@ -87,13 +119,16 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="decoded tokens timed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--part", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.ckpt, args.new)
+        return child(args.child, args.part, args.ckpt, args.new)
     ckpt = CACHE / args.model / "ckpt"
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"no checkpoint at {ckpt}: build it with bench/parity_full_size.py make {args.model} {ckpt}")
-    rows = [run_child(kind, ckpt, args.new) for kind in ("transformers", "ours-bf16", "ours-int4")]
+    FEATURES.unlink(missing_ok=True)
+    rows = [run_child(kind, "run", ckpt, args.new) | run_child(kind, "read", ckpt, args.new)
+            for kind in ("transformers", "ours-bf16", "ours-int4", VISION_INT8)]
     by = {r["engine"]: r for r in rows}
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
@@ -104,18 +139,23 @@ def main() -> None:
              f"(checkpoint: `bench/parity_full_size.py make {args.model} bench/.cache/{args.model}/ckpt`).", "",
              f"Machine: {cpu}, 2 threads; CPU flags: {cpu_flags()}; torch {torch.__version__}. One run, each engine in "
              "its own process; random bf16 weights of the real config. Peak RSS is the process's `ru_maxrss` "
-             "(interpreter and imports included). ours-bf16 is loaded as the CLI loads it (`pack=\"auto\"`); ours-int4 "
-             "quantizes the text linears while reading (`lm_head` int8), the vision tower stays bf16.", "",
-             "\"Load + read\": the load, then one pass reading every parameter and buffer (what a first answer needs; "
-             "transformers maps the file and reads the weights only then). Packed weights are not parameters: ours-bf16's "
+             "(interpreter and imports included) of a process that loads and generates (ours: and encodes one image tile). "
+             "ours-bf16 is loaded as the CLI loads it (`pack=\"auto\"`); ours-int4 "
+             "quantizes the text linears while reading (`lm_head` int8), the vision tower stays bf16; "
+             f"{VISION_INT8} (`--quantize int4 --quantize-vision`) also reads the vision tower and connector into int8. "
+             "Decode (every engine): greedy on a 100-token text prompt. Then each of ours encodes one random 384 px tile; \"features vs bf16\" "
+             "compares those image features with ours-bf16's (relative error, cosine).", "",
+             "\"Load + read\": another process loads, then reads every parameter and buffer once (what a first answer "
+             "needs; transformers maps the file and reads the weights only then). Packed weights are not parameters: ours-bf16's "
              "pass reads what is left (norms, embeddings, biases).", "",
-             "| engine | load s | vs transformers | load + read s | vs transformers | peak RSS GiB | decode tok/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| engine | load s | vs transformers | load + read s | vs transformers | peak RSS GiB | decode tok/s | features vs bf16 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = by["transformers"]
-        dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
+        dec = f"{r['decode_tok_s']:.1f}"
+        feat = f"{r['features_rel_err']:.2%} / {r['features_cos']:.5f}" if "features_rel_err" in r else "-"
         lines.append(f"| {r['engine']} | {r['load_s']:.1f} | {r['load_s'] / t['load_s']:.2f}x | {r['read_s']:.1f} | "
-                     f"{r['read_s'] / t['read_s']:.2f}x | {r['peak_rss_gib']:.2f} | {dec} |")
+                     f"{r['read_s'] / t['read_s']:.2f}x | {r['peak_rss_gib']:.2f} | {dec} | {feat} |")
     REPORT.write_text("\n".join(lines) + "\n")
     print(f"wrote {REPORT}")
 

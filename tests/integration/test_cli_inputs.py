@@ -105,6 +105,7 @@ def test_generate_bad_image_fails_before_loading(kind, ref256, tmp_path, capsys,
     (["--repetition-penalty", "0"], "--repetition-penalty must be > 0, got 0.0"),
     (["--repetition-penalty", "nan"], "--repetition-penalty must be > 0, got nan"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--quantize-vision"], "--quantize-vision needs --quantize int8 or int4"),
 ])
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_bad_flags_fail_before_loading(command, flags, message, ref256, capsys, no_load, monkeypatch):

@@ -152,6 +152,32 @@ def test_burst_shares_one_prefill_forward_and_equals_one_at_a_time(model, proc):
     assert m["prefills"] == 5 and m["prefill_forwards"] == 2  # 3 text prompts together, the 2 image prompts together
 
 
+def test_each_prefill_hands_its_temporaries_back(model, proc, monkeypatch):
+    """After each prefill (generate_ids and the engine alike) the heap's freed blocks go back to the
+    OS (``smolvlm.memory.release_freed_memory``): once per prefill, before the first token, never
+    per decoded token (a 512x512 prompt's temporaries otherwise stay through the decode and the next
+    request: 500M bf16, 1493 against 1355 MiB after two images)."""
+    import smolvlm.generation.engine as engine_mod
+    import smolvlm.generation.generate as generate_mod
+
+    events: list[str] = []
+    for mod in (generate_mod, engine_mod):
+        monkeypatch.setattr(mod, "release_freed_memory", lambda: events.append("release"))
+    inp = inputs(proc, "Describe this image.", (IMG_A,))
+    stream = generate_mod.generate_tokens(model, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
+                                          inp["pixel_attention_mask"], max_new_tokens=5, eos_token_id=[])
+    for _ in stream:
+        events.append("token")
+    assert events == ["release"] + ["token"] * 5
+    events.clear()
+    engine = Engine(model, max_batch=2, max_context=256)
+    handles = [engine.submit(request(model, inputs(proc, t), max_new_tokens=4, eos_token_id=[]))
+               for t in ("Tell me about cats.", "Tell me about dogs!")]
+    drain(engine)
+    assert all(len(tokens(h)) == 4 for h in handles)
+    assert events == ["release"] * engine.metrics()["prefill_forwards"]
+
+
 def test_prefill_groups_adjacent_rows_similar_lengths_bounded_tokens():
     def prep(t):
         return type("P", (), {"input_ids": torch.zeros(1, t, dtype=torch.long)})()

@@ -139,7 +139,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             main = predictions.path_for(output)
             if shard.world > 1:
                 predictions.merge_ranks(main, shard.world)
-            extra.update(dtype=args.dtype, quantize=args.quantize, device=args.device, processes=shard.world)
+            extra.update(dtype=args.dtype, quantize=args.quantize, quantize_vision=args.quantize_vision, device=args.device,
+                         processes=shard.world)
             results = {**bench_runner.results(run, predictions.read_done(main), t0, **extra),
                        "compare_with": report.published_key(args.model, model.config.text_config.hidden_size)}
             _write_reports(results, output)
@@ -223,7 +224,7 @@ def run_synth(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--output folder does not exist: {Path(args.output).parent}")
     model, processor = common.load_model(args)
     results = evaluate(model, processor, config, model_name=str(args.model))
-    results["settings"].update(device=args.device, quantize=args.quantize)
+    results["settings"].update(device=args.device, quantize=args.quantize, quantize_vision=args.quantize_vision)
     if args.output is not None:
         Path(args.output).expanduser().write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(format_table(results))

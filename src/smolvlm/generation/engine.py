@@ -49,6 +49,7 @@ import torch
 from smolvlm.generation import sampling
 from smolvlm.generation.config import resolve_settings
 from smolvlm.generation.feature_cache import FeatureCache
+from smolvlm.memory import release_freed_memory
 from smolvlm.generation.requests import (Completion, EngineBusy, EngineClosed, FinishEvent, FinishReason,
                                          PreparedRequest, Request, RequestHandle, TokenEvent, prepare_request)
 
@@ -240,6 +241,7 @@ class Engine:
             else:
                 self._finish_unstarted(group[0][1], "error", f"{type(e).__name__}: {e}")
             return
+        release_freed_memory()  # the prompts' temporaries (smolvlm/memory.py)
         self.counters["prefill_forwards"] += 1
         for i, (r, prep) in enumerate(group):
             t = prep.input_ids.shape[1]

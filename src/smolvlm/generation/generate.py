@@ -19,6 +19,7 @@ import torch
 from smolvlm.generation import sampling
 from smolvlm.generation.config import GenerationSettings, resolve_settings
 from smolvlm.generation.text_stream import RowStops
+from smolvlm.memory import release_freed_memory
 
 
 def check_context_length(model: Any, prompt_len: int, max_new_tokens: int) -> None:
@@ -108,7 +109,10 @@ def _prefill(model: Any, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor
         pixel_attention_mask=None if image_features is not None else pixel_attention_mask,
         logits_to_keep=1,
     )
-    return out.logits[:, -1].float()
+    logits = out.logits[:, -1].float()
+    del out
+    release_freed_memory()  # the prompt's temporaries, before the decode and the next request (smolvlm/memory.py)
+    return logits
 
 
 def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Any,

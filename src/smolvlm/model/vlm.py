@@ -93,19 +93,20 @@ class SmolVLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path | None, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", quantize: str = "none", mmap: bool = True,
-                        pack: bool | str = False) -> "SmolVLM":
+                        pack: bool | str = False, quantize_vision: bool = False) -> "SmolVLM":
         """Load a checkpoint folder, a hub repo id, or ``"default"`` (the built-in default model).
 
         ``dtype``: torch.dtype, "auto" (the config's) or None (float32). ``quantize``: "none",
         "int8", "int4" (weight-only, after loading; a folder saved quantized loads as saved).
         ``pack``: inference-only packed linears (``model/packed.py``; ``"auto"``: only where they are
         faster on this CPU). ``mmap``: alias the file's
-        copy-on-write mapping when no conversion is needed. All of it: ``weights/load.py:load_model``.
+        copy-on-write mapping when no conversion is needed. ``quantize_vision``: the vision encoder
+        and connector in int8 too (with ``quantize``). All of it: ``weights/load.py:load_model``.
         """
         from smolvlm.weights.load import load_model
 
         return load_model(path_or_repo_id, dtype=dtype, device=device, quantize=quantize, mmap=mmap, pack=pack,
-                          cls=cls)
+                          quantize_vision=quantize_vision, cls=cls)
 
     def pack_for_inference(self, auto: bool = False) -> "SmolVLM":
         """Pack the text decoder's and lm_head's linears in place (``smolvlm.model.packed``); returns self.

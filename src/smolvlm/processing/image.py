@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -298,17 +298,22 @@ class ImageProcessor:
             sample_arrays, sample_layouts = [], []
             for image in sample:
                 parts, lay = self.split(image, do_image_splitting, budget)
-                sample_arrays.extend(self.normalize(p) for p in parts)
+                sample_arrays.extend(parts)  # uint8 (H, W, 3): normalized as pad_arrays writes them
                 sample_layouts.append(lay)
             arrays.append(sample_arrays)
             layouts.append(sample_layouts)
         if not any(arrays):
             raise ImageError("no images in the batch")
-        return ImageBatch(*pad_arrays(arrays), layouts)
+        return ImageBatch(*pad_arrays(arrays, self.normalize), layouts)
 
 
-def pad_arrays(samples: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def pad_arrays(samples: list[list[np.ndarray]],
+               normalize: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample (3, h, w) arrays -> (B, N, 3, H, W) float32 + (B, N, H, W) int64 mask (SPEC §2.8).
+
+    ``normalize``: the arrays are uint8 (h, w, 3) images, each normalized (to (3, h, w)) as it is
+    written, so their float32 copies never all exist next to the batch (a 512x512 image's 17 tiles:
+    51 MiB more at the peak, and held by glibc afterwards).
 
     Zero padding to the most arrays per sample and the largest height / width; the mask is 1 on real
     pixels. Also pads the processor's mixed image-tile / video-frame rows (``video_inputs.py``) and
@@ -317,11 +322,13 @@ def pad_arrays(samples: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]
     """
     flat = [a for s in samples for a in s]
     n_max = max(len(s) for s in samples)
-    h_max, w_max = max(a.shape[1] for a in flat), max(a.shape[2] for a in flat)
+    hw = [a.shape[:2] if normalize else a.shape[1:] for a in flat]
+    h_max, w_max = max(h for h, _ in hw), max(w for _, w in hw)
     pixel_values = np.zeros((len(samples), n_max, 3, h_max, w_max), dtype=np.float32)  # (B, N, 3, H, W)
     mask = np.zeros((len(samples), n_max, h_max, w_max), dtype=np.int64)  # (B, N, H, W)
     for i, sample in enumerate(samples):
         for j, a in enumerate(sample):
+            a = normalize(a) if normalize else a
             pixel_values[i, j, :, : a.shape[1], : a.shape[2]] = a
             mask[i, j, : a.shape[1], : a.shape[2]] = 1
     return pixel_values, mask

@@ -1,8 +1,10 @@
 """Weight-only quantization by module swapping: ``quantize(model, mode="int8" | "int4")``.
 
 Which layers: every ``nn.Linear`` of the text decoder (q/k/v/o, gate/up/down) and ``lm_head``;
-the vision encoder and connector too with ``vision=True``. Norms, embeddings, the patch conv and
-biases stay in floating point. A tied ``lm_head`` is untied first: the embedding keeps its
+the vision encoder's and the connector's too with ``vision=True``, always in int8 (in int4 mode
+too: they hold half of SmolVLM-2.2B's float weights after int4 text, 0.77 GiB in bf16; int8 keeps
+the image features within ~1% of bf16's, bench/BIG_MODEL.md). Norms, embeddings, the patch conv
+and biases stay in floating point. A tied ``lm_head`` is untied first: the embedding keeps its
 float table for lookups, lm_head gets its own quantized copy. int4 keeps ``lm_head`` at int8 by
 default (``head="int8"``), as llama.cpp's Q4 files keep their output matrix at 6 bits: on the real
 SmolLM2-135M an int4 head alone changes the greedy answers (bench/QUANT_AGREEMENT.md); its
@@ -45,11 +47,14 @@ def check_mode(mode: str, group_size: int = 32) -> None:
         raise QuantizationError(f"int4 group_size must be 32, 64, 128 or 256, got {group_size}")
 
 
+VISION_PREFIXES = ("model.vision_model.", "model.connector.")
+
+
 def target_linears(model: "SmolVLM", vision: bool = False) -> list[str]:
     """Qualified names of the ``nn.Linear`` modules ``quantize`` swaps, in module order."""
-    prefixes = ["model.text_model.", "lm_head"] + (["model.vision_model.", "model.connector."] if vision else [])
+    prefixes = ("model.text_model.", "lm_head") + (VISION_PREFIXES if vision else ())
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(name.startswith(p) for p in prefixes)]
+            if isinstance(m, nn.Linear) and name.startswith(prefixes)]
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -74,7 +79,7 @@ def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None
     ordinary weights, 64 for the default model (a Q4_1 GGUF, blocks of 32, + a merged LoRA). A
     group size that does not divide, or that would round such an update away, is a
     QuantizationError raised before any module is swapped. ``head``: int4's ``lm_head`` in int8
-    (default) or int4.
+    (default) or int4. ``vision``: the vision encoder and connector too, in int8 whatever ``mode``.
     """
     check_mode(mode, 32 if group_size is None else group_size)
     check_head(head)
@@ -102,20 +107,23 @@ def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None
 
 @torch.no_grad()
 def quantize_while_loading(model: "SmolVLM", mode: str, read_linear: Callable[[str], nn.Linear],
-                           head: str = "int8") -> list[str]:
+                           head: str = "int8", vision: bool = False) -> list[str]:
     """``quantize`` (default targets and choices) for the loader, one layer at a time.
 
     The target linears are still empty (meta); ``read_linear(name)`` reads one's float weights
     into private memory, it is quantized and swapped in, and its float weights go before the next
     is read. Peak memory is the quantized model plus one float layer, where ``quantize`` after a
     full load holds the whole float model first. Errors are ``quantize``'s (the model is left
-    half-built: the loader discards it). Returns the quantized names.
+    half-built: the loader discards it). ``vision``: as ``quantize``'s. Returns the quantized names.
     """
     check_mode(mode)
     check_head(head)
-    names = target_linears(model)
+    names = target_linears(model, vision)
     int8_names = _int8_names(names, mode, head)
-    group_size = _build(model, names, int8_names, None, read_linear, lambda name, m: _swap(model, name, m))
+    # Largest conversions first, while the model holds least: lm_head, the text layers, then the
+    # vision tower (its layers are small); stable, so each part keeps module order.
+    order = sorted(names, key=lambda n: (n != "lm_head", n.startswith(VISION_PREFIXES)))
+    group_size = _build(model, order, int8_names, None, read_linear, lambda name, m: _swap(model, name, m))
     _record(model, mode, group_size, names, int8_names)
     return names
 
@@ -126,8 +134,9 @@ def check_head(head: str) -> None:
 
 
 def _int8_names(names: list[str], mode: str, head: str) -> list[str]:
-    """The target names that become int8: all of them in int8 mode, lm_head in int4 mode with ``head="int8"``."""
-    return [n for n in names if mode == "int8" or (n == "lm_head" and head == "int8")]
+    """The target names that become int8: all of them in int8 mode; in int4 mode lm_head with
+    ``head="int8"`` and the vision encoder's and connector's linears."""
+    return [n for n in names if mode == "int8" or (n == "lm_head" and head == "int8") or n.startswith(VISION_PREFIXES)]
 
 
 def _record(model: "SmolVLM", mode: str, group_size: int, names: list[str], int8_names: list[str]) -> None:
@@ -155,12 +164,13 @@ def _build(model: "SmolVLM", names: list[str], int8_names: list[str], group_size
                 continue
             lin = linear_of(name)
             module = Int4Linear.from_linear(lin, g)
-            lost = erased_update(lin.weight, module.dequantized_weight(), module.scales)
+            lost = erased_update(lin.weight, module.dequantized_rows, module.scales)
             del lin
             if lost:
                 erased[name] = lost
                 if group_size is None:
                     break  # this grid is the weights' own: try the next group size
+            prepare_kernel(module, model.dtype)
             place(name, module)
         if not erased:
             return g
@@ -188,6 +198,15 @@ def _group_sizes(model: "SmolVLM", names: list[str], group_size: int | None) -> 
         raise QuantizationError(f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides the in_features "
                                 f"of every layer ({', '.join(map(str, sorted(set(widths.values()))))}); use int8")
     return fits
+
+
+def prepare_kernel(module: nn.Module, dtype: torch.dtype) -> None:
+    """An int4 module's CPU kernel weights built now, for ``dtype`` activations, where its kernel
+    would run (``Int4Linear.prepare_kernel``: one copy of the scales, not two), rather than at the
+    first call, which then interleaves the conversions' temporaries with the first prefill's."""
+    if isinstance(module, Int4Linear) and module.kernel_applies(torch.empty(1, module.in_features, dtype=dtype,
+                                                                            device=module.scales.device)):
+        module.prepare_kernel(dtype)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -19,12 +19,20 @@ detects this; ``quantize`` then picks a group size whose grid is not the file's.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvlm.quantization.int8 import KERNEL_MAX_ROWS, ROW_CHUNK  # same crossover (measured); same chunking
+from smolvlm.quantization.int8 import row_chunks  # same chunking
+
+# Above this many input rows the layer dequantizes and calls ``linear`` instead of the int4 kernel,
+# whose time grows with the rows. Measured (bf16, 2 cores, Xeon with AMX), kernel vs dequantize +
+# GEMM in ms: 2048x8192 at 32 / 100 / 300 rows 6.6 / 20.6 / 61.9 vs 31.5 / 32.3 / 34.5; 8192x2048
+# 6.7 / 20.7 / 59.9 vs 108 / 108 / 113; 576x1536 0.35 / 1.08 / 3.19 vs 1.53 / 1.60 / 1.78. A short
+# prompt thus also skips the dequantized copies (~0.2 GiB of temporaries at 2.2B).
+KERNEL_MAX_ROWS = 128
 
 # Activation dtypes for the CPU int4 kernel (torch 2.13 takes both). float32 matters: it is the
 # CLI's default, and dequantizing every weight for every decoded token was 4.8 s/token on the
@@ -43,7 +51,7 @@ ON_GRID_RMS_STEPS = 0.15
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) -> (uint8 values 0..15 (N, K), scales (N, K/g), zeros (N, K/g)) in float32.
 
-    Rows are independent, so they are done ``ROW_CHUNK`` at a time: the float32 temporaries stay a
+    Rows are independent, so they are done a ``row_chunks`` at a time: the float32 temporaries stay a
     few MiB instead of several copies of the whole weight (a 2.2B head: 3 x 400 MiB)."""
     n, k = weight.shape
     if k % group_size:
@@ -51,12 +59,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(n, k // group_size, dtype=torch.float32, device=weight.device)
     zeros = torch.empty_like(scales)
-    for r in range(0, n, ROW_CHUNK):
-        w = weight[r:r + ROW_CHUNK].detach().to(torch.float32).reshape(-1, k // group_size, group_size)  # (n', G, g)
+    for rows in row_chunks(n, k):
+        w = weight[rows].detach().to(torch.float32).reshape(-1, k // group_size, group_size)  # (n', G, g)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (n', G)
         s = ((hi - lo) / 15.0).clamp(min=1e-8)
-        q[r:r + ROW_CHUNK] = torch.round((w - lo[..., None]) / s[..., None]).clamp_(0, 15).reshape(-1, k)
-        scales[r:r + ROW_CHUNK], zeros[r:r + ROW_CHUNK] = s, lo + 8.0 * s
+        q[rows] = torch.round((w - lo[..., None]) / s[..., None]).clamp_(0, 15).reshape(-1, k)
+        scales[rows], zeros[rows] = s, lo + 8.0 * s
     return q, scales, zeros
 
 
@@ -69,7 +77,8 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
 
 
 @torch.no_grad()
-def erased_update(weight: torch.Tensor, dequantized: torch.Tensor, scales: torch.Tensor) -> float:
+def erased_update(weight: torch.Tensor, dequantized: torch.Tensor | Callable[[int, int], torch.Tensor],
+                  scales: torch.Tensor) -> float:
     """Relative norm of what int4 rounds away from ``weight`` *because it already sits on this grid*.
 
     0.0 for an ordinary float weight (rounding error ~uniform, rms >= ``ON_GRID_RMS_STEPS``), and
@@ -77,20 +86,31 @@ def erased_update(weight: torch.Tensor, dequantized: torch.Tensor, scales: torch
     Otherwise ``|w - w_int4| / |w|``: the weight is a grid plus an off-grid part smaller than half a
     step, and int4 keeps the grid and drops that part (on the default model it keeps ~6% of the
     merged LoRA, int8 keeps ~100%).
+
+    ``dequantized``: the int4 weight (N, K), or ``(start, stop) -> its rows`` so that only
+    a ``row_chunks`` is ever in float32 (whole-weight temporaries were 0.3 GiB of the 2.2B load peak).
     """
-    w = weight.detach().to(torch.float32)
-    err = (w - dequantized.to(torch.float32)).reshape(w.shape[0], scales.shape[1], -1)  # (N, G, g)
-    step = scales.to(torch.float32)[..., None]  # (N, G, 1)
-    if (err / step).pow(2).mean().sqrt() >= ON_GRID_RMS_STEPS:
+    rows = dequantized if callable(dequantized) else (lambda a, b: dequantized[a:b])
+    n, groups = scales.shape
+    eps = torch.finfo(weight.dtype).eps
+    steps2 = err2 = w2 = 0.0
+    within = True
+    for part in row_chunks(n, weight.shape[1]):
+        w = weight[part].detach().to(torch.float32)
+        err = (w - rows(part.start, part.stop).to(torch.float32)).reshape(w.shape[0], groups, -1)  # (n', G, g)
+        step = scales[part].to(torch.float32)[..., None]  # (n', G, 1)
+        steps2 += (err / step).pow(2).sum().item()
+        err2 += err.pow(2).sum().item()
+        w2 += w.pow(2).sum().item()
+        if within:
+            # What the weight's own dtype explains: its rounding (half an ulp, eps/2 |w|) and the grid
+            # rebuilt from rounded ends (each level off by up to eps/2 max|w| of the group); twice that,
+            # plus float32 arithmetic slack. bf16: ~0.06-0.12 steps; the default model's update 0.16-0.5.
+            a = w.abs().reshape(err.shape)
+            within = bool((err.abs() <= eps * (a + a.amax(dim=-1, keepdim=True)) + 1e-5 * step).all())
+    if (steps2 / max(weight.numel(), 1)) ** 0.5 >= ON_GRID_RMS_STEPS or within:
         return 0.0
-    # What the weight's own dtype explains: its rounding (half an ulp, eps/2 |w|) and the grid rebuilt
-    # from rounded ends (each level off by up to eps/2 max|w| of the group); twice that, plus
-    # float32 arithmetic slack. bf16: ~0.06-0.12 steps; the default model's update reaches 0.16-0.5.
-    a = w.abs().reshape(err.shape)
-    bound = torch.finfo(weight.dtype).eps * (a + a.amax(dim=-1, keepdim=True)) + 1e-5 * step
-    if bool((err.abs() <= bound).all()):
-        return 0.0
-    return (err.norm() / w.norm().clamp(min=1e-30)).item()
+    return err2 ** 0.5 / max(w2 ** 0.5, 1e-30)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -116,12 +136,16 @@ def to_kernel_layout(p: torch.Tensor) -> torch.Tensor:
     return (b[..., :KERNEL_BLOCK // 2] | (b[..., KERNEL_BLOCK // 2:] << 4)).contiguous().view(n, half)
 
 
-def from_kernel_layout(k: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_kernel_layout`."""
+def kernel_layout_values(k: torch.Tensor) -> torch.Tensor:
+    """``to_kernel_layout`` bytes (N, K/2) -> the 4-bit values (N, K) uint8 0..15, row order restored."""
     n, half = k.shape
     b = k.view(n // KERNEL_BLOCK, 2 * half, KERNEL_BLOCK // 2)  # (N/64, K, 32)
-    rows = torch.cat((b & 0xF, b >> 4), dim=-1).transpose(1, 2).reshape(n, 2 * half)  # (N, K)
-    return pack_nibbles(rows)
+    return torch.cat((b & 0xF, b >> 4), dim=-1).transpose(1, 2).reshape(n, 2 * half)
+
+
+def from_kernel_layout(k: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_kernel_layout`."""
+    return pack_nibbles(kernel_layout_values(k))
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,36 +192,61 @@ class Int4Linear(nn.Module):
         stop = self.out_features if stop is None else stop
         if not self._kernel_layout:
             return self.weight_uint4[start:stop]
+        return pack_nibbles(self._values(start, stop))
+
+    def _values(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the 4-bit values, (N', K) uint8 0..15, from either layout."""
+        if not self._kernel_layout:
+            return unpack_nibbles(self.weight_uint4[start:stop])
         b0, b1 = start // KERNEL_BLOCK * KERNEL_BLOCK, -(-stop // KERNEL_BLOCK) * KERNEL_BLOCK
-        return from_kernel_layout(self.weight_uint4[b0:b1])[start - b0:stop - b0]
+        return kernel_layout_values(self.weight_uint4[b0:b1])[start - b0:stop - b0]
+
+    def dequantized_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``dequantize_int4`` (float32 (N', K), bit for bit), built in one buffer."""
+        q = self._values(start, stop)
+        s, z = self.scales[start:stop, :, None], self.zeros[start:stop, :, None]  # (N', G, 1)
+        return q.to(torch.float32).view(q.shape[0], s.shape[1], -1).sub_(8.0).mul_(s).add_(z).view(q.shape)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(N, K) in ``dtype``, ``ROW_CHUNK`` rows at a time: the float32 temporaries stay small (a
+        """(N, K) in ``dtype``, a ``row_chunks`` at a time: the float32 temporaries stay small (a
         prefill dequantizes every layer; whole-weight temporaries left glibc holding ~0.7 GiB at 2.2B)."""
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.scales.device)
-        for r in range(0, self.out_features, ROW_CHUNK):
-            rows = slice(r, r + ROW_CHUNK)
-            out[rows] = dequantize_int4(unpack_nibbles(self.nibbles(r, r + ROW_CHUNK)), self.scales[rows], self.zeros[rows])
+        for rows in row_chunks(self.out_features, self.in_features):
+            out[rows] = self.dequantized_rows(rows.start, rows.stop)
         return out
 
-    def _kernel_args(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._kernel is None or self._kernel[1].dtype != dtype:
-            if self._kernel_layout:
-                packed = self.weight_uint4
-            elif self.out_features % KERNEL_BLOCK == 0 and _kernel_layout_matches_torch():
-                packed = self.weight_uint4 = to_kernel_layout(self.weight_uint4)  # the nibble copy goes
-                self._kernel_layout = True
-            else:
-                packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight_uint4).to(torch.int32), 1)
-            sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
-            self._kernel = (packed, sz)
-        return self._kernel
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the CPU int4 kernel (else it dequantizes and calls ``linear``).
+        The kernel needs N % 16 == 0 (a 300-token toy vocab does not qualify)."""
+        return (x.dtype in _FAST and x.device.type == "cpu" and self.out_features % 16 == 0
+                and x.numel() <= KERNEL_MAX_ROWS * self.in_features)
+
+    def prepare_kernel(self, dtype: torch.dtype) -> None:
+        """Build the CPU kernel's weights for ``dtype`` activations now (else the first kernel call
+        does): its weight layout and its (G, N, 2) scales-and-zeros table in ``dtype``.
+
+        That table is then the only copy of the scales and zeros: ``scales`` and ``zeros`` become
+        views of it, in ``dtype``. The kernel computes with them in that dtype anyway, so a bf16
+        model loses nothing it had, and at 2.2B the float32 pair (0.37 GiB) does not sit next to the
+        bf16 table (0.18 GiB). The dequantizing path (prefill) then uses the kernel's own values;
+        saving writes them back as float32."""
+        if self._kernel is not None and self._kernel[1].dtype == dtype:
+            return
+        if self._kernel_layout:
+            packed = self.weight_uint4
+        elif self.out_features % KERNEL_BLOCK == 0 and _kernel_layout_matches_torch():
+            packed = self.weight_uint4 = to_kernel_layout(self.weight_uint4)  # the nibble copy goes
+            self._kernel_layout = True
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight_uint4).to(torch.int32), 1)
+        sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
+        self.scales, self.zeros = sz[..., 0].t(), sz[..., 1].t()  # (N, G) views: the one copy
+        self._kernel = (packed, sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The CPU kernel needs N % 16 == 0 (a 300-token toy vocab does not qualify: dequantize instead).
-        kernel_ok = self.out_features % 16 == 0 and x.numel() <= KERNEL_MAX_ROWS * self.in_features
-        if x.dtype in _FAST and x.device.type == "cpu" and kernel_ok:
-            packed, sz = self._kernel_args(x.dtype)
+        if self.kernel_applies(x):
+            self.prepare_kernel(x.dtype)
+            packed, sz = self._kernel
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
             y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)  # (M, N)
             y = y.reshape(*x.shape[:-1], self.out_features)
@@ -209,6 +258,9 @@ class Int4Linear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._kernel_layout:
             destination[prefix + "weight_uint4"] = self.nibbles()
+        for name in ("scales", "zeros"):  # views of the kernel's table once prepared: saved as float32
+            if destination[prefix + name].dtype != torch.float32 or not destination[prefix + name].is_contiguous():
+                destination[prefix + name] = destination[prefix + name].float().contiguous()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
         self._kernel, self._kernel_layout = None, False  # derived from the buffers being replaced

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from smolvlm.quantization import Int4Linear, Int8Linear
-from smolvlm.quantization import int4 as _q4
 from smolvlm.quantization import int8 as _q8
 from smolvlm import quantization
 from smolvlm.training.lora_layer import LoRAError, LoRALinear, set_module, target_matches
@@ -45,19 +44,14 @@ def _dequantized_rows(layer: nn.Module, r0: int, r1: int, dtype: torch.dtype) ->
     if isinstance(layer, Int8Linear):
         w = layer.weight_int8[r0:r1].to(torch.float32).mul_(layer.scale[r0:r1, None].to(torch.float32))
         return w.to(dtype)
-    q = _q4.unpack_nibbles(layer.nibbles(r0, r1))  # (rows, in) uint8
-    s, z = layer.scales[r0:r1, :, None], layer.zeros[r0:r1, :, None]  # (rows, groups, 1)
-    w = q.to(torch.float32).view(q.shape[0], s.shape[1], -1).sub_(8.0).mul_(s).add_(z)  # (q - 8) * s + z
-    return w.view(q.shape).to(dtype)
+    return layer.dequantized_rows(r0, r1).to(dtype)
 
 
 def _kernel_applies(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``layer.forward(x)`` takes its int CPU kernel (mirrors ``Int8Linear`` / ``Int4Linear``)."""
-    if x.device.type != "cpu" or x.numel() > _q8.KERNEL_MAX_ROWS * layer.in_features:
-        return False
-    if isinstance(layer, Int8Linear):
-        return x.dtype in _q8._FAST
-    return x.dtype in _q4._FAST and layer.out_features % 16 == 0
+    """Whether ``layer.forward(x)`` takes its int CPU kernel (mirrors ``Int8Linear``; ``Int4Linear`` says)."""
+    if not isinstance(layer, Int8Linear):
+        return layer.kernel_applies(x)
+    return x.device.type == "cpu" and x.numel() <= _q8.KERNEL_MAX_ROWS * layer.in_features and x.dtype in _q8._FAST
 
 
 def _base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

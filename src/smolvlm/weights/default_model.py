@@ -38,8 +38,8 @@ from smolvlm.weights import gguf
 
 PARTS_FILE = "parts.safetensors"
 MANIFEST_FILE = "default_model.json"
-EMBED_KEY = "model.text_model.embed_tokens.weight"
-HEAD_KEY = "lm_head.weight"
+EMBED_KEY = gguf.EMBED_KEY
+HEAD_KEY = gguf.HEAD_KEY
 NEW_ROWS = {"embed_tokens": EMBED_KEY, "lm_head": HEAD_KEY}
 # Files of a checkpoint folder other than weights (copied by training.ship_default and export_default).
 FOLDER_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",

@@ -19,8 +19,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -31,11 +29,13 @@ from torch import nn
 from smolvlm import quantization
 from smolvlm.config import SmolVLMConfig
 from smolvlm.hub import resolve_checkpoint_dir
+from smolvlm.memory import release_freed_memory
 from smolvlm.model.layers import RMSNorm
 from smolvlm.model.packed import pack_linears, pack_targets, packing_available, packing_pays
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.weights import default_model
 from smolvlm.weights.check import check_keys, expected_shapes
+from smolvlm.weights.gguf import EMBED_KEY
 from smolvlm.weights.quantized import read_quantization
 from smolvlm.weights.safetensors_io import CheckpointError, checkpoint_shapes, load_safetensors, weight_files
 
@@ -118,12 +118,14 @@ def _default_model_tensors(directory: Path, device: torch.device | str) -> _Tens
 
 def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype | str | None = None,
                device: torch.device | str = "cpu", quantize: str = "none", mmap: bool = True, pack: bool | str = False,
-               cls: type[SmolVLM] = SmolVLM) -> SmolVLM:
+               quantize_vision: bool = False, cls: type[SmolVLM] = SmolVLM) -> SmolVLM:
     """Build ``cls`` from a checkpoint folder, a hub repo id or ``"default"``/None (the built-in default model).
 
     ``dtype``: torch.dtype, "auto" (the config's) or None (float32); quantized buffers keep theirs.
-    ``quantize``: "none" | "int8" | "int4", applied after loading; a folder saved quantized loads as
-    saved (asking for another mode is an error). ``pack``: inference only (``model/packed.py``;
+    ``quantize``: "none" | "int8" | "int4", applied while loading; a folder saved quantized loads as
+    saved (asking for another mode is an error). ``quantize_vision``: the vision encoder's and
+    connector's linears too, in int8 (needs ``quantize``, or a folder saved so;
+    ``quantization.quantize``). ``pack``: inference only (``model/packed.py``;
     ignored with quantization or where unavailable; ``"auto"``: only where it is faster,
     ``packed.packing_pays``); packed weights are read into private memory
     and freed once packed. ``mmap``: alias the file's copy-on-write mapping when no conversion is
@@ -136,6 +138,12 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     saved = read_quantization(directory)
     if saved and quantize not in ("none", saved["mode"]):
         raise quantization.QuantizationError(f"{directory} holds {saved['mode']} weights; cannot load it as {quantize}")
+    if quantize_vision and quantize == "none" and not saved:
+        raise quantization.QuantizationError("quantizing the vision tower needs quantize='int8' or 'int4' for the text "
+                                             "model too (the CLI: --quantize-vision with --quantize int8|int4)")
+    if saved and quantize_vision and not any(n.startswith(quantization.VISION_PREFIXES) for n in saved["modules"]):
+        raise quantization.QuantizationError(f"{directory} was saved with a float vision tower; it cannot be loaded "
+                                             "with the vision tower quantized")
     is_default = default_model.is_default_model_dir(directory)
     tensors = _default_model_tensors(directory, device) if is_default else _file_tensors(directory, device, mmap)
     with torch.device("meta"):
@@ -154,44 +162,33 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     meta_dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     # Quantizing or packing at load: the target linears' weights are left out of the bulk read and
     # read one layer at a time by ``quantize_while_loading`` / ``pack_linears`` (peak: the
-    # converted model + one dense layer). When quantizing nothing aliases the file: a mapping of it
-    # would hold the float weights' pages too.
+    # converted model + one dense layer). When quantizing nothing aliases the file but the token
+    # embedding: a lookup touches only the rows it reads (SmolVLM-2.2B: 192 MiB of bf16 table, of
+    # which a short prompt maps a few hundred KiB), where the other tensors are read whole anyway.
     quantizing = quantize != "none" and not saved
-    streamed = quantization.target_linears(model) if quantizing else (pack_targets(model) if pack else [])
+    streamed = quantization.target_linears(model, quantize_vision) if quantizing else (pack_targets(model) if pack else [])
     later = _linear_keys(model, streamed)
-    state = tensors.read(set(expected) - later, meta_dtypes.__getitem__, set(expected) if quantizing else set())
+    private = set(expected) - {EMBED_KEY} if quantizing else set()
+    state = tensors.read(set(expected) - later, meta_dtypes.__getitem__, private)
     # strict=False only because a tied lm_head is absent from ``state``; check_keys already ran.
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     del state  # the model holds the tensors now; dense copies about to be packed must not outlive the swap
     model.tie_weights()
     if quantizing:
-        quantization.quantize_while_loading(model, quantize, _linear_reader(model, tensors, meta_dtypes, again=True))
+        quantization.quantize_while_loading(model, quantize, _linear_reader(model, tensors, meta_dtypes, again=True),
+                                            vision=quantize_vision)
     elif pack:
         pack_linears(model, read_linear=_linear_reader(model, tensors, meta_dtypes))
+    elif saved:
+        for m in quantization.quantized_modules(model).values():
+            quantization.prepare_kernel(m, dtype)
+    if quantizing or pack or saved:
+        release_freed_memory()  # the last layer's float weights and the conversions' temporaries
     still_meta = sorted(set(missing) - optional - later) + [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:  # cannot happen after check_keys; guards against a model/loader mismatch
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta[:5])}")
     model.generation_config = read_generation_config(directory)
     return model.eval()
-
-
-@functools.lru_cache(maxsize=None)
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return None
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed inside the process back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    glibc keeps freed blocks of a few MiB in its heap for reuse, so a loop that reads a float
-    layer, quantizes it and frees it grows the RSS by about a float layer per iteration
-    (measured: +60 MiB a layer at 60 MiB layers, 4 layers -> +400 MiB for an 86 MiB model)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _linear_keys(model: nn.Module, names: list[str]) -> set[str]:
@@ -206,7 +203,7 @@ def _linear_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dt
     layer may be read twice (quantizing restarts at another group size)."""
 
     def read(name: str) -> nn.Linear:
-        _release_freed_memory()  # the previous layer's float weights and temporaries
+        release_freed_memory()  # the previous layer's float weights and temporaries
         empty = model.get_submodule(name)
         keys = {k for k in _linear_keys(model, [name]) if k in tensors.shapes}
         got = tensors.read(keys, dtypes.__getitem__, keys, again=again)
