@@ -101,6 +101,8 @@ def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None
     group_size = _build(model, names, int8_names, group_size, model.get_submodule, place)
     for name, module in new.items():
         _swap(model, name, module)
+    for module in quantized_modules(model).values():  # once the float weights are gone (int4: built first)
+        prepare_kernel(module, model.dtype)
     _record(model, mode, group_size, names, int8_names)
     return model
 
@@ -123,7 +125,12 @@ def quantize_while_loading(model: "SmolVLM", mode: str, read_linear: Callable[[s
     # Largest conversions first, while the model holds least: lm_head, the text layers, then the
     # vision tower (its layers are small); stable, so each part keeps module order.
     order = sorted(names, key=lambda n: (n != "lm_head", n.startswith(VISION_PREFIXES)))
-    group_size = _build(model, order, int8_names, None, read_linear, lambda name, m: _swap(model, name, m))
+
+    def place(name: str, module: nn.Module) -> None:
+        _swap(model, name, module)
+        prepare_kernel(module, model.dtype)
+
+    group_size = _build(model, order, int8_names, None, read_linear, place)
     _record(model, mode, group_size, names, int8_names)
     return names
 
@@ -170,7 +177,6 @@ def _build(model: "SmolVLM", names: list[str], int8_names: list[str], group_size
                 erased[name] = lost
                 if group_size is None:
                     break  # this grid is the weights' own: try the next group size
-            prepare_kernel(module, model.dtype)
             place(name, module)
         if not erased:
             return g
