@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from torch import nn
 
+from smolvlm.memory import release_freed_memory
 from smolvlm.quantization.int4 import GROUP_SIZES, Int4Linear, erased_update
 from smolvlm.quantization.int8 import Int8Linear
 
@@ -98,7 +99,11 @@ def quantize(model: "SmolVLM", mode: str = "int8", group_size: int | None = None
         place = lambda name, module: _swap(model, name, module)  # noqa: E731
     if "lm_head" in names:
         _untie(model)
-    group_size = _build(model, names, int8_names, group_size, model.get_submodule, place)
+    def linear_of(name: str) -> nn.Module:
+        release_freed_memory()  # the previous layer's temporaries (the loader's reader does the same)
+        return model.get_submodule(name)
+
+    group_size = _build(model, names, int8_names, group_size, linear_of, place)
     for name, module in new.items():
         _swap(model, name, module)
     for module in quantized_modules(model).values():  # once the float weights are gone (int4: built first)
