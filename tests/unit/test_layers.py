@@ -22,13 +22,14 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "hub": set(),
     "torchrun": set(),  # torchrun's RANK / WORLD_SIZE
+    "memory": set(),  # handing freed heap blocks back to the OS (glibc malloc_trim)
     "model": {"config"},
-    "quantization": {"config", "model"},
-    "weights": {"config", "hub", "model", "quantization"},
+    "quantization": {"config", "model", "memory"},
+    "weights": {"config", "hub", "model", "quantization", "memory"},
     "processing": {"config", "hub"},
     "synth": {"config"},
     "data": {"config"},  # dataset formats (the_cauldron rows -> chat messages)
-    "generation": {"config", "model"},
+    "generation": {"config", "model", "memory"},
     "serving": {"config", "hub", "model", "weights", "processing", "generation"},  # a thin HTTP shell
     "evaluation": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
     "training": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
