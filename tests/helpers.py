@@ -258,3 +258,38 @@ def watched_layer_reads(max_alive: int, skip: Callable[[str], bool] = lambda nam
         yield names
     finally:
         load_mod._linear_reader = make_reader
+
+
+_RSS_GROWTH_CHILD = """
+import json, sys, threading, time
+# The peak of the *current* RSS over the statement, sampled every 0.5 ms: ru_maxrss would report
+# the interpreter's import-time peak (~600 MiB, 380 above its settled RSS), hiding what is measured.
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+{setup}
+base, high, done = rss(), [0], threading.Event()
+def watch():
+    while not done.is_set():
+        high[0] = max(high[0], rss())
+        time.sleep(0.0005)
+t = threading.Thread(target=watch)
+t.start()
+result = {statement}
+done.set()
+t.join()
+print(json.dumps({{"delta": max(high[0], rss()) - base, "result": {report}}}))
+"""
+
+
+def rss_growth(setup: str, statement: str, report: str = "None", *args: str) -> tuple[float, object]:
+    """Run ``setup`` then ``result = statement`` in a fresh Python process; return the peak growth of
+    its RSS during the statement (MiB) and ``report`` evaluated after it (JSON; may use ``result``,
+    ``sys.argv[1:]`` are ``args``). A child process, so this process's allocations cannot hide or fake it."""
+    import json
+    import subprocess
+    import sys
+
+    code = _RSS_GROWTH_CHILD.format(setup=setup, statement=statement, report=report)
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["delta"] / 2**20, r["result"]

@@ -30,6 +30,7 @@ from smolvlm.training import lora
 from smolvlm.training.build import build_model, write_processor_files
 from smolvlm.training.recipe import load_recipe
 from smolvlm.weights import default_model as dm
+from tests.helpers import rss_growth
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "shapes.png"
@@ -202,24 +203,6 @@ def test_shipped_export_loads_in_transformers_with_the_same_greedy_tokens(tmp_pa
     assert answers[0].strip() == "orange"
 
 
-ASSEMBLY_CHILD = """
-import json, threading, time
-from smolvlm.weights import default_model
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
-base, high, done = rss(), [0], threading.Event()
-def watch():
-    while not done.is_set():
-        high[0] = max(high[0], rss())
-        time.sleep(0.0005)
-t = threading.Thread(target=watch)
-t.start()
-sd = default_model.assemble_state_dict(check_hash=False)
-done.set()
-t.join()
-print(json.dumps({"delta": max(high[0], rss()) - base, "state": sum(v.numel() * v.element_size() for v in sd.values())}))
-"""
-
-
 def test_assembling_the_default_model_never_holds_two_copies_of_the_backbone():
     """The default model is built from the dequantized GGUF (float32) plus our parts; each GGUF tensor
     is dropped as its merged copy is made. Peak RSS growth of the assembly, in a child process:
@@ -227,11 +210,7 @@ def test_assembling_the_default_model_never_holds_two_copies_of_the_backbone():
     module's merge on top), against 2.1x when the whole dequantized backbone stayed alive next to
     its merged copy (the README's first command peaked at 1.62 GiB then, 1.10 now). Bound: the
     state + 350 MiB."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", ASSEMBLY_CHILD], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout)
-    delta, state = r["delta"] / 2**20, r["state"] / 2**20
+    delta, state = rss_growth("from smolvlm.weights import default_model",
+                              "default_model.assemble_state_dict(check_hash=False)",
+                              "sum(v.numel() * v.element_size() for v in result.values()) / 2**20")
     assert delta < state + 350, f"assembling grew the RSS by {delta:.0f} MiB for a {state:.0f} MiB state"

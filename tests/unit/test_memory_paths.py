@@ -22,6 +22,7 @@ from torch.testing import assert_close
 from smolvlm import SmolVLM
 from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
 from smolvlm.weights.safetensors_io import CheckpointError, load_safetensors, read_safetensors_header
+from tests.helpers import rss_growth
 
 
 def tiny_config(vocab: int = 300, width: int = 64, mlp: int = 128, layers: int = 2, heads: int = 4) -> SmolVLMConfig:
@@ -200,26 +201,6 @@ def test_peak_rss_is_one_copy(tmp_path, mode):
     assert delta < bound, f"{mode}: peak grew by {delta:.1f} MiB (bound {bound})"
 
 
-QUANT_CHILD = textwrap.dedent("""
-    import json, sys, threading, time
-    from smolvlm import SmolVLM
-    # The peak of the *current* RSS over the load, sampled every 0.5 ms: ru_maxrss would report
-    # the interpreter's import-time peak (~600 MiB here, 380 above its settled RSS), hiding the load.
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
-    base, high, done = rss(), [0], threading.Event()
-    def watch():
-        while not done.is_set():
-            high[0] = max(high[0], rss())
-            time.sleep(0.0005)
-    t = threading.Thread(target=watch)
-    t.start()
-    m = SmolVLM.from_pretrained(sys.argv[1], quantize="int4")
-    done.set()
-    t.join()
-    print(json.dumps({"delta": max(high[0], rss()) - base}))
-""")
-
-
 def test_quantized_load_never_holds_the_float_model(tmp_path):
     """``from_pretrained(quantize="int4")`` reads the text linears one layer at a time (each
     quantized before the next is read, glibc's freed blocks handed back between layers). A model
@@ -230,9 +211,8 @@ def test_quantized_load_never_holds_the_float_model(tmp_path):
     on first use and allocator slack). The bound sits between, below the float model + 150 MiB."""
     big = tiny_config(vocab=8192, width=1024, mlp=4096, layers=4, heads=16)
     d = SmolVLM.from_config(big).save_pretrained(tmp_path / "big")
-    out = subprocess.run([sys.executable, "-c", QUANT_CHILD, str(d)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    delta = json.loads(out.stdout)["delta"] / 2**20
+    delta, _ = rss_growth("from smolvlm import SmolVLM", 'SmolVLM.from_pretrained(sys.argv[1], quantize="int4")',
+                          "None", str(d))
     assert delta < 450, f"quantized load grew the RSS by {delta:.1f} MiB at its peak (bound 450; the float model is 304)"
 
 
