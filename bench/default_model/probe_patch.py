@@ -1,8 +1,12 @@
 """Does a finer tower read arbitrary words? Stage 1 with word targets on the ``text`` category alone
 (random words and numbers in 20-44 px type), for two patch sizes, then probe (a) on held-out text
 images: the share of tokens with text whose nearest SmolLM2 embedding row is one of their word pieces.
+``--targets characters``: each glyph's single-character token instead of the word pieces (the token
+each glyph's ink touches learns that glyph's character; probe_spelling.py asks whether the frozen
+model can read those).
 
     .venv/bin/python bench/default_model/probe_patch.py --patch 32 16 --steps 100
+    .venv/bin/python bench/default_model/probe_patch.py --patch 32 --targets pieces characters --steps 100
 
 Builds the default model's architecture from ``configs/default-model.yaml`` (``model.vision.patch_size``
 overridden), trains fresh towers in ``--out`` (default ``runs/probe-patch``) and prints a Markdown
@@ -25,20 +29,34 @@ from smolvlm.training import build, lexical, loop, recipe as recipe_mod, vision_
 REPO = Path(__file__).resolve().parents[2]
 
 
+def character_pieces(tokenizer, glyphs):
+    """``lexical.line_pieces`` with one target per glyph: its character's single token (the
+    generator's letters and digits all are one token for SmolLM2's tokenizer); spaces carry none."""
+    out = []
+    for g in glyphs:
+        ids = tokenizer.encode(g.char)
+        if g.char.strip() and len(ids) == 1:
+            out.append((ids[0], [g]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--patch", type=int, nargs="+", default=[32, 16])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default="runs/probe-patch")
+    ap.add_argument("--targets", nargs="+", choices=("pieces", "characters"), default=["pieces"])
     args = ap.parse_args(argv)
     rows = []
-    for patch in args.patch:
+    word_pieces = lexical.line_pieces
+    for patch, targets in ((p, t) for p in args.patch for t in args.targets):
+        lexical.line_pieces = word_pieces if targets == "pieces" else character_pieces
         rec = recipe_mod.load_recipe(REPO / "configs" / "default-model.yaml", [f"model.vision.patch_size={patch}"])
         mr = rec.model
         mr.tokenizer = str(REPO / mr.tokenizer)
         tok = Tokenizer.from_pretrained(mr.tokenizer)
         model, backbone = build.build_model(mr, tok.token_to_id("<image>"), len(tok))
-        out = Path(args.out) / f"patch{patch}"
+        out = Path(args.out) / f"patch{patch}-{targets}"
         proc_dir = build.write_processor_files(mr, model.config.vision_config.image_size, model.config.image_seq_len,
                                                out / "processor")
         proc = SmolVLMProcessor.from_pretrained(proc_dir)
@@ -55,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad(), loop.autocast_context("cpu", loop.autocast_dtype(rec.train.autocast, "cpu")):
             feats = torch.cat([vp.encode(model, pv[i:i + 16]).float() for i in range(0, len(pv), 16)])
         r = words.readout(feats, tg["words"])
-        rows.append((patch, grid.n * grid.n, per_step, r))
-        print(f"patch {patch}: {r}", file=sys.stderr, flush=True)
-    print(f"| patch | tokens per image | s / step (32 images) | text: nearest row is a target | "
-          f"pieces among the k nearest | blanks read as space |")
-    print("|---|---|---|---|---|---|")
-    for patch, n, sec, r in rows:
-        print(f"| {patch} px | {n} | {sec:.1f} | {r['words_top1']:.3f} | {r['words_recall']:.3f} | {r['blank_top1']:.3f} |")
+        rows.append((patch, targets, grid.n * grid.n, per_step, r))
+        print(f"patch {patch}, {targets}: {r}", file=sys.stderr, flush=True)
+    print(f"| patch | targets | tokens per image | s / step (32 images) | text: nearest row is a target | "
+          f"targets among the k nearest | blanks read as space |")
+    print("|---|---|---|---|---|---|---|")
+    for patch, targets, n, sec, r in rows:
+        print(f"| {patch} px | {targets} | {n} | {sec:.1f} | {r['words_top1']:.3f} | {r['words_recall']:.3f} | "
+              f"{r['blank_top1']:.3f} |")
     return 0
 
 
