@@ -49,9 +49,9 @@ import torch
 from smolvlm.generation import sampling
 from smolvlm.generation.config import resolve_settings
 from smolvlm.generation.feature_cache import FeatureCache
-from smolvlm.memory import release_freed_memory
 from smolvlm.generation.requests import (Completion, EngineBusy, EngineClosed, FinishEvent, FinishReason,
                                          PreparedRequest, Request, RequestHandle, TokenEvent, prepare_request)
+from smolvlm.memory import release_freed_memory
 
 DEFAULT_MAX_CONTEXT = 2048
 MAX_PREFILL_TOKENS = 4096  # padded tokens in one batched prefill forward (bounds its activations)

@@ -108,15 +108,11 @@ def generate_tokens(
 
 @torch.inference_mode()
 def _prefill(model: Any, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
-             slots: torch.Tensor, image_features: Any, pixel_values: Any, pixel_attention_mask: Any) -> torch.Tensor:
-    """Run the whole prompt (and images) once; return float32 last-position logits ``(B, V)``."""
-    out = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, kv_cache=cache, input_pos=slots,
-        image_features=image_features,
-        pixel_values=None if image_features is not None else pixel_values,
-        pixel_attention_mask=None if image_features is not None else pixel_attention_mask,
-        logits_to_keep=1,
-    )
+             slots: torch.Tensor, image_features: Any) -> torch.Tensor:
+    """Run the whole prompt (images already encoded: ``_image_features``) once; return float32
+    last-position logits ``(B, V)``."""
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, kv_cache=cache, input_pos=slots,
+                image_features=image_features, logits_to_keep=1)
     logits = out.logits[:, -1].float()
     del out
     release_freed_memory()  # the prompt's temporaries, before the decode and the next request (smolvlm/memory.py)
@@ -155,8 +151,7 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         generator = sampling.make_generator(s.seed, device)
         stops = RowStops(tokenizer, s.stop_strings, B) if s.stop_strings else None
 
-    logits = _prefill(model, cache, input_ids, mask[:, :T], position_ids, slots[:T], image_features,
-                      pixel_values, pixel_attention_mask)
+    logits = _prefill(model, cache, input_ids, mask[:, :T], position_ids, slots[:T], image_features)
     for step in range(s.max_new_tokens):
         with torch.inference_mode():
             scores = sampling.process_logits(logits, s, None if seen is None else seen[:, :-1])

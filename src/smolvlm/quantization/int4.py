@@ -69,11 +69,10 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`quantize_int4` in float32, (N, K)."""
+    """Inverse of :func:`quantize_int4` in float32, (N, K): ``(q - 8) * scale + zero``, in one buffer."""
     n, k = q.shape
     g = k // scales.shape[1]
-    w = (q.to(torch.float32).reshape(n, -1, g) - 8.0) * scales[..., None] + zeros[..., None]
-    return w.reshape(n, k)
+    return q.to(torch.float32).view(n, -1, g).sub_(8.0).mul_(scales[..., None]).add_(zeros[..., None]).view(n, k)
 
 
 @torch.no_grad()
@@ -203,9 +202,7 @@ class Int4Linear(nn.Module):
 
     def dequantized_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of ``dequantize_int4`` (float32 (N', K), bit for bit), built in one buffer."""
-        q = self._values(start, stop)
-        s, z = self.scales[start:stop, :, None], self.zeros[start:stop, :, None]  # (N', G, 1)
-        return q.to(torch.float32).view(q.shape[0], s.shape[1], -1).sub_(8.0).mul_(s).add_(z).view(q.shape)
+        return dequantize_int4(self._values(start, stop), self.scales[start:stop], self.zeros[start:stop])
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, K) in ``dtype``, a ``row_chunks`` at a time: the float32 temporaries stay small (a
@@ -215,11 +212,14 @@ class Int4Linear(nn.Module):
             out[rows] = self.dequantized_rows(rows.start, rows.stop)
         return out
 
+    def kernel_supports(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the CPU int4 kernel can run this layer for ``dtype`` activations on ``device``.
+        It needs N % 16 == 0 (a 300-token toy vocab does not qualify)."""
+        return dtype in _FAST and device.type == "cpu" and self.out_features % 16 == 0
+
     def kernel_applies(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs the CPU int4 kernel (else it dequantizes and calls ``linear``).
-        The kernel needs N % 16 == 0 (a 300-token toy vocab does not qualify)."""
-        return (x.dtype in _FAST and x.device.type == "cpu" and self.out_features % 16 == 0
-                and x.numel() <= KERNEL_MAX_ROWS * self.in_features)
+        """Whether ``forward(x)`` runs the CPU int4 kernel (else it dequantizes and calls ``linear``)."""
+        return self.kernel_supports(x.dtype, x.device) and x.numel() <= KERNEL_MAX_ROWS * self.in_features
 
     def prepare_kernel(self, dtype: torch.dtype) -> None:
         """Build the CPU kernel's weights for ``dtype`` activations now (else the first kernel call
