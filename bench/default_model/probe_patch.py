@@ -1,9 +1,9 @@
 """Does a finer tower read arbitrary words? Stage 1 with word targets on the ``text`` category alone
 (random words and numbers in 20-44 px type), for two patch sizes, then probe (a) on held-out text
 images: the share of tokens with text whose nearest SmolLM2 embedding row is one of their word pieces.
-``--targets characters``: each glyph's single-character token instead of the word pieces (the token
-each glyph's ink touches learns that glyph's character; probe_spelling.py asks whether the frozen
-model can read those).
+``--targets characters``: each glyph's single-character token instead of the word pieces (recipe key
+``vision_pretrain.text_targets``: the token under each glyph's ink centre learns that glyph's
+character; probe_spelling.py asks whether the frozen model can read those).
 
     .venv/bin/python bench/default_model/probe_patch.py --patch 32 16 --steps 100
     .venv/bin/python bench/default_model/probe_patch.py --patch 32 --targets pieces characters --steps 100
@@ -29,28 +29,15 @@ from smolvlm.training import build, lexical, loop, recipe as recipe_mod, vision_
 REPO = Path(__file__).resolve().parents[2]
 
 
-def character_pieces(tokenizer, glyphs):
-    """``lexical.line_pieces`` with one target per glyph: its character's single token (the
-    generator's letters and digits all are one token for SmolLM2's tokenizer); spaces carry none."""
-    out = []
-    for g in glyphs:
-        ids = tokenizer.encode(g.char)
-        if g.char.strip() and len(ids) == 1:
-            out.append((ids[0], [g]))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--patch", type=int, nargs="+", default=[32, 16])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default="runs/probe-patch")
-    ap.add_argument("--targets", nargs="+", choices=("pieces", "characters"), default=["pieces"])
+    ap.add_argument("--targets", nargs="+", choices=lexical.TEXT_TARGETS, default=["pieces"])
     args = ap.parse_args(argv)
     rows = []
-    word_pieces = lexical.line_pieces
     for patch, targets in ((p, t) for p in args.patch for t in args.targets):
-        lexical.line_pieces = word_pieces if targets == "pieces" else character_pieces
         rec = recipe_mod.load_recipe(REPO / "configs" / "default-model.yaml", [f"model.vision.patch_size={patch}"])
         mr = rec.model
         mr.tokenizer = str(REPO / mr.tokenizer)
@@ -64,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         vp.pretrain_vision(model, proc.image_processor, out, steps=args.steps, batch_size=32, lr=1e-3,
                            warmup_steps=min(50, args.steps // 5), autocast=rec.train.autocast, eval_every=args.steps,
                            tokenizer=proc.tokenizer, word_weight=1.0, backbone_rows=backbone, categories=["text"],
-                           progress=False)
+                           progress=False, text_targets=targets)
         per_step = (time.perf_counter() - t0) / args.steps
         grid = vp.TokenGrid.for_config(model.config)
-        held = vp.DenseImages(proc.image_processor, grid, seed=3, categories=["text"], tokenizer=proc.tokenizer)
+        held = vp.DenseImages(proc.image_processor, grid, seed=3, categories=["text"], tokenizer=proc.tokenizer,
+                              text_targets=targets)
         pv, tg, _ = held.batch(0, 64)
         words = lexical.WordTargetLoss(model.model.text_model.embed_tokens.weight[:backbone], tok.encode(" ")[0])
         with torch.no_grad(), loop.autocast_context("cpu", loop.autocast_dtype(rec.train.autocast, "cpu")):

@@ -13,6 +13,7 @@ from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.processing.image import ImageProcessor, ImageProcessorConfig
 from smolvlm.processing.tokenizer import Tokenizer
+from smolvlm import synth
 from smolvlm.synth import make_sample
 from smolvlm.synth.draw import canvas, font, record_glyphs
 from smolvlm.training import lexical
@@ -87,6 +88,24 @@ def test_text_tokens_hold_the_word_pieces_drawn_on_them(tok, vocab):
             assert set(ids_of(t[k])) & set(want), (g.char, k)
 
 
+def test_character_targets_put_each_glyph_once_under_its_ink_centre(tok, vocab):
+    with record_glyphs() as glyphs:
+        s = make_sample("text", 12)
+    (t,) = lexical.word_targets(s, glyphs, GRID, tok, vocab, vp._shapes_of, text_targets="characters")
+    sx, sy = 384 / s["images"][0].width, 384 / s["images"][0].height
+    want: dict[int, list[int]] = {}
+    for line in sorted({g.run for g in glyphs}, key=lambda r: next(g.box[1] for g in glyphs if g.run == r)):
+        for g in (g for g in glyphs if g.run == line and g.char.strip()):
+            i, j = GRID.token_of((g.box[0] + g.box[2]) / 2 * sx, (g.box[1] + g.box[3]) / 2 * sy)
+            (cid,) = tok.encode(g.char)  # every generator character is one token, without a leading space
+            want.setdefault(i * 6 + j, []).append(cid)
+    assert want and sum(map(len, want.values())) == sum(1 for g in glyphs if g.char.strip())
+    for k in range(36):  # each glyph once, at its centre's token, in reading order; the rest blank
+        assert ids_of(t[k]) == (want.get(k, [])[:lexical.MAX_PIECES] or [vocab.space]), k
+    with pytest.raises(ValueError, match="text_targets must be one of"):
+        lexical.word_targets(s, glyphs, GRID, tok, vocab, vp._shapes_of, text_targets="letters")
+
+
 def test_a_piece_is_the_target_of_every_token_its_ink_touches():
     assert lexical._touched(GRID, [(0, 0, 10, 10)], 1.0, 1.0) == [0]
     assert lexical._touched(GRID, [(60, 0, 70, 10)], 1.0, 1.0) == [0, 1]  # straddles the 64 px border
@@ -156,3 +175,20 @@ def test_recipe_key_word_weight(tmp_path):
     assert load_recipe(p).vision_pretrain.word_weight == 0.5
     with pytest.raises(RecipeError, match="vision_pretrain.word_weight must be >= 0"):
         load_recipe(p, ["vision_pretrain.word_weight=-1"]).validate()
+    assert load_recipe(p).vision_pretrain.text_targets == "pieces"
+    assert load_recipe(p, ["vision_pretrain.text_targets=characters"]).vision_pretrain.text_targets == "characters"
+    with pytest.raises(RecipeError, match="text_targets: 'letters' is not one of"):
+        load_recipe(p, ["vision_pretrain.text_targets=letters"])
+
+
+def test_dense_images_read_text_as_the_targets_asked_for(tok, vocab):
+    with record_glyphs() as glyphs:
+        sample = synth.dataset_sample(0, "train", 0, ["text"])
+    read = {}
+    for targets in lexical.TEXT_TARGETS:
+        data = vp.DenseImages(image_processor(48), GRID, categories=["text"], tokenizer=tok, text_targets=targets)
+        want = lexical.word_targets(sample, glyphs, GRID, tok, vocab, vp._shapes_of, targets)
+        _, got = data.sample(0)
+        assert all(torch.equal(a["words"], b) for a, b in zip(got, want, strict=True))
+        read[targets] = got[0]["words"]
+    assert not torch.equal(read["pieces"], read["characters"])

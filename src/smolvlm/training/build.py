@@ -312,7 +312,7 @@ def prepare_vision(parts: RunParts, recipe: Recipe) -> Path | None:
                                      lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
                                      autocast=recipe.train.autocast, progress=recipe.train.progress,
                                      tokenizer=parts.processor.tokenizer, word_weight=cfg.word_weight,
-                                     backbone_rows=parts.backbone_vocab).path
+                                     backbone_rows=parts.backbone_vocab, text_targets=cfg.text_targets).path
     if cfg.word_weight:  # the connector already speaks in embedding units: rescaling would move it off the words
         return weights
     grid = vp.TokenGrid.for_config(parts.model.config)

@@ -6,8 +6,11 @@ The connector output ``o`` of every visual token is scored against every row ``e
 frozen embedding table (the backbone's rows only, not the added image tokens) and trained with
 cross-entropy towards what the generator knows lies under that token:
 
-* text: the word pieces (the tokenizer's own, of the drawn line with a leading space, as the line
-  would read inside a sentence) whose ink touches the token, in reading order;
+* text, ``text_targets="pieces"``: the word pieces (the tokenizer's own, of the drawn line with a
+  leading space, as the line would read inside a sentence) whose ink touches the token, in reading
+  order; ``"characters"``: each glyph's own single-character token, held by the one token under the
+  glyph's ink centre (a letter over two tokens is read twice by the frozen model:
+  ``bench/default_model/probe_spelling.py``), in reading order;
 * a shape: its colour word and its kind word (" red", " circle"); a bar: its colour and " bar";
 * nothing: the space token, at a lower weight (``empty_weight``).
 
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 
 IGNORE = -100
 MAX_PIECES = 12  # word pieces kept per visual token (small print can put more under one; reading order)
+TEXT_TARGETS = ("pieces", "characters")  # recipe.VisionPretrainRecipe.text_targets checks the same names
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,26 @@ def line_pieces(tokenizer: Any, glyphs: Sequence[Any]) -> list[tuple[int, list[A
     return out
 
 
+def line_characters(tokenizer: Any, glyphs: Sequence[Any]) -> list[tuple[int, Any]]:
+    """Each inked glyph of one drawn line with its character's own token (no leading space), when the
+    tokenizer spells that character as one token (SmolLM2's does every letter, digit and the
+    generator's punctuation); spaces and characters of several tokens carry none."""
+    out = []
+    for g in glyphs:
+        ids = tokenizer.encode(g.char) if g.char.strip() else []
+        if len(ids) == 1:
+            out.append((ids[0], g))
+    return out
+
+
 def word_targets(sample: dict[str, Any], glyphs: Sequence[Any], grid: Any, tokenizer: Any,
-                 vocab: WordVocab, regions_of: Any) -> list[torch.Tensor]:
+                 vocab: WordVocab, regions_of: Any, text_targets: str = "pieces") -> list[torch.Tensor]:
     """Per image of a synth ``sample``: (n*n, MAX_PIECES) target ids per visual token, padded with
     ``IGNORE``; a token with nothing drawn on it gets the space id alone. ``regions_of(sample)``
-    gives each image's filled regions (``vision_pretrain._shapes_of``)."""
+    gives each image's filled regions (``vision_pretrain._shapes_of``); ``text_targets`` says what
+    text is read as (module doc)."""
+    if text_targets not in TEXT_TARGETS:
+        raise ValueError(f"text_targets must be one of {TEXT_TARGETS}, got {text_targets!r}")
     n, out = grid.n, []
     runs: dict[int, list[Any]] = {}
     for g in glyphs:
@@ -94,6 +113,12 @@ def word_targets(sample: dict[str, Any], glyphs: Sequence[Any], grid: Any, token
                 cells[t] = [w for w in words if w not in cells[t]] + cells[t]
         for run in sorted(runs.values(), key=lambda gs: gs[0].box[1]):
             if run[0].image is not img:
+                continue
+            if text_targets == "characters":
+                for tid, g in line_characters(tokenizer, run):
+                    at = grid.token_of((g.box[0] + g.box[2]) / 2 * sx, (g.box[1] + g.box[3]) / 2 * sy)
+                    if at is not None:
+                        cells[at[0] * n + at[1]].append(tid)
                 continue
             for tid, inked in line_pieces(tokenizer, run):
                 for t in _touched(grid, [g.box for g in inked], sx, sy):

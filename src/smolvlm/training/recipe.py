@@ -117,6 +117,10 @@ class VisionPretrainRecipe:
     # > 0: also train each visual token towards the words it shows, scored against the frozen text
     # model's embedding table (training/lexical.py); the connector then keeps that scale (no rescaling)
     word_weight: float = 0.0
+    # what drawn text is read as with word_weight > 0: "pieces" (the tokenizer's word pieces, every
+    # token the ink touches) or "characters" (each glyph's one-character token, at the token under
+    # its centre)
+    text_targets: Literal["pieces", "characters"] = "pieces"
 
 
 @dataclass

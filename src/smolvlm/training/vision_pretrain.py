@@ -181,13 +181,14 @@ class DenseImages:
     """Images and their dense targets from the synth generator, round-robin over categories.
     Item ``i`` is the images of sample ``synth.sample_seed("train", seed, i)``: training seeds,
     never the held-out evaluation split. With a ``tokenizer`` each image's targets also hold
-    ``words`` (``lexical.word_targets``)."""
+    ``words`` (``lexical.word_targets``; ``text_targets``: text read as word pieces or characters)."""
 
     def __init__(self, image_processor: Any, grid: TokenGrid, seed: int = 0,
-                 categories: Sequence[str] | None = None, split: str = "train", tokenizer: Any = None) -> None:
+                 categories: Sequence[str] | None = None, split: str = "train", tokenizer: Any = None,
+                 text_targets: str = "pieces") -> None:
         self.proc, self.grid, self.seed, self.split = image_processor, grid, seed, split
         self.categories = synth.check_categories(categories)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.text_targets = tokenizer, text_targets
         self.vocab = lexical.WordVocab.build(tokenizer, (*COLOUR_NAMES, *KINDS[1:])) if tokenizer is not None else None
 
     def sample(self, i: int) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:
@@ -195,7 +196,8 @@ class DenseImages:
             s = synth.dataset_sample(i, self.split, self.seed, self.categories)
         targets = dense_targets(s, glyphs, self.grid)
         if self.tokenizer is not None:
-            words = lexical.word_targets(s, glyphs, self.grid, self.tokenizer, self.vocab, _shapes_of)
+            words = lexical.word_targets(s, glyphs, self.grid, self.tokenizer, self.vocab, _shapes_of,
+                                         self.text_targets)
             targets = [{**t, "words": w} for t, w in zip(targets, words, strict=True)]
         return s["images"], targets
 
@@ -295,7 +297,8 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
                     lr: float = 1e-3, warmup_steps: int = 50, weight_decay: float = 0.0, seed: int = 0,
                     autocast: str = "none", device: str = "cpu", eval_images: int = 128, eval_every: int = 100,
                     progress: bool = True, tokenizer: Any = None, word_weight: float = 0.0,
-                    backbone_rows: int | None = None, categories: Sequence[str] | None = None) -> PretrainResult:
+                    backbone_rows: int | None = None, categories: Sequence[str] | None = None,
+                    text_targets: str = "pieces") -> PretrainResult:
     """Train ``model``'s vision tower + connector on dense targets with ``loop.run`` (AdamW, gradient
     clip 1.0, warmup then cosine to 5 % of ``lr``); save them to ``out_dir/vision.safetensors``
     (atomically) with ``metrics.jsonl`` (one line per step; held-out accuracies every ``eval_every``
@@ -304,7 +307,8 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
     ``requires_grad`` flags are restored afterwards. No checkpoints: an unfinished stage 1 reruns.
 
     ``word_weight`` > 0 (needs ``tokenizer``) adds the word targets (``lexical.py``), scored against
-    the text model's first ``backbone_rows`` embedding rows (default: all), frozen. ``categories``:
+    the text model's first ``backbone_rows`` embedding rows (default: all), frozen; ``text_targets``
+    (``lexical.TEXT_TARGETS``) says whether drawn text is read as word pieces or characters. ``categories``:
     the synth categories to draw from (default: all; probes train on one)."""
     out = Path(out_dir)
     torch.manual_seed(seed)
@@ -316,8 +320,9 @@ def pretrain_vision(model: Any, image_processor: Any, out_dir: str | Path, *, st
     if word_weight and tokenizer is None:
         raise ValueError("word targets (word_weight > 0) need the tokenizer")
     tok = tokenizer if word_weight else None
-    train = DenseImages(image_processor, grid, seed=seed, tokenizer=tok, categories=categories)
-    held = DenseImages(image_processor, grid, seed=seed + 1, tokenizer=tok, categories=categories)
+    train = DenseImages(image_processor, grid, seed=seed, tokenizer=tok, categories=categories, text_targets=text_targets)
+    held = DenseImages(image_processor, grid, seed=seed + 1, tokenizer=tok, categories=categories,
+                       text_targets=text_targets)
     words = None
     if word_weight:
         table = model.model.text_model.embed_tokens.weight
