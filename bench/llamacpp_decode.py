@@ -1,7 +1,7 @@
 """llama.cpp decode speed on a GGUF, for bench/run.py. Runs in bench/.cache/llama-venv (never a
 project dependency): ``bench/.cache/llama-venv/bin/python bench/llamacpp_decode.py SPEC_JSON``.
 
-SPEC_JSON: {"gguf": path, "prompt": [ids], "n_new": N, "threads": 2, "agree": [[ids]...], "agree_new": M,
+SPEC_JSON: {"gguf": path, "engine": name (default "llama.cpp-Q4_1"), "prompt": [ids], "n_new": N, "threads": 2, "agree": [[ids]...], "agree_new": M,
 "forced": [[ids]...]}. The prompt ids are evaluated once (prefill), then N greedy steps of one token
 each (argmax of the last logits, no early stop), exactly like our side. Decode tokens/s = N / time
 of those N single-token evals (warm-up run first). For each agreement prompt: M free-running greedy
@@ -65,7 +65,7 @@ def main() -> None:
             scores = np.asarray(full.scores[: len(p) + len(c) - 1])  # (tokens, vocab)
             forced.append([int(i) for i in scores[len(p) - 1:].argmax(-1)])
     print("RESULT " + json.dumps({
-        "engine": "llama.cpp-Q4_1", "decode_tok_s": n_new / t_decode, "prefill_tok_s": len(spec["prompt"]) / t_prefill,
+        "engine": spec.get("engine", "llama.cpp-Q4_1"), "decode_tok_s": n_new / t_decode, "prefill_tok_s": len(spec["prompt"]) / t_prefill,
         "tokens": tokens, "greedy": greedy, "forced": forced, "threads": spec.get("threads", 2),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 

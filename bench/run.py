@@ -7,7 +7,8 @@ inside each child, and the tables report the median and min-max over repetitions
 medians. Checkpoints: random-weight bf16 checkpoints of the real configs built by
 bench/parity_full_size.py in bench/.cache/<model>/ckpt; processor files from shared/reference.
 Text decode: the real SmolLM2-135M Q4_1 GGUF, ours (bf16, int8, int4; fp32 as the agreement
-reference) vs llama-cpp-python in bench/.cache/llama-venv (n_threads=2).
+reference) vs llama-cpp-python in bench/.cache/llama-venv (n_threads=2) on that file and on its Q8_0 copy made by
+llama.cpp's own quantizer (bench/llamacpp_requantize.py; offline there is no other SmolLM2 GGUF).
 OpenVINO (optimum-intel, engines openvino and openvino-int8) runs from its own bench-only venv and
 exports, made by `bash bench/setup_openvino.sh [MODEL]`; run.py skips it, saying so, where they are missing.
 llama.cpp's multimodal pipeline (llama-cpp-python + libmtmd, engines llama.cpp and llama.cpp-q8_0) runs from
@@ -175,6 +176,22 @@ def text_prompts() -> dict:
     return {"prompt": chat(TEXT), "agree": [chat(s) for s in AGREE]}
 
 
+def q8_0_gguf(q4_1: str) -> str | None:
+    """The SmolLM2-135M GGUF requantized to Q8_0 by llama.cpp itself (bench/llamacpp_requantize.py),
+    made once into bench/.cache; None (said on stderr) where llama.cpp's venv is missing or it fails."""
+    out = CACHE / "smollm2-135m-q8_0-from-q4_1.gguf"
+    if not out.is_file():
+        if not LLAMA_PY.is_file():
+            print(f"llama.cpp Q8_0 text row skipped: {LLAMA_PY} missing (bash bench/setup_llamacpp.sh)", file=sys.stderr)
+            return None
+        done = subprocess.run([str(LLAMA_PY), str(ROOT / "bench" / "llamacpp_requantize.py"), q4_1, str(out)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"llama.cpp Q8_0 text row skipped: requantizing failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+            return None
+    return str(out)
+
+
 AGREE_NEW = 200  # greedy tokens per agreement prompt (issue #20: agreement over 200 generated tokens)
 
 
@@ -195,9 +212,13 @@ def run_text(args: argparse.Namespace, rows: list[dict]) -> None:
                  "--threads", str(threads)), "text fp32")
     if r:
         rows.append(r)
+    q8 = q8_0_gguf(gguf)
     engines = {
         "llama.cpp": [str(LLAMA_PY), str(ROOT / "bench" / "llamacpp_decode.py"),
                       json.dumps({"gguf": gguf, **spec, "threads": threads})],
+        **({"llama.cpp-Q8_0": [str(LLAMA_PY), str(ROOT / "bench" / "llamacpp_decode.py"),
+                               json.dumps({"gguf": q8, "engine": "llama.cpp-Q8_0", **spec, "threads": threads})]}
+           if q8 else {}),
         **{f"ours-{m}": me("--child", "text", "--dtype", "bfloat16", "--quantize", m, "--spec", json.dumps(spec),
                            "--threads", str(threads)) for m in ("none", "int8", "int4")},
     }

@@ -133,22 +133,22 @@ def forced_agreement(ref: list[list[int]], got: list[list[int]] | None) -> str:
 
 def text_table(rows: list[dict[str, Any]]) -> list[str]:
     engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if not e.startswith("reference")]
-    llama = [r["decode_tok_s"] for r in rows if r["engine"].startswith("llama")]
+    llama = {q: [r["decode_tok_s"] for r in rows if r["engine"] == f"llama.cpp-{q}"] for q in ("Q4_1", "Q8_0")}
     ref = next((r for r in rows if r["engine"].startswith("reference")), None)
     n = len(ref["greedy"][0]) if ref else 0
-    out = ["| engine | decode tok/s | vs llama.cpp Q4_1 | prefill tok/s | weights MiB | peak RSS MiB | "
+    out = ["| engine | decode tok/s | vs llama.cpp Q4_1 | vs llama.cpp Q8_0 | prefill tok/s | weights MiB | peak RSS MiB | "
            f"free-running greedy agreement with ours bf16 (leading tokens per prompt, of {n}; positions) | "
-           "teacher-forced top-1 agreement with ours bf16 |", "|---|---|---|---|---|---|---|---|"]
+           "teacher-forced top-1 agreement with ours bf16 |", "|---|---|---|---|---|---|---|---|---|"]
     for e in engines:
         sel = [r for r in rows if r["engine"] == e]
         dec = [r["decode_tok_s"] for r in sel]
-        q = f"{med(dec) / med(llama):.2f}x" if llama else "-"
+        q = {k: f"{med(dec) / med(v):.2f}x" if v else "-" for k, v in llama.items()}
         free = forced = "-"
         if ref is not None and sel[0].get("greedy"):
             free = agreement(ref["greedy"], sel[0]["greedy"]).replace(f" (of {n})", "")
             forced = forced_agreement(ref["greedy"], sel[0].get("forced"))
         w = sel[0].get("weight_mb")
-        out.append(f"| {e} | {fmt(dec)} | {q} | {fmt([r['prefill_tok_s'] for r in sel])} | "
+        out.append(f"| {e} | {fmt(dec)} | {q['Q4_1']} | {q['Q8_0']} | {fmt([r['prefill_tok_s'] for r in sel])} | "
                    f"{'-' if w is None else f'{w:.0f}'} | {fmt([r['peak_rss_mb'] for r in sel])} | {free} | {forced} |")
     return out + [""]
 
