@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     table = model.model.text_model.embed_tokens.weight
     grid = vp.TokenGrid.for_config(model.config)
     vocab = lexical.WordVocab.build(tok, (*vp.COLOUR_NAMES, *vp.KINDS[1:]))
+    targets = rec.vision_pretrain.text_targets  # what stage 1 taught text to read as (word pieces or characters)
     words = lexical.WordTargetLoss(table[:backbone_vocab], space_id=tok.encode(" ")[0])
     head = torch.tensor(tok.encode("<|im_start|>user\n"))
     tail = torch.tensor(tok.encode("\n" + QUESTION + "<|im_end|>\n<|im_start|>assistant\n"))
@@ -95,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seen += 1
         gold = s["meta"]["lines"][0]
-        (t,) = lexical.word_targets(s, glyphs, grid, tok, vocab, vp._shapes_of)
+        (t,) = lexical.word_targets(s, glyphs, grid, tok, vocab, vp._shapes_of, targets)
         pv = torch.from_numpy(processor.image_processor([[s["images"][0]]], do_image_splitting=False).pixel_values[:, 0])
         feats = vp.encode(model, pv)[0].detach()  # (36, D)
         nearest = words.logits(feats).argmax(-1)
-        # a piece is the target of every token its ink touches: read each distinct piece once
-        readout = tok.decode(list(dict.fromkeys(x for x in nearest.tolist() if x != words.space))).strip()
+        read = [x for x in nearest.tolist() if x != words.space]
+        if targets == "pieces":  # a piece is the target of every token its ink touches: read each distinct piece once
+            read = list(dict.fromkeys(read))
+        readout = tok.decode(read).strip()  # characters: one token per glyph, so every one in reading order
         truth = torch.stack([table[[x for x in r.tolist() if x >= 0]].mean(0) for r in t])
         typed = table[torch.tensor(tok.encode(" " + gold))]
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for cat in synth.CATEGORIES:
         d = vp.DenseImages(processor.image_processor, grid, seed=rec.vision_pretrain.seed + 3, categories=[cat],
-                           tokenizer=tok)
+                           tokenizer=tok, text_targets=targets)
         pv, tg, _ = d.batch(0, 32)
         r = words.readout(vp.encode(model, pv), tg["words"])
         print(f"| {cat} | {r['words_top1']:.2f} | {r['words_recall']:.2f} | {r['blank_top1']:.2f} |")
