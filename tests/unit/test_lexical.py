@@ -192,3 +192,21 @@ def test_dense_images_read_text_as_the_targets_asked_for(tok, vocab):
         assert all(torch.equal(a["words"], b) for a, b in zip(got, want, strict=True))
         read[targets] = got[0]["words"]
     assert not torch.equal(read["pieces"], read["characters"])
+
+
+def test_a_stage_1_saved_before_text_targets_existed_is_reused(tmp_path):
+    from smolvlm.training import build
+    from smolvlm.training.recipe import RecipeError, load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text(f"train: {{max_steps: 2, output_dir: {tmp_path / 'run'}}}\nvision_pretrain: {{steps: 3}}\n")
+    rec = load_recipe(p)
+    stage = tmp_path / "run" / "vision_pretrain"
+    stage.mkdir(parents=True)
+    (stage / "vision.safetensors").write_bytes(b"")
+    old = build._stage1_settings(rec)
+    del old["vision_pretrain"]["text_targets"]  # written by a version without the key: it ran "pieces"
+    (stage / "settings.json").write_text(json.dumps(old))
+    assert build._finished_stage1(rec) == stage / "vision.safetensors"
+    with pytest.raises(RecipeError, match="other settings"):
+        build._finished_stage1(load_recipe(p, ["vision_pretrain.text_targets=characters"]))

@@ -37,7 +37,7 @@ from smolvlm.training import validate as data_validate
 from smolvlm.training import vision_pretrain as vp
 from smolvlm.training.collate import collate
 from smolvlm.training.packing import pack_collate
-from smolvlm.training.recipe import ModelRecipe, Recipe, RecipeError
+from smolvlm.training.recipe import ModelRecipe, Recipe, RecipeError, VisionPretrainRecipe
 from smolvlm.weights import gguf
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -180,6 +180,9 @@ def _finished_stage1(recipe: Recipe) -> Path | None:
     if not weights.is_file():
         return None
     done = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+    if done is not None:  # a run made before a key existed ran with that key's default
+        defaults = dataclasses.asdict(VisionPretrainRecipe())
+        done["vision_pretrain"] = {**defaults, **done.get("vision_pretrain", {})}
     if done != _stage1_settings(recipe):
         raise RecipeError(f"{stage} holds a stage-1 run with other settings ({settings_file}: {done}); "
                           f"use a new train.output_dir or delete that folder")

@@ -30,14 +30,17 @@ compared with its targets, no language model run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import typing
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from smolvlm.training.recipe import TextTargets
+
 IGNORE = -100
 MAX_PIECES = 12  # word pieces kept per visual token (small print can put more under one; reading order)
-TEXT_TARGETS = ("pieces", "characters")  # recipe.VisionPretrainRecipe.text_targets checks the same names
+TEXT_TARGETS = typing.get_args(TextTargets)  # the recipe key vision_pretrain.text_targets
 
 
 @dataclass(frozen=True)

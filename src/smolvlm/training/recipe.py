@@ -104,6 +104,9 @@ class ScheduleRecipe:
     min_lr_ratio: float = 0.0
 
 
+TextTargets = Literal["pieces", "characters"]  # what drawn text is read as in stage 1 (training/lexical.py)
+
+
 @dataclass
 class VisionPretrainRecipe:
     """Stage 1 (``training/vision_pretrain``): the vision tower + connector learn the generator's dense
@@ -120,7 +123,7 @@ class VisionPretrainRecipe:
     # what drawn text is read as with word_weight > 0: "pieces" (the tokenizer's word pieces, every
     # token the ink touches) or "characters" (each glyph's one-character token, at the token under
     # its centre)
-    text_targets: Literal["pieces", "characters"] = "pieces"
+    text_targets: TextTargets = "pieces"
 
 
 @dataclass
