@@ -48,6 +48,15 @@ def test_generate_streams_answer(ckpt, image, capsys):
     assert out == expected_text(ckpt, "What is this?", [image], 8).lstrip() + "\n"
 
 
+def test_generate_compile_gives_the_eager_answer(ckpt, image, capsys):
+    """``--compile`` decodes through generation/compiled.py; the answer is the eager one."""
+    rc = main(["generate", "--model", str(ckpt), "--image", str(image), "--max-new-tokens", "8", "--compile",
+               "What is this?"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "compiled decode off" not in captured.err, captured.err
+    assert captured.out == expected_text(ckpt, "What is this?", [image], 8).lstrip() + "\n"
+
+
 def test_generate_json(ckpt, image, capsys):
     rc = main(["generate", "--model", str(ckpt), "--image", str(image), "--image", str(image), "--json",
                "--max-new-tokens", "6", "--threads", "1", "Compare."])

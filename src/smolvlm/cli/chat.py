@@ -25,6 +25,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, metavar="TEXT", help="optional system message")
     common.add_allow_remote(p)
     common.add_model_args(p)
+    common.add_compile_arg(p)
     common.add_generation_args(p)
 
 

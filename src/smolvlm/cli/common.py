@@ -35,6 +35,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "SmolVLM-2.2B int4 fits in 2 GiB)")
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="decode through a torch.compile'd step (needs g++; the first answer waits tens of "
+                        "seconds to compile, later tokens are faster: for long answers and chat sessions)")
+
+
 def add_allow_remote(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote", action="store_true",
                    help="allow http(s) image URLs (downloaded; refused without this flag)")
@@ -188,8 +194,13 @@ def load_model(args: argparse.Namespace, processor: Any = None, err: TextIO | No
     """``load_model_and_processor`` for the model flags, with a "loading" line on a terminal."""
     setup_torch(args)
     with status_line(f"loading {args.model or 'the built-in default model'}...", err):
-        return load_model_and_processor(args.model, args.dtype, args.device, processor=processor,
-                                        quantize=args.quantize, quantize_vision=args.quantize_vision)
+        model, processor = load_model_and_processor(args.model, args.dtype, args.device, processor=processor,
+                                                    quantize=args.quantize, quantize_vision=args.quantize_vision)
+    if getattr(args, "compile", False):
+        from smolvlm.generation import compiled
+
+        compiled.enable(model, err)
+    return model, processor
 
 
 def stats_dict(stats: Any, text: str | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ def register(p: argparse.ArgumentParser) -> None:
     v.add_argument("--max-frames", type=int, default=None, metavar="N", help="at most N frames per video")
     common.add_allow_remote(p)
     common.add_model_args(p)
+    common.add_compile_arg(p)
     common.add_generation_args(p)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from smolvlm.generation import sampling
+from smolvlm.generation.compiled import cache_slots
 from smolvlm.generation.config import GenerationSettings, resolve_settings
 from smolvlm.generation.text_stream import RowStops
 from smolvlm.memory import release_freed_memory
@@ -125,6 +126,8 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     device = _model_device(model)
     B, T = input_ids.shape
     total = T + s.max_new_tokens
+    compiled = getattr(model, "compiled_decode", None)  # generation/compiled.py, opt-in
+    slots_held = cache_slots(total) if compiled is not None else total
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
@@ -132,10 +135,10 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             pixel_attention_mask = pixel_attention_mask.to(device)
 
     with torch.inference_mode():
-        cache = model.new_kv_cache(B, total)
-        mask = torch.ones(B, total, dtype=torch.long, device=device)  # (B, L) over cache slots
+        cache = model.new_kv_cache(B, slots_held)
+        mask = torch.ones(B, slots_held, dtype=torch.long, device=device)  # (B, L) over cache slots
         mask[:, :T] = attention_mask
-        slots = torch.arange(total, device=device)  # absolute cache slots
+        slots = torch.arange(slots_held, device=device)  # absolute cache slots
         # RoPE positions like transformers' generate for left padding (SPEC 1.6)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (B, T)
         next_pos = position_ids[:, -1:] + 1  # (B, 1)
@@ -170,6 +173,10 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             return
         with torch.inference_mode():
             pos = T + step  # cache slot of the token just produced
+            if compiled is not None:  # the whole cache, every step: one shape (slots past pos are causally masked)
+                logits = compiled(tok[:, None], mask, next_pos, slots[pos : pos + 1], cache)
+                next_pos = next_pos + 1
+                continue
             out = model(input_ids=tok[:, None], attention_mask=mask[:, : pos + 1], position_ids=next_pos,
                         kv_cache=cache, input_pos=slots[pos : pos + 1], logits_to_keep=1)
             logits = out.logits[:, -1].float()  # (B, V)

@@ -67,6 +67,32 @@ def _cpu_can_pack(dtype: torch.dtype) -> bool:
     return True
 
 
+# Under torch.compile (``generation/compiled.py``) the packed GEMMs go through these two opaque
+# custom ops: Inductor's own lowering of oneDNN's linear asserts on a weight that is not a frozen
+# constant, and ``_linear_pointwise.binary`` has no fake kernel to trace with. Eager calls oneDNN
+# directly (a custom op's Python dispatch would add ~10 us to each of ~120 GEMVs per token).
+@torch.library.custom_op("smolvlm::packed_linear", mutates_args=())
+def _packed_linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, post: str,
+                      algorithm: str) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], algorithm)
+
+
+@_packed_linear_op.register_fake
+def _(x, packed, bias, post, algorithm):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("smolvlm::packed_linear_add", mutates_args=())
+def _packed_linear_add_op(x: torch.Tensor, residual: torch.Tensor, packed: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+
+
+@_packed_linear_add_op.register_fake
+def _(x, residual, packed, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 def _pack(weight: torch.Tensor, rows: int = 1) -> torch.Tensor:
     # rows=1: the layout oneDNN picks for one activation row (decode); larger batches
     # (prefill) run on the same packed weight at least as fast as F.linear (measured, 900 rows).
@@ -111,6 +137,8 @@ class PackedLinear(nn.Module):
         if x.numel() == 0:
             y = x.new_empty(*x.shape[:-1], self.out_features)
             y = y if post == "none" else F.gelu(y, approximate=algorithm)
+        elif torch.compiler.is_compiling():
+            y = _packed_linear_op(x.contiguous(), self.packed, self.bias, post, algorithm)
         else:
             y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, post, [], algorithm)
         return y if y.dtype == in_dtype else y.to(in_dtype)
@@ -119,6 +147,8 @@ class PackedLinear(nn.Module):
         """``residual + self(x)`` as one kernel (oneDNN binary post-op)."""
         if x.numel() == 0 or x.dtype != self.packed.dtype or residual.dtype != self.packed.dtype:
             return residual + self(x)
+        if torch.compiler.is_compiling():
+            return _packed_linear_add_op(x.contiguous(), residual.contiguous(), self.packed, self.bias)
         return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual.contiguous(), self.packed,
                                                          self.bias, "add")
 

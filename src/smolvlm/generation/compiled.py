@@ -1,0 +1,100 @@
+"""Opt-in compiled decode step: ``torch.compile`` (Inductor's C++/OpenMP backend on CPU).
+
+One decode step (embed, 30 decoder layers, norm, head) becomes one generated C++ graph: the
+RMSNorms, RoPE, cache writes, SiLU-gates and residual adds that eager PyTorch runs as ~1,000
+small kernels and Python calls per token are fused; the GEMVs stay oneDNN's (packed bf16) or
+torch's int8/int4 kernels, called from the graph (``model/packed.py`` wraps the packed ones as
+opaque custom ops for it). As gpt-fast does, the step runs on a static KV cache and attends over
+the whole cache with an explicit mask, so every step of a generation has the same shapes: one
+compile per (batch rows, cache length) bucket. Cache lengths are rounded up to ``BUCKET`` slots;
+a longer context or another batch size compiles again (Inductor keeps compiled graphs on disk,
+so the next process skips most of it, not the tracing).
+
+It pays only when many tokens follow one compile (a long answer, a chat session, a benchmark):
+the first step of a bucket takes tens of seconds. Prefill stays eager. Greedy tokens are the
+eager path's (``tests/unit/test_compiled_decode.py``); measured gains: ``bench/ANALYSIS.md``.
+Without a C++ compiler, or if compiling fails, generation says why once on stderr and runs eagerly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from typing import Any, Callable
+
+import torch
+
+BUCKET = 256  # cache slots per shape bucket: at most 255 slots of masked-out attention per step
+
+
+def cache_slots(total: int) -> int:
+    """The cache length a generation of ``total`` positions gets: ``total`` rounded up to ``BUCKET``."""
+    return -(-total // BUCKET) * BUCKET
+
+
+def compiler_problem() -> str | None:
+    """Why Inductor cannot build CPU kernels here (no C++ compiler), or None."""
+    try:
+        from torch._inductor import config as inductor_config
+        cxx = inductor_config.cpp.cxx
+    except Exception as e:  # noqa: BLE001 - an odd torch build: say what failed
+        return f"torch's Inductor backend is unavailable ({type(e).__name__}: {e})"
+    names = [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c] or ["g++"]
+    if not any(shutil.which(c) for c in names):
+        return (f"torch.compile needs a C++ compiler on PATH ({', '.join(names)}) and none was found "
+                "(Debian/Ubuntu: apt install g++)")
+    return None
+
+
+class CompiledDecode:
+    """The decode step of one model, compiled on first use per shape bucket.
+
+    ``generate.generate_tokens`` uses it when ``enable(model)`` attached one. Call as
+    ``step(tok (B, 1), mask (B, L), position_ids (B, 1), slot (1,), cache)`` with ``L`` the cache's
+    full length; returns float32 logits (B, V). Eager fallback: same call, same results.
+    """
+
+    def __init__(self, model: Any, err: Any = None) -> None:
+        self.model = model
+        self.err = err
+        self.problem = compiler_problem()
+        self.buckets: set[tuple[int, int]] = set()
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        if self.problem is None:
+            self._compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
+        else:
+            self._say(self.problem)
+
+    def _eager(self, tok: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor,
+               cache: Any) -> torch.Tensor:
+        out = self.model(input_ids=tok, attention_mask=mask, position_ids=position_ids, kv_cache=cache,
+                         input_pos=slot, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _say(self, why: str) -> None:
+        print(f"smolvlm: compiled decode off, decoding eagerly: {why}", file=self.err or sys.stderr)
+
+    def __call__(self, tok: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor,
+                 cache: Any) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                logits = self._compiled(tok, mask, position_ids, slot, cache)
+                self.buckets.add((tok.shape[0], mask.shape[1]))
+                return logits
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the answer
+                self.problem = f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                self._compiled = None
+                self._say(self.problem)
+        return self._eager(tok, mask, position_ids, slot, cache)
+
+
+def enable(model: Any, err: Any = None) -> CompiledDecode:
+    """Decode ``model``'s tokens through a compiled step from now on (see the module docstring);
+    returns the step, whose ``problem`` says why it runs eagerly, if it does."""
+    step = CompiledDecode(model, err)
+    model.compiled_decode = step
+    return step
+
+
+def disable(model: Any) -> None:
+    model.__dict__.pop("compiled_decode", None)

@@ -1,0 +1,110 @@
+"""The opt-in compiled decode step (``generation/compiled.py``) against the eager one.
+
+Inductor fuses the small ops (RMSNorm, RoPE, SiLU-gate, adds) and may reorder their float
+reductions; the GEMVs are the same kernels. So logits agree to float32 rounding (1e-4 absolute at
+O(1) values, 2e-2 in bf16: a few ulps) and greedy tokens must be identical on these tiny random
+models, whose top-2 margins are far above that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.testing import assert_close
+
+from smolvlm import SmolVLM
+from smolvlm.generation import compiled
+from smolvlm.generation.generate import generate_ids, generate_tokens
+from smolvlm.model.packed import packing_available
+from tests.helpers import tiny_config
+
+PROMPT = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])
+
+
+def _model(dtype: torch.dtype = torch.float32, pack: bool = False) -> SmolVLM:
+    torch.manual_seed(0)
+    m = SmolVLM.from_config(tiny_config("smolvlm")).to(dtype).eval()
+    return m.pack_for_inference() if pack else m
+
+
+def _greedy(model: SmolVLM, n: int = 12) -> list[int]:
+    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+    return generate_ids(model, PROMPT, pixel_values=pv, max_new_tokens=n, eos_token_id=[])[0].tolist()
+
+
+def test_cache_slots_round_up_to_the_bucket():
+    assert [compiled.cache_slots(n) for n in (1, 255, 256, 257, 900)] == [256, 256, 256, 512, 1024]
+
+
+def test_compiled_greedy_tokens_and_logits_match_eager():
+    model = _model()
+    eager = _greedy(model)
+    step = compiled.enable(model)
+    assert step.problem is None, f"{step.problem}; run `bash tools/install-chromium.sh` (apt-get install g++)"
+    assert _greedy(model) == eager
+    assert step.buckets == {(1, 256)}  # 7 + 12 positions -> one 256-slot bucket, compiled once
+    assert _greedy(model, n=30) == _greedy(_model(), n=30)  # a fresh eager model, the same weights
+    assert step.buckets == {(1, 256)}  # a longer answer in the same bucket: no new compile
+
+    # the step itself: compiled logits against the eager model's at the same cache state
+    cache = model.new_kv_cache(1, 256)
+    mask = torch.ones(1, 256, dtype=torch.long)
+    with torch.inference_mode():
+        model(input_ids=PROMPT, kv_cache=cache, input_pos=torch.arange(7), attention_mask=mask[:, :7])
+        ref_cache = model.new_kv_cache(1, 256)
+        for a, b in zip(ref_cache.k + ref_cache.v, cache.k + cache.v):
+            a.copy_(b)
+        tok, pos = torch.tensor([[11]]), torch.tensor([[7]])
+        got = step(tok, mask, pos, torch.tensor([7]), cache)
+        want = model(input_ids=tok, attention_mask=mask[:, :8], position_ids=pos, kv_cache=ref_cache,
+                     input_pos=torch.tensor([7])).logits[:, -1].float()
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_close(cache.k[1][:, :, 7], ref_cache.k[1][:, :, 7], rtol=1e-4, atol=1e-4)  # the step wrote its slot
+    compiled.disable(model)
+    assert not hasattr(model, "compiled_decode")
+
+
+def test_compiled_batch_with_left_padding_matches_eager():
+    """Two rows, one left-padded: the mask over the whole bucket keeps the padding out."""
+    model = _model()
+    ids = torch.tensor([[0, 0, 5, 7, 8], [5, 9, 7, 8, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    eager = generate_ids(model, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    compiled.enable(model)
+    assert torch.equal(generate_ids(model, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]), eager)
+
+
+def test_packed_bf16_compiles_through_the_opaque_oneDNN_ops():
+    """Packed linears (where this CPU packs bf16) run inside the graph as ``smolvlm::packed_linear``;
+    elsewhere the plain bf16 model is compiled. Tokens match the eager model either way."""
+    pack = packing_available(torch.bfloat16)
+    model = _model(torch.bfloat16, pack=pack)
+    eager = _greedy(model)
+    step = compiled.enable(model)
+    assert _greedy(model) == eager and step.problem is None, (pack, step.problem)
+
+
+def test_no_compiler_says_so_once_and_decodes_eagerly(monkeypatch, capsys):
+    model = _model()
+    eager = _greedy(model)
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    step = compiled.enable(model)
+    assert step.problem and "C++ compiler" in step.problem
+    assert _greedy(model) == eager
+    err = capsys.readouterr().err
+    assert err.count("compiled decode off") == 1 and "apt install g++" in err
+
+
+def test_a_failing_compile_falls_back_to_the_same_tokens(monkeypatch, capsys):
+    model = _model()
+    eager = _greedy(model)
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("C++ compile failed: cc1plus killed")
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", broken)
+    step = compiled.enable(model)
+    assert _greedy(model) == eager
+    assert "cc1plus killed" in step.problem and capsys.readouterr().err.count("compiled decode off") == 1
+    assert list(generate_tokens(model, PROMPT, max_new_tokens=3, eos_token_id=[]))  # still fine afterwards
