@@ -143,7 +143,7 @@ def run_vlm(args: argparse.Namespace, rows: list[dict]) -> None:
         ckpt, ref = CACHE / model / "ckpt", REFERENCE / MODELS[model]
         if not (ckpt / "config.json").is_file():
             raise SystemExit(f"{ckpt} missing: build it with .venv/bin/python bench/parity_full_size.py --models {model}")
-        engines = vlm_engines(args, model)
+        engines = vlm_engines(args, model) + (["ours-compiled"] if args.compiled else [])
         llama_spec = json.dumps({"prompt": vlm_decode_ids(ref, args.quick)}) if set(engines) & set(LLAMA_TEXT) else None
         for dtype in args.dtypes:
             for rep in range(args.reps):
@@ -221,6 +221,9 @@ def run_text(args: argparse.Namespace, rows: list[dict]) -> None:
            if q8 else {}),
         **{f"ours-{m}": me("--child", "text", "--dtype", "bfloat16", "--quantize", m, "--spec", json.dumps(spec),
                            "--threads", str(threads)) for m in ("none", "int8", "int4")},
+        **({f"ours-{m}-compiled": me("--child", "text", "--dtype", "bfloat16", "--quantize", m, "--compile",
+                                     "--spec", json.dumps(spec), "--threads", str(threads))
+            for m in ("none", "int8", "int4")} if args.compiled else {}),
     }
     names = list(engines)
     for rep in range(args.text_reps):
@@ -330,6 +333,9 @@ def main() -> None:
                     help=f"comma list of VLM engines of {','.join(VLM_ENGINES)} (default: all; the OpenVINO ones "
                          "only where bench/setup_openvino.sh made their venv and export, the llama.cpp ones only where "
                          "bench/setup_llamacpp_vlm.sh made their GGUFs)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also run ours through the compiled decode step (smolvlm --compile): text rows "
+                         "ours-{none,int8,int4}-compiled and the VLM engine ours-compiled (compile in the warm-up)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from bench/.cache/run_results.json")
     ap.add_argument("--append", action="store_true",
@@ -342,6 +348,7 @@ def main() -> None:
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "vlm":

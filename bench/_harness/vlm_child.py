@@ -126,7 +126,8 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
     if threads:
         torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
-    t_load, eng = timed(lambda: (Ours if engine == "ours" else Theirs)(ckpt, ref, dtype))
+    ours = engine.startswith("ours")
+    t_load, eng = timed(lambda: (Ours if ours else Theirs)(ckpt, ref, dtype))
     m = eng.tile
     n_tiles, k_new = (2, 16) if quick else (4, 32)
     g = torch.Generator().manual_seed(0)
@@ -135,9 +136,18 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
     # warm-up: every code path once, small inputs
     eng.vision(pv[:, :1])
     eng.generate(ids[:, :32], 3)
+    if engine == "ours-compiled":  # the decode step of smolvlm --compile: compile the timed run's bucket here
+        from smolvlm.generation import compiled
+
+        step = compiled.enable(eng.model)
+        t_warm, _ = timed(lambda: eng.generate(ids, 2))
+        if step.problem:
+            raise SystemExit(f"compiled decode did not run: {step.problem}")
     small = test_image(64, 48)
     eng.ttft(small, split=False)  # the pipeline once, one tile (vision kernels are warm already)
     r: dict[str, Any] = {"engine": engine, "dtype": dtype_name, "threads": torch.get_num_threads(), "load_s": t_load}
+    if engine == "ours-compiled":
+        r["compile_warmup_s"], r["compiled_buckets"] = t_warm, sorted(step.buckets)
     t_vis, _ = timed(lambda: eng.vision(pv))
     r["vision_s_per_tile"] = t_vis / n_tiles
     # One generation of 1 + K tokens, timestamped per token: prefill = start -> first token,
@@ -161,7 +171,7 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
         tokens = eng.generate(ids, GREEDY_N)[0, PROMPT_LEN:].tolist()
     r["greedy_ids"] = tokens[:GREEDY_N]
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the probe's 256 MiB
-    if engine == "ours":  # the decode step against this machine's read bandwidth, in the same process
+    if ours:  # the decode step against this machine's read bandwidth, in the same process
         r["read_gb_s"] = read_bandwidth_gb_s()
         r["decode_weight_mb"] = decode_weight_bytes(eng.model) / 2**20
     return r
