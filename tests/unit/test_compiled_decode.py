@@ -108,3 +108,15 @@ def test_a_failing_compile_falls_back_to_the_same_tokens(monkeypatch, capsys):
     assert _greedy(model) == eager
     assert "cc1plus killed" in step.problem and capsys.readouterr().err.count("compiled decode off") == 1
     assert list(generate_tokens(model, PROMPT, max_new_tokens=3, eos_token_id=[]))  # still fine afterwards
+
+
+def test_quantized_models_compile_to_their_eager_tokens():
+    """int8 and int4 weight-only linears (their own torch kernels) inside the compiled graph."""
+    from smolvlm.quantization import quantize, quantized_modules
+
+    for mode in ("int8", "int4"):
+        model = quantize(_model(torch.bfloat16), mode)
+        assert quantized_modules(model)
+        eager = _greedy(model)
+        step = compiled.enable(model)
+        assert _greedy(model) == eager and step.problem is None, (mode, step.problem)
