@@ -19,22 +19,15 @@ _ROWS, _COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 
 
 def _scene(rng: random.Random, n: int, colours: list[str] | None = None) -> tuple[list[Shape], int, str]:
-    """``n`` shapes, one per cell of a 3x3 grid, or of a 4x4 one when nine cells are too few."""
     side = clamp_side(rng)
     colours = colours or rng.sample(sorted(COLOURS), 5)  # few colours -> repeats happen, and uniques too
     specs = [(rng.choice(SHAPES), rng.choice(colours)) for _ in range(n)]
     sizes = [rng.uniform(0.3, 0.9) for _ in range(n)]
-    grid = 3 if n <= 9 else 4
-    return place_shapes(rng, specs, side, grid=grid, sizes=sizes), side, rng.choice(sorted(BACKGROUNDS))
+    return place_shapes(rng, specs, side, sizes=sizes), side, rng.choice(sorted(BACKGROUNDS))
 
 
 def _questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[dict, str, str]]:
-    """Every answerable (qa-meta, question, answer) for this scene.
-
-    Where a shape is ("top left", "on the left") is asked only on the 3x3 grid, whose rows and
-    columns are the words; relations between two shapes need only distinct rows or columns.
-    """
-    on_3x3 = len(shapes) <= 9
+    """Every answerable (qa-meta, question, answer) for this scene."""
     kinds = Counter(s.kind for s in shapes)
     colours = Counter(s.colour for s in shapes)
     out = []
@@ -48,8 +41,6 @@ def _questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[dict, str,
             q = rng.choice([f"What colour is the {s.kind}?", f"What is the colour of the {s.kind}?",
                             f"What color is the {s.kind}?", f"Which colour is the {s.kind}?"])
             out.append(({"type": "colour", "kind": s.kind}, q, s.colour))
-            if not on_3x3:
-                continue
             q = rng.choice([f"Where is the {s.kind}?", f"Where is the {s.kind} in the image?"])
             out.append(({"type": "where", "kind": s.kind}, q, where_words(s.cell)))
     if len(shapes) == 1:
@@ -75,7 +66,7 @@ def _questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[dict, str,
                 first, second = sorted([a.kind, b.kind], key=lambda k: rng.random())
                 out.append(({"type": "bigger", "a": first, "b": second},
                             f"Which is bigger, the {first} or the {second}?", a.kind))
-    for s in one if on_3x3 else []:
+    for s in one:
         if s.cell[1] != 1:
             q = rng.choice([f"Is the {s.kind} on the left or the right side of the image?",
                             f"Is the {s.kind} on the left or the right?"])
@@ -96,7 +87,7 @@ def where_words(cell: tuple[int, int]) -> str:
 
 
 def gen_shapes(rng: random.Random) -> Sample:
-    shapes, side, bg = _scene(rng, rng.choice((1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)))  # counting up to 10
+    shapes, side, bg = _scene(rng, rng.choice((1, 1, 2, 3, 4, 5, 6, 7, 8, 9)))
     pool = _questions(rng, shapes)
     # Prefer one question of each type, so count questions (always available) don't dominate.
     by_type: dict[str, list] = {}
