@@ -70,6 +70,22 @@ def teacher_forced(model: SmolVLM, prompt: list[int], continuation: list[int]) -
     return logits.argmax(-1).tolist()
 
 
+@torch.inference_mode()
+def teacher_forced_compiled(model: SmolVLM, prompt: list[int], continuation: list[int]) -> list[int]:
+    """``teacher_forced`` through the compiled decode step (the path ``--compile`` answers with): the
+    prompt prefilled eagerly, then each reference token fed to the step, the argmax after each."""
+    step, n = model.compiled_decode, len(prompt)
+    slots = compiled.cache_slots(n + len(continuation))
+    cache, mask = model.new_kv_cache(1, slots), torch.ones(1, slots, dtype=torch.long)
+    out = model(input_ids=torch.tensor([prompt]), attention_mask=mask[:, :n], kv_cache=cache,
+                input_pos=torch.arange(n), logits_to_keep=1)
+    predicted = [int(out.logits[0, -1].argmax())]
+    for i, tok in enumerate(continuation[:-1]):
+        logits = step(torch.tensor([[tok]]), mask, torch.tensor([[n + i]]), torch.tensor([n + i]), cache)
+        predicted.append(int(logits[0].argmax()))
+    return predicted
+
+
 def measure(dtype_name: str, mode: str, prompt_ids: list[int], agree_prompts: list[list[int]], n_new: int,
             threads: int | None, agree_new: int = AGREE_TOKENS, forced: list[list[int]] | None = None,
             compile_decode: bool = False) -> dict[str, Any]:
@@ -86,7 +102,8 @@ def measure(dtype_name: str, mode: str, prompt_ids: list[int], agree_prompts: li
     t0 = time.perf_counter(); out = run(1 + n_new); tk = time.perf_counter() - t0
     greedy = [generate_ids(model, torch.tensor([p]), max_new_tokens=agree_new, eos_token_id=[])[0, len(p):].tolist()
               for p in agree_prompts]
-    predicted = [teacher_forced(model, p, c) for p, c in zip(agree_prompts, forced)] if forced else None
+    forcing = teacher_forced_compiled if step is not None else teacher_forced
+    predicted = [forcing(model, p, c) for p, c in zip(agree_prompts, forced)] if forced else None
     name = f"ours-{mode}" if mode != "none" else f"ours-{dtype_name}"
     if step is not None and step.problem:
         raise SystemExit(f"compiled decode did not run: {step.problem}")
