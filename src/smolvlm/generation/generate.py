@@ -7,7 +7,9 @@ stop on any of the generation config's eos ids or at the length limit.
 
 ``generate_tokens`` yields one ``(B,)`` tensor of new ids per step; ``generate_ids`` collects
 them into ``(B, T + new)`` like ``model.generate``; ``smolvlm.stream`` / ``smolvlm.answer``
-(``stream.py``) turn them into text. Stop strings are ``text_stream.RowStops``.
+(``stream.py``) turn them into text. Stop strings are ``text_stream.RowStops``. A model given a
+compiled step by ``compiled.enable`` (``--compile``) decodes through it, on a cache rounded up to
+its 256-slot bucket; prefill stays eager.
 """
 
 from __future__ import annotations
