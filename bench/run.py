@@ -47,6 +47,8 @@ LLAMA_VLM_CHILD = ROOT / "bench" / "_harness" / "llamacpp_vlm_child.py"
 LLAMA_TEXT = {"llama.cpp": {"bfloat16": "text-bf16.gguf", "float32": "text-f32.gguf"},
               "llama.cpp-q8_0": {"bfloat16": "text-q8_0.gguf", "float32": "text-q8_0.gguf"}}
 LLAMA_MMPROJ = {"bfloat16": "mmproj-bf16.gguf", "float32": "mmproj-f32.gguf"}
+from _harness.peer_common import COMPILED_ENGINES, COMPILED_SUFFIXES  # noqa: E402 - after the sys.path line
+
 VLM_ENGINES = ["ours", "transformers", *OV_EXPORTS, *LLAMA_TEXT]
 RAW = CACHE / "run_results.json"
 TEXT = ("Here is a short passage about the history of astronomy. Early observers tracked the motion of the "
@@ -109,6 +111,11 @@ def llamacpp_missing(model: str, engine: str) -> str | None:
     return None
 
 
+def compile_modes(args: argparse.Namespace) -> set[str]:
+    """The compiled decode modes this run measures (``--compiled``, ``--compiled-max``)."""
+    return {m for m, on in (("default", args.compiled), ("max-autotune", args.compiled_max)) if on}
+
+
 def vlm_engines(args: argparse.Namespace, model: str) -> list[str]:
     """The engines to run for this model: --engines, less the OpenVINO / llama.cpp ones whose venv/files are missing."""
     engines, skipped = [], {"openvino": {}, "llamacpp": {}}
@@ -143,7 +150,7 @@ def run_vlm(args: argparse.Namespace, rows: list[dict]) -> None:
         ckpt, ref = CACHE / model / "ckpt", REFERENCE / MODELS[model]
         if not (ckpt / "config.json").is_file():
             raise SystemExit(f"{ckpt} missing: build it with .venv/bin/python bench/parity_full_size.py --models {model}")
-        engines = vlm_engines(args, model) + (["ours-compiled"] if args.compiled else [])
+        engines = vlm_engines(args, model) + [e for e, mode in COMPILED_ENGINES.items() if mode in compile_modes(args)]
         llama_spec = json.dumps({"prompt": vlm_decode_ids(ref, args.quick)}) if set(engines) & set(LLAMA_TEXT) else None
         for dtype in args.dtypes:
             for rep in range(args.reps):
@@ -221,9 +228,9 @@ def run_text(args: argparse.Namespace, rows: list[dict]) -> None:
            if q8 else {}),
         **{f"ours-{m}": me("--child", "text", "--dtype", "bfloat16", "--quantize", m, "--spec", json.dumps(spec),
                            "--threads", str(threads)) for m in ("none", "int8", "int4")},
-        **({f"ours-{m}-compiled": me("--child", "text", "--dtype", "bfloat16", "--quantize", m, "--compile",
-                                     "--spec", json.dumps(spec), "--threads", str(threads))
-            for m in ("none", "int8", "int4")} if args.compiled else {}),
+        **{f"ours-{m}-{suffix}": me("--child", "text", "--dtype", "bfloat16", "--quantize", m, "--compile-mode", cm,
+                                    "--spec", json.dumps(spec), "--threads", str(threads))
+           for suffix, cm in COMPILED_SUFFIXES.items() if cm in compile_modes(args) for m in ("none", "int8", "int4")},
     }
     names = list(engines)
     for rep in range(args.text_reps):
@@ -336,6 +343,9 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true",
                     help="also run ours through the compiled decode step (smolvlm --compile): text rows "
                          "ours-{none,int8,int4}-compiled and the VLM engine ours-compiled (compile in the warm-up)")
+    ap.add_argument("--compiled-max", action="store_true",
+                    help="also run ours through the compiled decode step in mode max-autotune (smolvlm --compile-mode "
+                         "max-autotune): text rows ours-{none,int8,int4}-compiled-max and the VLM engine ours-compiled-max")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from bench/.cache/run_results.json")
     ap.add_argument("--append", action="store_true",
@@ -348,7 +358,7 @@ def main() -> None:
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
-    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compile-mode", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "vlm":

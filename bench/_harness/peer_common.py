@@ -15,6 +15,9 @@ import numpy as np
 PROMPT_LEN = 900  # decode is measured at a ~900-token context
 QUESTION = "Describe this image in detail."
 GREEDY_N = 32  # greedy ids after the decode prompt, for the agreement row
+# ours through the compiled decode step (smolvlm --compile-mode): VLM engine -> mode, text-row suffix -> mode
+COMPILED_ENGINES = {"ours-compiled": "default", "ours-compiled-max": "max-autotune"}
+COMPILED_SUFFIXES = {"compiled": "default", "compiled-max": "max-autotune"}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -3,7 +3,7 @@
 Our SmolVLM holds the GGUF's dequantized text weights (plus a 1-layer dummy vision tower that is
 never run), in the requested dtype and quantization mode. Measures decode tokens/s the same way
 as ``bench/llamacpp_decode.py`` (same prompt ids, same number of new tokens, greedy, no early
-stop; with ``--compile`` through the compiled decode step, its compile in the untimed warm-up) and,
+stop; with ``--compile-mode`` through the compiled decode step, its compile in the untimed warm-up) and,
 for the agreement prompts, (a) its own free-running greedy continuation and (b) its
 teacher-forced top-1 predictions along the reference's continuation (``spec["forced"]``, ours bf16
 unquantized: one forward over prompt + reference, the argmax at each reference position). The
@@ -25,6 +25,8 @@ from smolvlm.generation import compiled
 from smolvlm.generation.generate import generate_ids
 from smolvlm.quantization import quantize, quantized_modules
 from smolvlm.weights.gguf import find_smollm2_gguf, read_gguf_text_model
+
+from _harness.peer_common import COMPILED_SUFFIXES
 
 AGREE_TOKENS = 32  # agree_checkpoint's (random weights); the GGUF text part takes spec["agree_new"]
 
@@ -88,15 +90,15 @@ def teacher_forced_compiled(model: SmolVLM, prompt: list[int], continuation: lis
 
 def measure(dtype_name: str, mode: str, prompt_ids: list[int], agree_prompts: list[list[int]], n_new: int,
             threads: int | None, agree_new: int = AGREE_TOKENS, forced: list[list[int]] | None = None,
-            compile_decode: bool = False) -> dict[str, Any]:
+            compile_mode: str | None = None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     model = gguf_model(getattr(torch, dtype_name), mode)
-    step = compiled.enable(model) if compile_decode else None  # generation/compiled.py (--compile)
+    step = compiled.enable(model, mode=compile_mode) if compile_mode else None  # generation/compiled.py (--compile-mode)
     ids = torch.tensor([prompt_ids])
     run = lambda n: generate_ids(model, ids, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     t0 = time.perf_counter()
-    run(4)  # warm-up; with compile_decode this compiles the step's (1, 256-slot) bucket, not timed
+    run(4)  # warm-up; with compile_mode this compiles the step's (1, 256-slot) bucket, not timed
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter(); run(1); t1 = time.perf_counter() - t0
     t0 = time.perf_counter(); out = run(1 + n_new); tk = time.perf_counter() - t0
@@ -107,7 +109,8 @@ def measure(dtype_name: str, mode: str, prompt_ids: list[int], agree_prompts: li
     name = f"ours-{mode}" if mode != "none" else f"ours-{dtype_name}"
     if step is not None and step.problem:
         raise SystemExit(f"compiled decode did not run: {step.problem}")
-    return {"engine": name + ("-compiled" if step is not None else ""), "dtype": dtype_name, "mode": mode,
+    suffix = {m: s for s, m in COMPILED_SUFFIXES.items()}.get(compile_mode)
+    return {"engine": name + (f"-{suffix}" if suffix else ""), "dtype": dtype_name, "mode": mode,
             "warmup_s": warm_s, "compiled_buckets": sorted(step.buckets) if step is not None else None,
             "decode_tok_s": n_new / (tk - t1), "prefill_tok_s": len(prompt_ids) / t1,
             "tokens": out[0, len(prompt_ids):].tolist(), "greedy": greedy, "forced": predicted,
@@ -120,7 +123,7 @@ def measure(dtype_name: str, mode: str, prompt_ids: list[int], agree_prompts: li
 def main(args: Any) -> None:
     spec = json.loads(args.spec)
     r = measure(args.dtype, args.quantize, spec["prompt"], spec["agree"], spec["n_new"], args.threads,
-                spec.get("agree_new", AGREE_TOKENS), spec.get("forced"), compile_decode=args.compile)
+                spec.get("agree_new", AGREE_TOKENS), spec.get("forced"), compile_mode=args.compile_mode)
     print("RESULT " + json.dumps(r), flush=True)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from _harness.peer_common import GREEDY_N, PROMPT_LEN, QUESTION, test_pixels, timed
+from _harness.peer_common import COMPILED_ENGINES, GREEDY_N, PROMPT_LEN, QUESTION, test_pixels, timed
 
 
 def test_image(width: int, height: int) -> Image.Image:
@@ -136,17 +136,18 @@ def measure(engine: str, ckpt: Path, ref: Path, dtype_name: str, quick: bool, th
     # warm-up: every code path once, small inputs
     eng.vision(pv[:, :1])
     eng.generate(ids[:, :32], 3)
-    if engine == "ours-compiled":  # the decode step of smolvlm --compile: compile the timed run's bucket here
+    compile_mode = COMPILED_ENGINES.get(engine)
+    if compile_mode:  # the decode step of smolvlm --compile(-mode): compile the timed run's bucket here
         from smolvlm.generation import compiled
 
-        step = compiled.enable(eng.model)
+        step = compiled.enable(eng.model, mode=compile_mode)
         t_warm, _ = timed(lambda: eng.generate(ids, 2))
         if step.problem:
             raise SystemExit(f"compiled decode did not run: {step.problem}")
     small = test_image(64, 48)
     eng.ttft(small, split=False)  # the pipeline once, one tile (vision kernels are warm already)
     r: dict[str, Any] = {"engine": engine, "dtype": dtype_name, "threads": torch.get_num_threads(), "load_s": t_load}
-    if engine == "ours-compiled":
+    if compile_mode:
         r["compile_warmup_s"], r["compiled_buckets"] = t_warm, sorted(step.buckets)
     t_vis, _ = timed(lambda: eng.vision(pv))
     r["vision_s_per_tile"] = t_vis / n_tiles

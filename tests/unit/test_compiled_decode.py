@@ -120,3 +120,32 @@ def test_quantized_models_compile_to_their_eager_tokens():
         eager = _greedy(model)
         step = compiled.enable(model)
         assert _greedy(model) == eager and step.problem is None, (mode, step.problem)
+
+
+def test_max_autotune_mode_freezes_dense_weights_and_keeps_the_tokens():
+    """mode="max-autotune": the packed text linears become dense again (fused groups stay fused),
+    Inductor freezes them and may generate its own GEMMs (C++ templates). Its summation order
+    differs from oneDNN's by float rounding, far below these tiny models' top-2 margins, so greedy
+    tokens are identical; the checkpoint view (state_dict) is unchanged by the unpacking."""
+    from smolvlm.model.packed import DenseFused, PackedLinear
+
+    pack = packing_available(torch.bfloat16)
+    model = _model(torch.bfloat16, pack=pack)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eager = _greedy(model)
+    step = compiled.enable(model, mode="max-autotune")
+    assert step.problem is None, step.problem
+    text = [m for n, m in model.named_modules() if n.startswith(("model.text_model.", "lm_head"))]
+    assert not any(isinstance(m, PackedLinear) for m in text)
+    assert any(isinstance(m, DenseFused) for m in text) == pack  # q/k/v and gate/up stay one GEMM each
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert _greedy(model) == eager
+    assert step.buckets == {(1, 256)}
+
+
+def test_an_unknown_compile_mode_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="max-autotune"):
+        compiled.enable(_model(), mode="fastest")

@@ -11,8 +11,21 @@ a longer context or another batch size compiles again (Inductor keeps compiled g
 so the next process skips most of it, not the tracing).
 
 It pays only when many tokens follow one compile (a long answer, a chat session, a benchmark):
-the first step of a bucket takes tens of seconds. Prefill stays eager. Greedy tokens are the
-eager path's (``tests/unit/test_compiled_decode.py``); measured gains: ``bench/ANALYSIS.md``.
+the first step of a bucket takes tens of seconds. Prefill stays eager.
+
+Two modes (``MODES``), named as ``torch.compile``'s:
+- ``"default"``: the weights stay graph inputs, so Inductor's on-disk cache serves the next
+  process (5-7 s per bucket once cached, 256M).
+- ``"max-autotune"``: freezing (the weights become constants of the graph) + max-autotune with
+  Inductor's C++ GEMM templates, which generate the GEMVs themselves (AMX/AVX-512 micro-kernels,
+  epilogues fused) where oneDNN's calls cost ~18 us of overhead each (256M bf16 step at 900 ctx:
+  ~17 ms against ~22.5). The text linears are unpacked to dense ones for it
+  (``packed.unpack_linears``), and the graph holds its own packed copy of them: the text weights'
+  memory twice, per bucket. The compile is never served from the disk cache (Inductor does not
+  cache graphs that hold oneDNN constants): about 70 s per bucket in every process, 256M, 2 cores.
+  Weights changed after the compile are not seen by it.
+
+Greedy tokens are the eager path's (``tests/unit/test_compiled_decode.py``); measured gains: ``bench/ANALYSIS.md``.
 Without a C++ compiler, or if compiling fails, generation says why once on stderr and runs eagerly.
 """
 
@@ -24,7 +37,15 @@ from typing import Any, Callable
 
 import torch
 
+from smolvlm.model.packed import unpack_linears
+
 BUCKET = 256  # cache slots per shape bucket: at most 255 slots of masked-out attention per step
+# Inductor options per mode. "CPP,ATEN": each GEMM shape is timed against ATen's (oneDNN) and the
+# faster one kept, so a CPU whose template is slower (or missing, AVX2 bf16) keeps oneDNN.
+MODES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
+}
 
 
 def cache_slots(total: int) -> int:
@@ -54,13 +75,18 @@ class CompiledDecode:
     full length; returns float32 logits (B, V). Eager fallback: same call, same results.
     """
 
-    def __init__(self, model: Any, err: Any = None) -> None:
+    def __init__(self, model: Any, err: Any = None, mode: str = "default") -> None:
+        if mode not in MODES:
+            raise ValueError(f"compile mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.model = model
         self.err = err
+        self.mode = mode
         self.problem = compiler_problem()
         self.buckets: set[tuple[int, int]] = set()
         self._compiled: Callable[..., torch.Tensor] | None = None
         if self.problem is None:
+            if MODES[mode].get("freezing"):
+                unpack_linears(model)  # freezing packs dense weights its own way
             self._compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
         else:
             self._say(self.problem)
@@ -78,7 +104,12 @@ class CompiledDecode:
                  cache: Any) -> torch.Tensor:
         if self._compiled is not None:
             try:
-                logits = self._compiled(tok, mask, position_ids, slot, cache)
+                # the options must hold while Dynamo traces (freezing changes how it lifts the
+                # weights), not only while Inductor compiles: torch.compile(options=) is too late
+                from torch._inductor import config as inductor_config
+
+                with inductor_config.patch(MODES[self.mode]):  # ~23 us a step
+                    logits = self._compiled(tok, mask, position_ids, slot, cache)
                 self.buckets.add((tok.shape[0], mask.shape[1]))
                 return logits
             except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the answer
@@ -88,10 +119,10 @@ class CompiledDecode:
         return self._eager(tok, mask, position_ids, slot, cache)
 
 
-def enable(model: Any, err: Any = None) -> CompiledDecode:
-    """Decode ``model``'s tokens through a compiled step from now on (see the module docstring);
-    returns the step, whose ``problem`` says why it runs eagerly, if it does."""
-    step = CompiledDecode(model, err)
+def enable(model: Any, err: Any = None, mode: str = "default") -> CompiledDecode:
+    """Decode ``model``'s tokens through a compiled step from now on (see the module docstring;
+    ``mode``: a key of ``MODES``); returns the step, whose ``problem`` says why it runs eagerly, if it does."""
+    step = CompiledDecode(model, err, mode)
     model.compiled_decode = step
     return step
 

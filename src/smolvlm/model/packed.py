@@ -288,6 +288,64 @@ class PackedPart(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused packed linear"
 
 
+class DenseFused(nn.Linear):
+    """The unpacked form of a ``PackedFused``: the fused weight as a plain ``nn.Linear`` parameter,
+    for ``torch.compile`` with freezing (``generation/compiled.py``, mode "max-autotune"), whose GEMM
+    templates want a dense constant weight. Same calls and state dict as ``PackedFused``: ``forward``
+    returns the parts' outputs; its ``PackedPart`` modules save and load their rows."""
+
+    def __init__(self, fused: PackedFused) -> None:
+        super().__init__(fused.in_features, fused.out_features, bias=fused.bias is not None, device="meta")
+        self.weight = nn.Parameter(fused.weight, requires_grad=False)
+        if fused.bias is not None:
+            self.bias = nn.Parameter(fused.bias.detach(), requires_grad=False)
+        self.sizes = list(fused.sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return super().forward(x).split(self.sizes, dim=-1)
+
+    rows_of = PackedFused.rows_of
+
+    @torch.no_grad()
+    def load_part(self, index: int, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight[self.rows_of(index)] = weight.to(self.weight.dtype)
+        if bias is not None and self.bias is not None:
+            self.bias[self.rows_of(index)] = bias.to(self.bias.dtype)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        pass  # the parts save their rows
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        pass  # the parts load their rows
+
+
+@torch.no_grad()
+def unpack_linears(model: nn.Module, prefixes: tuple[str, ...] = ("model.text_model.", "lm_head")) -> list[str]:
+    """Turn the packed linears under ``prefixes`` back into dense ones, in place, keeping fused
+    groups fused (``PackedFused`` -> ``DenseFused``, ``PackedLinear`` -> ``nn.Linear``). Returns the
+    unpacked names. For ``torch.compile`` with freezing, which packs dense weights its own way."""
+    done = []
+    for name, module in list(model.named_modules()):
+        if not name.startswith(prefixes) or not isinstance(module, PackedLinear):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, PackedFused):
+            dense: nn.Module = DenseFused(module)
+            for part in parent.children():
+                if isinstance(part, PackedPart) and part.fused is module:
+                    object.__setattr__(part, "fused", dense)
+        else:
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            dense.weight = nn.Parameter(module.weight, requires_grad=False)
+            if module.bias is not None:
+                dense.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        setattr(parent, child, dense)
+        done.append(name)
+    return done
+
+
 # Projections of one input that packing fuses: (parts, the fused module's name).
 FUSED_GROUPS = ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
 
