@@ -387,7 +387,8 @@ def main() -> None:
         save_raw(args, commands=commands, machine=machine())
         rows: list[dict] = [r for r in old.get("rows", [])  # keep what this run does not measure again
                             if "vlm" in skip or not (r.get("model") in args.models and r.get("dtype") in args.dtypes
-                                                     and (args.engines is None or r.get("engine") in args.engines))]
+                                                     and (args.engines is None or r.get("engine") in args.engines
+                                                          or COMPILED_ENGINES.get(r.get("engine")) in compile_modes(args)))]
         text: list[dict] = old.get("text", []) if "text" in skip else []
         if "vlm" not in skip:
             run_vlm(args, rows)

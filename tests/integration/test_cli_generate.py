@@ -48,13 +48,20 @@ def test_generate_streams_answer(ckpt, image, capsys):
     assert out == expected_text(ckpt, "What is this?", [image], 8).lstrip() + "\n"
 
 
-def test_generate_compile_gives_the_eager_answer(ckpt, image, capsys):
-    """``--compile`` decodes through generation/compiled.py; the answer is the eager one."""
-    rc = main(["generate", "--model", str(ckpt), "--image", str(image), "--max-new-tokens", "8", "--compile",
+@pytest.mark.parametrize("flags", [["--compile"], ["--compile-mode", "max-autotune"]])
+def test_generate_compile_gives_the_eager_answer(ckpt, image, capsys, flags):
+    """``--compile`` / ``--compile-mode`` decode through generation/compiled.py; the answer is the eager one."""
+    rc = main(["generate", "--model", str(ckpt), "--image", str(image), "--max-new-tokens", "8", *flags,
                "What is this?"])
     captured = capsys.readouterr()
     assert rc == 0 and "compiled decode off" not in captured.err, captured.err
     assert captured.out == expected_text(ckpt, "What is this?", [image], 8).lstrip() + "\n"
+
+
+def test_generate_refuses_an_unknown_compile_mode(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--compile-mode", "fastest", "Hi"])
+    assert e.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
 
 
 def test_generate_json(ckpt, image, capsys):

@@ -16,8 +16,8 @@ from torch.testing import assert_close
 
 from smolvlm import SmolVLM
 from smolvlm.generation.generate import generate_ids
-from smolvlm.model.packed import (FUSED_GROUPS, PackedFused, PackedLinear, PackedPart, pack_linears, pack_targets,
-                                  packing_available)
+from smolvlm.model.packed import (FUSED_GROUPS, DenseFused, PackedFused, PackedLinear, PackedPart, pack_linears,
+                                  pack_targets, packing_available, unpack_linears)
 from smolvlm.weights.safetensors_io import load_safetensors
 from tests.helpers import logits, tiny_config, watched_layer_reads
 
@@ -256,3 +256,29 @@ def test_fused_parts_run_alone_and_refuse_wrong_shapes(tmp_path):
     key = "model.text_model.layers.1.self_attn.k_proj.weight"
     with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
         packed.load_state_dict({**sd, key: sd[key][:-1]})
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_unpacking_the_text_side_keeps_outputs_fusion_and_checkpoint(tmp_path, tie):
+    """``unpack_linears`` (compile mode max-autotune): the text decoder's and lm_head's packed
+    linears become dense again, fused groups as ``DenseFused``; the vision tower stays packed.
+    bf16 dense F.linear and packed oneDNN differ only in blocking (module docstring's tolerance)."""
+    require_packing(torch.bfloat16)
+    d = save_tiny(tmp_path, tie)
+    plain = SmolVLM.from_pretrained(d, dtype=torch.bfloat16)
+    model = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack=True)
+    names = unpack_linears(model)
+    assert "lm_head" in names and all(n.startswith(("model.text_model.", "lm_head")) for n in names)
+    attn = model.model.text_model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, DenseFused) and attn.q_proj.fused is attn.qkv_proj
+    assert type(model.lm_head) is nn.Linear and type(attn.o_proj) is nn.Linear
+    assert any(isinstance(m, PackedLinear) for m in model.model.vision_model.modules())
+    assert_close(logits(model), logits(plain), **TOL[torch.bfloat16])
+    assert greedy(model) == greedy(plain)
+    want = plain.state_dict()
+    got = model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # loading rows into the parts still writes the fused weight
+    model.load_state_dict({k: torch.zeros_like(v) if k.endswith("k_proj.weight") else v for k, v in want.items()})
+    k_rows = attn.qkv_proj.weight[attn.qkv_proj.rows_of(1)]
+    assert not k_rows.any() and attn.qkv_proj.weight[attn.qkv_proj.rows_of(0)].any()
