@@ -245,8 +245,9 @@ class PackedFused(PackedLinear):
 
 
 class PackedPart(nn.Module):
-    """One projection of a ``PackedFused`` at its original name (``q_proj``...): its ``weight`` and
-    state-dict rows are that slice of the fused weight; calling it alone runs the fused GEMM."""
+    """One projection of a ``PackedFused`` (or, unpacked, a ``DenseFused``) at its original name
+    (``q_proj``...): its ``weight`` and state-dict rows are that slice of the fused weight; calling
+    it alone runs the fused GEMM."""
 
     def __init__(self, fused: PackedFused, index: int) -> None:
         super().__init__()
@@ -285,7 +286,7 @@ class PackedPart(nn.Module):
             self.fused.load_part(self.index, w, found.get("bias"))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused packed linear"
+        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused linear"
 
 
 class DenseFused(nn.Linear):
@@ -302,7 +303,11 @@ class DenseFused(nn.Linear):
         self.sizes = list(fused.sizes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return super().forward(x).split(self.sizes, dim=-1)
+        return self.joint(x).split(self.sizes, dim=-1)
+
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts' outputs side by side, unsplit (..., sum(sizes))."""
+        return F.linear(x, self.weight, self.bias)
 
     rows_of = PackedFused.rows_of
 

@@ -33,7 +33,7 @@ from torch import nn
 from smolvlm.config import TextConfig
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq, rope_tables
-from smolvlm.model.packed import PackedFused, linear_add
+from smolvlm.model.packed import DenseFused, PackedFused, linear_add
 
 
 def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -145,7 +145,7 @@ class TextAttention(nn.Module):
         when they are consecutive (the cache then writes one slice instead of indexing)."""
         b, t, _ = x.shape
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if isinstance(self.qkv_proj, PackedFused):  # q and k side by side in one output: rotate both at once
+        if isinstance(self.qkv_proj, (PackedFused, DenseFused)):  # q and k side by side: rotate both at once
             qkv = self.qkv_proj.joint(x)  # (B, T, (Hq + 2 Hkv) hd)
             qk = apply_rope(qkv[..., : (hq + hkv) * hd].view(b, t, hq + hkv, hd), cos, sin)
             q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[..., (hq + hkv) * hd:].view(b, t, hkv, hd)
