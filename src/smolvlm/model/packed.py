@@ -317,12 +317,9 @@ class DenseFused(nn.Linear):
         if bias is not None and self.bias is not None:
             self.bias[self.rows_of(index)] = bias.to(self.bias.dtype)
 
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        pass  # the parts save their rows
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        pass  # the parts load their rows
+    # no state-dict entries of its own: the parts save and load their rows
+    _save_to_state_dict = PackedFused._save_to_state_dict
+    _load_from_state_dict = PackedFused._load_from_state_dict
 
 
 @torch.no_grad()
