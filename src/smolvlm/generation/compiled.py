@@ -22,7 +22,8 @@ Two modes (``MODES``), named as ``torch.compile``'s:
   ~17 ms against ~22.5). The text linears are unpacked to dense ones for it
   (``packed.unpack_linears``), and the graph holds its own packed copy of them: the text weights'
   memory twice, per bucket. The compile is never served from the disk cache (Inductor does not
-  cache graphs that hold oneDNN constants): about 70 s per bucket in every process, 256M, 2 cores.
+  cache graphs that hold oneDNN constants): 45-50 s per bucket in every process, 256M bf16, 2 cores
+  (int8/int4 graphs have none: ~13 s once cached).
   Weights changed after the compile are not seen by it.
 
 Greedy tokens are the eager path's (``tests/unit/test_compiled_decode.py``); measured gains: ``bench/ANALYSIS.md``.
