@@ -45,7 +45,9 @@ BUCKET = 256  # cache slots per shape bucket: at most 255 slots of masked-out at
 # faster one kept, so a CPU whose template is slower (or missing, AVX2 bf16) keeps oneDNN.
 MODES: dict[str, dict[str, Any]] = {
     "default": {},
-    "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
+    # autotune_num_choices_displayed=0: no timing tables on stderr the first time a shape is tuned
+    "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                     "autotune_num_choices_displayed": 0},
 }
 
 
