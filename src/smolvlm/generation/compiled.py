@@ -4,7 +4,7 @@ One decode step (embed, 30 decoder layers, norm, head) becomes one generated C++
 RMSNorms, RoPE, cache writes, SiLU-gates and residual adds that eager PyTorch runs as ~1,000
 small kernels and Python calls per token are fused; the GEMVs stay oneDNN's (packed bf16) or
 torch's int8/int4 kernels, called from the graph (``model/packed.py`` wraps the packed ones as
-opaque custom ops for it). As gpt-fast does, the step runs on a static KV cache and attends over
+opaque ``torch.library`` ops for it). As gpt-fast does, the step runs on a static KV cache and attends over
 the whole cache with an explicit mask, so every step of a generation has the same shapes: one
 compile per (batch rows, cache length) bucket. Cache lengths are rounded up to ``BUCKET`` slots;
 a longer context or another batch size compiles again (Inductor keeps compiled graphs on disk,
@@ -21,7 +21,7 @@ Two modes (``MODES``), named as ``torch.compile``'s:
   epilogues fused) where oneDNN's calls cost ~18 us of overhead each (256M bf16 step at 900 ctx:
   ~17 ms against ~22.5). The text linears are unpacked to dense ones for it
   (``packed.unpack_linears``), and the graph holds its own packed copy of them: the text weights'
-  memory twice, per bucket. The compile is never served from the disk cache (Inductor does not
+  memory twice, per bucket. A float graph is never served from the disk cache (Inductor does not
   cache graphs that hold oneDNN constants): 45-50 s per bucket in every process, 256M bf16, 2 cores
   (int8/int4 graphs have none: ~13 s once cached).
   Weights changed after the compile are not seen by it.
