@@ -15,9 +15,10 @@ import numpy as np
 PROMPT_LEN = 900  # decode is measured at a ~900-token context
 QUESTION = "Describe this image in detail."
 GREEDY_N = 32  # greedy ids after the decode prompt, for the agreement row
-# ours through the compiled decode step (smolvlm --compile-mode): VLM engine -> mode, text-row suffix -> mode
-COMPILED_ENGINES = {"ours-compiled": "default", "ours-compiled-max": "max-autotune"}
+# ours through the compiled decode step (smolvlm --compile-mode): engine-name suffix -> mode
+# (VLM engines ours-compiled, ours-compiled-max; text rows ours-<quantize>-compiled...)
 COMPILED_SUFFIXES = {"compiled": "default", "compiled-max": "max-autotune"}
+COMPILED_ENGINES = {f"ours-{suffix}": mode for suffix, mode in COMPILED_SUFFIXES.items()}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

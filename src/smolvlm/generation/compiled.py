@@ -32,6 +32,8 @@ Without a C++ compiler, or if compiling fails, generation says why once on stder
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import sys
 from typing import Any, Callable
@@ -87,7 +89,14 @@ class CompiledDecode:
         self.problem = compiler_problem()
         self.buckets: set[tuple[int, int]] = set()
         self._compiled: Callable[..., torch.Tensor] | None = None
+        # The options must hold while Dynamo traces (freezing changes how it lifts the weights), not
+        # only while Inductor compiles: torch.compile(options=) is too late. ~23 us a step; none by default.
+        self._options: Callable[[], Any] = contextlib.nullcontext
         if self.problem is None:
+            if MODES[mode]:
+                from torch._inductor import config as inductor_config
+
+                self._options = functools.partial(inductor_config.patch, MODES[mode])
             if MODES[mode].get("freezing"):
                 unpack_linears(model)  # freezing packs dense weights its own way
             self._compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
@@ -107,11 +116,7 @@ class CompiledDecode:
                  cache: Any) -> torch.Tensor:
         if self._compiled is not None:
             try:
-                # the options must hold while Dynamo traces (freezing changes how it lifts the
-                # weights), not only while Inductor compiles: torch.compile(options=) is too late
-                from torch._inductor import config as inductor_config
-
-                with inductor_config.patch(MODES[self.mode]):  # ~23 us a step
+                with self._options():
                     logits = self._compiled(tok, mask, position_ids, slot, cache)
                 self.buckets.add((tok.shape[0], mask.shape[1]))
                 return logits

@@ -33,7 +33,7 @@ from torch import nn
 from smolvlm.config import TextConfig
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq, rope_tables
-from smolvlm.model.packed import DenseFused, PackedFused, linear_add
+from smolvlm.model.packed import linear_add
 
 
 def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -124,7 +124,7 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=cfg.attention_bias)
-        self.qkv_proj: nn.Module | None = None  # q/k/v as one packed weight, set by packing (model/packed.py)
+        self.qkv_proj: nn.Module | None = None  # q/k/v as one weight with .joint(), set by model/packed.py
 
     def forward(
         self,
@@ -145,7 +145,7 @@ class TextAttention(nn.Module):
         when they are consecutive (the cache then writes one slice instead of indexing)."""
         b, t, _ = x.shape
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if isinstance(self.qkv_proj, (PackedFused, DenseFused)):  # q and k side by side: rotate both at once
+        if self.qkv_proj is not None:  # fused q/k/v (packed or not): q and k side by side, rotate both at once
             qkv = self.qkv_proj.joint(x)  # (B, T, (Hq + 2 Hkv) hd)
             qk = apply_rope(qkv[..., : (hq + hkv) * hd].view(b, t, hq + hkv, hd), cos, sin)
             q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[..., (hq + hkv) * hd:].view(b, t, hkv, hd)
