@@ -162,20 +162,27 @@ def test_save_load_roundtrip_identical(tmp_path, mode, tie):
 
 
 def test_int4_kernel_layout_is_the_one_copy_and_saves_as_nibbles(tmp_path):
-    """Where the output width is a multiple of 64 the CPU kernel's layout is a byte rearrangement of
-    ``pack_nibbles`` (checked against torch's own conversion), so the first kernel call replaces the
-    nibble buffer by it instead of keeping both; a width that is not a multiple of 64 keeps the
+    """Where the output width is a multiple of the CPU's row block (64 with AVX-512, 32 with AVX2: torch
+    picks it by ISA, so both CPU kinds are covered by whichever runs this) the CPU kernel's layout is a
+    byte rearrangement of ``pack_nibbles`` (checked against torch's own conversion), so the first kernel
+    call replaces the nibble buffer by it instead of keeping both; a width that is not a multiple of it keeps the
     nibbles plus torch's converted copy. The kernel's bf16 scales-and-zeros table is then the only
     copy of the scales and zeros (``scales``/``zeros`` are views of it): state dicts and saving
     still give float32 (the bf16 values the kernel computes with), nibbles, and the same outputs
     once loaded again."""
-    from smolvlm.quantization.int4 import _kernel_layout_matches_torch, from_kernel_layout, to_kernel_layout
+    from smolvlm.quantization.int4 import from_kernel_layout, kernel_block, to_kernel_layout
 
-    assert _kernel_layout_matches_torch()
+    block = kernel_block()
+    assert block in (32, 64)
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 16, (192, 128), generator=g, dtype=torch.int32)
-    assert torch.equal(to_kernel_layout(pack_nibbles(q)), torch._convert_weight_to_int4pack_for_cpu(q, 1))
-    assert torch.equal(from_kernel_layout(to_kernel_layout(pack_nibbles(q))), pack_nibbles(q))
+    assert torch.equal(to_kernel_layout(pack_nibbles(q), block), torch._convert_weight_to_int4pack_for_cpu(q, 1))
+    assert torch.equal(from_kernel_layout(to_kernel_layout(pack_nibbles(q), block), block), pack_nibbles(q))
+    for b in (32, 64):  # the byte rule for both CPU kinds, whichever this one is
+        k = to_kernel_layout(pack_nibbles(q), b).view(192 // b, 128, b // 2)
+        blk, kk, i = 2, 77, b // 2 - 3
+        assert int(k[blk, kk, i]) == int(q[blk * b + i, kk]) | int(q[blk * b + b // 2 + i, kk]) << 4
+        assert torch.equal(from_kernel_layout(k.view(192, 64), b), pack_nibbles(q))
     for n, one_copy in ((128, True), (80, False)):
         m = Int4Linear.from_linear(linear(k=128, n=n, bias=False), 32)
         before = {k: v.clone() for k, v in m.state_dict().items()}

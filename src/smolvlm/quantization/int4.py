@@ -122,39 +122,39 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1)
 
 
-KERNEL_BLOCK = 64  # output rows per block of the CPU kernel's layout
-
-
-def to_kernel_layout(p: torch.Tensor) -> torch.Tensor:
+def to_kernel_layout(p: torch.Tensor, block: int) -> torch.Tensor:
     """(N, K/2) nibbles (``pack_nibbles``) -> the layout ``_convert_weight_to_int4pack_for_cpu(q, 1)``
-    gives (torch 2.13, N a multiple of 64): for each block of 64 rows and each input channel k,
-    32 bytes, byte i = row i (low nibble) | row 32 + i (high). The same bytes rearranged, so the
-    kernel's copy can be the only one (``_kernel_layout_matches_torch`` checks the rule at runtime)."""
+    gives (torch 2.13, N a multiple of ``block``): for each block of rows and each input channel k,
+    block/2 bytes, byte i = row i (low nibble) | row block/2 + i (high). The same bytes rearranged, so
+    the kernel's copy can be the only one. The block is the CPU's: 64 with AVX-512, 32 with AVX2
+    (``kernel_block`` finds it at runtime)."""
     n, half = p.shape
-    b = unpack_nibbles(p).view(n // KERNEL_BLOCK, KERNEL_BLOCK, 2 * half).transpose(1, 2)  # (N/64, K, 64)
-    return (b[..., :KERNEL_BLOCK // 2] | (b[..., KERNEL_BLOCK // 2:] << 4)).contiguous().view(n, half)
+    b = unpack_nibbles(p).view(n // block, block, 2 * half).transpose(1, 2)  # (N/block, K, block)
+    return (b[..., :block // 2] | (b[..., block // 2:] << 4)).contiguous().view(n, half)
 
 
-def kernel_layout_values(k: torch.Tensor) -> torch.Tensor:
+def kernel_layout_values(k: torch.Tensor, block: int) -> torch.Tensor:
     """``to_kernel_layout`` bytes (N, K/2) -> the 4-bit values (N, K) uint8 0..15, row order restored."""
     n, half = k.shape
-    b = k.view(n // KERNEL_BLOCK, 2 * half, KERNEL_BLOCK // 2)  # (N/64, K, 32)
+    b = k.view(n // block, 2 * half, block // 2)  # (N/block, K, block/2)
     return torch.cat((b & 0xF, b >> 4), dim=-1).transpose(1, 2).reshape(n, 2 * half)
 
 
-def from_kernel_layout(k: torch.Tensor) -> torch.Tensor:
+def from_kernel_layout(k: torch.Tensor, block: int) -> torch.Tensor:
     """Inverse of :func:`to_kernel_layout`."""
-    return pack_nibbles(kernel_layout_values(k))
+    return pack_nibbles(kernel_layout_values(k, block))
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_layout_matches_torch() -> bool:
-    """Whether this torch's CPU int4 layout is the one ``to_kernel_layout`` builds (else keep two copies)."""
-    q = torch.randint(0, 16, (2 * KERNEL_BLOCK, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+def kernel_block() -> int | None:
+    """The row block of this torch's CPU int4 layout when it is ``to_kernel_layout``'s rule (torch
+    picks it by ISA: 64 on AVX-512, 32 on AVX2), else None (then two copies are kept)."""
+    q = torch.randint(0, 16, (128, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     try:
-        return torch.equal(torch._convert_weight_to_int4pack_for_cpu(q, 1), to_kernel_layout(pack_nibbles(q)))
+        want = torch._convert_weight_to_int4pack_for_cpu(q, 1)
     except (RuntimeError, AttributeError):
-        return False
+        return None
+    return next((b for b in (64, 32) if torch.equal(want, to_kernel_layout(pack_nibbles(q), b))), None)
 
 
 class Int4Linear(nn.Module):
@@ -197,8 +197,9 @@ class Int4Linear(nn.Module):
         """Rows ``start:stop`` of the 4-bit values, (N', K) uint8 0..15, from either layout."""
         if not self._kernel_layout:
             return unpack_nibbles(self.weight_uint4[start:stop])
-        b0, b1 = start // KERNEL_BLOCK * KERNEL_BLOCK, -(-stop // KERNEL_BLOCK) * KERNEL_BLOCK
-        return kernel_layout_values(self.weight_uint4[b0:b1])[start - b0:stop - b0]
+        block = kernel_block()
+        b0, b1 = start // block * block, -(-stop // block) * block
+        return kernel_layout_values(self.weight_uint4[b0:b1], block)[start - b0:stop - b0]
 
     def dequantized_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of ``dequantize_int4`` (float32 (N', K), bit for bit), built in one buffer."""
@@ -234,8 +235,8 @@ class Int4Linear(nn.Module):
             return
         if self._kernel_layout:
             packed = self.weight_uint4
-        elif self.out_features % KERNEL_BLOCK == 0 and _kernel_layout_matches_torch():
-            packed = self.weight_uint4 = to_kernel_layout(self.weight_uint4)  # the nibble copy goes
+        elif (block := kernel_block()) and self.out_features % block == 0:
+            packed = self.weight_uint4 = to_kernel_layout(self.weight_uint4, block)  # the nibble copy goes
             self._kernel_layout = True
         else:
             packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight_uint4).to(torch.int32), 1)
