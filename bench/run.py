@@ -50,7 +50,15 @@ LLAMA_MMPROJ = {"bfloat16": "mmproj-bf16.gguf", "float32": "mmproj-f32.gguf"}
 from _harness.peer_common import COMPILED_ENGINES, COMPILED_SUFFIXES  # noqa: E402 - after the sys.path line
 
 VLM_ENGINES = ["ours", "transformers", *OV_EXPORTS, *LLAMA_TEXT]
-RAW = CACHE / "run_results.json"
+RAW = CACHE / "run_results.json"  # the raw rows behind bench/RESULTS.md (--out picks another report)
+
+
+def outputs(out: str) -> tuple[Path, Path, Path]:
+    """--out bench/RESULTS-avx2.md -> (that file, bench/results-avx2.png, bench/.cache/run_results-avx2.json):
+    one report per machine kind, each with its own raw rows, so --append never mixes two CPUs."""
+    md = Path(out).resolve()
+    tag = md.stem[len("RESULTS"):] if md.stem.startswith("RESULTS") else "-" + md.stem
+    return md, md.with_name(f"results{tag}.png"), RAW.with_name(f"run_results{tag}.json")
 TEXT = ("Here is a short passage about the history of astronomy. Early observers tracked the motion of the "
         "planets against the fixed stars, built calendars from the cycles of the Sun and the Moon, and later "
         "used telescopes to discover moons, rings and distant galaxies. Please summarise it in a few sentences.")
@@ -242,9 +250,10 @@ def run_text(args: argparse.Namespace, rows: list[dict]) -> None:
 
 
 def save_raw(args: argparse.Namespace, **parts: object) -> None:
-    data = json.loads(RAW.read_text()) if RAW.is_file() else {}
+    raw = outputs(args.out)[2]
+    data = json.loads(raw.read_text()) if raw.is_file() else {}
     data.update(parts)
-    RAW.write_text(json.dumps(data))
+    raw.write_text(json.dumps(data))
 
 
 OV_VERSIONS = ("from importlib.metadata import version as v; "
@@ -324,8 +333,9 @@ def write_report(args: argparse.Namespace, data: dict) -> None:
                   "3 random 48-token prompts, 32 greedy tokens; int8/int4 quantize the text decoder + lm_head.", "",
                   *report.agree256_table(agree)]
     lines += ["## 5. Targets and analysis", "", data.get("analysis", "(see the report of the benchmark engineer)"), ""]
-    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines))
-    report.plot(vlm, text, ROOT / "bench" / "results.png")
+    md, png, _ = outputs(args.out)
+    md.write_text("\n".join(lines))
+    report.plot(vlm, text, png)
 
 
 def main() -> None:
@@ -347,7 +357,10 @@ def main() -> None:
                     help="also run ours through the compiled decode step in mode max-autotune (smolvlm --compile-mode "
                          "max-autotune): text rows ours-{none,int8,int4}-compiled-max and the VLM engine ours-compiled-max")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
-    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from bench/.cache/run_results.json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from its raw rows in bench/.cache")
+    ap.add_argument("--out", default="bench/RESULTS.md",
+                    help="the report to write (default bench/RESULTS.md); bench/RESULTS-X.md keeps its own raw rows "
+                         "(bench/.cache/run_results-X.json) and chart (bench/results-X.png): one report per CPU kind")
     ap.add_argument("--append", action="store_true",
                     help="add to the rows of the previous run instead of starting over (measure models in stages)")
     ap.add_argument("--analysis-file", default=None, help="markdown file pasted into section 5")
@@ -380,9 +393,10 @@ def main() -> None:
     args.text_reps = args.text_reps or args.reps
     skip = set(args.skip.split(","))
     if not args.report_only:
-        old = json.loads(RAW.read_text()) if args.append and RAW.is_file() else {}
-        if RAW.is_file() and not args.append:
-            RAW.unlink()
+        raw = outputs(args.out)[2]
+        old = json.loads(raw.read_text()) if args.append and raw.is_file() else {}
+        if raw.is_file() and not args.append:
+            raw.unlink()
         commands = old.get("commands", []) + [".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])]
         save_raw(args, commands=commands, machine=machine())
         rows: list[dict] = [r for r in old.get("rows", [])  # keep what this run does not measure again
@@ -398,11 +412,12 @@ def main() -> None:
             r = child(me("--child", "agree", "--ckpt", str(CACHE / "256M" / "ckpt")), "agreement 256M")
             if r:
                 save_raw(args, agree256=r)
-    data = json.loads(RAW.read_text())
+    md, png, raw = outputs(args.out)
+    data = json.loads(raw.read_text())
     if args.analysis_file:
         data["analysis"] = Path(args.analysis_file).read_text()
     write_report(args, data)
-    print(f"wrote {ROOT / 'bench' / 'RESULTS.md'} and results.png")
+    print(f"wrote {md} and {png}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 6. re-tie lm_head where the config ties it (``SmolVLM.lm_head_is_tied``: a tied head may be absent);
 7. quantize (``quantize=``) or pack (``pack=True``): the target linears are read one layer at a
    time, each quantized or packed before the next is read (``quantization.quantize_while_loading``,
-   ``model.packed.pack_linears``);
+   ``model.packed.pack_linears``); with ``pack`` asked for, bf16 layers on a CPU without a fast bf16
+   path (AVX2-only) compute their GEMMs in float32 (``model.upcast``);
 8. attach the generation config.
 """
 
@@ -32,6 +33,7 @@ from smolvlm.hub import resolve_checkpoint_dir
 from smolvlm.memory import release_freed_memory
 from smolvlm.model.layers import RMSNorm
 from smolvlm.model.packed import pack_linears, pack_targets, packing_available, packing_pays
+from smolvlm.model.upcast import upcast_slow_bf16
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.weights import default_model
 from smolvlm.weights.check import check_keys, expected_shapes
@@ -128,7 +130,9 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     ``quantization.quantize``). ``pack``: inference only (``model/packed.py``;
     ignored with quantization or where unavailable; ``"auto"``: only where it is faster,
     ``packed.packing_pays``); packed weights are read into private memory
-    and freed once packed. ``mmap``: alias the file's copy-on-write mapping when no conversion is
+    and freed once packed. With ``pack`` (any true value) a bf16 model on a CPU whose oneDNN has no
+    bf16 (AVX2-only) also gets float32-computed GEMMs and patch convolution (``model/upcast.py``:
+    5x faster vision and prefill there, the same numerics up to summation order). ``mmap``: alias the file's copy-on-write mapping when no conversion is
     needed (``safetensors_io.py``). Returns the model in eval mode.
     """
     quantization.check_mode(quantize)
@@ -158,6 +162,7 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     if pack not in (True, False, "auto"):
         raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
     can_pack = packing_pays if pack == "auto" else packing_available
+    inference = bool(pack)  # pack asks for this CPU's fastest inference layers: packed, or bf16 computed in fp32
     pack = bool(pack) and quantize == "none" and not saved and can_pack(dtype, device)
     meta_dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     # Quantizing or packing at load: the target linears' weights are left out of the bulk read and
@@ -187,6 +192,8 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     still_meta = sorted(set(missing) - optional - later) + [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:  # cannot happen after check_keys; guards against a model/loader mismatch
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta[:5])}")
+    if inference:
+        upcast_slow_bf16(model)  # a no-op unless bf16 on a CPU whose oneDNN has no bf16 (AVX2-only)
     model.generation_config = read_generation_config(directory)
     return model.eval()
 

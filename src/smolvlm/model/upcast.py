@@ -1,0 +1,76 @@
+"""bf16 GEMMs and convolutions computed in float32 where this CPU has no fast bf16 path (AVX2-only).
+
+oneDNN's bf16 kernels need AVX-512; on an AVX2-only CPU PyTorch falls back to slow bf16 code.
+Measured on an AMD EPYC (AVX2 only), 2 threads, torch 2.13: ``F.linear`` of 1024 x 768 by 768 x 3072
+takes 161 ms in bf16 against 36 ms with both operands converted to float32 first (conversion
+included), and the vision tower's 16x16 patch convolution of one 512 px tile 1,524 ms against 8 ms.
+So a bf16 SmolVLM-256M spent 8.7 s per image tile there (prefill: 106 tok/s).
+
+Numerics: a bf16 GEMM multiplies bf16 values, accumulates in float32 and rounds the output to bf16.
+Converting bf16 to float32 is exact, so the float32 GEMM of the converted operands computes the same
+products with float32 accumulation, then rounds once: the same result up to summation order.
+
+Only calls of at least ``MIN_ROWS`` rows convert: a one-token decode step reads each weight once,
+and there the bf16 GEMV is the faster one (1 x 576 by 576 x 1536: 0.08 ms bf16, 0.24 ms converted;
+the two cross near 8 rows). The weights stay bf16 (no second copy); the state dict is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolvlm.model.packed import packing_available
+
+MIN_ROWS = 8
+
+
+def bf16_is_slow(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 GEMMs on ``device`` take PyTorch's slow path: a CPU whose oneDNN cannot run bf16
+    (the probe ``packing_available`` already makes: AVX-512 or AVX-NE-CONVERT needed)."""
+    return torch.device(device).type == "cpu" and not packing_available(torch.bfloat16, device)
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+class UpcastLinear(nn.Linear):
+    """``nn.Linear`` whose bf16 calls of ``MIN_ROWS`` rows or more run in float32 (see module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.numel() >= MIN_ROWS * self.in_features:
+            return F.linear(x.float(), self.weight.float(), _f32(self.bias)).to(x.dtype)
+        return super().forward(x)
+
+
+class UpcastConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose bf16 calls run in float32 (the patch embedding: one call per batch of tiles)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:
+            return self._conv_forward(x.float(), self.weight.float(), _f32(self.bias)).to(x.dtype)
+        return super().forward(x)
+
+
+UPCAST = {nn.Linear: UpcastLinear, nn.Conv2d: UpcastConv2d}
+
+
+def upcast_slow_bf16(model: nn.Module, force: bool = False) -> list[str]:
+    """Turn the model's plain bf16 ``nn.Linear``/``nn.Conv2d`` into their float32-computing
+    subclasses in place, where bf16 is slow on their device (``force``: everywhere; tests). Same
+    parameters and state dict; quantized, packed and LoRA layers (and the layers inside them) are left
+    alone. Inference-time choice, made by the loader with ``pack`` (``weights/load.py``). Returns the
+    names changed."""
+    modules = dict(model.named_modules())
+    done = []
+    for name, m in modules.items():
+        new = UPCAST.get(type(m))
+        parent = modules.get(name.rpartition(".")[0]) if name else None
+        if (new is None or m.weight.dtype != torch.bfloat16 or isinstance(parent, (nn.Linear, nn.Conv2d))
+                or not (force or bf16_is_slow(m.weight.device))):
+            continue
+        m.__class__ = new
+        done.append(name)
+    return done

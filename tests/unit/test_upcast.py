@@ -1,0 +1,92 @@
+"""bf16 GEMMs/convolutions computed in float32 on CPUs without a fast bf16 path (``model/upcast.py``).
+
+Which CPUs that is (AVX2-only) is monkeypatched here, so both policies run on every CPU. Tolerances:
+a bf16 GEMM and the float32 GEMM of the same bf16 operands compute the same products with float32
+accumulation and round once to bf16, so they differ by summation order only: at most about one bf16
+ulp of the output (2e-2 at O(1) values, the bf16 tolerance of the packed tests). A layer left in
+bf16 by mistake would still match at that tolerance, so the layer types are asserted too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from smolvlm import SmolVLM
+from smolvlm.generation.generate import generate_ids
+from smolvlm.model import upcast
+from smolvlm.model.upcast import MIN_ROWS, UpcastConv2d, UpcastLinear, upcast_slow_bf16
+from tests.helpers import tiny_config
+
+TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+def plain_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and m.weight.dtype == torch.bfloat16]
+
+
+def greedy(model: SmolVLM) -> list[int]:
+    ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8]])
+    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+    return generate_ids(model, ids, pixel_values=pv, max_new_tokens=8, eos_token_id=[])[0].tolist()
+
+
+@torch.inference_mode()
+def test_linear_and_conv_compute_in_float32_from_min_rows():
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 96).bfloat16()
+    up = nn.Linear(64, 96).bfloat16()
+    up.load_state_dict(lin.state_dict())
+    assert upcast_slow_bf16(up, force=True) == [""] and type(up) is UpcastLinear
+    for rows in (1, MIN_ROWS - 1):  # decode-sized calls keep the bf16 kernel: bit for bit the plain layer
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        assert torch.equal(up(x), lin(x))
+    x = torch.randn(2, MIN_ROWS, 64, generator=g).bfloat16()
+    got = up(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, F.linear(x.float(), lin.weight.float(), lin.bias.float()).bfloat16())
+    assert_close(got.float(), lin(x).float(), **TOL)
+
+    conv = nn.Conv2d(3, 16, 4, 4).bfloat16()
+    upc = nn.Conv2d(3, 16, 4, 4).bfloat16()
+    upc.load_state_dict(conv.state_dict())
+    upcast_slow_bf16(upc, force=True)
+    assert type(upc) is UpcastConv2d and upc.state_dict().keys() == conv.state_dict().keys()
+    img = torch.randn(2, 3, 16, 16, generator=g).bfloat16()
+    assert upc(img).dtype == torch.bfloat16
+    assert_close(upc(img).float(), conv(img).float(), **TOL)
+    fp = nn.Linear(8, 8)  # float32 layers are never touched
+    assert upcast_slow_bf16(fp, force=True) == [] and type(fp) is nn.Linear
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_loader_upcasts_bf16_only_where_it_is_slow(tmp_path: Path, monkeypatch, slow):
+    torch.manual_seed(0)
+    d = tmp_path / "ckpt"
+    SmolVLM.from_config(tiny_config("smolvlm")).save_pretrained(d)
+    monkeypatch.setattr(upcast, "bf16_is_slow", lambda device="cpu": slow)
+    plain = SmolVLM.from_pretrained(d, dtype=torch.bfloat16)  # pack=False: the reference modules, always
+    assert not any(isinstance(m, (UpcastLinear, UpcastConv2d)) for m in plain.modules())
+    fast = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack="auto")
+    ups = [n for n, m in fast.named_modules() if isinstance(m, (UpcastLinear, UpcastConv2d))]
+    if slow:  # every bf16 layer packing left plain computes in float32, the patch embedding among them
+        assert plain_layers(fast) == [] and "model.vision_model.embeddings.patch_embedding" in ups
+        assert "model.connector.modality_projection.proj" in ups
+    else:
+        assert ups == []
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8, 9, 10, 11]])
+    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.inference_mode():
+        assert_close(fast(input_ids=ids, pixel_values=pv).logits.float(),
+                     plain(input_ids=ids, pixel_values=pv).logits.float(), **TOL)
+    assert greedy(fast) == greedy(plain)
+    assert not any(isinstance(m, (UpcastLinear, UpcastConv2d))
+                   for m in SmolVLM.from_pretrained(d, pack="auto").modules())  # float32: nothing to do
+    quantized = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, quantize="int8", pack="auto")
+    assert isinstance(quantized.model.vision_model.embeddings.patch_embedding, UpcastConv2d) == slow
