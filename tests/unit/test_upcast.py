@@ -80,6 +80,8 @@ def test_loader_upcasts_bf16_only_where_it_is_slow(tmp_path: Path, monkeypatch, 
     else:
         assert ups == []
     assert fast.state_dict().keys() == plain.state_dict().keys()
+    late = SmolVLM.from_pretrained(d, dtype=torch.bfloat16).pack_for_inference(auto=True)  # the same after loading
+    assert [n for n, m in late.named_modules() if isinstance(m, (UpcastLinear, UpcastConv2d))] == ups
     ids = torch.tensor([[5, 299, 299, 299, 299, 7, 8, 9, 10, 11]])
     pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
     with torch.inference_mode():

@@ -19,6 +19,7 @@ from smolvlm.model.connector import Connector
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import cpu_attends_fast_in
 from smolvlm.model.packed import pack_linears
+from smolvlm.model.upcast import upcast_slow_bf16
 from smolvlm.model.text import TextModel
 from smolvlm.model.vision import VisionTransformer
 
@@ -113,8 +114,10 @@ class SmolVLM(nn.Module):
 
         A no-op where packing is unavailable (``auto=True``: also where it is not faster on this CPU,
         as ``from_pretrained(pack="auto")``). ``from_pretrained(pack=True)`` does the same with
-        less peak memory (the packed weights are never mapped from the file)."""
+        less peak memory (the packed weights are never mapped from the file). Like the loader, a bf16
+        model on a CPU without a fast bf16 path computes its larger GEMMs in float32 (``model/upcast.py``)."""
         pack_linears(self, auto=auto)
+        upcast_slow_bf16(self)
         return self
 
     @classmethod
