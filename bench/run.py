@@ -19,6 +19,7 @@ skipped the same way where they are missing.
     .venv/bin/python bench/run.py --models 256M,500M,2.2B --dtypes bfloat16 --reps 2
     .venv/bin/python bench/run.py --quick                          # 1 rep, smaller workloads
     .venv/bin/python bench/run.py --engines ours,openvino          # a subset of the VLM engines
+    .venv/bin/python bench/run.py --out bench/RESULTS-avx2.md      # another CPU kind: its own report
 """
 
 from __future__ import annotations
@@ -266,12 +267,19 @@ def machine() -> dict[str, str]:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    return {"CPU": cpu, "cores (os.cpu_count)": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
+    return {"CPU": cpu, "CPU flags (SIMD)": cpu_flags(), "cores (os.cpu_count)": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llama-cpp-python": sh([str(LLAMA_PY), "-c", "import llama_cpp; print(llama_cpp.__version__)"]),
             "openvino / optimum-intel / transformers (bench venv)": sh([str(OV_PY), "-c", OV_VERSIONS]),
             "commit": sh(["git", "rev-parse", "--short", "HEAD"]) + (" + uncommitted changes" if sh(["git", "status", "--porcelain", "src", "bench"]) else ""),
             "date": datetime.datetime.now().isoformat(timespec="minutes")}
+
+
+def cpu_flags() -> str:
+    """The SIMD flags that decide the kernels (AVX2-only vs AVX-512 BF16/AMX), from /proc/cpuinfo."""
+    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("flags")), [])
+    return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))) or "-"
 
 
 def write_report(args: argparse.Namespace, data: dict) -> None:
