@@ -92,3 +92,30 @@ def test_loader_upcasts_bf16_only_where_it_is_slow(tmp_path: Path, monkeypatch, 
                    for m in SmolVLM.from_pretrained(d, pack="auto").modules())  # float32: nothing to do
     quantized = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, quantize="int8", pack="auto")
     assert isinstance(quantized.model.vision_model.embeddings.patch_embedding, UpcastConv2d) == slow
+
+
+@pytest.mark.parametrize("slow", [True, False])
+@torch.inference_mode()
+def test_quantized_prefill_runs_in_float32_where_bf16_is_slow(monkeypatch, slow):
+    """The int8/int4 layers' dequantizing path (prefill-sized calls; their kernels take the small
+    ones) asks ``compute_dtype``: float32 where bf16 is slow, bit for bit the float32 product of the
+    same dequantized weights; else bf16, as before. Both agree at the bf16 tolerance."""
+    from smolvlm.quantization.int4 import Int4Linear
+    from smolvlm.quantization.int8 import Int8Linear
+
+    monkeypatch.setattr(upcast, "bf16_is_slow", lambda device="cpu": slow)
+    torch.manual_seed(0)
+    base = nn.Linear(64, 96, bias=False).bfloat16()
+    for layer, rows in ((Int8Linear.from_linear(base), 16), (Int4Linear.from_linear(base, 32), 200)):
+        x = torch.randn(rows, 64).bfloat16()
+        got = layer(x)
+        w = layer.dequantized_weight(torch.float32) if isinstance(layer, Int4Linear) else \
+            layer.weight_int8.float() * layer.scale.float()[:, None]
+        f32 = F.linear(x.float(), w)
+        assert got.dtype == torch.bfloat16
+        if slow and isinstance(layer, Int4Linear):
+            assert torch.equal(got, f32.bfloat16())
+        assert_close(got.float(), f32, **TOL)
+        if slow and isinstance(layer, Int8Linear):  # the scale applied in float32, after the product
+            want = (F.linear(x.float(), layer.weight_int8.float()) * layer.scale.float()).bfloat16()
+            assert torch.equal(got, want)

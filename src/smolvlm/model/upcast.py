@@ -32,6 +32,14 @@ def bf16_is_slow(device: torch.device | str = "cpu") -> bool:
     return torch.device(device).type == "cpu" and not packing_available(torch.bfloat16, device)
 
 
+def compute_dtype(x: torch.Tensor, in_features: int) -> torch.dtype:
+    """The dtype to run a matrix product of ``x`` in: float32 for a bf16 call of ``MIN_ROWS`` rows or
+    more where bf16 is slow (the quantized layers' dequantizing prefill path asks this), else x's."""
+    if x.dtype == torch.bfloat16 and x.numel() >= MIN_ROWS * in_features and bf16_is_slow(x.device):
+        return torch.float32
+    return x.dtype
+
+
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 

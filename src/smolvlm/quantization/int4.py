@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm.model.upcast import compute_dtype
 from smolvlm.quantization.int8 import row_chunks  # same chunking
 
 # Above this many input rows the layer dequantizes and calls ``linear`` instead of the int4 kernel,
@@ -252,7 +253,8 @@ class Int4Linear(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)  # (M, N)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            y = F.linear(x, self.dequantized_weight(x.dtype))
+            cd = compute_dtype(x, self.in_features)  # float32 for a bf16 prefill on AVX2-only CPUs
+            y = F.linear(x.to(cd), self.dequantized_weight(cd)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm.model.upcast import compute_dtype
+
 _FAST = (torch.bfloat16, torch.float16)
 # The int8 kernel is a GEMV at heart: at M=1 it beats bf16 ``linear`` ~2x (half the bytes), at
 # M=900 (prefill) it is ~4x slower than dequantize + oneDNN GEMM (measured on the 2-core AMD EPYC
@@ -97,7 +99,9 @@ class Int8Linear(nn.Module):
         else:
             # The per-row scale commutes with the matmul: (x @ q^T) * s == x @ (q * s)^T.
             # (Prefill-sized inputs and fp32 land here: compute-bound, the weight cast is cheap.)
-            y = F.linear(x, self.weight_int8.to(x.dtype)) * self._scales_for(x.dtype)
+            # bf16 prefill on a CPU without fast bf16 GEMMs (AVX2-only) runs in float32 (model/upcast.py).
+            cd = compute_dtype(x, self.in_features)
+            y = (F.linear(x.to(cd), self.weight_int8.to(cd)) * self._scales_for(cd)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
