@@ -421,6 +421,9 @@ def main() -> None:
             if r:
                 save_raw(args, agree256=r)
     md, png, raw = outputs(args.out)
+    if not raw.is_file():
+        raise SystemExit(f"{raw} missing: no run has measured rows for {md.name} on this machine yet "
+                         "(run without --report-only first)")
     data = json.loads(raw.read_text())
     if args.analysis_file:
         data["analysis"] = Path(args.analysis_file).read_text()

@@ -17,6 +17,8 @@ the two cross near 8 rows). The weights stay bf16 (no second copy); the state di
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,15 +31,24 @@ MIN_ROWS = 8
 def bf16_is_slow(device: torch.device | str = "cpu") -> bool:
     """Whether bf16 GEMMs on ``device`` take PyTorch's slow path: a CPU whose oneDNN cannot run bf16
     (the probe ``packing_available`` already makes: AVX-512 or AVX-NE-CONVERT needed)."""
-    return torch.device(device).type == "cpu" and not packing_available(torch.bfloat16, device)
+    return torch.device(device).type == "cpu" and _cpu_bf16_is_slow()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_is_slow() -> bool:
+    return not packing_available(torch.bfloat16, "cpu")
+
+
+def _wide_bf16(x: torch.Tensor, in_features: int) -> bool:
+    """A bf16 call of ``MIN_ROWS`` rows or more: the ones worth converting (module docstring)."""
+    return x.dtype == torch.bfloat16 and x.numel() >= MIN_ROWS * in_features
 
 
 def compute_dtype(x: torch.Tensor, in_features: int) -> torch.dtype:
-    """The dtype to run a matrix product of ``x`` in: float32 for a bf16 call of ``MIN_ROWS`` rows or
-    more where bf16 is slow (the quantized layers' dequantizing prefill path asks this), else x's."""
-    if x.dtype == torch.bfloat16 and x.numel() >= MIN_ROWS * in_features and bf16_is_slow(x.device):
-        return torch.float32
-    return x.dtype
+    """The dtype to run a matrix product of ``x`` in: float32 for a wide bf16 call where bf16 is
+    slow (asked per call by the quantized layers' dequantizing prefill path, which the loader does
+    not swap), else x's."""
+    return torch.float32 if _wide_bf16(x, in_features) and bf16_is_slow(x.device) else x.dtype
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -48,7 +59,7 @@ class UpcastLinear(nn.Linear):
     """``nn.Linear`` whose bf16 calls of ``MIN_ROWS`` rows or more run in float32 (see module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() >= MIN_ROWS * self.in_features:
+        if _wide_bf16(x, self.in_features):
             return F.linear(x.float(), self.weight.float(), _f32(self.bias)).to(x.dtype)
         return super().forward(x)
 
