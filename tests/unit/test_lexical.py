@@ -106,6 +106,17 @@ def test_character_targets_put_each_glyph_once_under_its_ink_centre(tok, vocab):
         lexical.word_targets(s, glyphs, GRID, tok, vocab, vp._shapes_of, text_targets="letters")
 
 
+def test_hybrid_targets_read_the_text_category_as_characters_and_receipts_as_pieces(tok, vocab):
+    for category, like in (("text", "characters"), ("receipt", "pieces"), ("form", "pieces")):
+        with record_glyphs() as glyphs:
+            s = make_sample(category, 3)
+        (hybrid,) = lexical.word_targets(s, glyphs, GRID, tok, vocab, vp._shapes_of, text_targets="hybrid")
+        (same,) = lexical.word_targets(s, glyphs, GRID, tok, vocab, vp._shapes_of, text_targets=like)
+        (other,) = lexical.word_targets(s, glyphs, GRID, tok, vocab, vp._shapes_of,
+                                        text_targets="pieces" if like == "characters" else "characters")
+        assert torch.equal(hybrid, same) and not torch.equal(hybrid, other), category
+
+
 def test_a_piece_is_the_target_of_every_token_its_ink_touches():
     assert lexical._touched(GRID, [(0, 0, 10, 10)], 1.0, 1.0) == [0]
     assert lexical._touched(GRID, [(60, 0, 70, 10)], 1.0, 1.0) == [0, 1]  # straddles the 64 px border

@@ -10,7 +10,9 @@ cross-entropy towards what the generator knows lies under that token:
   leading space, as the line would read inside a sentence) whose ink touches the token, in reading
   order; ``"characters"``: each glyph's own single-character token, held by the one token under the
   glyph's ink centre (a letter over two tokens is read twice by the frozen model:
-  ``bench/default_model/probe_spelling.py``), in reading order;
+  ``bench/default_model/probe_spelling.py``), in reading order; ``"hybrid"``: characters for the
+  ``text`` category's arbitrary words, pieces for the recurring strings of receipts and forms (run 7
+  lost receipts with characters everywhere: ``bench/default_model/RESULTS.md``);
 * a shape: its colour word and its kind word (" red", " circle"); a bar: its colour and " bar";
 * nothing: the space token, at a lower weight (``empty_weight``).
 
@@ -97,6 +99,7 @@ def word_targets(sample: dict[str, Any], glyphs: Sequence[Any], grid: Any, token
     text is read as (module doc)."""
     if text_targets not in TEXT_TARGETS:
         raise ValueError(f"text_targets must be one of {TEXT_TARGETS}, got {text_targets!r}")
+    as_characters = text_targets == "characters" or (text_targets == "hybrid" and sample.get("category") == "text")
     n, out = grid.n, []
     runs: dict[int, list[Any]] = {}
     for g in glyphs:
@@ -117,7 +120,7 @@ def word_targets(sample: dict[str, Any], glyphs: Sequence[Any], grid: Any, token
         for run in sorted(runs.values(), key=lambda gs: gs[0].box[1]):
             if run[0].image is not img:
                 continue
-            if text_targets == "characters":
+            if as_characters:
                 for tid, g in line_characters(tokenizer, run):
                     at = grid.token_of((g.box[0] + g.box[2]) / 2 * sx, (g.box[1] + g.box[3]) / 2 * sy)
                     if at is not None:

@@ -104,7 +104,7 @@ class ScheduleRecipe:
     min_lr_ratio: float = 0.0
 
 
-TextTargets = Literal["pieces", "characters"]  # what drawn text is read as in stage 1 (training/lexical.py)
+TextTargets = Literal["pieces", "characters", "hybrid"]  # what drawn text is read as in stage 1 (training/lexical.py)
 
 
 @dataclass
