@@ -159,14 +159,8 @@ class TextAttention(nn.Module):
             # A causal prompt at slots 0..T-1 attends over exactly the k, v just written; reuse them
             # unless the cache rounded them (a cache narrower than the activations).
             if not (is_causal and kc.dtype in (k.dtype, torch.float32)):
-                # Attend only over the L live slots; ``attention`` casts an fp32 cache as needed.
+                # Attend only over the L live slots; ``attention`` attends in an fp32 cache's precision.
                 k, v = kc[:, :, :key_len], vc[:, :, :key_len]  # (B, Hkv, L, hd)
-            if input_pos.dim() == 2 and kc.dtype == torch.float32 != q.dtype:
-                # Per-row decode always has a mask, so ``attention``'s fp32 one-query path does not
-                # apply; do the same here: attend in the fp32 cache's precision, not bf16 (an fp32
-                # cache means bf16 SDPA is slow on this CPU: with a mask, B=8, L=900, 25 vs 5 ms
-                # per layer on the AVX2-only EPYC), round back.
-                return self._out(attention(q.float(), k, v, mask).to(q.dtype), residual)
         return self._out(attention(q, k, v, mask, is_causal=is_causal), residual)  # (B, T, D)
 
     def _out(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
