@@ -131,7 +131,7 @@ def attention(
         # in them, ``cpu_attends_fast_in``): attend in fp32 and round the result back, rather than
         # cast the whole cache down every call. With a mask too: the compiled decode step's static
         # cache, per-row decode, chunked prefill (AVX2 EPYC, 256M, 900 keys: 0.89 ms a layer in
-        # bf16 with the cast, 0.24 in fp32).
+        # bf16 with the cast, about 0.2 in fp32).
         out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=gqa).to(q.dtype)
     else:
