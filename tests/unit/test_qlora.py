@@ -100,9 +100,13 @@ def test_layer_gradients_equal_lora_over_the_dequantized_base(mode, rows, block_
 def test_layer_gradients_bf16_through_the_int_kernel(mode, monkeypatch):
     """bf16 activations, 4 rows: the int8 / int4 CPU kernel computes the base (it has no derivative;
     ``FrozenQuantizedMatmul`` supplies grad_x)."""
-    kernel = "_weight_int8pack_mm" if mode == "int8" else "_weight_int4pack_mm_for_cpu"
-    calls, real = [], getattr(torch, kernel)
-    monkeypatch.setattr(torch, kernel, lambda *a: calls.append(1) or real(*a))
+    from smolvlm import kernels
+
+    # int8: smolvlm's own GEMV where it builds (test_cpu_kernels.py), else PyTorch's
+    owner, kernel = ((torch.ops.smolvlm, "int8_gemv") if kernels.int8_gemv_ready() else (torch, "_weight_int8pack_mm")) \
+        if mode == "int8" else (torch, "_weight_int4pack_mm_for_cpu")
+    calls, real = [], getattr(owner, kernel)
+    monkeypatch.setattr(owner, kernel, lambda *a: calls.append(1) or real(*a))
     ql, ref, _ = qlora_and_reference(mode)
     x = torch.randn(4, 256).to(torch.bfloat16)
     g = torch.randn(4, 128).to(torch.bfloat16).float()  # bf16-exact: both see the same grad_y

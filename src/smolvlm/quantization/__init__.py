@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from torch import nn
 
+from smolvlm import kernels
 from smolvlm.memory import release_freed_memory
 from smolvlm.quantization.int4 import GROUP_SIZES, Int4Linear, erased_update
 from smolvlm.quantization.int8 import Int8Linear
@@ -215,9 +216,12 @@ def _group_sizes(model: "SmolVLM", names: list[str], group_size: int | None) -> 
 def prepare_kernel(module: nn.Module, dtype: torch.dtype) -> None:
     """An int4 module's CPU kernel weights built now, for ``dtype`` activations, where its kernel
     would run (``Int4Linear.prepare_kernel``: one copy of the scales, not two), rather than at the
-    first call, which then interleaves the conversions' temporaries with the first prefill's."""
+    first call, which then interleaves the conversions' temporaries with the first prefill's. An int8
+    module's: smolvlm's GEMV (``smolvlm.kernels``), built or loaded once per process."""
     if isinstance(module, Int4Linear) and module.kernel_supports(dtype, module.scales.device):
         module.prepare_kernel(dtype)
+    elif isinstance(module, Int8Linear) and module.weight_int8.device.type == "cpu":
+        kernels.prepare()  # smolvlm's int8 GEMV, built once (not inside the first forward, nor a compiled trace)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm import kernels
 from smolvlm.model.upcast import compute_dtype
 
 _FAST = (torch.bfloat16, torch.float16)
@@ -89,8 +90,25 @@ class Int8Linear(nn.Module):
             s = self._scale_cast = self.scale.to(dtype)
         return s
 
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` takes a CPU GEMV kernel (decode-sized rows). The kernels have no
+        backward, so an input that needs a gradient here takes the dequantize path (QLoRA's
+        ``FrozenQuantizedMatmul`` calls ``forward`` without grad mode and supplies grad_x itself)."""
+        return (x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and (x.dtype in _FAST or (x.is_floating_point() and self._own_kernel())))
+
+    def _own_kernel(self) -> bool:
+        return self.in_features % 16 == 0 and kernels.int8_gemv_ready()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in _FAST and x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
+        if self.kernel_applies(x) and self._own_kernel():
+            # smolvlm's AVX2 GEMV (kernels/int8_gemv.cpp): float32 sums, any float dtype, 1.3-1.7x
+            # the stream rate of PyTorch's kernel over a decode step (bench/ANALYSIS.md)
+            s = self.scale if self.scale.dtype == torch.float32 else self.scale.float()  # after a module .to(dtype)
+            y = torch.ops.smolvlm.int8_gemv(x.reshape(-1, self.in_features), self.weight_int8, s)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        elif self.kernel_applies(x):  # bf16/fp16: PyTorch's int8 kernel
             x2 = x.reshape(-1, self.in_features)  # (M, K)
             if not x2.is_contiguous():
                 x2 = x2.contiguous()

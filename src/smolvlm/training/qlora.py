@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from smolvlm.quantization import Int4Linear, Int8Linear
-from smolvlm.quantization import int8 as _q8
 from smolvlm import quantization
 from smolvlm.training.lora_layer import LoRAError, LoRALinear, set_module, target_matches
 from smolvlm.training.optim import prefix_match
@@ -47,18 +46,11 @@ def _dequantized_rows(layer: nn.Module, r0: int, r1: int, dtype: torch.dtype) ->
     return layer.dequantized_rows(r0, r1).to(dtype)
 
 
-def _kernel_applies(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``layer.forward(x)`` takes its int CPU kernel (mirrors ``Int8Linear``; ``Int4Linear`` says)."""
-    if not isinstance(layer, Int8Linear):
-        return layer.kernel_applies(x)
-    return x.device.type == "cpu" and x.numel() <= _q8.KERNEL_MAX_ROWS * layer.in_features and x.dtype in _q8._FAST
-
-
 def _base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` (no graph): the layer's own forward when it takes the int CPU kernel; else what it
     would do instead, dequantize then ``linear``, with the weight rebuilt in place (one float buffer,
     not the several temporaries of ``dequantized_weight``) one row block at a time."""
-    if _kernel_applies(layer, x):
+    if layer.kernel_applies(x):
         return type(layer).forward(layer, x)
     blocks = _row_blocks(layer)
     if len(blocks) == 1:

@@ -1,0 +1,107 @@
+"""smolvlm's native CPU kernels (``smolvlm/kernels``): the AVX2 int8 decode GEMV.
+
+Tolerances. The kernel multiplies exact int8 weights by float32 activations and sums in float32,
+only in another order than the float64 reference: over K <= 576 terms of O(1) products the
+float32 error is ~K * 2^-24 * max|partial sum|, far inside rtol = atol = 1e-4 on outputs of
+O(10). bf16/fp16 inputs are widened exactly and the result rounded once to the input dtype
+(bf16: 2^-8 relative), so rtol = 1e-2 there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from smolvlm import kernels
+from smolvlm.quantization import Int8Linear
+from smolvlm.quantization.int8 import KERNEL_MAX_ROWS
+
+AVX2 = kernels._cpu_problem() is None or kernels._cpu_problem() == f"{kernels.ENV}=0"
+needs_kernel = pytest.mark.skipif(not AVX2, reason=f"no int8 kernel on this machine: {kernels._cpu_problem()}")
+
+
+@needs_kernel
+def test_the_kernel_builds_here():
+    """The test environment has what the build needs (g++ from tools/install-chromium.sh, ninja
+    from the package's dependencies): a failure here means users with AVX2 lose the fast path."""
+    assert kernels.prepare(), kernels.problem()
+    assert kernels.problem() is None
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ (w.double() * s.double()[:, None]).t()).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 96, 128), (3, 97, 128), (KERNEL_MAX_ROWS, 1536, 576), (1, 5, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_gemv_is_the_dequantized_linear(m, n, k, dtype):
+    """Every row of x against every row of w, the last N % 4 rows (97, 5) included, in x's dtype."""
+    g = torch.Generator().manual_seed(m * n + k)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g).to(dtype)
+    got = torch.ops.smolvlm.int8_gemv(x, w, s)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert_close(got.float(), _reference(x, w, s), **tol)
+
+
+@needs_kernel
+def test_int8_gemv_refuses_what_it_cannot_do():
+    w, s = torch.zeros(8, 24, dtype=torch.int8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.smolvlm.int8_gemv(torch.zeros(1, 24), w, s)
+    with pytest.raises(RuntimeError, match="w int8"):
+        torch.ops.smolvlm.int8_gemv(torch.zeros(1, 16), torch.zeros(8, 16), s)
+
+
+def _layer(k: int = 128, n: int = 96) -> Int8Linear:
+    lin = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+    return Int8Linear.from_linear(lin)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_runs_the_kernel_for_decode_rows_only(monkeypatch, dtype):
+    """Up to KERNEL_MAX_ROWS rows without autograd go to the kernel; prefill-sized inputs and inputs
+    that need a gradient (QLoRA training: the op has no backward) take PyTorch's paths, whose
+    results agree with it."""
+    assert kernels.prepare()
+    calls = []
+    op = torch.ops.smolvlm.int8_gemv
+    monkeypatch.setattr(torch.ops.smolvlm, "int8_gemv", lambda *a: calls.append(a[0].shape) or op(*a))
+    q = _layer().to(dtype)
+    ref = lambda x: nn.functional.linear(x.float(), q.dequantized_weight(), q.bias.float())  # noqa: E731
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    x = torch.randn(1, 3, 128).to(dtype)
+    assert_close(q(x).float(), ref(x), **tol)
+    assert calls == [(3, 128)]
+    assert q(torch.randn(1, KERNEL_MAX_ROWS + 1, 128).to(dtype)).shape == (1, KERNEL_MAX_ROWS + 1, 96)
+    assert len(calls) == 1
+    xg = torch.randn(2, 128, dtype=dtype, requires_grad=True)
+    q(xg).float().sum().backward()
+    assert len(calls) == 1
+    assert_close(xg.grad.float(), q.dequantized_weight().sum(0).expand(2, -1), **tol)
+
+
+@needs_kernel
+def test_without_the_kernel_the_same_layer_gives_the_same_numbers(monkeypatch):
+    """``SMOLVLM_CPU_KERNELS=0`` (or a failed build) leaves PyTorch's kernels in place."""
+    q = _layer()
+    x = torch.randn(1, 1, 128)
+    with_kernel = q(x)
+    monkeypatch.setitem(kernels._state, "problem", "off for this test")
+    assert_close(q(x), with_kernel, rtol=1e-5, atol=1e-5)
+
+
+def test_the_switch_and_the_reasons(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert kernels._build() == f"{kernels.ENV}=0"
+    monkeypatch.delenv(kernels.ENV)
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    assert "Linux x86-64 only" in kernels._cpu_problem()
