@@ -2,7 +2,7 @@
 included) is parsed, and a forbidden edge between layers or an import cycle between modules fails.
 
 The layers, each importing only what is below it (docs/ARCHITECTURE.md):
-config, hub -> model -> quantization -> weights; processing; synth; data; generation (takes model
+config, hub -> model -> quantization (-> kernels) -> weights; processing; synth; data; generation (takes model
 and processor as arguments) -> evaluation, training, serving -> cli. The public model class keeps
 ``from_pretrained``/``from_config``/``save_pretrained``/``generate`` as thin facades over weights/
 and generation/: those four calls are the only upward imports, listed in FACADES.
@@ -23,8 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "hub": set(),
     "torchrun": set(),  # torchrun's RANK / WORLD_SIZE
     "memory": set(),  # handing freed heap blocks back to the OS (glibc malloc_trim)
+    "kernels": set(),  # native CPU kernels (torch C++ extensions), built on first use
     "model": {"config"},
-    "quantization": {"config", "model", "memory"},
+    "quantization": {"config", "model", "memory", "kernels"},
     "weights": {"config", "hub", "model", "quantization", "memory"},
     "processing": {"config", "hub"},
     "synth": {"config"},
