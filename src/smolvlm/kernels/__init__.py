@@ -5,7 +5,8 @@ FMA), registered as ``torch.ops.smolvlm.int8_gemv`` with a shape-only ("fake") v
 ``torch.compile`` keeps it inside the compiled decode step. Why it exists: its header.
 
 Nothing needs it: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
-``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. The
+``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
+CPUs with AVX-512 they are not used either unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
 build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
 ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when the source changes.
 """
@@ -24,24 +25,31 @@ _NAME = "smolvlm_int8_gemv"
 _SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
-_state: dict[str, object] = {}  # "problem": str | None once a build was tried
+_state: dict[str, object] = {}  # "built": build problem or None; "use": why Int8Linear does not use it, or None
+
+
+def _cpu_flags() -> list[str] | None:
+    try:
+        return next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")), [])
+    except OSError:
+        return None
 
 
 def _cpu_problem() -> str | None:
+    """Why the kernel cannot be built or run here (None: it can)."""
     if os.environ.get(ENV, "1") == "0":
         return f"{ENV}=0"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return f"no kernel for {sys.platform} {platform.machine()} (Linux x86-64 only)"
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError as e:
-        return f"cannot read /proc/cpuinfo ({e.strerror})"
+    flags = _cpu_flags()
+    if flags is None:
+        return "cannot read /proc/cpuinfo"
     missing = [f for f in ("avx2", "fma") if f not in flags]
     return f"this CPU lacks {' and '.join(missing)}" if missing else None
 
 
-def _build() -> str | None:
+def _compile() -> str | None:
     problem = _cpu_problem()
     if problem:
         return problem
@@ -73,23 +81,36 @@ def _build() -> str | None:
     return None
 
 
+def build() -> str | None:
+    """Build/load ``torch.ops.smolvlm.int8_gemv`` once per process; None when it is there, else why not."""
+    if "built" not in _state:
+        _state["built"] = _compile()
+    return _state["built"]  # type: ignore[return-value]
+
+
 def prepare() -> bool:
-    """Build/load the kernels now (not inside a forward), once per process; True when usable."""
-    if "problem" not in _state:
-        _state["problem"] = _build()
-    return _state["problem"] is None
+    """Decide, once per process and not inside a forward, whether ``Int8Linear`` runs the kernel,
+    building it if so. Only on CPUs without AVX-512: it was measured against PyTorch's kernel on
+    an AVX2-only CPU, where it wins; AVX-512/AMX CPUs keep PyTorch's kernels and Inductor's
+    templates, which use those instructions."""
+    if "use" not in _state:
+        flags = _cpu_flags() or []
+        _state["use"] = ("this CPU has AVX-512: PyTorch's int8 kernels are used" if "avx512f" in flags
+                         and os.environ.get(ENV) != "1" else build())
+    return _state["use"] is None
 
 
 def int8_gemv_ready() -> bool:
-    """Whether ``torch.ops.smolvlm.int8_gemv`` can run; builds it on the first eager call."""
-    if "problem" not in _state:
+    """Whether ``Int8Linear`` runs ``torch.ops.smolvlm.int8_gemv``; decides (and builds) on the first
+    eager call if :func:`prepare` has not run (never inside a ``torch.compile`` trace)."""
+    if "use" not in _state:
         if torch.compiler.is_compiling():
             return False
         prepare()
-    return _state["problem"] is None
+    return _state["use"] is None
 
 
 def problem() -> str | None:
-    """Why the kernels are not used (None: they are), after :func:`prepare`."""
+    """Why ``Int8Linear`` does not use the kernel here (None: it does)."""
     prepare()
-    return _state["problem"]  # type: ignore[return-value]
+    return _state["use"]  # type: ignore[return-value]
