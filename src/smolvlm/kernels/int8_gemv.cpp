@@ -5,18 +5,17 @@
 // float32 and summed in float32, so the result is the dequantized linear up to summation order.
 //
 // Why not PyTorch's _weight_int8pack_mm: decode reads each weight once per token, so the GEMV is a
-// memory stream, and on a 2-core AMD EPYC (AVX2) that kernel streamed 7-9 GB/s over a decode
-// step's 121 distinct layers against 12-15 GB/s here. What makes the difference is a software
-// prefetch PF bytes ahead in each of the 4 rows being read (hardware prefetchers lose the 4
-// interleaved streams at every row-group boundary) and a 4-row x 16-column register tile.
-// Measurements: bench/ANALYSIS.md ("Ninth round").
+// memory stream, and on a 2-core AMD EPYC (AVX2) that kernel streamed 7-9.5 GB/s over a decode
+// step's 121 distinct layers against 22 GB/s here. What makes the difference: each thread reads one
+// contiguous block of rows, row after row (one stream; a 4-row tile, four interleaved streams, ran
+// at 14 GB/s), with a software prefetch PF bytes ahead. Measurements: bench/ANALYSIS.md, ninth round.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 namespace {
 
-constexpr int64_t PF = 2048;  // bytes ahead in each row (1-4 KiB measured alike; 2 KiB is the middle)
+constexpr int64_t PF = 2048;  // bytes ahead (22 GB/s; 1 KiB 19.5, none 16-19)
 
 inline float hsum(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -32,52 +31,29 @@ inline void widen16(const int8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
 }
 
-// Rows [r, r + 4) of w against every row of x (K % 16 == 0): the group's 1-6 KiB stay in L1
-// between the rows of x, so the weights are read from memory once.
-void four_rows(const float* x, int64_t M, const int8_t* w, const float* s, float* y, int64_t r, int64_t K, int64_t N) {
-  const int8_t* w0 = w + r * K;
+// Row r of w against every row of x (K % 16 == 0): the row's K bytes stay in L1 between the rows
+// of x, so the weights are read from memory once. 32 columns a step, 4 independent FMA chains.
+void row(const float* x, int64_t M, const int8_t* w, const float* s, float* y, int64_t r, int64_t K, int64_t N) {
+  const int8_t* wr = w + r * K;
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
-    // lo and hi halves in separate accumulators: 8 independent FMA chains
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (int64_t k = 0; k < K; k += 16) {
-      if (m == 0 && (k & 63) == 0) {  // one cache line per row per 64 columns, PF bytes ahead
-        const char* p = reinterpret_cast<const char*>(w0 + k) + PF;
-        _mm_prefetch(p, _MM_HINT_T0);
-        _mm_prefetch(p + K, _MM_HINT_T0);
-        _mm_prefetch(p + 2 * K, _MM_HINT_T0);
-        _mm_prefetch(p + 3 * K, _MM_HINT_T0);
-      }
-      __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8), lo, hi;
-      widen16(w0 + k, lo, hi);
-      a0 = _mm256_fmadd_ps(lo, x0, a0);
-      b0 = _mm256_fmadd_ps(hi, x1, b0);
-      widen16(w0 + K + k, lo, hi);
-      a1 = _mm256_fmadd_ps(lo, x0, a1);
-      b1 = _mm256_fmadd_ps(hi, x1, b1);
-      widen16(w0 + 2 * K + k, lo, hi);
-      a2 = _mm256_fmadd_ps(lo, x0, a2);
-      b2 = _mm256_fmadd_ps(hi, x1, b2);
-      widen16(w0 + 3 * K + k, lo, hi);
-      a3 = _mm256_fmadd_ps(lo, x0, a3);
-      b3 = _mm256_fmadd_ps(hi, x1, b3);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, lo, hi, lo2, hi2;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + k) + PF, _MM_HINT_T0);
+      widen16(wr + k, lo, hi);
+      widen16(wr + k + 16, lo2, hi2);
+      a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm + k), a0);
+      a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + k + 8), a1);
+      a2 = _mm256_fmadd_ps(lo2, _mm256_loadu_ps(xm + k + 16), a2);
+      a3 = _mm256_fmadd_ps(hi2, _mm256_loadu_ps(xm + k + 24), a3);
     }
-    float* ym = y + m * N + r;
-    ym[0] = hsum(_mm256_add_ps(a0, b0)) * s[r];
-    ym[1] = hsum(_mm256_add_ps(a1, b1)) * s[r + 1];
-    ym[2] = hsum(_mm256_add_ps(a2, b2)) * s[r + 2];
-    ym[3] = hsum(_mm256_add_ps(a3, b3)) * s[r + 3];
-  }
-}
-
-void one_row(const float* x, int64_t M, const int8_t* w, const float* s, float* y, int64_t r, int64_t K, int64_t N) {
-  for (int64_t m = 0; m < M; ++m) {
-    __m256 a = _mm256_setzero_ps(), lo, hi;
-    for (int64_t k = 0; k < K; k += 16) {
-      widen16(w + r * K + k, lo, hi);
-      a = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), a));
+    if (k < K) {  // K % 32 == 16
+      widen16(wr + k, lo, hi);
+      a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm + k), a0);
+      a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + k + 8), a1);
     }
-    y[m * N + r] = hsum(a) * s[r];
+    y[m * N + r] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * s[r];
   }
 }
 
@@ -94,11 +70,10 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Each thread streams one contiguous block of row groups.
-  at::parallel_for(0, N / 4, 1, [&](int64_t b, int64_t e) {
-    for (int64_t g = b; g < e; ++g) four_rows(xp, M, wp, sp, yp, 4 * g, K, N);
+  // Each thread streams one contiguous block of rows: one memory stream per thread.
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) row(xp, M, wp, sp, yp, r, K, N);
   });
-  for (int64_t r = N / 4 * 4; r < N; ++r) one_row(xp, M, wp, sp, yp, r, K, N);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
