@@ -113,3 +113,25 @@ def test_the_switch_and_the_reasons(monkeypatch):
     assert "built" not in kernels._state
     monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
     assert "Linux x86-64 only" in kernels._cpu_problem()
+
+
+def test_a_failed_build_is_said_once_and_falls_back(monkeypatch, capsys):
+    """No compiler (or ninja): one line on stderr, then PyTorch's kernel; never an exception."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_cpu_problem", lambda: None)
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Error building extension 'smolvlm_int8_gemv': c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda *a, **k: "/nonexistent/smolvlm_int8_gemv")
+    assert not kernels.prepare() and not kernels.int8_gemv_ready()
+    assert "did not build" in kernels.problem() and "c++: not found" in kernels.problem()
+    err = capsys.readouterr().err
+    assert err.count("PyTorch's slower kernel") == 1
+    q = _layer()
+    x = torch.randn(1, 128)
+    assert_close(q(x), nn.functional.linear(x, q.dequantized_weight(), q.bias), rtol=1e-5, atol=1e-5)

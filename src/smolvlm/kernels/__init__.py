@@ -82,9 +82,12 @@ def _compile() -> str | None:
 
 
 def build() -> str | None:
-    """Build/load ``torch.ops.smolvlm.int8_gemv`` once per process; None when it is there, else why not."""
+    """Build/load ``torch.ops.smolvlm.int8_gemv`` once per process; None when it is there, else why not
+    (said once on stderr when a build was tried and failed: int8 decode is then about 1.7x slower)."""
     if "built" not in _state:
-        _state["built"] = _compile()
+        _state["built"] = problem = _compile()
+        if problem and _cpu_problem() is None:
+            print(f"smolvlm: {problem}; int8 layers use PyTorch's slower kernel", file=sys.stderr, flush=True)
     return _state["built"]  # type: ignore[return-value]
 
 
