@@ -37,7 +37,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tenso
 @pytest.mark.parametrize("m,n,k", [(1, 96, 128), (3, 97, 128), (KERNEL_MAX_ROWS, 1536, 576), (1, 5, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int8_gemv_is_the_dequantized_linear(m, n, k, dtype):
-    """Every row of x against every row of w, the last N % 4 rows (97, 5) included, in x's dtype."""
+    """Every row of x against every row of w (odd N: 97, 5), K % 32 == 16 (16) too, in x's dtype."""
     assert kernels.build() is None
     g = torch.Generator().manual_seed(m * n + k)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)

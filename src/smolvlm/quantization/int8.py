@@ -1,11 +1,11 @@
 """Weight-only int8: per-output-channel symmetric quantization and ``Int8Linear``.
 
 ``w[n, :] ~= weight_int8[n, :] * scale[n]`` with ``scale[n] = max|w[n, :]| / 127`` (no zero point,
-as gpt-fast's ``WeightOnlyInt8QuantHandler``). Activations stay in floating point. On CPU with
-bf16/fp16 activations the matmul is PyTorch's ``_weight_int8pack_mm`` kernel, which reads the
-int8 weights directly (half the bytes of bf16; batch-1 decode time is weight streaming). fp32
-activations use a plain dequantize-then-``linear`` path: exact with respect to the quantized
-weights, but not faster than fp32 (use bf16 for speed).
+as gpt-fast's ``WeightOnlyInt8QuantHandler``). Activations stay in floating point. Decode-sized
+calls on CPU read the int8 weights directly (half the bytes of bf16; batch-1 decode time is weight
+streaming): smolvlm's own GEMV (``smolvlm.kernels``, any float dtype) where it runs, else
+PyTorch's ``_weight_int8pack_mm`` for bf16/fp16. Everything else (prefill, gradients, fp32 without
+smolvlm's kernel) dequantizes and calls ``linear``: exact with respect to the quantized weights.
 """
 
 from __future__ import annotations
@@ -90,25 +90,31 @@ class Int8Linear(nn.Module):
             s = self._scale_cast = self.scale.to(dtype)
         return s
 
-    def kernel_applies(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` takes a CPU GEMV kernel (decode-sized rows). The kernels have no
-        backward, so an input that needs a gradient here takes the dequantize path (QLoRA's
+    def _kernel(self, x: torch.Tensor) -> str | None:
+        """The CPU GEMV kernel ``forward(x)`` takes for decode-sized rows: "own" (smolvlm's, any float
+        dtype), "torch" (PyTorch's, bf16/fp16), or None (dequantize + ``linear``). The kernels have
+        no backward, so an input that needs a gradient here gets None (QLoRA's
         ``FrozenQuantizedMatmul`` calls ``forward`` without grad mode and supplies grad_x itself)."""
-        return (x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * self.in_features
-                and not (torch.is_grad_enabled() and x.requires_grad)
-                and (x.dtype in _FAST or (x.is_floating_point() and self._own_kernel())))
+        if (x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * self.in_features
+                or (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point()):
+            return None
+        if self.in_features % 16 == 0 and kernels.int8_gemv_ready():
+            return "own"
+        return "torch" if x.dtype in _FAST else None
 
-    def _own_kernel(self) -> bool:
-        return self.in_features % 16 == 0 and kernels.int8_gemv_ready()
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs a CPU GEMV kernel (else it dequantizes and calls ``linear``)."""
+        return self._kernel(x) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_applies(x) and self._own_kernel():
-            # smolvlm's AVX2 GEMV (kernels/int8_gemv.cpp): float32 sums, any float dtype, 1.3-1.7x
-            # the stream rate of PyTorch's kernel over a decode step (bench/ANALYSIS.md)
+        kernel = self._kernel(x)
+        if kernel == "own":
+            # smolvlm's AVX2 GEMV (kernels/int8_gemv.cpp): float32 sums, any float dtype, about 2.3x
+            # PyTorch's kernel over a decode step's layers on an AVX2-only CPU (bench/ANALYSIS.md)
             s = self.scale if self.scale.dtype == torch.float32 else self.scale.float()  # after a module .to(dtype)
             y = torch.ops.smolvlm.int8_gemv(x.reshape(-1, self.in_features), self.weight_int8, s)
             y = y.reshape(*x.shape[:-1], self.out_features)
-        elif self.kernel_applies(x):  # bf16/fp16: PyTorch's int8 kernel
+        elif kernel == "torch":
             x2 = x.reshape(-1, self.in_features)  # (M, K)
             if not x2.is_contiguous():
                 x2 = x2.contiguous()
@@ -116,7 +122,8 @@ class Int8Linear(nn.Module):
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             # The per-row scale commutes with the matmul: (x @ q^T) * s == x @ (q * s)^T.
-            # (Prefill-sized inputs and fp32 land here: compute-bound, the weight cast is cheap.)
+            # (Prefill-sized inputs land here, compute-bound, the weight cast cheap; so does fp32 decode
+            # where smolvlm's kernel is off.)
             # bf16 prefill on a CPU without fast bf16 GEMMs (AVX2-only) runs in float32 (model/upcast.py).
             cd = compute_dtype(x, self.in_features)
             y = (F.linear(x.to(cd), self.weight_int8.to(cd)) * self._scales_for(cd)).to(x.dtype)
