@@ -9,20 +9,12 @@
 // step's 121 distinct layers against 22 GB/s here. What makes the difference: each thread reads one
 // contiguous block of rows, row after row (one stream; a 4-row tile, four interleaved streams, ran
 // at 14 GB/s), with a software prefetch PF bytes ahead. Measurements: bench/ANALYSIS.md, ninth round.
-#include <torch/extension.h>
+#include "gemv_common.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
+namespace smolvlm_kernels {
 namespace {
-
-constexpr int64_t PF = 2048;  // bytes ahead (22 GB/s; 1 KiB 19.5, none 16-19)
-
-inline float hsum(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_hadd_ps(a, a);
-  a = _mm_hadd_ps(a, a);
-  return _mm_cvtss_f32(a);
-}
 
 // 16 int8 weights -> two vectors of 8 float32
 inline void widen16(const int8_t* p, __m256& lo, __m256& hi) {
@@ -33,7 +25,9 @@ inline void widen16(const int8_t* p, __m256& lo, __m256& hi) {
 
 // Row r of w against every row of x (K % 16 == 0): the row's K bytes stay in L1 between the rows
 // of x, so the weights are read from memory once. 32 columns a step, 4 independent FMA chains.
-void row(const float* x, int64_t M, const int8_t* w, const float* s, float* y, int64_t r, int64_t K, int64_t N) {
+template <typename Store>
+void row(const float* x, int64_t M, const int8_t* w, const float* s, void* y, Store store, int64_t r, int64_t K,
+         int64_t N) {
   const int8_t* wr = w + r * K;
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
@@ -53,7 +47,7 @@ void row(const float* x, int64_t M, const int8_t* w, const float* s, float* y, i
       a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm + k), a0);
       a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + k + 8), a1);
     }
-    y[m * N + r] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * s[r];
+    store(y, m * N + r, hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * s[r]);
   }
 }
 
@@ -64,20 +58,23 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(w.size(1) % 16 == 0, "int8_gemv: K must be a multiple of 16");
   TORCH_CHECK(w.is_contiguous() && scale.is_contiguous(), "int8_gemv: w and scale must be contiguous");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
+  std::vector<float> buf;
+  const float* xp = as_float(x, buf);
+  at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Each thread streams one contiguous block of rows: one memory stream per thread.
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) row(xp, M, wp, sp, yp, r, K, N);
+  void* yp = y.data_ptr();
+  with_store(x.scalar_type(), [&](auto store) {
+    // Each thread streams one contiguous block of rows: one memory stream per thread.
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) row(xp, M, wp, sp, yp, store, r, K, N);
+    });
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return y;
 }
 
 }  // namespace
+}  // namespace smolvlm_kernels
 
-TORCH_LIBRARY(smolvlm, m) { m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor"); }
-TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("int8_gemv", int8_gemv); }
+TORCH_LIBRARY_FRAGMENT(smolvlm, m) { m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor"); }
+TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("int8_gemv", smolvlm_kernels::int8_gemv); }
