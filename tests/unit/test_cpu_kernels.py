@@ -128,7 +128,7 @@ def test_a_failed_build_is_said_once_and_falls_back(monkeypatch, capsys):
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda *a, **k: "/nonexistent/smolvlm_int8_gemv")
-    assert not kernels.prepare() and not kernels.ready()
+    assert not kernels.prepare() and not kernels.int8_gemv_ready()
     assert "did not build" in kernels.problem() and "c++: not found" in kernels.problem()
     err = capsys.readouterr().err
     assert err.count("PyTorch's slower kernel") == 1

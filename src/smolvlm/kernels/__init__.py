@@ -1,8 +1,8 @@
 """Native CPU kernels, built once on first use by PyTorch's C++ extension loader.
 
-``int8_gemv.cpp`` (+ ``gemv_common.h``): the int8 weight x float activation GEMV of quantized decode
-(x86-64 with AVX2 and FMA), registered as ``torch.ops.smolvlm.int8_gemv`` with a shape-only ("fake")
-version, so ``torch.compile`` keeps it inside the compiled decode step. Why it exists: its header.
+``int8_gemv.cpp``: the int8 weight x float activation GEMV of quantized decode (x86-64 with AVX2 and
+FMA), registered as ``torch.ops.smolvlm.int8_gemv`` with a shape-only ("fake") version, so
+``torch.compile`` keeps it inside the compiled decode step. Why it exists: its header.
 
 Nothing needs it: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
-_NAME = "smolvlm_gemv"
-_SOURCES = [Path(__file__).with_name("int8_gemv.cpp")]  # + gemv_common.h
+_NAME = "smolvlm_int8_gemv"
+_SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why Int8Linear does not use it, or None
@@ -68,11 +68,11 @@ def _compile() -> str | None:
         if not (build_dir / f"{_NAME}.so").exists():
             print("smolvlm: building the int8 CPU kernel (once, about a minute; cached in "
                   f"{build_dir.parent})", file=sys.stderr, flush=True)
-        cpp_extension.load(_NAME, [str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, unwritable cache, compile error: the fallback runs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"the int8 CPU kernel did not build: {first[:200]}"
+        return f"the int8 kernel did not build: {first[:200]}"
 
     @torch.library.register_fake("smolvlm::int8_gemv")
     def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ def prepare() -> bool:
     return _state["use"] is None
 
 
-def ready() -> bool:
+def int8_gemv_ready() -> bool:
     """Whether ``Int8Linear`` runs ``torch.ops.smolvlm.int8_gemv``; decides (and builds) on the first
     eager call if :func:`prepare` has not run (never inside a ``torch.compile`` trace)."""
     if "use" not in _state:

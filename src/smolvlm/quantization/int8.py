@@ -98,7 +98,7 @@ class Int8Linear(nn.Module):
         if (x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * self.in_features
                 or (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point()):
             return None
-        if self.in_features % 16 == 0 and kernels.ready():
+        if self.in_features % 16 == 0 and kernels.int8_gemv_ready():
             return "own"
         return "torch" if x.dtype in _FAST else None
 
