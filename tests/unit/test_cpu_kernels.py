@@ -1,10 +1,14 @@
 """smolvlm's native CPU kernels (``smolvlm/kernels``): the AVX2 int8 decode GEMV.
 
-Tolerances. The kernel multiplies exact int8 weights by float32 activations and sums in float32,
-only in another order than the float64 reference: over K <= 576 terms of O(1) products the
-float32 error is ~K * 2^-24 * max|partial sum|, far inside rtol = atol = 1e-4 on outputs of
-O(10). bf16/fp16 inputs are widened exactly and the result rounded once to the input dtype
-(bf16: 2^-8 relative), so rtol = 1e-2 there.
+Tolerances. float32 activations: the kernel multiplies exact int8 weights by float32 activations
+and sums in float32, only in another order than the float64 reference: over K <= 576 terms of O(1)
+products the float32 error is ~K * 2^-24 * max|partial sum|, far inside rtol = atol = 1e-4 on
+outputs of O(10). bf16/fp16 activations with K % 32 == 16 take the same path, widened exactly, the
+result rounded once to the input dtype (bf16: 2^-8 relative), so rtol = 1e-2 there.
+bf16/fp16 activations with K % 32 == 0 are quantized to int8 per group of 32 (llama.cpp's Q8_0 dot):
+the kernel must equal that scheme's formula up to float32 summation and the one rounding of the
+result (bf16 2^-8, fp16 2^-11 relative), and stay within the scheme's own error bound of the exact
+linear: each activation moves by at most half its group's step d_g = max|x_g| / 127.
 """
 
 from __future__ import annotations
@@ -33,20 +37,76 @@ def _reference(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tenso
     return (x.double() @ (w.double() * s.double()[:, None]).t()).float()
 
 
+def _inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int):
+    """int8 weights over the whole range (-128 too), activations of uneven size within each group."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * 0.02
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) * 3).to(dtype)
+    return x, w, s
+
+
+def _q8_formula(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-32 int8 activation scheme in float64 (its float32 steps as the kernel takes them):
+    (y, the bound on |y - exact|)."""
+    m, k = x.shape
+    xg = x.float().reshape(m, k // 32, 32)
+    d = xg.abs().amax(-1) / 127  # float32, as the kernel
+    q = torch.round(xg * torch.where(d > 0, 1 / d, torch.zeros_like(d))[..., None])  # half to even
+    wg = w.double().reshape(w.shape[0], k // 32, 32)
+    y = (torch.einsum("mgk,ngk->mng", q.double(), wg) * d.double()[:, None, :]).sum(-1) * s.double()
+    bound = (d.double()[:, None, :] / 2 * wg.abs().sum(-1)[None]).sum(-1) * s.double()
+    return y, bound
+
+
 @needs_kernel
 @pytest.mark.parametrize("m,n,k", [(1, 96, 128), (3, 97, 128), (KERNEL_MAX_ROWS, 1536, 576), (1, 5, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int8_gemv_is_the_dequantized_linear(m, n, k, dtype):
-    """Every row of x against every row of w (odd N: 97, 5), K % 32 == 16 (16) too, in x's dtype."""
+    """float32 activations (and bf16/fp16 where K % 32 == 16): every row of x against every row of w
+    (odd N: 97, 5), the exact linear up to summation order, in x's dtype."""
     assert kernels.build() is None
-    g = torch.Generator().manual_seed(m * n + k)
-    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    s = torch.rand(n, generator=g) * 0.02
-    x = torch.randn(m, k, generator=g).to(dtype)
+    x, w, s = _inputs(m, n, k, dtype, m * n + k)
+    if dtype != torch.float32 and k % 32 == 0:
+        x = x[:, :-16].contiguous()  # K % 32 == 16: the float path
+        w = w[:, :-16].contiguous()
     got = torch.ops.smolvlm.int8_gemv(x, w, s)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     assert_close(got.float(), _reference(x, w, s), **tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 96, 128), (3, 97, 576), (KERNEL_MAX_ROWS, 1536, 576), (1, 5, 32), (2, 7, 1536)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_and_fp16_activations_are_quantized_per_32(m, n, k, dtype):
+    """bf16/fp16 activations, K % 32 == 0: the Q8_0-style scheme exactly (up to float32 summation
+    and the result's one rounding), and within its error bound of the exact linear."""
+    assert kernels.build() is None
+    x, w, s = _inputs(m, n, k, dtype, m * n + k)
+    if k > 32:
+        x[0, :32] = 0  # a group of zeros (scale 0) contributes nothing
+    got = torch.ops.smolvlm.int8_gemv(x, w, s)
+    assert got.dtype == dtype and got.shape == (m, n)
+    y, bound = _q8_formula(x, w, s)
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert_close(got.double(), y, rtol=rounding, atol=1e-4 * y.abs().max().item())
+    err = (got.double() - _reference(x, w, s).double()).abs()
+    assert (err <= bound + rounding * y.abs() + 1e-4).all()
+    assert (err > 1e-3 * y.abs()).any()  # the activations really were rounded (not the float path)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_activation_is_never_hidden(bad):
+    """The quantized path cannot carry inf/NaN through an int8 code: such a call takes the float
+    path, so the row shows it (as the dequantized linear would) instead of a finite wrong number."""
+    assert kernels.build() is None
+    x, w, s = _inputs(2, 6, 64, torch.bfloat16, 0)
+    x[1, 3] = bad
+    got = torch.ops.smolvlm.int8_gemv(x, w, s).float()
+    assert not got[1].isfinite().any()
+    assert_close(got[0], _reference(x[:1], w, s)[0], rtol=1e-2, atol=1e-2)
 
 
 @needs_kernel

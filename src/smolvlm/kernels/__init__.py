@@ -1,7 +1,7 @@
 """Native CPU kernels, built once on first use by PyTorch's C++ extension loader.
 
-``int8_gemv.cpp``: the int8 weight x float activation GEMV of quantized decode (x86-64 with AVX2 and
-FMA), registered as ``torch.ops.smolvlm.int8_gemv`` with a shape-only ("fake") version, so
+``int8_gemv.cpp``: the int8 weight GEMV of quantized decode (x86-64 with AVX2 and FMA; float32
+activations as they are, bf16/fp16 ones quantized to int8 per 32 as llama.cpp does), registered as ``torch.ops.smolvlm.int8_gemv`` with a shape-only ("fake") version, so
 ``torch.compile`` keeps it inside the compiled decode step. Why it exists: its header.
 
 Nothing needs it: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with

@@ -1,8 +1,15 @@
 // y = (x @ w^T) * scale for a few rows of x: the int8 decode GEMV on x86 CPUs with AVX2 + FMA.
 //
-// x (M, K) float32/bfloat16/float16, w (N, K) int8 row-major, scale (N,) float32 -> y (M, N) in x's
-// dtype. Activations stay in float32 (no activation quantization): every product is exact in
-// float32 and summed in float32, so the result is the dequantized linear up to summation order.
+// x (M, K) float32/bfloat16/float16, w (N, K) int8 row-major (values in [-128, 127]), scale (N,)
+// float32 -> y (M, N) in x's dtype. Two ways, chosen by x's dtype:
+// - float32 x: activations stay float32; every product is exact and summed in float32, so the result
+//   is the dequantized linear up to summation order.
+// - bfloat16/float16 x (K % 32 == 0): x is quantized to int8 per group of 32, llama.cpp's Q8_0 x Q8_0
+//   dot: d = max|x_g| / 127, q = round-half-even(x * (1 / d)), y = s * sum_g d_g * sum_{k in g} q_k w_k
+//   with the inner sums exact in int32 (maddubs). The rounding adds at most d_g / 2 per activation,
+//   the same order as bf16's own 2^-9 relative rounding of those activations, and it halves the
+//   instructions per weight, which is what limits the float path on a CPU whose FP units are narrow
+//   (ANALYSIS, eleventh round). A non-finite activation sends the call down the float path.
 //
 // Why not PyTorch's _weight_int8pack_mm: decode reads each weight once per token, so the GEMV is a
 // memory stream, and on a 2-core AMD EPYC (AVX2) that kernel streamed 7-9.5 GB/s over a decode
@@ -83,6 +90,65 @@ void row(const float* x, int64_t M, const int8_t* w, const float* s, void* y, St
   }
 }
 
+// Quantizes M rows of K float32 activations (K % 32 == 0) to int8 per group of 32, scales in d
+// (M, K / 32). False if any value is not finite (then nothing in q/d is meaningful).
+bool quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes packs' lane interleaving
+  for (int64_t i = 0; i < M * K; i += 32) {
+    __m256 v[4], amax = zero, bad = zero;
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(x + i + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_mul_ps(v[j], zero), zero, _CMP_NEQ_UQ));  // inf, NaN
+    }
+    if (_mm256_movemask_ps(bad)) return false;
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float dg = _mm_cvtss_f32(h) / 127.0f;
+    const __m256 id = _mm256_set1_ps(dg > 0.0f ? 1.0f / dg : 0.0f);
+    d[i / 32] = dg;
+    __m256i r[4];
+    for (int j = 0; j < 4; ++j) r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // nearest, ties even
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b, order));
+  }
+  return true;
+}
+
+// 32 int8 weights . 32 int8 activations -> 8 int32 partial sums, exact: maddubs takes an unsigned
+// first operand, so |w| (128 for -128, still right as unsigned) against x carrying w's sign;
+// each int16 pair sum is at most 2 * 128 * 127 < 2^15.
+inline __m256i dot32(const int8_t* w, const int8_t* x) {
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// Row r of w against every quantized row of x: as row() (one stream, prefetch), two groups a step.
+template <typename Store>
+void row_q8(const int8_t* xq, const float* d, int64_t M, const int8_t* w, const float* s, void* y, Store store,
+            int64_t r, int64_t K, int64_t N) {
+  const int8_t* wr = w + r * K;
+  const int64_t G = K / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xm = xq + m * K;
+    const float* dm = d + m * G;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+      if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + g * 32) + PF, _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wr + g * 32, xm + g * 32)), _mm256_broadcast_ss(dm + g), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wr + g * 32 + 32, xm + g * 32 + 32)),
+                           _mm256_broadcast_ss(dm + g + 1), a1);
+    }
+    if (g < G) a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wr + g * 32, xm + g * 32)), _mm256_broadcast_ss(dm + g), a0);
+    store(y, m * N + r, hsum(_mm256_add_ps(a0, a1)) * s[r]);
+  }
+}
+
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scale.dim() == 1, "int8_gemv: x (M, K), w (N, K), scale (N,)");
   TORCH_CHECK(w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_gemv: w int8, scale float32");
@@ -96,10 +162,21 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   void* yp = y.data_ptr();
+  std::vector<int8_t> xq;
+  std::vector<float> d;
+  bool q8 = x.scalar_type() != at::kFloat && K % 32 == 0;
+  if (q8) {
+    xq.resize(M * K);
+    d.resize(M * K / 32);
+    q8 = quantize_rows(xp, M, K, xq.data(), d.data());
+  }
   with_store(x.scalar_type(), [&](auto store) {
     // Each thread streams one contiguous block of rows: one memory stream per thread.
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) row(xp, M, wp, sp, yp, store, r, K, N);
+      for (int64_t r = b; r < e; ++r) {
+        if (q8) row_q8(xq.data(), d.data(), M, wp, sp, yp, store, r, K, N);
+        else row(xp, M, wp, sp, yp, store, r, K, N);
+      }
     });
   });
   return y;

@@ -109,8 +109,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel(x)
         if kernel == "own":
-            # smolvlm's AVX2 GEMV (kernels/int8_gemv.cpp): float32 sums, any float dtype, about 2.3x
-            # PyTorch's kernel over a decode step's layers on an AVX2-only CPU (bench/ANALYSIS.md)
+            # smolvlm's AVX2 GEMV (kernels/int8_gemv.cpp): float32 activations exact, bf16/fp16 ones
+            # quantized per 32 (llama.cpp's Q8_0 dot); 1.7-2.3x PyTorch's kernel over a decode step's
+            # layers on an AVX2-only CPU (bench/ANALYSIS.md)
             s = self.scale if self.scale.dtype == torch.float32 else self.scale.float()  # after a module .to(dtype)
             y = torch.ops.smolvlm.int8_gemv(x.reshape(-1, self.in_features), self.weight_int8, s)
             y = y.reshape(*x.shape[:-1], self.out_features)
