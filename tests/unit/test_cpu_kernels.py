@@ -1,4 +1,4 @@
-"""smolvlm's native CPU kernels (``smolvlm/kernels``): the AVX2 int8 decode GEMV.
+"""smolvlm's native CPU kernels (``smolvlm/kernels``): the AVX2 int8 decode GEMV and decode attention.
 
 Tolerances. float32 activations: the kernel multiplies exact int8 weights by float32 activations
 and sums in float32, only in another order than the float64 reference: over K <= 576 terms of O(1)
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
@@ -184,14 +185,140 @@ def test_a_failed_build_is_said_once_and_falls_back(monkeypatch, capsys):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
 
     def no_compiler(*a, **k):
-        raise RuntimeError("Error building extension 'smolvlm_int8_gemv': c++: not found")
+        raise RuntimeError("Error building extension 'smolvlm_cpu_kernels': c++: not found")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda *a, **k: "/nonexistent/smolvlm_int8_gemv")
-    assert not kernels.prepare() and not kernels.int8_gemv_ready()
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda *a, **k: "/nonexistent/smolvlm_cpu_kernels")
+    assert not kernels.prepare() and not kernels.ready()
     assert "did not build" in kernels.problem() and "c++: not found" in kernels.problem()
     err = capsys.readouterr().err
     assert err.count("PyTorch's slower kernel") == 1
     q = _layer()
     x = torch.randn(1, 128)
     assert_close(q(x), nn.functional.linear(x, q.dequantized_weight(), q.bias), rtol=1e-5, atol=1e-5)
+
+
+def _cache_slices(b: int, hkv: int, length: int, d: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v as the model passes them: the first ``length`` slots of a longer fp32 cache (strided)."""
+    kc, vc = (torch.randn(b, hkv, length + 5, d, generator=g) for _ in range(2))
+    return kc[:, :, :length], vc[:, :, :length]
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,hq,hkv,length", [(1, 9, 3, 256), (2, 4, 4, 37), (1, 2, 1, 1)])
+@pytest.mark.parametrize("mask_rows", [None, 1, "B"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_attention_is_sdpa_over_an_fp32_cache(b, hq, hkv, length, mask_rows, dtype):
+    """One query per row, grouped heads, with or without a (1 or B, 1, 1, L) mask: PyTorch's SDPA in
+    float32, rounded once to q's dtype. Both sum ~L*D float32 products of O(1) in other orders:
+    atol 1e-5 on outputs of O(1) for float32; bf16/fp16 add the one rounding (2^-8, 2^-11)."""
+    assert kernels.build() is None
+    g = torch.Generator().manual_seed(b * 100 + length)
+    q = torch.randn(b, 1, hq, 64, generator=g).to(dtype).transpose(1, 2)  # (B, Hq, 1, D) as the model's
+    k, v = _cache_slices(b, hkv, length, 64, g)
+    mask = None
+    if mask_rows is not None:
+        mask = torch.rand(b if mask_rows == "B" else 1, 1, 1, length, generator=g) < 0.6
+        mask[..., 0] = True
+    got = torch.ops.smolvlm.decode_attention(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, enable_gqa=hq != hkv).to(dtype)
+    assert got.dtype == dtype and got.shape == (b, hq, 1, 64) and got.is_contiguous()
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    assert_close(got.float(), want.float(), rtol=rtol, atol=1e-5)
+
+
+@needs_kernel
+def test_decode_attention_edge_cases():
+    """A row that may attend nowhere gives zeros (as SDPA); a NaN key shows in the output; shapes it
+    cannot take are refused."""
+    assert kernels.build() is None
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 1, 8, generator=g)
+    k, v = _cache_slices(2, 1, 6, 8, g)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1] = False
+    got = torch.ops.smolvlm.decode_attention(q, k, v, mask)
+    assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True), rtol=1e-5, atol=1e-6)
+    assert (got[1] == 0).all()
+    k = k.clone()
+    k[0, 0, 2, 3] = float("nan")
+    assert torch.ops.smolvlm.decode_attention(q, k, v, None)[0].isnan().all()
+    with pytest.raises(RuntimeError, match="one query per row"):
+        torch.ops.smolvlm.decode_attention(torch.zeros(2, 2, 3, 8), k, v, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.smolvlm.decode_attention(q, k.bfloat16(), v.bfloat16(), None)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.smolvlm.decode_attention(q, k, v, torch.ones(2, 1, 1, 5, dtype=torch.bool))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_takes_the_kernel_for_one_query_over_an_fp32_cache_only(monkeypatch, dtype):
+    """``layers.attention``: one query, fp32 k/v, no gradient -> the kernel (its numbers are SDPA's, as
+    above); a prompt (T > 1), a causal call, a bf16 cache or a query that needs a gradient keep SDPA."""
+    from smolvlm.model.layers import attention
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    calls = []
+    op = torch.ops.smolvlm.decode_attention
+    monkeypatch.setattr(torch.ops.smolvlm, "decode_attention", lambda *a: calls.append(a[0].shape) or op(*a))
+    g = torch.Generator().manual_seed(1)
+    k, v = _cache_slices(1, 3, 40, 64, g)
+    q = torch.randn(1, 9, 1, 64, generator=g).to(dtype)
+    mask = torch.rand(1, 1, 1, 40, generator=g) < 0.5
+    out = attention(q, k, v, mask)
+    assert calls == [(1, 9, 1, 64)] and out.shape == (1, 1, 9 * 64) and out.dtype == dtype
+    monkeypatch.setitem(kernels._state, "use", "off for this test")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2.0**-8, atol=1e-5)
+    assert_close(out, attention(q, k, v, mask), **tol)
+    monkeypatch.setitem(kernels._state, "use", None)
+    attention(torch.randn(1, 9, 4, 64).to(dtype), k, v, torch.ones(1, 1, 4, 40, dtype=torch.bool))
+    attention(q, k, v, None, is_causal=True)
+    attention(q, k.bfloat16(), v.bfloat16(), mask)
+    attention(q.float().requires_grad_(), k, v, mask)
+    assert len(calls) == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_gemv_cat_is_each_layer_side_by_side(dtype):
+    """Layers of one input (q/k/v: 96, 32, 32 rows) in one call: exactly each call's numbers (same
+    rows, same activation rounding), concatenated; mismatched parts are refused."""
+    assert kernels.build() is None
+    x, w, s = _inputs(3, 160, 128, dtype, 7)
+    ws, ss = list(w.split([96, 32, 32])), list(s.split([96, 32, 32]))
+    ws, ss = [t.contiguous() for t in ws], [t.contiguous() for t in ss]
+    got = torch.ops.smolvlm.int8_gemv_cat(x, ws, ss)
+    assert torch.equal(got, torch.cat([torch.ops.smolvlm.int8_gemv(x, a, b) for a, b in zip(ws, ss)], -1))
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.smolvlm.int8_gemv_cat(x, [ws[0], ws[1][:, :64].contiguous()], ss[:2])
+    with pytest.raises(RuntimeError, match="as many scales"):
+        torch.ops.smolvlm.int8_gemv_cat(x, ws, ss[:2])
+
+
+@needs_kernel
+def test_q_k_v_and_gate_up_run_in_one_kernel_call(monkeypatch):
+    """``fused_outputs`` over Int8Linear parts: one ``int8_gemv_cat`` call, the numbers of one call
+    each; a part of another kind (a LoRA wrapper) or a prompt-sized input: each part alone."""
+    from smolvlm.model.packed import fused_outputs
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    owner = nn.Module()
+    for name, n in (("q_proj", 96), ("k_proj", 32), ("v_proj", 32)):
+        lin = nn.Linear(128, n, bias=False)
+        setattr(owner, name, Int8Linear.from_linear(lin).to(torch.bfloat16))
+    calls = []
+    op = torch.ops.smolvlm.int8_gemv_cat
+    monkeypatch.setattr(torch.ops.smolvlm, "int8_gemv_cat", lambda *a: calls.append(len(a[1])) or op(*a))
+    names = ("q_proj", "k_proj", "v_proj")
+    x = torch.randn(2, 1, 128).bfloat16()
+    together = fused_outputs(owner, "qkv_proj", names, x)
+    assert calls == [3] and [t.shape for t in together] == [(2, 1, 96), (2, 1, 32), (2, 1, 32)]
+    for t, name in zip(together, names):
+        assert torch.equal(t, getattr(owner, name)(x))
+    fused_outputs(owner, "qkv_proj", names, torch.randn(1, KERNEL_MAX_ROWS + 1, 128).bfloat16())
+    owner.k_proj = nn.Sequential(owner.k_proj)  # wrapped: no longer an Int8Linear
+    assert torch.equal(fused_outputs(owner, "qkv_proj", names, x)[1], owner.k_proj(x))
+    assert calls == [3]

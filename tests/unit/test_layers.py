@@ -24,13 +24,13 @@ ALLOWED: dict[str, set[str]] = {
     "torchrun": set(),  # torchrun's RANK / WORLD_SIZE
     "memory": set(),  # handing freed heap blocks back to the OS (glibc malloc_trim)
     "kernels": set(),  # native CPU kernels (torch C++ extensions), built on first use
-    "model": {"config"},
+    "model": {"config", "kernels"},  # kernels: a leaf of ops, like torch's own (decode attention)
     "quantization": {"config", "model", "memory", "kernels"},
     "weights": {"config", "hub", "model", "quantization", "memory"},
     "processing": {"config", "hub"},
     "synth": {"config"},
     "data": {"config"},  # dataset formats (the_cauldron rows -> chat messages)
-    "generation": {"config", "model", "memory"},
+    "generation": {"config", "model", "memory", "kernels"},  # kernels decided before a compiled trace
     "serving": {"config", "hub", "model", "weights", "processing", "generation"},  # a thin HTTP shell
     "evaluation": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
     "training": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},

@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from smolvlm import kernels
 from smolvlm.model.packed import unpack_linears
 
 BUCKET = 256  # cache slots per shape bucket: at most 255 slots of masked-out attention per step
@@ -99,6 +100,7 @@ class CompiledDecode:
                 self._options = functools.partial(inductor_config.patch, MODES[mode])
             if MODES[mode].get("freezing"):
                 unpack_linears(model)  # freezing packs dense weights its own way
+            kernels.prepare()  # smolvlm's CPU kernels, decided (and built) now: a trace cannot build them
             self._compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
         else:
             self._say(self.problem)

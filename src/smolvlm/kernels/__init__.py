@@ -1,14 +1,18 @@
 """Native CPU kernels, built once on first use by PyTorch's C++ extension loader.
 
-``int8_gemv.cpp``: the int8 weight GEMV of quantized decode (x86-64 with AVX2 and FMA; float32
-activations as they are, bf16/fp16 ones quantized to int8 per 32 as llama.cpp does), registered as ``torch.ops.smolvlm.int8_gemv`` with a shape-only ("fake") version, so
-``torch.compile`` keeps it inside the compiled decode step. Why it exists: its header.
+- ``int8_gemv.cpp``: the int8 weight GEMV of quantized decode (float32 activations as they are,
+  bf16/fp16 ones quantized to int8 per 32 as llama.cpp does), ``torch.ops.smolvlm.int8_gemv``.
+- ``decode_attention.cpp``: one query per row over an fp32 KV cache (the decode step's attention),
+  ``torch.ops.smolvlm.decode_attention``.
 
-Nothing needs it: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
+Both are x86-64 AVX2 + FMA, registered with a shape-only ("fake") version, so ``torch.compile``
+keeps them inside the compiled decode step. Why each exists: its header.
+
+Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
 CPUs with AVX-512 they are not used either unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
 build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
-``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when the source changes.
+``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from pathlib import Path
 import torch
 
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
-_NAME = "smolvlm_int8_gemv"
-_SOURCE = Path(__file__).with_name("int8_gemv.cpp")
+_NAME = "smolvlm_cpu_kernels"
+_SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "decode_attention.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why Int8Linear does not use it, or None
@@ -66,17 +70,25 @@ def _compile() -> str | None:
     try:
         build_dir = Path(cpp_extension._get_build_directory(_NAME, verbose=False))
         if not (build_dir / f"{_NAME}.so").exists():
-            print("smolvlm: building the int8 CPU kernel (once, about a minute; cached in "
+            print("smolvlm: building the CPU kernels (once, about a minute; cached in "
                   f"{build_dir.parent})", file=sys.stderr, flush=True)
-        cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(_NAME, [str(f) for f in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, unwritable cache, compile error: the fallback runs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"the int8 kernel did not build: {first[:200]}"
+        return f"the CPU kernels did not build: {first[:200]}"
 
     @torch.library.register_fake("smolvlm::int8_gemv")
     def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("smolvlm::int8_gemv_cat")
+    def _(x: torch.Tensor, w: list[torch.Tensor], scale: list[torch.Tensor]) -> torch.Tensor:
+        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
+
+    @torch.library.register_fake("smolvlm::decode_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return q.new_empty(q.shape)
 
     return None
 
@@ -103,9 +115,9 @@ def prepare() -> bool:
     return _state["use"] is None
 
 
-def int8_gemv_ready() -> bool:
-    """Whether ``Int8Linear`` runs ``torch.ops.smolvlm.int8_gemv``; decides (and builds) on the first
-    eager call if :func:`prepare` has not run (never inside a ``torch.compile`` trace)."""
+def ready() -> bool:
+    """Whether the layers run these kernels (``Int8Linear``, ``layers.attention``); decides (and builds)
+    on the first eager call if :func:`prepare` has not run (never inside a ``torch.compile`` trace)."""
     if "use" not in _state:
         if torch.compiler.is_compiling():
             return False
@@ -114,6 +126,6 @@ def int8_gemv_ready() -> bool:
 
 
 def problem() -> str | None:
-    """Why ``Int8Linear`` does not use the kernel here (None: it does)."""
+    """Why the layers do not use the kernels here (None: they do)."""
     prepare()
     return _state["use"]  # type: ignore[return-value]

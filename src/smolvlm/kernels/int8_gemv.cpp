@@ -65,9 +65,8 @@ inline void widen16(const int8_t* p, __m256& lo, __m256& hi) {
 // Row r of w against every row of x (K % 16 == 0): the row's K bytes stay in L1 between the rows
 // of x, so the weights are read from memory once. 32 columns a step, 4 independent FMA chains.
 template <typename Store>
-void row(const float* x, int64_t M, const int8_t* w, const float* s, void* y, Store store, int64_t r, int64_t K,
+void row(const float* x, int64_t M, const int8_t* wr, float sr, void* y, Store store, int64_t r, int64_t K,
          int64_t N) {
-  const int8_t* wr = w + r * K;
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, lo, hi, lo2, hi2;
@@ -86,7 +85,7 @@ void row(const float* x, int64_t M, const int8_t* w, const float* s, void* y, St
       a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm + k), a0);
       a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + k + 8), a1);
     }
-    store(y, m * N + r, hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * s[r]);
+    store(y, m * N + r, hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * sr);
   }
 }
 
@@ -129,9 +128,8 @@ inline __m256i dot32(const int8_t* w, const int8_t* x) {
 
 // Row r of w against every quantized row of x: as row() (one stream, prefetch), two groups a step.
 template <typename Store>
-void row_q8(const int8_t* xq, const float* d, int64_t M, const int8_t* w, const float* s, void* y, Store store,
+void row_q8(const int8_t* xq, const float* d, int64_t M, const int8_t* wr, float sr, void* y, Store store,
             int64_t r, int64_t K, int64_t N) {
-  const int8_t* wr = w + r * K;
   const int64_t G = K / 32;
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* xm = xq + m * K;
@@ -145,22 +143,29 @@ void row_q8(const int8_t* xq, const float* d, int64_t M, const int8_t* w, const 
                            _mm256_broadcast_ss(dm + g + 1), a1);
     }
     if (g < G) a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wr + g * 32, xm + g * 32)), _mm256_broadcast_ss(dm + g), a0);
-    store(y, m * N + r, hsum(_mm256_add_ps(a0, a1)) * s[r]);
+    store(y, m * N + r, hsum(_mm256_add_ps(a0, a1)) * sr);
   }
 }
 
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scale.dim() == 1, "int8_gemv: x (M, K), w (N, K), scale (N,)");
-  TORCH_CHECK(w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_gemv: w int8, scale float32");
-  TORCH_CHECK(x.size(1) == w.size(1) && scale.size(0) == w.size(0), "int8_gemv: shapes do not match");
-  TORCH_CHECK(w.size(1) % 16 == 0, "int8_gemv: K must be a multiple of 16");
-  TORCH_CHECK(w.is_contiguous() && scale.is_contiguous(), "int8_gemv: w and scale must be contiguous");
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+// y (M, N_0 + N_1 + ...) = [(x @ w_0^T) * s_0, (x @ w_1^T) * s_1, ...]: the layers that read the same x
+// (q/k/v, gate/up) in one call, their rows streamed one after another; x is quantized once.
+at::Tensor int8_gemv_cat(const at::Tensor& x, at::TensorList w, at::TensorList scale) {
+  TORCH_CHECK(!w.empty() && w.size() == scale.size(), "int8_gemv: as many scales as weights");
+  TORCH_CHECK(x.dim() == 2, "int8_gemv: x (M, K), w (N, K), scale (N,)");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> first{0};  // first output column of each part, then N
+  for (size_t i = 0; i < w.size(); ++i) {
+    TORCH_CHECK(w[i].dim() == 2 && scale[i].dim() == 1, "int8_gemv: x (M, K), w (N, K), scale (N,)");
+    TORCH_CHECK(w[i].scalar_type() == at::kChar && scale[i].scalar_type() == at::kFloat, "int8_gemv: w int8, scale float32");
+    TORCH_CHECK(w[i].size(1) == K && scale[i].size(0) == w[i].size(0), "int8_gemv: shapes do not match");
+    TORCH_CHECK(w[i].is_contiguous() && scale[i].is_contiguous(), "int8_gemv: w and scale must be contiguous");
+    first.push_back(first.back() + w[i].size(0));
+  }
+  TORCH_CHECK(K % 16 == 0, "int8_gemv: K must be a multiple of 16");
+  const int64_t N = first.back();
   std::vector<float> buf;
   const float* xp = as_float(x, buf);
   at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
   void* yp = y.data_ptr();
   std::vector<int8_t> xq;
   std::vector<float> d;
@@ -173,16 +178,30 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   with_store(x.scalar_type(), [&](auto store) {
     // Each thread streams one contiguous block of rows: one memory stream per thread.
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      size_t p = 0;
       for (int64_t r = b; r < e; ++r) {
-        if (q8) row_q8(xq.data(), d.data(), M, wp, sp, yp, store, r, K, N);
-        else row(xp, M, wp, sp, yp, store, r, K, N);
+        while (r >= first[p + 1]) ++p;
+        const int8_t* wr = w[p].data_ptr<int8_t>() + (r - first[p]) * K;
+        const float sr = scale[p].data_ptr<float>()[r - first[p]];
+        if (q8) row_q8(xq.data(), d.data(), M, wr, sr, yp, store, r, K, N);
+        else row(xp, M, wr, sr, yp, store, r, K, N);
       }
     });
   });
   return y;
 }
 
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return int8_gemv_cat(x, {w}, {scale});
+}
+
 }  // namespace
 
-TORCH_LIBRARY(smolvlm, m) { m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor"); }
-TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("int8_gemv", int8_gemv); }
+TORCH_LIBRARY(smolvlm, m) {
+  m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int8_gemv_cat(Tensor x, Tensor[] w, Tensor[] scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(smolvlm, CPU, m) {
+  m.impl("int8_gemv", int8_gemv);
+  m.impl("int8_gemv_cat", int8_gemv_cat);
+}

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm import kernels
 from smolvlm.model.packed import fused_outputs, linear_add
 
 
@@ -112,6 +113,17 @@ def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
     return any(f is not None and f() for f in probe)
 
 
+def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                           is_causal: bool) -> bool:
+    """One query per row over an fp32 cache (decode), no gradient: ``smolvlm.kernels``' decode
+    attention, where this CPU runs those kernels (AVX2, no AVX-512). Its result is fp32 SDPA's,
+    rounded once to q's dtype, like the branch below; it costs ~10 us a call where PyTorch's
+    flash-attention kernel costs ~55 (bench/ANALYSIS.md, eleventh round)."""
+    return (q.shape[2] == 1 and not is_causal and k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
+            and q.shape[-1] % 8 == 0 and (mask is None or mask.dtype == torch.bool)
+            and not (q.requires_grad and torch.is_grad_enabled()) and kernels.ready())
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -126,7 +138,9 @@ def attention(
     attend. Returns (B, T, Hq*hd).
     """
     gqa = q.shape[1] != k.shape[1]
-    if q.dtype in _LOW_PRECISION and k.dtype == torch.float32:
+    if _decode_kernel_applies(q, k, v, mask, is_causal):
+        out = torch.ops.smolvlm.decode_attention(q, k, v, mask)  # SDPA in fp32, ~5x less overhead
+    elif q.dtype in _LOW_PRECISION and k.dtype == torch.float32:
         # An fp32 cache (``new_kv_cache`` keeps one for bf16/fp16 models on CPUs that attend slowly
         # in them, ``cpu_attends_fast_in``): attend in fp32 and round the result back, rather than
         # cast the whole cache down every call. With a mask too: the compiled decode step's static

@@ -353,11 +353,19 @@ FUSED_GROUPS = ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up
 
 
 def fused_outputs(module: nn.Module, fused_name: str, parts: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The parts' outputs for input ``x``: one fused GEMM when packing fused them, else each alone."""
+    """The parts' outputs for input ``x``: one fused GEMM when packing fused them; one call too where
+    the parts' class runs several layers of one input together (``forward_together``, e.g. int8's
+    decode kernel), else each alone."""
     fused = getattr(module, fused_name, None)
     if fused is not None:
         return fused(x)
-    return tuple(getattr(module, p)(x) for p in parts)
+    mods = [getattr(module, p) for p in parts]
+    together = getattr(type(mods[0]), "forward_together", None)
+    if together is not None and all(type(m) is type(mods[0]) for m in mods):
+        out = together(mods, x)
+        if out is not None:
+            return out
+    return tuple(m(x) for m in mods)
 
 
 def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 from smolvlm.config import TextConfig
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq, rope_tables
-from smolvlm.model.packed import linear_add
+from smolvlm.model.packed import fused_outputs, linear_add
 
 
 def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -150,7 +150,7 @@ class TextAttention(nn.Module):
             qk = apply_rope(qkv[..., : (hq + hkv) * hd].view(b, t, hq + hkv, hd), cos, sin)
             q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[..., (hq + hkv) * hd:].view(b, t, hkv, hd)
         else:
-            q, k, v = (getattr(self, p)(x) for p in QKV)
+            q, k, v = fused_outputs(self, "qkv_proj", QKV, x)  # qkv_proj is None: each, or together
             q, k = apply_rope(q.view(b, t, hq, hd), cos, sin), apply_rope(k.view(b, t, hkv, hd), cos, sin)
             v = v.view(b, t, hkv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)

@@ -90,6 +90,9 @@ class Int8Linear(nn.Module):
             s = self._scale_cast = self.scale.to(dtype)
         return s
 
+    def _f32_scale(self) -> torch.Tensor:
+        return self.scale if self.scale.dtype == torch.float32 else self.scale.float()  # after a module .to(dtype)
+
     def _kernel(self, x: torch.Tensor) -> str | None:
         """The CPU GEMV kernel ``forward(x)`` takes for decode-sized rows: "own" (smolvlm's, any float
         dtype), "torch" (PyTorch's, bf16/fp16), or None (dequantize + ``linear``). The kernels have
@@ -98,7 +101,7 @@ class Int8Linear(nn.Module):
         if (x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * self.in_features
                 or (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point()):
             return None
-        if self.in_features % 16 == 0 and kernels.int8_gemv_ready():
+        if self.in_features % 16 == 0 and kernels.ready():
             return "own"
         return "torch" if x.dtype in _FAST else None
 
@@ -106,14 +109,25 @@ class Int8Linear(nn.Module):
         """Whether ``forward(x)`` runs a CPU GEMV kernel (else it dequantizes and calls ``linear``)."""
         return self._kernel(x) is not None
 
+    @staticmethod
+    def forward_together(mods: list["Int8Linear"], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Several bias-free layers of the same input (q/k/v, gate/up) in one call of smolvlm's kernel,
+        the same numbers as one call each (``model.packed.fused_outputs``); None where that kernel
+        would not run them."""
+        k = mods[0].in_features
+        if any(m.bias is not None or m.in_features != k or m._kernel(x) != "own" for m in mods):
+            return None
+        y = torch.ops.smolvlm.int8_gemv_cat(x.reshape(-1, k), [m.weight_int8 for m in mods],
+                                            [m._f32_scale() for m in mods])
+        return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split([m.out_features for m in mods], -1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel(x)
         if kernel == "own":
             # smolvlm's AVX2 GEMV (kernels/int8_gemv.cpp): float32 activations exact, bf16/fp16 ones
             # quantized per 32 (llama.cpp's Q8_0 dot); 1.7-2.3x PyTorch's kernel over a decode step's
             # layers on an AVX2-only CPU (bench/ANALYSIS.md)
-            s = self.scale if self.scale.dtype == torch.float32 else self.scale.float()  # after a module .to(dtype)
-            y = torch.ops.smolvlm.int8_gemv(x.reshape(-1, self.in_features), self.weight_int8, s)
+            y = torch.ops.smolvlm.int8_gemv(x.reshape(-1, self.in_features), self.weight_int8, self._f32_scale())
             y = y.reshape(*x.shape[:-1], self.out_features)
         elif kernel == "torch":
             x2 = x.reshape(-1, self.in_features)  # (M, K)
