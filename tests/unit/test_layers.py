@@ -2,7 +2,7 @@
 included) is parsed, and a forbidden edge between layers or an import cycle between modules fails.
 
 The layers, each importing only what is below it (docs/ARCHITECTURE.md):
-config, hub -> model -> quantization (-> kernels) -> weights; processing; synth; data; generation (takes model
+config, hub, kernels -> model -> quantization -> weights; processing; synth; data; generation (takes model
 and processor as arguments) -> evaluation, training, serving -> cli. The public model class keeps
 ``from_pretrained``/``from_config``/``save_pretrained``/``generate`` as thin facades over weights/
 and generation/: those four calls are the only upward imports, listed in FACADES.

@@ -29,7 +29,7 @@ _NAME = "smolvlm_cpu_kernels"
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "decode_attention.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
-_state: dict[str, object] = {}  # "built": build problem or None; "use": why Int8Linear does not use it, or None
+_state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
 
 
 def _cpu_flags() -> list[str] | None:
@@ -94,23 +94,23 @@ def _compile() -> str | None:
 
 
 def build() -> str | None:
-    """Build/load ``torch.ops.smolvlm.int8_gemv`` once per process; None when it is there, else why not
-    (said once on stderr when a build was tried and failed: int8 decode is then about 1.7x slower)."""
+    """Build/load the ``torch.ops.smolvlm`` kernels once per process; None when they are there, else why
+    not (said once on stderr when a build was tried and failed: int8 decode is then about 1.7x slower)."""
     if "built" not in _state:
         _state["built"] = problem = _compile()
         if problem and _cpu_problem() is None:
-            print(f"smolvlm: {problem}; int8 layers use PyTorch's slower kernel", file=sys.stderr, flush=True)
+            print(f"smolvlm: {problem}; decoding uses PyTorch's slower kernels", file=sys.stderr, flush=True)
     return _state["built"]  # type: ignore[return-value]
 
 
 def prepare() -> bool:
-    """Decide, once per process and not inside a forward, whether ``Int8Linear`` runs the kernel,
-    building it if so. Only on CPUs without AVX-512: it was measured against PyTorch's kernel on
-    an AVX2-only CPU, where it wins; AVX-512/AMX CPUs keep PyTorch's kernels and Inductor's
+    """Decide, once per process and not inside a forward, whether the layers run the kernels,
+    building them if so. Only on CPUs without AVX-512: they were measured against PyTorch's kernels
+    on AVX2-only CPUs, where they win; AVX-512/AMX CPUs keep PyTorch's kernels and Inductor's
     templates, which use those instructions."""
     if "use" not in _state:
         flags = _cpu_flags() or []
-        _state["use"] = ("this CPU has AVX-512: PyTorch's int8 kernels are used" if "avx512f" in flags
+        _state["use"] = ("this CPU has AVX-512: PyTorch's kernels are used" if "avx512f" in flags
                          and os.environ.get(ENV) != "1" else build())
     return _state["use"] is None
 

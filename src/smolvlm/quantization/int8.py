@@ -125,8 +125,8 @@ class Int8Linear(nn.Module):
         kernel = self._kernel(x)
         if kernel == "own":
             # smolvlm's AVX2 GEMV (kernels/int8_gemv.cpp): float32 activations exact, bf16/fp16 ones
-            # quantized per 32 (llama.cpp's Q8_0 dot); 1.7-2.3x PyTorch's kernel over a decode step's
-            # layers on an AVX2-only CPU (bench/ANALYSIS.md)
+            # quantized per 32 (llama.cpp's Q8_0 dot); faster than PyTorch's kernel over a decode
+            # step's layers on AVX2-only CPUs (bench/ANALYSIS.md, ninth to eleventh rounds)
             y = torch.ops.smolvlm.int8_gemv(x.reshape(-1, self.in_features), self.weight_int8, self._f32_scale())
             y = y.reshape(*x.shape[:-1], self.out_features)
         elif kernel == "torch":
