@@ -397,6 +397,11 @@ def main() -> None:
     args.engines = [e for e in (args.engines or "").split(",") if e] or None
     if args.engines and set(args.engines) - set(VLM_ENGINES):
         ap.error(f"--engines: unknown {sorted(set(args.engines) - set(VLM_ENGINES))} (of {','.join(VLM_ENGINES)})")
+    md, _, raw = outputs(args.out)
+    if args.append and not args.report_only and md.is_file() and not raw.is_file():
+        ap.error(f"--append: {md.name} has no raw rows here ({raw} is missing: they stay on the machine that "
+                 "measured them), so it would be rewritten with this run's rows alone; run without --append "
+                 "to start a new report, or bring that file back")
     args.reps = args.reps or (1 if args.quick else 3)
     args.text_reps = args.text_reps or args.reps
     skip = set(args.skip.split(","))

@@ -1,0 +1,23 @@
+"""bench/run.py's own guard: ``--append`` onto a report whose raw rows are not on this machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_append_without_the_earlier_raw_rows_is_refused_before_any_work(tmp_path):
+    """A fresh checkout has the committed report but not bench/.cache's raw rows: appending would
+    rewrite the report with this run's rows alone, so the harness refuses and the report is kept."""
+    report = tmp_path / "RESULTS-no-raw-rows-here.md"
+    report.write_text("# an earlier report\n")
+    assert not (REPO / "bench" / ".cache" / "run_results-no-raw-rows-here.json").exists()
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--out", str(report), "--append", "--quick"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2
+    assert "--append" in r.stderr and "run_results-no-raw-rows-here.json is missing" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert report.read_text() == "# an earlier report\n"
