@@ -154,12 +154,16 @@ at::Tensor int8_gemv_cat(const at::Tensor& x, at::TensorList w, at::TensorList s
   TORCH_CHECK(x.dim() == 2, "int8_gemv: x (M, K), w (N, K), scale (N,)");
   const int64_t M = x.size(0), K = x.size(1);
   std::vector<int64_t> first{0};  // first output column of each part, then N
+  std::vector<const int8_t*> wp;
+  std::vector<const float*> sp;
   for (size_t i = 0; i < w.size(); ++i) {
     TORCH_CHECK(w[i].dim() == 2 && scale[i].dim() == 1, "int8_gemv: x (M, K), w (N, K), scale (N,)");
     TORCH_CHECK(w[i].scalar_type() == at::kChar && scale[i].scalar_type() == at::kFloat, "int8_gemv: w int8, scale float32");
     TORCH_CHECK(w[i].size(1) == K && scale[i].size(0) == w[i].size(0), "int8_gemv: shapes do not match");
     TORCH_CHECK(w[i].is_contiguous() && scale[i].is_contiguous(), "int8_gemv: w and scale must be contiguous");
     first.push_back(first.back() + w[i].size(0));
+    wp.push_back(w[i].data_ptr<int8_t>());
+    sp.push_back(scale[i].data_ptr<float>());
   }
   TORCH_CHECK(K % 16 == 0, "int8_gemv: K must be a multiple of 16");
   const int64_t N = first.back();
@@ -181,8 +185,8 @@ at::Tensor int8_gemv_cat(const at::Tensor& x, at::TensorList w, at::TensorList s
       size_t p = 0;
       for (int64_t r = b; r < e; ++r) {
         while (r >= first[p + 1]) ++p;
-        const int8_t* wr = w[p].data_ptr<int8_t>() + (r - first[p]) * K;
-        const float sr = scale[p].data_ptr<float>()[r - first[p]];
+        const int8_t* wr = wp[p] + (r - first[p]) * K;
+        const float sr = sp[p][r - first[p]];
         if (q8) row_q8(xq.data(), d.data(), M, wr, sr, yp, store, r, K, N);
         else row(xp, M, wr, sr, yp, store, r, K, N);
       }
