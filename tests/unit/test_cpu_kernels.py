@@ -322,3 +322,170 @@ def test_q_k_v_and_gate_up_run_in_one_kernel_call(monkeypatch):
     owner.k_proj = nn.Sequential(owner.k_proj)  # wrapped: no longer an Int8Linear
     assert torch.equal(fused_outputs(owner, "qkv_proj", names, x)[1], owner.k_proj(x))
     assert calls == [3]
+
+
+# -- int4 -----------------------------------------------------------------------------------------
+def _int4_inputs(m: int, n: int, k: int, g: int, dtype: torch.dtype, seed: int):
+    """4-bit values over 0..15, per-group scales and zeros as ``quantize_int4`` makes them, activations
+    of uneven size within each block of 32."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // g, generator=gen) * 0.01 + 1e-4
+    zeros = (torch.rand(n, k // g, generator=gen) - 0.5) * 0.05
+    x = (torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen) * 3).to(dtype)
+    return x, q, scales, zeros
+
+
+def _q4_formula(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """llama.cpp's Q4_1 x Q8_1 scheme in float64: the dequantized weights times the activations
+    quantized per 32 (d_b * round(x / d_b)); (y, the bound on |y - exact|: each activation moves by at
+    most d_b / 2)."""
+    from smolvlm.quantization.int4 import dequantize_int4
+
+    m, k = x.shape
+    w = dequantize_int4(q, scales.float(), zeros.float()).double()  # (N, K)
+    xb = x.float().reshape(m, k // 32, 32)
+    d = xb.abs().amax(-1) / 127  # float32, as the kernel
+    xq = torch.round(xb * torch.where(d > 0, 1 / d, torch.zeros_like(d))[..., None])  # half to even
+    y = (xq.double() * d.double()[..., None]).reshape(m, k) @ w.t()
+    bound = (d.double().repeat_interleave(32, -1) / 2) @ w.abs().t()
+    return y, bound
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k,g", [(1, 96, 128, 32), (3, 97, 576, 64), (KERNEL_MAX_ROWS, 1536, 576, 32),
+                                     (2, 7, 1536, 256), (1, 5, 160, 32), (4, 33, 256, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+def test_int4_gemv_is_the_q4_1_by_q8_1_scheme(m, n, k, g, dtype, table_dtype):
+    """Every row of x (odd counts of blocks: K = 160) against every row of w (odd N) and group sizes
+    32-256: the scheme's formula up to float32 arithmetic and the result's one rounding (bf16 2^-8,
+    fp16 2^-11 relative), and within its error bound of the exact dequantized linear."""
+    from smolvlm.quantization.int4 import pack_nibbles
+
+    assert kernels.build() is None
+    x, q, scales, zeros = _int4_inputs(m, n, k, g, dtype, m * n + k + g)
+    if k > 32:
+        x[0, 32:64] = 0  # a block of zeros (scale 0) contributes nothing
+    scales, zeros = scales.to(table_dtype), zeros.to(table_dtype)  # the kernel's table holds these values
+    got = torch.ops.smolvlm.int4_gemv(x, pack_nibbles(q), torch.stack((scales, zeros), -1))
+    assert got.dtype == dtype and got.shape == (m, n)
+    y, bound = _q4_formula(x, q, scales, zeros)
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert_close(got.double(), y, rtol=rounding, atol=1e-4 * y.abs().max().item())
+    from smolvlm.quantization.int4 import dequantize_int4
+
+    exact = x.double() @ dequantize_int4(q, scales.float(), zeros.float()).double().t()
+    err = (got.double() - exact).abs()
+    assert (err <= bound + rounding * y.abs() + 1e-4).all()
+    assert (err > 1e-3 * y.abs()).any()  # the activations really were rounded
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int4_gemv_never_hides_a_non_finite_activation(bad):
+    from smolvlm.quantization.int4 import dequantize_int4, pack_nibbles
+
+    assert kernels.build() is None
+    x, q, scales, zeros = _int4_inputs(2, 6, 64, 32, torch.bfloat16, 0)
+    x[1, 3] = bad
+    got = torch.ops.smolvlm.int4_gemv(x, pack_nibbles(q), torch.stack((scales, zeros), -1)).float()
+    assert not got[1].isfinite().any()
+    exact = x[:1].float() @ dequantize_int4(q, scales, zeros).t()
+    assert_close(got[0], exact[0], rtol=1e-2, atol=1e-2)  # float path: only the result's bf16 rounding
+
+
+@needs_kernel
+def test_int4_gemv_refuses_what_it_cannot_do():
+    assert kernels.build() is None
+    w, t = torch.zeros(8, 96, dtype=torch.uint8), torch.ones(8, 6, 2)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        torch.ops.smolvlm.int4_gemv(torch.zeros(1, 192), w, t)
+    with pytest.raises(RuntimeError, match="32 times a power of two"):  # groups of 96
+        torch.ops.smolvlm.int4_gemv(torch.zeros(1, 192).bfloat16(), w, torch.ones(8, 2, 2))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.smolvlm.int4_gemv(torch.zeros(1, 48).bfloat16(), torch.zeros(8, 24, dtype=torch.uint8), t)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.smolvlm.int4_gemv(torch.zeros(1, 128).bfloat16(), w, t)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        torch.ops.smolvlm.int4_gemv_cat(torch.zeros(1, 192).bfloat16(), [w, w], [t, t.bfloat16()])
+
+
+@needs_kernel
+def test_int4_gemv_cat_is_each_layer_side_by_side():
+    from smolvlm.quantization.int4 import pack_nibbles
+
+    assert kernels.build() is None
+    x, q, scales, zeros = _int4_inputs(3, 160, 128, 32, torch.bfloat16, 7)
+    ws = [pack_nibbles(t) for t in q.split([96, 32, 32])]
+    ts = [t.contiguous() for t in torch.stack((scales, zeros), -1).split([96, 32, 32])]
+    got = torch.ops.smolvlm.int4_gemv_cat(x, ws, ts)
+    assert torch.equal(got, torch.cat([torch.ops.smolvlm.int4_gemv(x, a, b) for a, b in zip(ws, ts)], -1))
+
+
+def _int4_layer(k: int = 128, n: int = 96, bias: bool = True):
+    from smolvlm.quantization import Int4Linear
+
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+    return Int4Linear.from_linear(lin, 32)
+
+
+@needs_kernel
+def test_int4_linear_runs_the_kernel_for_bf16_and_fp16_rows_keeping_one_copy(monkeypatch):
+    """bf16/fp16 rows up to KERNEL_MAX_ROWS (int4's) go to smolvlm's kernel, float32 ones to PyTorch's,
+    longer inputs dequantize. The saved nibbles are the kernel's weights as they are; its (N, G, 2)
+    table (bf16 for bf16 activations) is the one copy of the scales and zeros, saved as float32. A
+    layer used first by PyTorch's kernel (its own layout) gets its nibbles back for smolvlm's."""
+    from smolvlm.quantization.int4 import KERNEL_MAX_ROWS as ROWS
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    calls = []
+    op = torch.ops.smolvlm.int4_gemv
+    monkeypatch.setattr(torch.ops.smolvlm, "int4_gemv", lambda *a: calls.append(a[0].shape) or op(*a))
+    m = _int4_layer()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(1, 3, 128)
+    with torch.inference_mode():
+        want = nn.functional.linear(x, m.dequantized_weight(), m.bias)
+        assert_close(m(x), want, rtol=1e-5, atol=1e-5)  # float32: PyTorch's kernel
+        assert calls == [] and m._kernel[0] == "torch"
+        for dtype, table in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+            got = m.to(dtype)(x.to(dtype))
+            assert got.dtype == dtype and calls[-1] == (3, 128)
+            assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+            kind, w, t = m._kernel
+            assert kind == "own" and w is m.weight_uint4 and not m._kernel_layout
+            assert t.shape == (96, 4, 2) and t.dtype == table
+            assert m.scales.untyped_storage().data_ptr() == m.zeros.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        n = len(calls)
+        assert m(torch.randn(ROWS + 1, 128).half()).shape == (ROWS + 1, 96) and len(calls) == n
+    after = m.state_dict()
+    assert torch.equal(after["weight_uint4"], before["weight_uint4"])
+    for k in ("scales", "zeros"):  # bf16-rounded by the bf16 table, then carried as float32
+        assert after[k].dtype == torch.float32 and torch.equal(after[k], before[k].bfloat16().float()), k
+
+
+@needs_kernel
+def test_int4_q_k_v_run_in_one_kernel_call(monkeypatch):
+    from smolvlm.model.packed import fused_outputs
+    from smolvlm.quantization.int4 import KERNEL_MAX_ROWS as ROWS
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    owner = nn.Module()
+    names = ("q_proj", "k_proj", "v_proj")
+    for name, n in zip(names, (96, 32, 32)):
+        setattr(owner, name, _int4_layer(n=n, bias=False).to(torch.bfloat16))
+    calls = []
+    op = torch.ops.smolvlm.int4_gemv_cat
+    monkeypatch.setattr(torch.ops.smolvlm, "int4_gemv_cat", lambda *a: calls.append(len(a[1])) or op(*a))
+    x = torch.randn(2, 1, 128).bfloat16()
+    together = fused_outputs(owner, "qkv_proj", names, x)
+    assert calls == [3] and [t.shape for t in together] == [(2, 1, 96), (2, 1, 32), (2, 1, 32)]
+    for t, name in zip(together, names):
+        assert torch.equal(t, getattr(owner, name)(x))
+    fused_outputs(owner, "qkv_proj", names, torch.randn(1, ROWS + 1, 128).bfloat16())
+    assert calls == [3]

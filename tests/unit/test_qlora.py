@@ -102,9 +102,9 @@ def test_layer_gradients_bf16_through_the_int_kernel(mode, monkeypatch):
     ``FrozenQuantizedMatmul`` supplies grad_x)."""
     from smolvlm import kernels
 
-    # int8: smolvlm's own GEMV where it builds (test_cpu_kernels.py), else PyTorch's
-    owner, kernel = ((torch.ops.smolvlm, "int8_gemv") if kernels.ready() else (torch, "_weight_int8pack_mm")) \
-        if mode == "int8" else (torch, "_weight_int4pack_mm_for_cpu")
+    # smolvlm's own GEMV where it builds (test_cpu_kernels.py), else PyTorch's
+    owner, kernel = ((torch.ops.smolvlm, f"{mode}_gemv") if kernels.ready()
+                     else (torch, "_weight_int8pack_mm" if mode == "int8" else "_weight_int4pack_mm_for_cpu"))
     calls, real = [], getattr(owner, kernel)
     monkeypatch.setattr(owner, kernel, lambda *a: calls.append(1) or real(*a))
     ql, ref, _ = qlora_and_reference(mode)

@@ -161,8 +161,9 @@ def test_save_load_roundtrip_identical(tmp_path, mode, tie):
         assert_close(bf(input_ids=ids, pixel_values=pv).logits.float(), want, **BF16_TOL)
 
 
-def test_int4_kernel_layout_is_the_one_copy_and_saves_as_nibbles(tmp_path):
-    """Where the output width is a multiple of the CPU's row block (64 with AVX-512, 32 with AVX2: torch
+def test_int4_kernel_layout_is_the_one_copy_and_saves_as_nibbles(tmp_path, monkeypatch):
+    """PyTorch's int4 kernel (smolvlm's own, which takes the nibbles as they are, is switched off here:
+    tests/unit/test_cpu_kernels.py covers it). Where the output width is a multiple of the CPU's row block (64 with AVX-512, 32 with AVX2: torch
     picks it by ISA, so both CPU kinds are covered by whichever runs this) the CPU kernel's layout is a
     byte rearrangement of ``pack_nibbles`` (checked against torch's own conversion), so the first kernel
     call replaces the nibble buffer by it instead of keeping both; a width that is not a multiple of it keeps the
@@ -170,8 +171,10 @@ def test_int4_kernel_layout_is_the_one_copy_and_saves_as_nibbles(tmp_path):
     copy of the scales and zeros (``scales``/``zeros`` are views of it): state dicts and saving
     still give float32 (the bf16 values the kernel computes with), nibbles, and the same outputs
     once loaded again."""
+    from smolvlm import kernels
     from smolvlm.quantization.int4 import from_kernel_layout, kernel_block, to_kernel_layout
 
+    monkeypatch.setitem(kernels._state, "use", "off for this test")
     block = kernel_block()
     assert block in (32, 64)
     g = torch.Generator().manual_seed(3)
@@ -191,8 +194,8 @@ def test_int4_kernel_layout_is_the_one_copy_and_saves_as_nibbles(tmp_path):
             got = m(x)
             want = nn.functional.linear(x.float(), m.dequantized_weight()).bfloat16()
         assert_close(got.float(), want.float(), **BF16_TOL)
-        assert m._kernel_layout == one_copy and (m._kernel[0] is m.weight_uint4) == one_copy
-        table = m._kernel[1]
+        assert m._kernel_layout == one_copy and (m._kernel[1] is m.weight_uint4) == one_copy
+        table = m._kernel[2]
         assert table.dtype == torch.bfloat16 and m.scales.dtype == m.zeros.dtype == torch.bfloat16
         assert m.scales.untyped_storage().data_ptr() == m.zeros.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
         after = m.state_dict()

@@ -2,10 +2,12 @@
 
 - ``int8_gemv.cpp``: the int8 weight GEMV of quantized decode (float32 activations as they are,
   bf16/fp16 ones quantized to int8 per 32 as llama.cpp does), ``torch.ops.smolvlm.int8_gemv``.
+- ``int4_gemv.cpp``: the group-wise int4 weight GEMV of quantized decode for bf16/fp16 activations
+  (quantized to int8 per 32, llama.cpp's Q4_1 x Q8_1 dot), ``torch.ops.smolvlm.int4_gemv``.
 - ``decode_attention.cpp``: one query per row over an fp32 KV cache (the decode step's attention),
   ``torch.ops.smolvlm.decode_attention``.
 
-Both are x86-64 AVX2 + FMA, registered with a shape-only ("fake") version, so ``torch.compile``
+All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share), registered with a shape-only ("fake") version, so ``torch.compile``
 keeps them inside the compiled decode step. Why each exists: its header.
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
@@ -26,7 +28,7 @@ import torch
 
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
-_SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "decode_attention.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "decode_attention.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
@@ -84,6 +86,14 @@ def _compile() -> str | None:
 
     @torch.library.register_fake("smolvlm::int8_gemv_cat")
     def _(x: torch.Tensor, w: list[torch.Tensor], scale: list[torch.Tensor]) -> torch.Tensor:
+        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
+
+    @torch.library.register_fake("smolvlm::int4_gemv")
+    def _(x: torch.Tensor, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("smolvlm::int4_gemv_cat")
+    def _(x: torch.Tensor, w: list[torch.Tensor], table: list[torch.Tensor]) -> torch.Tensor:
         return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
     @torch.library.register_fake("smolvlm::decode_attention")

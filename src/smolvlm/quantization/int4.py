@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm import kernels
 from smolvlm.model.upcast import compute_dtype
 from smolvlm.quantization.int8 import row_chunks  # same chunking
 
-# Above this many input rows the layer dequantizes and calls ``linear`` instead of the int4 kernel,
-# whose time grows with the rows. Measured (bf16, 2 cores, Xeon with AMX), kernel vs dequantize +
+# Above this many input rows the layer dequantizes and calls ``linear`` instead of an int4 kernel,
+# whose time grows with the rows. (smolvlm's own kernel was measured no slower than PyTorch's at 1-32
+# rows on the 2-core AMD EPYC: 0.5x the time at 1 row, 0.91-0.98x at 8-32; ANALYSIS, twelfth round.) Measured (bf16, 2 cores, Xeon with AMX), kernel vs dequantize +
 # GEMM in ms: 2048x8192 at 32 / 100 / 300 rows 6.6 / 20.6 / 61.9 vs 31.5 / 32.3 / 34.5; 8192x2048
 # 6.7 / 20.7 / 59.9 vs 108 / 108 / 113; 576x1536 0.35 / 1.08 / 3.19 vs 1.53 / 1.60 / 1.78. A short
 # prompt thus also skips the dequantized copies (~0.2 GiB of temporaries at 2.2B).
@@ -40,6 +42,10 @@ KERNEL_MAX_ROWS = 128
 # default model against 1.1 s with the kernel (2-core AMD EPYC, loaded); the kernel's fp32 result
 # is the dequantized reference to float32 rounding (~4e-6 on O(1) outputs).
 _FAST = (torch.bfloat16, torch.float32)
+# Activation dtypes for smolvlm's own int4 kernel (``smolvlm.kernels``, AVX2 CPUs): it quantizes them
+# to int8 per 32, which float32 activations are spared (they keep PyTorch's kernel, as int8 keeps
+# its exact float path for them).
+_OWN = (torch.bfloat16, torch.float16)
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
 # Rounding an ordinary float weight to 16 levels leaves an error spread evenly over +-half a
 # step: rms 1/sqrt(12) = 0.29 steps (measured 0.25-0.28 on SmolLM2-135M layers and on Gaussian
@@ -172,7 +178,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scales_and_zeros), derived
+        self._kernel: tuple[str, torch.Tensor, torch.Tensor] | None = None  # (kind, weights, table), derived
         # True once ``weight_uint4`` holds the kernel's own layout (one copy of the weights, not two;
         # state dicts, saving and dequantizing still see ``pack_nibbles`` order: ``nibbles``).
         self._kernel_layout = False
@@ -214,43 +220,82 @@ class Int4Linear(nn.Module):
             out[rows] = self.dequantized_rows(rows.start, rows.stop)
         return out
 
+    def _kernel_kind(self, dtype: torch.dtype, device: torch.device) -> str | None:
+        """The CPU int4 kernel for ``dtype`` activations on ``device``: "own" (smolvlm's, bf16/fp16, a
+        group size of ``GROUP_SIZES``, on CPUs where ``smolvlm.kernels`` run), "torch" (PyTorch's, bf16/float32, N % 16 == 0: a
+        300-token toy vocab does not qualify), or None."""
+        if device.type != "cpu":
+            return None
+        if dtype in _OWN and self.group_size in GROUP_SIZES and kernels.ready():
+            return "own"
+        return "torch" if dtype in _FAST and self.out_features % 16 == 0 else None
+
     def kernel_supports(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether the CPU int4 kernel can run this layer for ``dtype`` activations on ``device``.
-        It needs N % 16 == 0 (a 300-token toy vocab does not qualify)."""
-        return dtype in _FAST and device.type == "cpu" and self.out_features % 16 == 0
+        """Whether a CPU int4 kernel can run this layer for ``dtype`` activations on ``device``."""
+        return self._kernel_kind(dtype, device) is not None
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs the CPU int4 kernel (else it dequantizes and calls ``linear``)."""
+        """Whether ``forward(x)`` runs a CPU int4 kernel (else it dequantizes and calls ``linear``)."""
         return self.kernel_supports(x.dtype, x.device) and x.numel() <= KERNEL_MAX_ROWS * self.in_features
 
     def prepare_kernel(self, dtype: torch.dtype) -> None:
         """Build the CPU kernel's weights for ``dtype`` activations now (else the first kernel call
-        does): its weight layout and its (G, N, 2) scales-and-zeros table in ``dtype``.
+        does): its weight layout and its scales-and-zeros table.
 
         That table is then the only copy of the scales and zeros: ``scales`` and ``zeros`` become
-        views of it, in ``dtype``. The kernel computes with them in that dtype anyway, so a bf16
-        model loses nothing it had, and at 2.2B the float32 pair (0.37 GiB) does not sit next to the
-        bf16 table (0.18 GiB). The dequantizing path (prefill) then uses the kernel's own values;
+        views of it. PyTorch's kernel takes a (G, N, 2) table in ``dtype`` (so a bf16 model's scales
+        become bf16: the kernel computes with them in that dtype anyway, and at 2.2B the float32 pair,
+        0.37 GiB, does not sit next to the bf16 table, 0.18 GiB) and its own weight layout (derived
+        here). smolvlm's takes the saved nibbles as they are and an (N, G, 2) table, bf16 for bf16
+        activations, else float32. The dequantizing path (prefill) then uses the kernel's own values;
         saving writes them back as float32."""
-        if self._kernel is not None and self._kernel[1].dtype == dtype:
+        kind = self._kernel_kind(dtype, self.scales.device)
+        table_dtype = dtype if kind == "torch" or dtype == torch.bfloat16 else torch.float32
+        if self._kernel is not None and self._kernel[0] == kind and self._kernel[2].dtype == table_dtype:
             return
-        if self._kernel_layout:
+        scales, zeros = self.scales, self.zeros
+        if kind == "own":
+            if self._kernel_layout:  # PyTorch's layout from an earlier dtype: back to the nibbles
+                self.weight_uint4, self._kernel_layout = self.nibbles(), False
             packed = self.weight_uint4
-        elif (block := kernel_block()) and self.out_features % block == 0:
-            packed = self.weight_uint4 = to_kernel_layout(self.weight_uint4, block)  # the nibble copy goes
-            self._kernel_layout = True
+            table = torch.stack((scales, zeros), dim=-1).to(table_dtype)  # (N, G, 2)
+            self.scales, self.zeros = table[..., 0], table[..., 1]
         else:
-            packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight_uint4).to(torch.int32), 1)
-        sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
-        self.scales, self.zeros = sz[..., 0].t(), sz[..., 1].t()  # (N, G) views: the one copy
-        self._kernel = (packed, sz)
+            if self._kernel_layout:
+                packed = self.weight_uint4
+            elif (block := kernel_block()) and self.out_features % block == 0:
+                packed = self.weight_uint4 = to_kernel_layout(self.weight_uint4, block)  # the nibble copy goes
+                self._kernel_layout = True
+            else:
+                packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight_uint4).to(torch.int32), 1)
+            table = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(table_dtype)  # (G, N, 2)
+            self.scales, self.zeros = table[..., 0].t(), table[..., 1].t()  # (N, G) views: the one copy
+        self._kernel = (kind, packed, table)
+
+    @staticmethod
+    def forward_together(mods: list["Int4Linear"], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Several bias-free layers of the same input (q/k/v, gate/up) in one call of smolvlm's kernel,
+        the same numbers as one call each (``model.packed.fused_outputs``); None where that kernel
+        would not run them."""
+        k = mods[0].in_features
+        if (any(m.bias is not None or m.in_features != k for m in mods) or not mods[0].kernel_applies(x)
+                or mods[0]._kernel_kind(x.dtype, x.device) != "own"):
+            return None
+        for m in mods:
+            m.prepare_kernel(x.dtype)
+        y = torch.ops.smolvlm.int4_gemv_cat(x.reshape(-1, k), [m._kernel[1] for m in mods],
+                                            [m._kernel[2] for m in mods])
+        return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split([m.out_features for m in mods], -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_applies(x):
             self.prepare_kernel(x.dtype)
-            packed, sz = self._kernel
+            kind, packed, table = self._kernel
             x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
-            y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)  # (M, N)
+            if kind == "own":  # smolvlm's AVX2 GEMV (kernels/int4_gemv.cpp): llama.cpp's Q4_1 x Q8_1 dot
+                y = torch.ops.smolvlm.int4_gemv(x2, packed, table)  # (M, N)
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, table)  # (M, N)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             cd = compute_dtype(x, self.in_features)  # float32 for a bf16 prefill on AVX2-only CPUs
