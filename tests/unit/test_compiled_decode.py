@@ -151,3 +151,36 @@ def test_max_autotune_mode_freezes_dense_weights_and_keeps_the_tokens():
 def test_an_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="max-autotune"):
         compiled.enable(_model(), mode="fastest")
+
+
+def test_a_model_changed_after_compiling_decodes_eagerly(capsys):
+    """The compiled step skips Dynamo's per-call guards on the model's modules; ``check`` (once per
+    generation) stands in for them. Unchanged, the compiled step keeps running, generation after
+    generation (eager prefills of other lengths included, which fill layers' private caches). A
+    swapped module or a changed dtype: the next generation says so once and decodes eagerly, giving
+    the changed model's own eager tokens (never the stale graph's)."""
+    from smolvlm.quantization import quantize
+
+    model = quantize(_model(torch.bfloat16), "int8")
+    step = compiled.enable(model)
+    calls = []
+    real = step._compiled
+    step._compiled = lambda *a: calls.append(1) or real(*a)
+    first = _greedy(model)
+    long_prompt = torch.tensor([[5] + [299] * 20 + [7, 8]])
+    generate_ids(model, long_prompt, max_new_tokens=4, eos_token_id=[])
+    assert _greedy(model) == first and step.problem is None and len(calls) == 11 + 3 + 11
+    assert compiled.fingerprint(model) == step._fingerprint
+
+    layer = model.model.text_model.layers[0].mlp
+    layer.down_proj = torch.nn.Linear(layer.down_proj.in_features, layer.down_proj.out_features, bias=False,
+                                      dtype=torch.bfloat16)
+    changed = _greedy(model)
+    assert step.problem == "the model changed after its decode step was compiled" and len(calls) == 25
+    assert capsys.readouterr().err.count("model changed") == 1
+    compiled.disable(model)
+    assert changed == _greedy(model)  # the eager tokens of the changed model
+    assert compiled.fingerprint(model) != step._fingerprint
+    other = _model(torch.float32)  # same structure, other dtype, same process: its own graph
+    eager = _greedy(other)
+    assert compiled.enable(other).problem is None and _greedy(other) == eager

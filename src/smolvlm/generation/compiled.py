@@ -26,6 +26,14 @@ Two modes (``MODES``), named as ``torch.compile``'s:
   (int8/int4 graphs have none: ~13 s once cached).
   Weights changed after the compile are not seen by it.
 
+Dynamo's per-call guards on the model's modules are skipped (``torch.compiler``'s
+``skip_guard_on_all_nn_modules_unsafe``: checking ~400 module attributes and tensors was ~1.7 ms of a
+~20 ms int4 step on a 2-core AMD EPYC, ``bench/ANALYSIS.md``, twelfth round). What they protected, the
+model staying as it was compiled, is checked once per generation instead (``CompiledDecode.check``,
+called by ``generate``): a model changed since (modules swapped, dtypes or shapes changed) decodes
+eagerly from then on, said once, rather than through a graph that no longer fits it. Each step
+compiles its own copy of the step function, so two models never share a graph.
+
 Greedy tokens are the eager path's (``tests/unit/test_compiled_decode.py``); measured gains: ``bench/ANALYSIS.md``.
 Without a C++ compiler, or if compiling fails, generation says why once on stderr and runs eagerly.
 """
@@ -34,8 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import shutil
 import sys
+import types
 from typing import Any, Callable
 
 import torch
@@ -43,6 +53,7 @@ import torch
 from smolvlm import kernels
 from smolvlm.model.packed import unpack_linears
 
+_STEPS = itertools.count()  # names the compiled steps' code objects
 BUCKET = 256  # cache slots per shape bucket: at most 255 slots of masked-out attention per step
 # Inductor options per mode. "CPP,ATEN": each GEMM shape is timed against ATen's (oneDNN) and the
 # faster one kept, so a CPU whose template is slower (or missing, AVX2 bf16) keeps oneDNN.
@@ -73,6 +84,27 @@ def compiler_problem() -> str | None:
     return None
 
 
+def fingerprint(model: Any) -> tuple:
+    """What a compiled step takes as fixed about ``model``: each module's kind and training flag, its
+    public plain attributes, and its parameters' and buffers' shapes, dtypes and devices (not their
+    values, which the graph reads at every call). Private attributes are left out: they hold caches
+    that the eager prefill may fill (an int8 layer's scales in the activation dtype)."""
+    def describe(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return (tuple(v.shape), v.dtype, v.device.type)
+        if isinstance(v, (tuple, list)):
+            return tuple(describe(x) for x in v)
+        if v is None or isinstance(v, (bool, int, float, str, torch.dtype)):
+            return v
+        return type(v)
+
+    return tuple(
+        (name, type(m), m.training,
+         tuple((k, describe(v)) for k, v in vars(m).items() if not k.startswith("_")),
+         tuple((k, describe(v)) for k, v in (*m._parameters.items(), *m._buffers.items())))
+        for name, m in model.named_modules())
+
+
 class CompiledDecode:
     """The decode step of one model, compiled on first use per shape bucket.
 
@@ -90,6 +122,7 @@ class CompiledDecode:
         self.problem = compiler_problem()
         self.buckets: set[tuple[int, int]] = set()
         self._compiled: Callable[..., torch.Tensor] | None = None
+        self._fingerprint: tuple | None = None  # the model as first compiled
         # The options must hold while Dynamo traces (freezing changes how it lifts the weights), not
         # only while Inductor compiles: torch.compile(options=) is too late. ~23 us a step; none by default.
         self._options: Callable[[], Any] = contextlib.nullcontext
@@ -101,9 +134,19 @@ class CompiledDecode:
             if MODES[mode].get("freezing"):
                 unpack_linears(model)  # freezing packs dense weights its own way
             kernels.prepare()  # smolvlm's CPU kernels, decided (and built) now: a trace cannot build them
-            self._compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
+            self._compiled = torch.compile(self._own_step(), fullgraph=True, dynamic=False, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         else:
             self._say(self.problem)
+
+    def _own_step(self) -> Callable[..., torch.Tensor]:
+        """``_eager`` with a code object of its own. Dynamo keeps compiled graphs per code object and,
+        its module guards skipped, would otherwise run one model's graph for another (same structure,
+        other dtypes) in the same process."""
+        f = CompiledDecode._eager
+        name = f"decode_step_{next(_STEPS)}"
+        code = f.__code__.replace(co_name=name, co_qualname=name)
+        return types.MethodType(types.FunctionType(code, f.__globals__, name, f.__defaults__, f.__closure__), self)
 
     def _eager(self, tok: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor,
                cache: Any) -> torch.Tensor:
@@ -114,6 +157,14 @@ class CompiledDecode:
     def _say(self, why: str) -> None:
         print(f"smolvlm: compiled decode off, decoding eagerly: {why}", file=self.err or sys.stderr)
 
+    def check(self) -> None:
+        """Before a generation: decode eagerly from now on if the model changed since it was compiled
+        (the compiled graph no longer guards each call against that)."""
+        if self._compiled is not None and self._fingerprint is not None and fingerprint(self.model) != self._fingerprint:
+            self.problem = "the model changed after its decode step was compiled"
+            self._compiled = None
+            self._say(self.problem)
+
     def __call__(self, tok: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor,
                  cache: Any) -> torch.Tensor:
         if self._compiled is not None:
@@ -121,6 +172,8 @@ class CompiledDecode:
                 with self._options():
                     logits = self._compiled(tok, mask, position_ids, slot, cache)
                 self.buckets.add((tok.shape[0], mask.shape[1]))
+                if self._fingerprint is None:
+                    self._fingerprint = fingerprint(self.model)
                 return logits
             except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the answer
                 self.problem = f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"

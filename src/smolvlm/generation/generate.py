@@ -129,6 +129,8 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     B, T = input_ids.shape
     total = T + s.max_new_tokens
     compiled = getattr(model, "compiled_decode", None)  # generation/compiled.py, opt-in
+    if compiled is not None:
+        compiled.check()
     slots_held = cache_slots(total) if compiled is not None else total
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if pixel_values is not None:
