@@ -1,4 +1,4 @@
-"""smolvlm's native CPU kernels (``smolvlm/kernels``): the AVX2 int8 decode GEMV and decode attention.
+"""smolvlm's native CPU kernels (``smolvlm/kernels``): the AVX2 int8 and int4 decode GEMVs and decode attention.
 
 Tolerances. float32 activations: the kernel multiplies exact int8 weights by float32 activations
 and sums in float32, only in another order than the float64 reference: over K <= 576 terms of O(1)
@@ -9,6 +9,8 @@ bf16/fp16 activations with K % 32 == 0 are quantized to int8 per group of 32 (ll
 the kernel must equal that scheme's formula up to float32 summation and the one rounding of the
 result (bf16 2^-8, fp16 2^-11 relative), and stay within the scheme's own error bound of the exact
 linear: each activation moves by at most half its group's step d_g = max|x_g| / 127.
+The int4 GEMV (bf16/fp16 activations only) is the same activation scheme against the dequantized
+4-bit weights (llama.cpp's Q4_1 x Q8_1): the same two checks, with the int4 weights' |w| in the bound.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from smolvlm.quantization import Int8Linear
 from smolvlm.quantization.int8 import KERNEL_MAX_ROWS
 
 AVX2 = kernels._cpu_problem() is None
-needs_kernel = pytest.mark.skipif(not AVX2, reason=f"no int8 kernel on this machine: {kernels._cpu_problem()}")
+needs_kernel = pytest.mark.skipif(not AVX2, reason=f"no CPU kernels on this machine: {kernels._cpu_problem()}")
 
 
 @needs_kernel

@@ -3,7 +3,7 @@
 One decode step (embed, 30 decoder layers, norm, head) becomes one generated C++ graph: the
 RMSNorms, RoPE, cache writes, SiLU-gates and residual adds that eager PyTorch runs as ~1,000
 small kernels and Python calls per token are fused; the GEMVs stay oneDNN's (packed bf16) or
-torch's int8/int4 kernels, called from the graph (``model/packed.py`` wraps the packed ones as
+the int8/int4 kernels (smolvlm's or torch's), called from the graph (``model/packed.py`` wraps the packed ones as
 opaque ``torch.library`` ops for it). As gpt-fast does, the step runs on a static KV cache and attends over
 the whole cache with an explicit mask, so every step of a generation has the same shapes: one
 compile per (batch rows, cache length) bucket. Cache lengths are rounded up to ``BUCKET`` slots;

@@ -15,8 +15,8 @@
 // so the row shows it.
 //
 // Why: PyTorch's _weight_int4pack_mm turns every 4-bit weight into a float, and on a 2-core AMD EPYC
-// (AVX2, 128-bit FP units) that conversion is the cost: 15.0 ms for a SmolLM2-135M decode step's
-// layers against 10.5 ms with integer products (bench/ANALYSIS.md, tenth and twelfth rounds).
+// (AVX2, 128-bit FP units) that conversion is the cost: a SmolLM2-135M decode step's 121 layers took
+// 33 ms with it against 17 ms here (bench/ANALYSIS.md, twelfth round).
 #include "common.h"
 
 #include <ATen/Parallel.h>

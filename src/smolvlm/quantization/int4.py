@@ -7,7 +7,9 @@ Dequantized: ``w ~= (q - 8) * scale + zero`` with ``zero = lo + 8 * scale`` (gpt
 
 Saved layout (independent of the torch version): ``weight_uint4`` (N, K/2) uint8, two values a
 byte (low nibble = even input channel), ``scales`` and ``zeros`` (N, K/group_size) float32.
-The kernel's own packed layout (``_convert_weight_to_int4pack_for_cpu``) is derived at load.
+smolvlm's CPU kernel (``smolvlm.kernels``, bf16/fp16 activations) reads that layout as it is;
+PyTorch's (float32 activations, or CPUs without smolvlm's kernels) gets its own packed layout
+(``_convert_weight_to_int4pack_for_cpu``), derived at load.
 
 Weights that already sit on a grid like this one (a Q4_0/Q4_1/Q4_K GGUF, whose blocks are 32
 wide, dequantized) round back onto it exactly. That is lossless for the plain file, but a float
@@ -30,11 +32,12 @@ from smolvlm.model.upcast import compute_dtype
 from smolvlm.quantization.int8 import row_chunks  # same chunking
 
 # Above this many input rows the layer dequantizes and calls ``linear`` instead of an int4 kernel,
-# whose time grows with the rows. (smolvlm's own kernel was measured no slower than PyTorch's at 1-32
-# rows on the 2-core AMD EPYC: 0.5x the time at 1 row, 0.91-0.98x at 8-32; ANALYSIS, twelfth round.) Measured (bf16, 2 cores, Xeon with AMX), kernel vs dequantize +
-# GEMM in ms: 2048x8192 at 32 / 100 / 300 rows 6.6 / 20.6 / 61.9 vs 31.5 / 32.3 / 34.5; 8192x2048
+# whose time grows with the rows. Measured for PyTorch's (bf16, 2 cores, Xeon with AMX), kernel vs
+# dequantize + GEMM in ms: 2048x8192 at 32 / 100 / 300 rows 6.6 / 20.6 / 61.9 vs 31.5 / 32.3 / 34.5; 8192x2048
 # 6.7 / 20.7 / 59.9 vs 108 / 108 / 113; 576x1536 0.35 / 1.08 / 3.19 vs 1.53 / 1.60 / 1.78. A short
-# prompt thus also skips the dequantized copies (~0.2 GiB of temporaries at 2.2B).
+# prompt thus also skips the dequantized copies (~0.2 GiB of temporaries at 2.2B). smolvlm's own kernel
+# was no slower than PyTorch's at 1-32 rows on a 2-core AMD EPYC (a SmolLM2-135M step's layers: 0.5x
+# the time at 1 row, 0.91-0.98x at 8-32; bench/ANALYSIS.md, twelfth round).
 KERNEL_MAX_ROWS = 128
 
 # Activation dtypes for the CPU int4 kernel (torch 2.13 takes both). float32 matters: it is the
@@ -221,9 +224,9 @@ class Int4Linear(nn.Module):
         return out
 
     def _kernel_kind(self, dtype: torch.dtype, device: torch.device) -> str | None:
-        """The CPU int4 kernel for ``dtype`` activations on ``device``: "own" (smolvlm's, bf16/fp16, a
-        group size of ``GROUP_SIZES``, on CPUs where ``smolvlm.kernels`` run), "torch" (PyTorch's, bf16/float32, N % 16 == 0: a
-        300-token toy vocab does not qualify), or None."""
+        """The CPU int4 kernel for ``dtype`` activations on ``device``: "own" (smolvlm's: bf16/fp16, a
+        group size of ``GROUP_SIZES``, on CPUs where ``smolvlm.kernels`` run), "torch" (PyTorch's:
+        bf16/float32, N % 16 == 0, which a 300-token toy vocab does not meet), or None."""
         if device.type != "cpu":
             return None
         if dtype in _OWN and self.group_size in GROUP_SIZES and kernels.ready():
@@ -278,7 +281,7 @@ class Int4Linear(nn.Module):
         the same numbers as one call each (``model.packed.fused_outputs``); None where that kernel
         would not run them."""
         k = mods[0].in_features
-        if (any(m.bias is not None or m.in_features != k for m in mods) or not mods[0].kernel_applies(x)
+        if (any(m.bias is not None or m.in_features != k for m in mods) or x.numel() > KERNEL_MAX_ROWS * k
                 or mods[0]._kernel_kind(x.dtype, x.device) != "own"):
             return None
         for m in mods:
