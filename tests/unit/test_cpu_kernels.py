@@ -300,28 +300,33 @@ def test_int8_gemv_cat_is_each_layer_side_by_side(dtype):
 
 
 @needs_kernel
-def test_q_k_v_and_gate_up_run_in_one_kernel_call(monkeypatch):
-    """``fused_outputs`` over Int8Linear parts: one ``int8_gemv_cat`` call, the numbers of one call
-    each; a part of another kind (a LoRA wrapper) or a prompt-sized input: each part alone."""
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_q_k_v_and_gate_up_run_in_one_kernel_call(monkeypatch, bits):
+    """``fused_outputs`` over Int8Linear/Int4Linear parts: one ``*_gemv_cat`` call, the numbers of one
+    call each; a part of another kind (a LoRA wrapper) or a prompt-sized input: each part alone."""
     from smolvlm.model.packed import fused_outputs
+    from smolvlm.quantization import Int4Linear
+    from smolvlm.quantization.int4 import KERNEL_MAX_ROWS as INT4_ROWS
 
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
     owner = nn.Module()
-    for name, n in (("q_proj", 96), ("k_proj", 32), ("v_proj", 32)):
-        lin = nn.Linear(128, n, bias=False)
-        setattr(owner, name, Int8Linear.from_linear(lin).to(torch.bfloat16))
-    calls = []
-    op = torch.ops.smolvlm.int8_gemv_cat
-    monkeypatch.setattr(torch.ops.smolvlm, "int8_gemv_cat", lambda *a: calls.append(len(a[1])) or op(*a))
     names = ("q_proj", "k_proj", "v_proj")
+    for name, n in zip(names, (96, 32, 32)):
+        lin = nn.Linear(128, n, bias=False)
+        layer = Int8Linear.from_linear(lin) if bits == "int8" else Int4Linear.from_linear(lin, 32)
+        setattr(owner, name, layer.to(torch.bfloat16))
+    calls = []
+    op = getattr(torch.ops.smolvlm, f"{bits}_gemv_cat")
+    monkeypatch.setattr(torch.ops.smolvlm, f"{bits}_gemv_cat", lambda *a: calls.append(len(a[1])) or op(*a))
     x = torch.randn(2, 1, 128).bfloat16()
     together = fused_outputs(owner, "qkv_proj", names, x)
     assert calls == [3] and [t.shape for t in together] == [(2, 1, 96), (2, 1, 32), (2, 1, 32)]
     for t, name in zip(together, names):
         assert torch.equal(t, getattr(owner, name)(x))
-    fused_outputs(owner, "qkv_proj", names, torch.randn(1, KERNEL_MAX_ROWS + 1, 128).bfloat16())
-    owner.k_proj = nn.Sequential(owner.k_proj)  # wrapped: no longer an Int8Linear
+    rows = KERNEL_MAX_ROWS if bits == "int8" else INT4_ROWS
+    fused_outputs(owner, "qkv_proj", names, torch.randn(1, rows + 1, 128).bfloat16())
+    owner.k_proj = nn.Sequential(owner.k_proj)  # wrapped: no longer the parts' class
     assert torch.equal(fused_outputs(owner, "qkv_proj", names, x)[1], owner.k_proj(x))
     assert calls == [3]
 
@@ -468,26 +473,3 @@ def test_int4_linear_runs_the_kernel_for_bf16_and_fp16_rows_keeping_one_copy(mon
     assert torch.equal(after["weight_uint4"], before["weight_uint4"])
     for k in ("scales", "zeros"):  # bf16-rounded by the bf16 table, then carried as float32
         assert after[k].dtype == torch.float32 and torch.equal(after[k], before[k].bfloat16().float()), k
-
-
-@needs_kernel
-def test_int4_q_k_v_run_in_one_kernel_call(monkeypatch):
-    from smolvlm.model.packed import fused_outputs
-    from smolvlm.quantization.int4 import KERNEL_MAX_ROWS as ROWS
-
-    assert kernels.build() is None
-    monkeypatch.setitem(kernels._state, "use", None)
-    owner = nn.Module()
-    names = ("q_proj", "k_proj", "v_proj")
-    for name, n in zip(names, (96, 32, 32)):
-        setattr(owner, name, _int4_layer(n=n, bias=False).to(torch.bfloat16))
-    calls = []
-    op = torch.ops.smolvlm.int4_gemv_cat
-    monkeypatch.setattr(torch.ops.smolvlm, "int4_gemv_cat", lambda *a: calls.append(len(a[1])) or op(*a))
-    x = torch.randn(2, 1, 128).bfloat16()
-    together = fused_outputs(owner, "qkv_proj", names, x)
-    assert calls == [3] and [t.shape for t in together] == [(2, 1, 96), (2, 1, 32), (2, 1, 32)]
-    for t, name in zip(together, names):
-        assert torch.equal(t, getattr(owner, name)(x))
-    fused_outputs(owner, "qkv_proj", names, torch.randn(1, ROWS + 1, 128).bfloat16())
-    assert calls == [3]

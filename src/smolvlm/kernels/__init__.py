@@ -80,21 +80,15 @@ def _compile() -> str | None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"the CPU kernels did not build: {first[:200]}"
 
-    @torch.library.register_fake("smolvlm::int8_gemv")
-    def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def gemv(x: torch.Tensor, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
 
-    @torch.library.register_fake("smolvlm::int8_gemv_cat")
-    def _(x: torch.Tensor, w: list[torch.Tensor], scale: list[torch.Tensor]) -> torch.Tensor:
+    def gemv_cat(x: torch.Tensor, w: list[torch.Tensor], table: list[torch.Tensor]) -> torch.Tensor:
         return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
-    @torch.library.register_fake("smolvlm::int4_gemv")
-    def _(x: torch.Tensor, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.register_fake("smolvlm::int4_gemv_cat")
-    def _(x: torch.Tensor, w: list[torch.Tensor], table: list[torch.Tensor]) -> torch.Tensor:
-        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
+    for bits in ("int8", "int4"):  # the int8 GEMVs' scales, the int4 ones' tables: the same shapes out
+        torch.library.register_fake(f"smolvlm::{bits}_gemv")(gemv)
+        torch.library.register_fake(f"smolvlm::{bits}_gemv_cat")(gemv_cat)
 
     @torch.library.register_fake("smolvlm::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
