@@ -354,17 +354,17 @@ FUSED_GROUPS = ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up
 
 def fused_outputs(module: nn.Module, fused_name: str, parts: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The parts' outputs for input ``x``: one fused GEMM when packing fused them; one call too where
-    the parts' class runs several layers of one input together (``forward_together``, e.g. int8's
-    decode kernel), else each alone."""
+    the parts' class runs several layers of one input together (``forward_together``: the int8/int4
+    decode kernels; it returns the outputs side by side, (rows, sum of widths), or None), else each alone."""
     fused = getattr(module, fused_name, None)
     if fused is not None:
         return fused(x)
     mods = [getattr(module, p) for p in parts]
     together = getattr(type(mods[0]), "forward_together", None)
     if together is not None and all(type(m) is type(mods[0]) for m in mods):
-        out = together(mods, x)
-        if out is not None:
-            return out
+        y = together(mods, x.reshape(-1, x.shape[-1]))
+        if y is not None:
+            return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split([m.out_features for m in mods], -1))
     return tuple(m(x) for m in mods)
 
 

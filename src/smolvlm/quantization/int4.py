@@ -276,19 +276,16 @@ class Int4Linear(nn.Module):
         self._kernel = (kind, packed, table)
 
     @staticmethod
-    def forward_together(mods: list["Int4Linear"], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """Several bias-free layers of the same input (q/k/v, gate/up) in one call of smolvlm's kernel,
-        the same numbers as one call each (``model.packed.fused_outputs``); None where that kernel
-        would not run them."""
+    def forward_together(mods: list["Int4Linear"], x: torch.Tensor) -> torch.Tensor | None:
+        """As ``Int8Linear.forward_together``: bias-free layers of one input x (M, K) in one call of
+        smolvlm's kernel, (M, N_0 + N_1 + ...); None where that kernel would not run them."""
         k = mods[0].in_features
-        if (any(m.bias is not None or m.in_features != k for m in mods) or x.numel() > KERNEL_MAX_ROWS * k
+        if (any(m.bias is not None or m.in_features != k for m in mods) or x.shape[0] > KERNEL_MAX_ROWS
                 or mods[0]._kernel_kind(x.dtype, x.device) != "own"):
             return None
         for m in mods:
             m.prepare_kernel(x.dtype)
-        y = torch.ops.smolvlm.int4_gemv_cat(x.reshape(-1, k), [m._kernel[1] for m in mods],
-                                            [m._kernel[2] for m in mods])
-        return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split([m.out_features for m in mods], -1))
+        return torch.ops.smolvlm.int4_gemv_cat(x, [m._kernel[1] for m in mods], [m._kernel[2] for m in mods])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_applies(x):

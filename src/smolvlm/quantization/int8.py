@@ -110,16 +110,14 @@ class Int8Linear(nn.Module):
         return self._kernel(x) is not None
 
     @staticmethod
-    def forward_together(mods: list["Int8Linear"], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """Several bias-free layers of the same input (q/k/v, gate/up) in one call of smolvlm's kernel,
-        the same numbers as one call each (``model.packed.fused_outputs``); None where that kernel
-        would not run them."""
+    def forward_together(mods: list["Int8Linear"], x: torch.Tensor) -> torch.Tensor | None:
+        """Several bias-free layers of the same input x (M, K) (q/k/v, gate/up) in one call of smolvlm's
+        kernel: their outputs side by side (M, N_0 + N_1 + ...), the same numbers as one call each
+        (``model.packed.fused_outputs``); None where that kernel would not run them."""
         k = mods[0].in_features
         if any(m.bias is not None or m.in_features != k or m._kernel(x) != "own" for m in mods):
             return None
-        y = torch.ops.smolvlm.int8_gemv_cat(x.reshape(-1, k), [m.weight_int8 for m in mods],
-                                            [m._f32_scale() for m in mods])
-        return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split([m.out_features for m in mods], -1))
+        return torch.ops.smolvlm.int8_gemv_cat(x, [m.weight_int8 for m in mods], [m._f32_scale() for m in mods])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel(x)
