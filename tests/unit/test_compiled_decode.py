@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from smolvlm import SmolVLM
+from smolvlm import SmolVLM, kernels
 from smolvlm.generation import compiled
 from smolvlm.generation.generate import generate_ids, generate_tokens
 from smolvlm.model.packed import packing_available
@@ -82,6 +82,26 @@ def test_packed_bf16_compiles_through_the_opaque_oneDNN_ops():
     eager = _greedy(model)
     step = compiled.enable(model)
     assert _greedy(model) == eager and step.problem is None, (pack, step.problem)
+
+
+@pytest.mark.skipif(kernels._cpu_problem() is not None, reason=f"no CPU kernels here: {kernels._cpu_problem()}")
+def test_the_bf16_gemv_runs_inside_the_compiled_step(monkeypatch):
+    """A bf16 model on a CPU without fast bf16 GEMMs (its linears ``UpcastLinear``, forced here on every
+    CPU): decode's GEMVs, q/k/v and gate/up together, are smolvlm's bf16 GEMV inside the graph too
+    (seen in the profiler), with the eager tokens."""
+    from smolvlm import kernels as k
+    from smolvlm.model.upcast import upcast_slow_bf16
+
+    assert k.build() is None
+    monkeypatch.setitem(k._state, "use", None)
+    model = _model(torch.bfloat16)
+    upcast_slow_bf16(model, force=True)
+    eager = _greedy(model)
+    step = compiled.enable(model)
+    with torch.profiler.profile() as prof:
+        assert _greedy(model) == eager and step.problem is None, step.problem
+    names = {e.name for e in prof.events()}
+    assert {"smolvlm::bf16_gemv", "smolvlm::bf16_gemv_cat"} <= names and step.buckets
 
 
 def test_no_compiler_says_so_once_and_decodes_eagerly(monkeypatch, capsys):

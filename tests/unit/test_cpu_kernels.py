@@ -473,3 +473,91 @@ def test_int4_linear_runs_the_kernel_for_bf16_and_fp16_rows_keeping_one_copy(mon
     assert torch.equal(after["weight_uint4"], before["weight_uint4"])
     for k in ("scales", "zeros"):  # bf16-rounded by the bf16 table, then carried as float32
         assert after[k].dtype == torch.float32 and torch.equal(after[k], before[k].bfloat16().float()), k
+
+
+# -- bf16 -----------------------------------------------------------------------------------------
+# The bf16 GEMV widens both operands exactly and sums in float32, then rounds once to bf16: against the
+# float64 product of the same bf16 values, each output is off by its rounding (2^-9 relative, rtol
+# 2^-8 allows for the float32 sum beside it) plus float32 summation error over K <= 1536 terms
+# (~K * 2^-24 * sum|x w|, far inside atol = 1e-3 * sum|x w|).
+def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.double() @ w.double().t(), x.double().abs() @ w.double().abs().t()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 96, 128), (1, 5, 8), (1, 33, 24), (3, 97, 576), (4, 64, 1536),
+                                   (7, 1536, 576), (5, 33, 40)])
+def test_bf16_gemv_is_the_bf16_linear(m, n, k):
+    assert kernels.build() is None
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = (torch.randn(m, k, generator=g) * 3).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    got = torch.ops.smolvlm.bf16_gemv(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    want, scale = _bf16_reference(x, w)
+    assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-3 * scale).all()
+    assert_close(got.float(), F.linear(x, w).float(), rtol=2**-7, atol=1e-3 * scale.max().item())
+
+
+@needs_kernel
+def test_bf16_gemv_cat_is_each_layer_side_by_side():
+    assert kernels.build() is None
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 576, generator=g).bfloat16()
+    ws = [torch.randn(n, 576, generator=g).bfloat16() for n in (576, 192, 192)]
+    together = torch.ops.smolvlm.bf16_gemv_cat(x, ws)
+    assert torch.equal(together, torch.cat([torch.ops.smolvlm.bf16_gemv(x, w) for w in ws], -1))
+
+
+@needs_kernel
+def test_bf16_gemv_refuses_what_it_cannot_do():
+    assert kernels.build() is None
+    x, w = torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    for bad_x, bad_w, why in ((x.float(), w, "x \\(M, K\\) bfloat16"), (x, w.float(), "w \\(N, K\\) bfloat16"),
+                              (x[:, :60], w[:, :60], "multiple of 8"), (x, w.t().contiguous().t(), "contiguous"),
+                              (x, torch.randn(8, 32).bfloat16(), "K as x's")):
+        with pytest.raises(RuntimeError, match=why):
+            torch.ops.smolvlm.bf16_gemv(bad_x, bad_w)
+
+
+@needs_kernel
+def test_upcast_linear_runs_the_bf16_gemv_for_decode_rows_only(monkeypatch):
+    """``UpcastLinear`` (bf16 layers on CPUs without fast bf16 GEMMs): bias-free, narrow, no-grad bf16
+    calls go to the bf16 GEMV, alone or q/k/v together through ``fused_outputs``; wide calls compute in
+    float32, a layer with a bias, an input needing a gradient and kernels turned off keep PyTorch's."""
+    from smolvlm.model.packed import fused_outputs
+    from smolvlm.model.upcast import MIN_ROWS, upcast_slow_bf16
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    calls = []
+    for name in ("bf16_gemv", "bf16_gemv_cat"):
+        op = getattr(torch.ops.smolvlm, name)
+        monkeypatch.setattr(torch.ops.smolvlm, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    torch.manual_seed(0)
+    owner = nn.Module()
+    names = ("q_proj", "k_proj", "v_proj")
+    for name, n in zip(names, (96, 32, 32)):
+        setattr(owner, name, nn.Linear(128, n, bias=False).bfloat16())
+    upcast_slow_bf16(owner, force=True)
+    x = torch.randn(2, 1, 128).bfloat16()
+    with torch.no_grad():
+        y = owner.q_proj(x)
+        assert calls == ["bf16_gemv"] and y.shape == (2, 1, 96)
+        assert_close(y.float(), F.linear(x.float(), owner.q_proj.weight.float()), rtol=2**-7, atol=1e-2)
+        parts = fused_outputs(owner, "qkv_proj", names, x)
+        assert calls[-1] == "bf16_gemv_cat" and [p.shape[-1] for p in parts] == [96, 32, 32]
+        for p, name in zip(parts, names):
+            assert torch.equal(p, getattr(owner, name)(x))
+        calls.clear()
+        owner.q_proj(torch.randn(1, MIN_ROWS, 128).bfloat16())  # wide: float32 GEMM
+        biased = nn.Linear(128, 8).bfloat16()
+        upcast_slow_bf16(biased, force=True)
+        biased(x)
+        monkeypatch.setitem(kernels._state, "use", "off for this test")
+        owner.q_proj(x)
+        assert calls == []
+    monkeypatch.setitem(kernels._state, "use", None)
+    xg = x.clone().requires_grad_()
+    owner.q_proj(xg).sum().backward()  # the kernel has no backward: PyTorch's GEMV, a gradient comes back
+    assert calls == [] and xg.grad is not None and owner.q_proj.weight.grad is not None

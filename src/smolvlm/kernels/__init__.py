@@ -4,6 +4,8 @@
   bf16/fp16 ones quantized to int8 per 32 as llama.cpp does), ``torch.ops.smolvlm.int8_gemv``.
 - ``int4_gemv.cpp``: the group-wise int4 weight GEMV of quantized decode for bf16/fp16 activations
   (quantized to int8 per 32, llama.cpp's Q4_1 x Q8_1 dot), ``torch.ops.smolvlm.int4_gemv``.
+- ``bf16_gemv.cpp``: the bf16 weight GEMV of bf16 decode where oneDNN has no bf16 kernels (AVX2-only
+  CPUs; ``model/upcast.py``'s ``UpcastLinear``), ``torch.ops.smolvlm.bf16_gemv``.
 - ``decode_attention.cpp``: one query per row over an fp32 KV cache (the decode step's attention),
   ``torch.ops.smolvlm.decode_attention``.
 
@@ -28,7 +30,8 @@ import torch
 
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
-_SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "decode_attention.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "bf16_gemv.cpp",
+                                                       "decode_attention.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
@@ -89,6 +92,9 @@ def _compile() -> str | None:
     for bits in ("int8", "int4"):  # the int8 GEMVs' scales, the int4 ones' tables: the same shapes out
         torch.library.register_fake(f"smolvlm::{bits}_gemv")(gemv)
         torch.library.register_fake(f"smolvlm::{bits}_gemv_cat")(gemv_cat)
+
+    torch.library.register_fake("smolvlm::bf16_gemv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("smolvlm::bf16_gemv_cat")(lambda x, w: x.new_empty(x.shape[0], sum(t.shape[0] for t in w)))
 
     @torch.library.register_fake("smolvlm::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

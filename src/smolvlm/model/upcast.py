@@ -11,8 +11,11 @@ Converting bf16 to float32 is exact, so the float32 GEMM of the converted operan
 products with float32 accumulation, then rounds once: the same result up to summation order.
 
 Only calls of at least ``MIN_ROWS`` rows convert: a one-token decode step reads each weight once,
-and there the bf16 GEMV is the faster one (1 x 576 by 576 x 1536: 0.08 ms bf16, 0.24 ms converted;
-the two cross near 8 rows). The weights stay bf16 (no second copy); the state dict is unchanged.
+and there a bf16 GEMV is the faster one (1 x 576 by 576 x 1536: 0.08 ms bf16, 0.24 ms converted;
+the two cross near 8 rows). Those calls run smolvlm's AVX2 bf16 GEMV (``kernels/bf16_gemv.cpp``: the
+same float32 products and accumulation, one stream of weights per thread) where the kernels run, about
+3x PyTorch's bf16 GEMV over a 256M decode step's layers on a Zen 1 EPYC (bench/ANALYSIS.md, thirteenth
+round), else PyTorch's. The weights stay bf16 (no second copy); the state dict is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm import kernels
 from smolvlm.model.packed import packing_available
 
 MIN_ROWS = 8
@@ -56,12 +60,33 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class UpcastLinear(nn.Linear):
-    """``nn.Linear`` whose bf16 calls of ``MIN_ROWS`` rows or more run in float32 (see module docstring)."""
+    """``nn.Linear`` whose bf16 calls of ``MIN_ROWS`` rows or more run in float32, and whose narrower
+    bf16 calls run smolvlm's bf16 GEMV where it runs (see module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _wide_bf16(x, self.in_features):
             return F.linear(x.float(), self.weight.float(), _f32(self.bias)).to(x.dtype)
+        if self._gemv(x):
+            y = torch.ops.smolvlm.bf16_gemv(x.reshape(-1, self.in_features), self.weight)
+            return y.reshape(*x.shape[:-1], self.out_features)
         return super().forward(x)
+
+    def _gemv(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs smolvlm's bf16 GEMV: a bias-free bf16 layer, a narrow bf16 call with
+        no gradient to track (the kernel has no backward), in_features % 8 == 0, the kernels running."""
+        return (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and self.bias is None
+                and x.device.type == "cpu" and self.in_features % 8 == 0 and self.weight.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and kernels.ready())
+
+    @staticmethod
+    def forward_together(mods: list["UpcastLinear"], x: torch.Tensor) -> torch.Tensor | None:
+        """Several layers of the same input x (M, K) (q/k/v, gate/up) in one call of the bf16 GEMV: their
+        outputs side by side (M, N_0 + N_1 + ...), the same numbers as one call each
+        (``model.packed.fused_outputs``); None where the GEMV would not run them."""
+        if any(m.in_features != x.shape[-1] or not m._gemv(x) for m in mods):
+            return None
+        return torch.ops.smolvlm.bf16_gemv_cat(x, [m.weight for m in mods])
 
 
 class UpcastConv2d(nn.Conv2d):
