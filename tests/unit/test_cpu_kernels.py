@@ -550,7 +550,9 @@ def test_upcast_linear_runs_the_bf16_gemv_for_decode_rows_only(monkeypatch):
         for p, name in zip(parts, names):
             assert torch.equal(p, getattr(owner, name)(x))
         calls.clear()
-        owner.q_proj(torch.randn(1, MIN_ROWS, 128).bfloat16())  # wide: float32 GEMM
+        wide = torch.randn(1, MIN_ROWS, 128).bfloat16()  # a prompt: float32 GEMMs, alone or together
+        owner.q_proj(wide)
+        assert all(p.shape[1] == MIN_ROWS for p in fused_outputs(owner, "qkv_proj", names, wide))
         biased = nn.Linear(128, 8).bfloat16()
         upcast_slow_bf16(biased, force=True)
         biased(x)

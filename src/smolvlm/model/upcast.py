@@ -72,9 +72,11 @@ class UpcastLinear(nn.Linear):
         return super().forward(x)
 
     def _gemv(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs smolvlm's bf16 GEMV: a bias-free bf16 layer, a narrow bf16 call with
-        no gradient to track (the kernel has no backward), in_features % 8 == 0, the kernels running."""
+        """Whether ``forward(x)`` runs smolvlm's bf16 GEMV: a bias-free bf16 layer, a narrow bf16 call
+        (fewer than ``MIN_ROWS`` rows) with no gradient to track (the kernel has no backward),
+        in_features % 8 == 0, the kernels running."""
         return (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and self.bias is None
+                and x.numel() < MIN_ROWS * self.in_features
                 and x.device.type == "cpu" and self.in_features % 8 == 0 and self.weight.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and kernels.ready())
