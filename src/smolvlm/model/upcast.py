@@ -13,8 +13,8 @@ products with float32 accumulation, then rounds once: the same result up to summ
 Only calls of at least ``MIN_ROWS`` rows convert: a one-token decode step reads each weight once,
 and there a bf16 GEMV is the faster one (1 x 576 by 576 x 1536: 0.08 ms bf16, 0.24 ms converted;
 the two cross near 8 rows). Those calls run smolvlm's AVX2 bf16 GEMV (``kernels/bf16_gemv.cpp``: the
-same float32 products and accumulation, one stream of weights per thread) where the kernels run, about
-3x PyTorch's bf16 GEMV over a 256M decode step's layers on a Zen 1 EPYC (bench/ANALYSIS.md, thirteenth
+same float32 products and accumulation, one stream of weights per thread) where the kernels run, 1.9x
+PyTorch's bf16 GEMV over a 256M decode step's layers on a Zen 1 EPYC (bench/ANALYSIS.md, thirteenth
 round), else PyTorch's. The weights stay bf16 (no second copy); the state dict is unchanged.
 """
 
