@@ -83,18 +83,16 @@ def _compile() -> str | None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"the CPU kernels did not build: {first[:200]}"
 
-    def gemv(x: torch.Tensor, w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def gemv(x: torch.Tensor, w: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
 
-    def gemv_cat(x: torch.Tensor, w: list[torch.Tensor], table: list[torch.Tensor]) -> torch.Tensor:
+    def gemv_cat(x: torch.Tensor, w: list[torch.Tensor], *scales: list[torch.Tensor]) -> torch.Tensor:
         return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
-    for bits in ("int8", "int4"):  # the int8 GEMVs' scales, the int4 ones' tables: the same shapes out
-        torch.library.register_fake(f"smolvlm::{bits}_gemv")(gemv)
-        torch.library.register_fake(f"smolvlm::{bits}_gemv_cat")(gemv_cat)
-
-    torch.library.register_fake("smolvlm::bf16_gemv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
-    torch.library.register_fake("smolvlm::bf16_gemv_cat")(lambda x, w: x.new_empty(x.shape[0], sum(t.shape[0] for t in w)))
+    # every GEMV: (M, N) out, whatever rides along (int8's scales, int4's tables, nothing for bf16)
+    for kind in ("int8", "int4", "bf16"):
+        torch.library.register_fake(f"smolvlm::{kind}_gemv")(gemv)
+        torch.library.register_fake(f"smolvlm::{kind}_gemv_cat")(gemv_cat)
 
     @torch.library.register_fake("smolvlm::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

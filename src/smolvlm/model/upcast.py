@@ -14,7 +14,7 @@ Only calls of at least ``MIN_ROWS`` rows convert: a one-token decode step reads 
 and there a bf16 GEMV is the faster one (1 x 576 by 576 x 1536: 0.08 ms bf16, 0.24 ms converted;
 the two cross near 8 rows). Those calls run smolvlm's AVX2 bf16 GEMV (``kernels/bf16_gemv.cpp``: the
 same float32 products and accumulation, one stream of weights per thread) where the kernels run, 1.9x
-PyTorch's bf16 GEMV over a 256M decode step's layers on a Zen 1 EPYC (bench/ANALYSIS.md, thirteenth
+PyTorch's bf16 GEMV over a 256M decode step's layers on an AVX2-only Zen 1 EPYC (bench/ANALYSIS.md, thirteenth
 round), else PyTorch's. The weights stay bf16 (no second copy); the state dict is unchanged.
 """
 
@@ -75,9 +75,9 @@ class UpcastLinear(nn.Linear):
         """Whether ``forward(x)`` runs smolvlm's bf16 GEMV: a bias-free bf16 layer, a narrow bf16 call
         (fewer than ``MIN_ROWS`` rows) with no gradient to track (the kernel has no backward),
         in_features % 8 == 0, the kernels running."""
-        return (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and self.bias is None
-                and x.numel() < MIN_ROWS * self.in_features
-                and x.device.type == "cpu" and self.in_features % 8 == 0 and self.weight.is_contiguous()
+        return (x.dtype == torch.bfloat16 and not _wide_bf16(x, self.in_features)
+                and self.weight.dtype == torch.bfloat16 and self.bias is None and x.device.type == "cpu"
+                and self.in_features % 8 == 0 and self.weight.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and kernels.ready())
 
