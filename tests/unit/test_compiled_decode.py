@@ -168,6 +168,25 @@ def test_max_autotune_mode_freezes_dense_weights_and_keeps_the_tokens():
     assert step.buckets == {(1, 256)}
 
 
+def test_max_autotune_on_weights_that_view_a_larger_storage(tmp_path, monkeypatch):
+    """A checkpoint loaded unpacked aliases its file mapping: each weight is a view at an offset
+    into one storage. Inductor's C++ GEMM template (freezing, torch 2.13) reads such a weight from
+    the storage's start: NaN logits, token 0 over and over, on an AVX-512 AMD EPYC where the template
+    won the autotuning. ``own_storage`` gives those weights their own copy. Only the template is
+    offered here ("CPP"), so this runs it on every CPU, not only where it wins the timing."""
+    _model().save_pretrained(tmp_path)
+    model = SmolVLM.from_pretrained(tmp_path).eval()  # float32, unpacked: views of the mapping
+    assert model.model.text_model.layers[0].self_attn.k_proj.weight.storage_offset() != 0  # the case
+    eager = _greedy(model)
+    monkeypatch.setitem(compiled.MODES, "max-autotune",
+                        {**compiled.MODES["max-autotune"], "max_autotune_gemm_backends": "CPP"})
+    step = compiled.enable(model, mode="max-autotune")
+    assert _greedy(model) == eager and step.problem is None, step.problem
+    linears = [m for n, m in model.named_modules() if n.startswith(("model.text_model.", "lm_head"))
+               and isinstance(m, torch.nn.Linear)]
+    assert linears and all(p.storage_offset() == 0 for m in linears for p in m.parameters(recurse=False))
+
+
 def test_an_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="max-autotune"):
         compiled.enable(_model(), mode="fastest")

@@ -105,6 +105,27 @@ def fingerprint(model: Any) -> tuple:
         for name, m in model.named_modules())
 
 
+def own_storage(model: Any, prefixes: tuple[str, ...] = ("model.text_model.", "lm_head")) -> list[str]:
+    """Give each ``nn.Linear`` weight and bias under ``prefixes`` that starts inside a larger storage (``storage_offset``
+    not 0: the loader's zero-copy views of a checkpoint's file mapping) its own copy, in place (the
+    ``Parameter`` stays, so ties hold). Returns their names.
+
+    Why: with freezing, Inductor's C++ GEMM template (torch 2.13) packs a frozen weight through
+    ``as_strided`` with the offset of its own IR layout, 0, which reads from the start of the
+    underlying storage instead of the weight's. A float32 SmolVLM loaded unpacked (the CLI's default
+    on AVX-512 CPUs) decoded NaN logits, token 0 over and over, on an AMD EPYC with AVX-512 where the
+    template won the autotuning; the same weight with offset 0 is exact. Costs a private copy of those
+    weights, next to the one the frozen graph packs anyway."""
+    copied = []
+    for name, module in model.named_modules():
+        if name.startswith(prefixes) and isinstance(module, torch.nn.Linear):
+            for key, t in module.named_parameters(recurse=False):
+                if t.storage_offset() != 0:
+                    t.data = t.data.clone()
+                    copied.append(f"{name}.{key}")
+    return copied
+
+
 class CompiledDecode:
     """The decode step of one model, compiled on first use per shape bucket.
 
@@ -133,6 +154,7 @@ class CompiledDecode:
                 self._options = functools.partial(inductor_config.patch, MODES[mode])
             if MODES[mode].get("freezing"):
                 unpack_linears(model)  # freezing packs dense weights its own way
+                own_storage(model)
             kernels.prepare()  # smolvlm's CPU kernels, decided (and built) now: a trace cannot build them
             self._compiled = torch.compile(self._own_step(), fullgraph=True, dynamic=False, options={
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
