@@ -226,9 +226,9 @@ def align_labels_by_blocks(u_ids: Sequence[int], u_labels: Sequence[int], e_ids:
 
 @contextlib.contextmanager
 def watched_layer_reads(max_alive: int, skip: Callable[[str], bool] = lambda name: False):
-    """Check that the loader's layer-by-layer reads (``weights.load._linear_reader``: quantizing or
-    packing at load) never hold more than ``max_alive`` earlier dense layers when the next one is
-    read. Yields the names read, in order (``skip``: layers whose weights are not the reader's own,
+    """Check that the loader's layer-by-layer reads (``weights.load._linear_reader``: quantizing at
+    load; ``_later_reader``: packed layers reading their weight on first use) never hold more than
+    ``max_alive`` earlier dense layers when the next one is read. Yields the names read, in order (``skip``: layers whose weights are not the reader's own,
     e.g. a tied head that reads the model's embedding table)."""
     import gc
     import weakref
@@ -237,27 +237,45 @@ def watched_layer_reads(max_alive: int, skip: Callable[[str], bool] = lambda nam
 
     alive: list[weakref.ref] = []
     names: list[str] = []
-    make_reader = load_mod._linear_reader
+    make_reader, make_later = load_mod._linear_reader, load_mod._later_reader
+
+    def check(name):
+        gc.collect()
+        held = [r for r in alive if r() is not None]
+        assert len(held) <= max_alive, f"{len(held)} dense layers were still alive when {name} was read"
+        names.append(name)
 
     def watched(*args, **kwargs):
         read = make_reader(*args, **kwargs)
 
         def one(name):
-            gc.collect()
-            held = [r for r in alive if r() is not None]
-            assert len(held) <= max_alive, f"{len(held)} dense layers were still alive when {name} was read"
+            check(name)
             lin = read(name)
-            names.append(name)
             if not skip(name):
                 alive.append(weakref.ref(lin.weight))
             return lin
         return one
 
-    load_mod._linear_reader = watched
+    def watched_later(*args, **kwargs):  # packing on first use: the weight is read when the layer first runs
+        read_later = make_later(*args, **kwargs)
+
+        def one(name):
+            read, bias = read_later(name)
+
+            def read_weight():
+                check(name)
+                weight = read()
+                if not skip(name):
+                    alive.append(weakref.ref(weight))
+                return weight
+            return read_weight, bias
+        return one
+
+    load_mod._linear_reader, load_mod._later_reader = watched, watched_later
     try:
         yield names
     finally:
-        load_mod._linear_reader = make_reader
+        load_mod._linear_reader, load_mod._later_reader = make_reader, make_later
 
 
 _RSS_GROWTH_CHILD = """

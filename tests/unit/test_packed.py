@@ -82,20 +82,67 @@ def test_packed_model_matches_plain(tmp_path, dtype, tie):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_packing_at_load_reads_layer_by_layer(tmp_path, tie):
-    """``from_pretrained(pack=True)`` packs each layer (or fused q/k/v, gate/up group) as it reads it:
-    never more than the two other layers of a group are alive when one is read, so the dense model
-    never exists whole; the result equals packing a plain load."""
+def test_packing_at_load_reads_each_layer_on_first_use(tmp_path, tie):
+    """``from_pretrained(pack=True)`` reads no packed weight while loading: each layer (or fused
+    q/k/v, gate/up group) reads and packs its weight when it first runs, never more than the two
+    other layers of a group alive when one is read, so the dense model never exists whole; the
+    result equals packing a plain load."""
     require_packing(torch.bfloat16)
     d = save_tiny(tmp_path, tie)
     after = SmolVLM.from_pretrained(d, dtype=torch.bfloat16)
     pack_linears(after)
     with watched_layer_reads(2, skip=lambda name: tie and name == "lm_head") as read:
         during = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack=True)
+        packed = [m for m in during.modules() if isinstance(m, PackedLinear)]
+        assert packed and all(m.pending for m in packed) and read == []
+        got = logits(during)
+    assert not any(m.pending for m in packed)
     assert sorted(read) == sorted(pack_targets(SmolVLM.from_pretrained(d, dtype=torch.bfloat16)))
+    assert_close(got, logits(after), rtol=0, atol=0)
     a, b = during.state_dict(), after.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert_close(logits(during), logits(after), rtol=0, atol=0)
+
+
+def test_a_pending_layer_saves_and_packs_on_to(tmp_path):
+    """Before its first forward a layer packed on first use still has its checkpoint view: its state
+    dict reads the weight without packing it; ``.to()`` reads and packs it."""
+    require_packing(torch.bfloat16)
+    d = save_tiny(tmp_path, False)
+    plain = SmolVLM.from_pretrained(d, dtype=torch.bfloat16).state_dict()
+    model = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack=True)
+    state = model.state_dict()
+    assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
+    assert all(m.pending for m in model.modules() if isinstance(m, PackedLinear))
+    model.to(torch.bfloat16)
+    assert not any(m.pending for m in model.modules() if isinstance(m, PackedLinear))
+
+
+def test_pack_pending_packs_every_layer_now(tmp_path):
+    """What ``smolvlm serve`` calls before it listens: no request pays the packing."""
+    from smolvlm.model.packed import pack_pending
+
+    require_packing(torch.bfloat16)
+    d = save_tiny(tmp_path, False)
+    model = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack=True)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert pack_pending(model) == len(layers) > 0 and not any(m.pending for m in layers)
+    assert pack_pending(model) == 0
+    reference = SmolVLM.from_pretrained(d, dtype=torch.bfloat16)
+    pack_linears(reference)
+    assert_close(logits(model), logits(reference), rtol=0, atol=0)
+
+
+def test_a_checkpoint_changed_before_first_use_is_an_error(tmp_path):
+    """Layers packed on first use read the file after the load: if it changed (rewritten, replaced)
+    in between, the first forward says so instead of running other weights."""
+    from smolvlm.weights.safetensors_io import CheckpointError
+
+    require_packing(torch.bfloat16)
+    d = save_tiny(tmp_path, False)
+    model = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack=True)
+    SmolVLM.from_config(tiny_config()).save_pretrained(d)  # another model at the same path
+    with pytest.raises(CheckpointError, match="changed or went away after the model was loaded"):
+        logits(model)
 
 
 @pytest.mark.parametrize("tie", [False, True])

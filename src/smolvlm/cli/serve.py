@@ -104,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
             media=MediaLimits(int(args.max_media_mb * MB), args.media_timeout, args.allow_remote_media))
 
         def build() -> Any:  # model, packing and the KV cache off the main thread (engine.py, "Threads")
+            from smolvlm.model.packed import pack_pending
+
             model, processor = common.load_model(args)
+            pack_pending(model)  # layers otherwise pack on first use: not inside the first requests
             try:
                 return create_app(model, processor, config)
             except ValueError as e:  # e.g. --max-context above the model's limit

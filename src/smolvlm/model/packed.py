@@ -25,6 +25,7 @@ off the CPU is an error.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable
 
 import torch
@@ -106,6 +107,9 @@ _packed_linear_op = torch.ops.smolvlm.packed_linear.default
 _packed_linear_add_op = torch.ops.smolvlm.packed_linear_add.default
 
 
+_PACKING = threading.Lock()  # a pending layer packs once, whichever thread uses it first
+
+
 def _pack(weight: torch.Tensor, rows: int = 1) -> torch.Tensor:
     # rows=1: the layout oneDNN picks for one activation row (decode); larger batches
     # (prefill) run on the same packed weight at least as fast as F.linear (measured, 900 rows).
@@ -124,17 +128,59 @@ class PackedLinear(nn.Module):
                              f"AVX-512 or AVX-NE-CONVERT")
         self.out_features, self.in_features = weight.shape
         self.rows = rows  # the activation rows oneDNN's layout is chosen for
-        self.packed = _pack(weight, rows)  # plain attribute: not a parameter, never trained
+        self.weight_dtype = weight.dtype
+        self._later: Callable[[], torch.Tensor] | None = None  # reads the dense weight (packing later)
+        self.packed = _pack(weight, rows)  # not a parameter, never trained
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rows: int = 1) -> "PackedLinear":
         return cls(linear.weight, linear.bias, rows)
 
+    @classmethod
+    def later(cls, read_weight: Callable[[], torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,
+              bias: torch.Tensor | None = None, rows: int = 1) -> "PackedLinear":
+        """A layer that reads its (out, in) ``dtype`` weight with ``read_weight()`` and packs it on
+        first use (a forward, ``packed``, ``.to()``); until then it holds no weight. What the loader
+        builds (``pack="auto"``), so that loading costs what mapping the file does; see ``pack_linears``."""
+        if not packing_available(dtype):
+            raise ValueError(f"cannot pack a {dtype} weight on this CPU")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = shape
+        self.rows, self.weight_dtype = rows, dtype
+        self._packed, self._later = None, read_weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        return self
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """oneDNN's blocked weight; a layer built with ``later`` reads and packs it here, once."""
+        if self._packed is None:
+            with _PACKING:
+                if self._packed is None:
+                    weight = self._later()
+                    if tuple(weight.shape) != (self.out_features, self.in_features):
+                        raise RuntimeError(f"read a {list(weight.shape)} weight for a packed "
+                                           f"[{self.out_features}, {self.in_features}] layer")
+                    self._packed = _pack(weight.to(self.weight_dtype), self.rows)
+                    self._later = None
+        return self._packed
+
+    @packed.setter
+    def packed(self, value: torch.Tensor) -> None:
+        self._packed, self._later, self.weight_dtype = value, None, value.dtype
+
+    @property
+    def pending(self) -> bool:
+        """Whether the weight is still to be read and packed (``later``)."""
+        return self._packed is None
+
     @property
     def weight(self) -> torch.Tensor:
-        """A dense copy of the weight (for saving and inspection; the forward never uses it)."""
-        return self.packed.to_dense()
+        """A dense copy of the weight (for saving and inspection; the forward never uses it). A pending
+        layer reads it without packing it."""
+        return self._later() if self._packed is None else self._packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, "none", "")
@@ -145,8 +191,8 @@ class PackedLinear(nn.Module):
 
     def _run(self, x: torch.Tensor, post: str, algorithm: str) -> torch.Tensor:
         in_dtype = x.dtype
-        if in_dtype != self.packed.dtype:
-            x = x.to(self.packed.dtype)
+        if in_dtype != self.weight_dtype:
+            x = x.to(self.weight_dtype)
         if x.numel() == 0:
             y = x.new_empty(*x.shape[:-1], self.out_features)
             y = y if post == "none" else F.gelu(y, approximate=algorithm)
@@ -158,7 +204,7 @@ class PackedLinear(nn.Module):
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)`` as one kernel (oneDNN binary post-op)."""
-        if x.numel() == 0 or x.dtype != self.packed.dtype or residual.dtype != self.packed.dtype:
+        if x.numel() == 0 or x.dtype != self.weight_dtype or residual.dtype != self.weight_dtype:
             return residual + self(x)
         if torch.compiler.is_compiling():
             return _packed_linear_add_op(x.contiguous(), residual.contiguous(), self.packed, self.bias)
@@ -178,7 +224,7 @@ class PackedLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: checkpoint {list(w.shape)} vs "
                                   f"model {[self.out_features, self.in_features]}")
             else:
-                self.packed = _pack(w.to(self.packed.dtype), self.rows)
+                self.packed = _pack(w.to(self.weight_dtype), self.rows)
         elif strict:
             missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -197,7 +243,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"packed {self.packed.dtype}"
+               f"packed {self.weight_dtype}" + (" (on first use)" if self.pending else "")
 
 
 class PackedFused(PackedLinear):
@@ -216,6 +262,18 @@ class PackedFused(PackedLinear):
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         super().__init__(weight, bias, rows)
         self.sizes = [lin.out_features for lin in linears]
+
+    @classmethod
+    def later_parts(cls, read_weights: list[Callable[[], torch.Tensor]], sizes: list[int], in_features: int,
+                    dtype: torch.dtype, biases: list[torch.Tensor | None], rows: int = 1) -> "PackedFused":
+        """``PackedLinear.later`` for linears fused into one: their weights are read and stacked on first use."""
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            raise ValueError("fused linears must all have a bias or all have none")
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self = cls.later(lambda: torch.cat([read() for read in read_weights]), (sum(sizes), in_features), dtype,
+                         bias, rows)
+        self.sizes = list(sizes)
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         return self.joint(x).split(self.sizes, dim=-1)
@@ -348,6 +406,15 @@ def unpack_linears(model: nn.Module, prefixes: tuple[str, ...] = ("model.text_mo
     return done
 
 
+def pack_pending(model: nn.Module) -> int:
+    """Read and pack now every layer that would on first use (``PackedLinear.later``); returns how
+    many. For a server, whose first requests should not pay it."""
+    pending = [m for m in model.modules() if isinstance(m, PackedLinear) and m.pending]
+    for m in pending:
+        m.packed  # noqa: B018 - the property packs
+    return len(pending)
+
+
 # Projections of one input that packing fuses: (parts, the fused module's name).
 FUSED_GROUPS = ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
 
@@ -401,7 +468,9 @@ def pack_targets(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def pack_linears(model: nn.Module, auto: bool = False,
-                 read_linear: Callable[[str], nn.Module] | None = None) -> list[str]:
+                 read_linear: Callable[[str], nn.Module] | None = None,
+                 read_later: Callable[[str], tuple[Callable[[], torch.Tensor], torch.Tensor | None]] | None = None
+                 ) -> list[str]:
     """Swap the text decoder's and lm_head's ``nn.Linear`` for ``PackedLinear`` in place.
 
     A no-op (returns []) where packing is unavailable (not CPU, fp16, no oneDNN). Quantized and
@@ -412,11 +481,17 @@ def pack_linears(model: nn.Module, auto: bool = False,
     ``read_linear`` (the loader): the targets are still empty (meta) and ``read_linear(name)`` gives
     each one's dense layer on demand, packed and dropped before the next is read, so the dense
     model never exists whole; the caller has already decided that packing applies.
+
+    ``read_later`` (the loader, instead): ``read_later(name)`` gives (a function reading that
+    layer's weight, its bias) and each target becomes a layer that reads and packs its weight on
+    first use (``PackedLinear.later``). Loading then costs what mapping the file costs, and the
+    reading and reordering (SmolVLM-2.2B: 7-11 s against transformers' 1.4-1.7 s load, 2-core AMD
+    EPYC with AVX-512) move into the first forward, layer by layer, which needed them anyway.
     """
     names = pack_targets(model)
     if not names:
         return []
-    if read_linear is None:
+    if read_linear is None and read_later is None:
         first = model.get_submodule(names[0]).weight
         if not (packing_pays if auto else packing_available)(first.dtype, first.device):
             return []
@@ -430,7 +505,14 @@ def pack_linears(model: nn.Module, auto: bool = False,
         for parts, fused_name in FUSED_GROUPS:
             full = [f"{parent_name}.{p}" for p in parts]
             if hasattr(parent, fused_name) and all(n in targets for n in full):
-                fused = PackedFused([read_linear(n) for n in full], rows)
+                if read_later is not None:
+                    later = [read_later(n) for n in full]
+                    empty = [model.get_submodule(n) for n in full]
+                    fused = PackedFused.later_parts([read for read, _ in later], [m.out_features for m in empty],
+                                                    empty[0].in_features, empty[0].weight.dtype,
+                                                    [bias for _, bias in later], rows)
+                else:
+                    fused = PackedFused([read_linear(n) for n in full], rows)
                 setattr(parent, fused_name, fused)
                 for i, p in enumerate(parts):
                     setattr(parent, p, PackedPart(fused, i))  # the dense weight goes here
@@ -439,5 +521,10 @@ def pack_linears(model: nn.Module, auto: bool = False,
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         rows = VISION_ROWS if name.startswith("model.vision_model.") else 1
-        setattr(parent, child, PackedLinear.from_linear(read_linear(name), rows))  # the dense weight goes here
+        if read_later is not None:
+            empty, (read, bias) = getattr(parent, child), read_later(name)
+            packed = PackedLinear.later(read, (empty.out_features, empty.in_features), empty.weight.dtype, bias, rows)
+        else:
+            packed = PackedLinear.from_linear(read_linear(name), rows)  # the dense weight goes here
+        setattr(parent, child, packed)
     return names

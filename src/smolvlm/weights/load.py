@@ -92,9 +92,15 @@ class _Tensors:
         self.shapes, self.read = shapes, read
 
 
+def _file_version(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _file_tensors(directory: Path, device: torch.device | str, mmap: bool) -> _Tensors:
     files = weight_files(directory)
     found = checkpoint_shapes(files)
+    versions = {f: _file_version(f) for f in files}
 
     def read(keys: set[str], dtype_of: Callable[[str], torch.dtype], copy: set[str],
              again: bool = False) -> dict[str, torch.Tensor]:
@@ -102,6 +108,10 @@ def _file_tensors(directory: Path, device: torch.device | str, mmap: bool) -> _T
         for f in files:
             mine = {k for k in keys if found[k][1] == f}
             if mine:
+                # layers packed on first use read after the load: never from another file at that path
+                if not f.is_file() or _file_version(f) != versions[f]:
+                    raise CheckpointError(f"{f} changed or went away after the model was loaded from it; "
+                                          "load the model again")
                 state.update(load_safetensors(f, mine, dtype=dtype_of, device=device, mmap=mmap, copy=copy))
         return state
 
@@ -182,8 +192,10 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     if quantizing:
         quantization.quantize_while_loading(model, quantize, _linear_reader(model, tensors, meta_dtypes, again=True),
                                             vision=quantize_vision)
-    elif pack:
+    elif pack and is_default:  # its tensors are handed over once, from memory: pack them now
         pack_linears(model, read_linear=_linear_reader(model, tensors, meta_dtypes))
+    elif pack:  # each layer reads and packs its weight on first use
+        pack_linears(model, read_later=_later_reader(model, tensors, meta_dtypes))
     elif saved:
         for m in quantization.quantized_modules(model).values():
             quantization.prepare_kernel(m, dtype)
@@ -224,6 +236,27 @@ def _linear_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dt
         return lin
 
     return read
+
+
+def _later_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dtype]
+                  ) -> Callable[[str], tuple[Callable[[], torch.Tensor], torch.Tensor | None]]:
+    """``name -> (read the weight, bias)`` for ``pack_linears(read_later=)``: the bias now, the
+    weight when the layer first runs, into private memory (as ``_linear_reader``); a tied lm_head
+    absent from the checkpoint reads the embedding table."""
+
+    def read_later(name: str) -> tuple[Callable[[], torch.Tensor], torch.Tensor | None]:
+        key, bias_key = f"{name}.weight", f"{name}.bias"
+        bias = tensors.read({bias_key}, dtypes.__getitem__, {bias_key})[bias_key] if bias_key in tensors.shapes else None
+
+        def read_weight() -> torch.Tensor:
+            if key not in tensors.shapes:  # tied head: the embedding, loaded with the model
+                return model.model.text_model.embed_tokens.weight.detach()
+            release_freed_memory()  # the previous layer's dense weight and packing temporaries
+            return tensors.read({key}, dtypes.__getitem__, {key}, again=True)[key]
+
+        return read_weight, bias
+
+    return read_later
 
 
 @torch.no_grad()
