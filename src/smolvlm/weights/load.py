@@ -11,10 +11,12 @@
 5. read each tensor in the dtype of the parameter it replaces and assign it
    (``load_state_dict(assign=True)``; safetensors reading and the memory rules: ``safetensors_io.py``);
 6. re-tie lm_head where the config ties it (``SmolVLM.lm_head_is_tied``: a tied head may be absent);
-7. quantize (``quantize=``) or pack (``pack=True``): the target linears are read one layer at a
-   time, each quantized or packed before the next is read (``quantization.quantize_while_loading``,
-   ``model.packed.pack_linears``); with ``pack`` asked for, bf16 layers on a CPU without a fast bf16
-   path (AVX2-only) compute their GEMMs in float32 (``model.upcast``);
+7. quantize (``quantize=``): the target linears are read one layer at a time, each quantized
+   before the next is read (``quantization.quantize_while_loading``). Pack (``pack=True``): each
+   target linear becomes a layer that reads its weight and packs it on first use
+   (``model.packed.pack_linears(read_later=)``; the built-in default model, held in memory, packs
+   while loading), so a packed load costs what a plain one does. With ``pack`` asked for, bf16
+   layers on a CPU without a fast bf16 path (AVX2-only) compute their GEMMs in float32 (``model.upcast``);
 8. attach the generation config.
 """
 
@@ -139,8 +141,8 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     connector's linears too, in int8 (needs ``quantize``, or a folder saved so;
     ``quantization.quantize``). ``pack``: inference only (``model/packed.py``;
     ignored with quantization or where unavailable; ``"auto"``: only where it is faster,
-    ``packed.packing_pays``); packed weights are read into private memory
-    and freed once packed. With ``pack`` (any true value) a bf16 model on a CPU whose oneDNN has no
+    ``packed.packing_pays``); packed weights are read into private memory when
+    each layer first runs, and freed once packed (``packed.pack_pending`` packs them all at once). With ``pack`` (any true value) a bf16 model on a CPU whose oneDNN has no
     bf16 (AVX2-only) also gets float32-computed GEMMs and patch convolution (``model/upcast.py``:
     5x faster vision and prefill there, the same numerics up to summation order). ``mmap``: alias the file's copy-on-write mapping when no conversion is
     needed (``safetensors_io.py``). Returns the model in eval mode.
