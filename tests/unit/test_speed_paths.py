@@ -76,10 +76,11 @@ def test_bf16_single_query_attention_matches_sdpa():
 
 
 def test_kv_cache_dtype_follows_the_cpus_bf16_attention_speed(model, monkeypatch):
-    """bf16 models get a bf16 cache (as the reference) where this CPU attends fast in bf16, an fp32
-    one where it does not (AVX2-only CPUs; fp16 models everywhere); fp32 models an fp32 one."""
+    """bf16 models get a bf16 cache (as the reference) where this CPU attends fast in bf16 (AMX), an
+    fp32 one where it does not (AVX2-only CPUs, AVX-512 BF16 without AMX; fp16 models everywhere);
+    fp32 models an fp32 one."""
     bf = SmolVLM.from_config(model.config, dtype=torch.bfloat16)
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = torch.cpu._is_amx_tile_supported()
     assert cpu_attends_fast_in(torch.bfloat16) == native and cpu_attends_fast_in(torch.float32)
     assert not cpu_attends_fast_in(torch.float16)
     assert bf.new_kv_cache(1, 4).dtype == (torch.bfloat16 if native else torch.float32)

@@ -100,17 +100,19 @@ def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
     """Whether PyTorch's CPU SDPA is at least as fast in ``dtype`` as in fp32 on this CPU (decides the
     KV cache dtype: ``SmolVLM.new_kv_cache``).
 
-    bf16 only where the CPU computes it natively (AVX-512 BF16 or AMX). Measured, 2 threads, one
-    query over 900 keys x 3 KV heads (cache read from memory): Xeon with AMX 72 us in bf16 vs 100 in
-    fp32, and batch 8 with a mask 348 vs 515 us; on the AVX2-only AMD EPYC bf16 was ~5x slower
-    (about 1 ms vs 0.18 ms per layer). fp16: never (no native fp16 SDPA path on these CPUs).
+    bf16 only on CPUs with AMX, whose tiles PyTorch's bf16 flash attention uses. Measured, 2 threads,
+    one query over 900 keys x 3 KV heads: Xeon with AMX 72 us in bf16 vs 100 in fp32 (batch 8 with
+    a mask 348 vs 515 us); on the AVX2-only AMD EPYC bf16 was ~5x slower (about 1 ms vs 0.18 ms per
+    layer); on an AMD EPYC with AVX-512 BF16 but no AMX (Zen 5) 7.7x slower (384 vs 50 us; 448 vs
+    58 over a 1024-slot compiled bucket), which was 13 of a 256M decode step's 23 ms.
+    fp16: never (no native fp16 SDPA path on these CPUs).
     """
     if dtype == torch.float32:
         return True
     if dtype != torch.bfloat16:
         return False
-    probe = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(f is not None and f() for f in probe)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return amx is not None and amx()
 
 
 def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
