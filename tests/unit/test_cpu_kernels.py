@@ -134,7 +134,7 @@ def _layer(k: int = 128, n: int = 96) -> Int8Linear:
 def test_int8_linear_runs_the_kernel_for_decode_rows_only(monkeypatch, dtype):
     """Up to KERNEL_MAX_ROWS rows without autograd go to the kernel; prefill-sized inputs and inputs
     that need a gradient (QLoRA training: the op has no backward) take PyTorch's paths, whose
-    results agree with it. (Forced on: AVX-512 CPUs leave it off by default, see the last test.)"""
+    results agree with it. (Forced on: AMX CPUs leave it off by default, see the last test.)"""
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
     calls = []
@@ -171,9 +171,13 @@ def test_the_switch_and_the_reasons(monkeypatch):
     assert kernels._compile() == f"{kernels.ENV}=0"
     monkeypatch.delenv(kernels.ENV)
     monkeypatch.setattr(kernels, "_state", {})
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f"])
-    assert not kernels.prepare() and "AVX-512" in kernels.problem()  # decided without building
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f", "amx_tile"])
+    assert not kernels.prepare() and "AMX" in kernels.problem()  # decided without building
     assert "built" not in kernels._state
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f", "avx512_bf16"])
+    monkeypatch.setattr(kernels, "build", lambda: None)
+    assert kernels.prepare() and kernels.problem() is None  # AVX-512 without AMX: the kernels run
     monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
     assert "Linux x86-64 only" in kernels._cpu_problem()
 

@@ -439,3 +439,13 @@ def test_int4_float32_decode_runs_the_kernel(monkeypatch, rows):
     x = torch.randn(rows, 128)
     assert_close(m(x), nn.functional.linear(x, m.dequantized_weight(), lin.bias), rtol=1e-5, atol=1e-5)
     assert len(calls) == (1 if rows <= INT4_MAX_ROWS else 0)
+
+
+def test_pack_nibbles_is_row_major_whatever_the_input_strides():
+    """A one-block int4 layer (N == the CPU's row block, 64 with AVX-512) went back from PyTorch's
+    layout to the nibbles through a transposed view, and smolvlm's kernel refused the result."""
+    from smolvlm.quantization.int4 import unpack_nibbles
+
+    q = torch.randint(0, 16, (64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).t()
+    p = pack_nibbles(q)
+    assert p.is_contiguous() and torch.equal(unpack_nibbles(p), q)

@@ -14,7 +14,7 @@ keeps them inside the compiled decode step. Why each exists: its header.
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AVX-512 they are not used either unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
+CPUs with AMX they are not used either unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
 build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
 ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
 """
@@ -113,12 +113,14 @@ def build() -> str | None:
 
 def prepare() -> bool:
     """Decide, once per process and not inside a forward, whether the layers run the kernels,
-    building them if so. Only on CPUs without AVX-512: they were measured against PyTorch's kernels
-    on AVX2-only CPUs, where they win; AVX-512/AMX CPUs keep PyTorch's kernels and Inductor's
-    templates, which use those instructions."""
+    building them if so. On CPUs without AMX, where they were measured against PyTorch's kernels
+    and win: AVX2-only AMD EPYCs (bench/ANALYSIS.md, ninth to thirteenth rounds) and an AMD EPYC
+    with AVX-512 BF16 but no AMX (Zen 5; 256M decode step, 2 threads, compiled: int8 9.1 -> 6.1 ms,
+    int4 8.5 -> 5.9, bf16 11.4 -> 9.2 through the decode attention; fourteenth round). CPUs with
+    AMX keep PyTorch's kernels and Inductor's templates, which use its tiles."""
     if "use" not in _state:
         flags = _cpu_flags() or []
-        _state["use"] = ("this CPU has AVX-512: PyTorch's kernels are used" if "avx512f" in flags
+        _state["use"] = ("this CPU has AMX: PyTorch's kernels are used" if "amx_tile" in flags
                          and os.environ.get(ENV) != "1" else build())
     return _state["use"] is None
 

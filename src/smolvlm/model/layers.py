@@ -118,7 +118,7 @@ def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
 def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            is_causal: bool) -> bool:
     """One query per row over an fp32 cache (decode), no gradient: ``smolvlm.kernels``' decode
-    attention, where this CPU runs those kernels (AVX2, no AVX-512). Its result is fp32 SDPA's,
+    attention, where this CPU runs those kernels (no AMX). Its result is fp32 SDPA's,
     rounded once to q's dtype, like the branch below, in about 0.6x the time of PyTorch's
     flash-attention call (bench/ANALYSIS.md, eleventh round)."""
     return (q.shape[2] == 1 and not is_causal and k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"

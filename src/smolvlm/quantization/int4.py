@@ -123,8 +123,9 @@ def erased_update(weight: torch.Tensor, dequantized: torch.Tensor | Callable[[in
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 -> (N, K/2) uint8, even channel in the low nibble."""
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    """(N, K) values 0..15 -> (N, K/2) uint8, even channel in the low nibble; row-major whatever q's
+    strides (a transposed view in gave a transposed result, which the kernels refuse)."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
 
 
 def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
