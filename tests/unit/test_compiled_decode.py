@@ -94,6 +94,7 @@ def test_the_bf16_gemv_runs_inside_the_compiled_step(monkeypatch):
 
     assert k.build() is None
     monkeypatch.setitem(k._state, "use", None)
+    monkeypatch.setitem(k._state, "gemv", None)
     model = _model(torch.bfloat16)
     upcast_slow_bf16(model, force=True)
     eager = _greedy(model)

@@ -137,6 +137,7 @@ def test_int8_linear_runs_the_kernel_for_decode_rows_only(monkeypatch, dtype):
     results agree with it. (Forced on: AMX CPUs leave it off by default, see the last test.)"""
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
     calls = []
     op = torch.ops.smolvlm.int8_gemv
     monkeypatch.setattr(torch.ops.smolvlm, "int8_gemv", lambda *a: calls.append(a[0].shape) or op(*a))
@@ -161,6 +162,7 @@ def test_without_the_kernel_the_same_layer_gives_the_same_numbers(monkeypatch):
     q = _layer()
     x = torch.randn(1, 1, 128)
     monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
     with_kernel = q(x)
     monkeypatch.setitem(kernels._state, "use", "off for this test")
     assert_close(q(x), with_kernel, rtol=1e-5, atol=1e-5)
@@ -177,7 +179,11 @@ def test_the_switch_and_the_reasons(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f", "avx512_bf16"])
     monkeypatch.setattr(kernels, "build", lambda: None)
-    assert kernels.prepare() and kernels.problem() is None  # AVX-512 without AMX: the kernels run
+    assert kernels.prepare() and kernels.problem() is None  # AVX-512 without AMX: the decode attention
+    assert kernels.ready(gemv=False) and not kernels.ready()  # ... but PyTorch's GEMVs
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
+    assert kernels.prepare() and kernels.ready() and kernels.ready(gemv=False)  # AVX2 only: all of them
     monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
     assert "Linux x86-64 only" in kernels._cpu_problem()
 
@@ -266,6 +272,7 @@ def test_attention_takes_the_kernel_for_one_query_over_an_fp32_cache_only(monkey
 
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
     calls = []
     op = torch.ops.smolvlm.decode_attention
     monkeypatch.setattr(torch.ops.smolvlm, "decode_attention", lambda *a: calls.append(a[0].shape) or op(*a))
@@ -279,6 +286,7 @@ def test_attention_takes_the_kernel_for_one_query_over_an_fp32_cache_only(monkey
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2.0**-8, atol=1e-5)
     assert_close(out, attention(q, k, v, mask), **tol)
     monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
     attention(torch.randn(1, 9, 4, 64).to(dtype), k, v, torch.ones(1, 1, 4, 40, dtype=torch.bool))
     attention(q, k, v, None, is_causal=True)
     attention(q, k.bfloat16(), v.bfloat16(), mask)
@@ -314,6 +322,7 @@ def test_q_k_v_and_gate_up_run_in_one_kernel_call(monkeypatch, bits):
 
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
     owner = nn.Module()
     names = ("q_proj", "k_proj", "v_proj")
     for name, n in zip(names, (96, 32, 32)):
@@ -453,6 +462,7 @@ def test_int4_linear_runs_the_kernel_for_bf16_and_fp16_rows_keeping_one_copy(mon
 
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
     calls = []
     op = torch.ops.smolvlm.int4_gemv
     monkeypatch.setattr(torch.ops.smolvlm, "int4_gemv", lambda *a: calls.append(a[0].shape) or op(*a))
@@ -534,6 +544,7 @@ def test_upcast_linear_runs_the_bf16_gemv_for_decode_rows_only(monkeypatch):
 
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
     calls = []
     for name in ("bf16_gemv", "bf16_gemv_cat"):
         op = getattr(torch.ops.smolvlm, name)
@@ -564,6 +575,7 @@ def test_upcast_linear_runs_the_bf16_gemv_for_decode_rows_only(monkeypatch):
         owner.q_proj(x)
         assert calls == []
     monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
     xg = x.clone().requires_grad_()
     owner.q_proj(xg).sum().backward()  # the kernel has no backward: PyTorch's GEMV, a gradient comes back
     assert calls == [] and xg.grad is not None and owner.q_proj.weight.grad is not None

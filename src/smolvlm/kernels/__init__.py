@@ -14,7 +14,8 @@ keeps them inside the compiled decode step. Why each exists: its header.
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AMX they are not used either unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
+CPUs with AMX they are not used either, on AVX-512 CPUs only the decode attention, unless
+``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
 build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
 ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
 """
@@ -113,26 +114,33 @@ def build() -> str | None:
 
 def prepare() -> bool:
     """Decide, once per process and not inside a forward, whether the layers run the kernels,
-    building them if so. On CPUs without AMX, where they were measured against PyTorch's kernels
-    and win: AVX2-only AMD EPYCs (bench/ANALYSIS.md, ninth to thirteenth rounds) and an AMD EPYC
-    with AVX-512 BF16 but no AMX (Zen 5; 256M decode step, 2 threads, compiled: int8 9.1 -> 6.1 ms,
-    int4 8.5 -> 5.9, bf16 11.4 -> 9.2 through the decode attention; fourteenth round). CPUs with
-    AMX keep PyTorch's kernels and Inductor's templates, which use its tiles."""
+    building them if so. Where they were measured against PyTorch's and win:
+    - AVX2-only CPUs (AMD EPYCs, bench/ANALYSIS.md, ninth to thirteenth rounds): all of them;
+    - AVX-512 without AMX (an AMD EPYC, Zen 5; fourteenth round): the decode attention only (256M
+      bf16 compiled step 11.4 -> 9.2 ms, its fp32 cache read 2x faster than by PyTorch's flash
+      attention). PyTorch's AVX-512 int8/int4 GEMVs are as fast there as ours for one row (int4
+      576x1536: 21 against 28 us) and its int4 kernel 2.5x faster for prompts (8-128 rows);
+    - AMX: none; PyTorch's kernels and Inductor's templates use its tiles.
+    ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2."""
     if "use" not in _state:
         flags = _cpu_flags() or []
-        _state["use"] = ("this CPU has AMX: PyTorch's kernels are used" if "amx_tile" in flags
-                         and os.environ.get(ENV) != "1" else build())
+        forced = os.environ.get(ENV) == "1"
+        _state["use"] = ("this CPU has AMX: PyTorch's kernels are used" if "amx_tile" in flags and not forced
+                         else build())
+        _state["gemv"] = ("this CPU has AVX-512: PyTorch's GEMVs are used" if "avx512f" in flags and not forced
+                          else _state["use"])
     return _state["use"] is None
 
 
-def ready() -> bool:
-    """Whether the layers run these kernels (``Int8Linear``, ``layers.attention``); decides (and builds)
-    on the first eager call if :func:`prepare` has not run (never inside a ``torch.compile`` trace)."""
+def ready(gemv: bool = True) -> bool:
+    """Whether the layers run these kernels: the GEMVs (``Int8Linear``, ``Int4Linear``, ``UpcastLinear``)
+    or, ``gemv=False``, the decode attention (``layers.attention``); decides (and builds) on the first
+    eager call if :func:`prepare` has not run (never inside a ``torch.compile`` trace)."""
     if "use" not in _state:
         if torch.compiler.is_compiling():
             return False
         prepare()
-    return _state["use"] is None
+    return _state["use"] is None and (not gemv or _state.get("gemv") is None)
 
 
 def problem() -> str | None:

@@ -123,7 +123,7 @@ def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     flash-attention call (bench/ANALYSIS.md, eleventh round)."""
     return (q.shape[2] == 1 and not is_causal and k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
             and q.shape[-1] % 8 == 0 and (mask is None or mask.dtype == torch.bool)
-            and not (q.requires_grad and torch.is_grad_enabled()) and kernels.ready())
+            and not (q.requires_grad and torch.is_grad_enabled()) and kernels.ready(gemv=False))
 
 
 def attention(
