@@ -262,9 +262,9 @@ def watched_layer_reads(max_alive: int, skip: Callable[[str], bool] = lambda nam
         def one(name):
             read, bias = read_later(name)
 
-            def read_weight():
+            def read_weight(*out):
                 check(name)
-                weight = read()
+                weight = read(*out)
                 if not skip(name):
                     alive.append(weakref.ref(weight))
                 return weight

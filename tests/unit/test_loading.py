@@ -242,3 +242,20 @@ def test_missing_config_is_a_clear_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         SmolVLM.from_pretrained(tmp_path)
+
+
+def test_read_into_fills_rows_of_a_larger_tensor(tmp_path):
+    """``safetensors_io.read_into``: a packed q/k/v layer reads each part into its rows of the fused
+    weight; the stored dtype goes in as bytes, another dtype is converted; a wrong shape is refused."""
+    from safetensors.torch import save_file
+
+    from smolvlm.weights.safetensors_io import read_into
+
+    a, b = torch.randn(3, 8).to(torch.bfloat16), torch.randn(2, 8)
+    save_file({"a": a, "b": b}, str(tmp_path / "w.safetensors"))
+    fused = torch.zeros(5, 8, dtype=torch.bfloat16)
+    read_into(tmp_path / "w.safetensors", "a", fused[:3])
+    read_into(tmp_path / "w.safetensors", "b", fused[3:])  # float32 on disk: converted
+    assert torch.equal(fused, torch.cat([a, b.to(torch.bfloat16)]))
+    with pytest.raises(ValueError, match=r"cannot read a \[3, 8\] into a \[2, 8\]"):
+        read_into(tmp_path / "w.safetensors", "a", fused[3:])

@@ -41,7 +41,8 @@ from smolvlm.weights import default_model
 from smolvlm.weights.check import check_keys, expected_shapes
 from smolvlm.weights.gguf import EMBED_KEY
 from smolvlm.weights.quantized import read_quantization
-from smolvlm.weights.safetensors_io import CheckpointError, checkpoint_shapes, load_safetensors, weight_files
+from smolvlm.weights.safetensors_io import (CheckpointError, checkpoint_shapes, load_safetensors, read_into,
+                                            weight_files)
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -89,9 +90,10 @@ class _Tensors:
     ``again``, keys that may be asked for a second time (quantizing at load restarts at another
     int4 group size; the built-in default model otherwise hands each tensor over once)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]],
-                 read: Callable[..., dict[str, torch.Tensor]]) -> None:
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[..., dict[str, torch.Tensor]],
+                 read_into: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.shapes, self.read = shapes, read
+        self.read_into = read_into  # (key, out) -> out filled, where the tensors come from files
 
 
 def _file_version(path: Path) -> tuple[int, int, int]:
@@ -104,20 +106,25 @@ def _file_tensors(directory: Path, device: torch.device | str, mmap: bool) -> _T
     found = checkpoint_shapes(files)
     versions = {f: _file_version(f) for f in files}
 
+    def unchanged(f: Path) -> Path:
+        # layers packed on first use read after the load: never from another file at that path
+        if not f.is_file() or _file_version(f) != versions[f]:
+            raise CheckpointError(f"{f} changed or went away after the model was loaded from it; "
+                                  "load the model again")
+        return f
+
     def read(keys: set[str], dtype_of: Callable[[str], torch.dtype], copy: set[str],
              again: bool = False) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
         for f in files:
             mine = {k for k in keys if found[k][1] == f}
             if mine:
-                # layers packed on first use read after the load: never from another file at that path
-                if not f.is_file() or _file_version(f) != versions[f]:
-                    raise CheckpointError(f"{f} changed or went away after the model was loaded from it; "
-                                          "load the model again")
-                state.update(load_safetensors(f, mine, dtype=dtype_of, device=device, mmap=mmap, copy=copy))
+                state.update(load_safetensors(unchanged(f), mine, dtype=dtype_of, device=device, mmap=mmap,
+                                              copy=copy))
         return state
 
-    return _Tensors({k: s for k, (s, _) in found.items()}, read)
+    return _Tensors({k: s for k, (s, _) in found.items()}, read,
+                    lambda key, out: read_into(unchanged(found[key][1]), key, out))
 
 
 def _default_model_tensors(directory: Path, device: torch.device | str) -> _Tensors:
@@ -243,18 +250,24 @@ def _linear_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dt
 def _later_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dtype]
                   ) -> Callable[[str], tuple[Callable[[], torch.Tensor], torch.Tensor | None]]:
     """``name -> (read the weight, bias)`` for ``pack_linears(read_later=)``: the bias now, the
-    weight when the layer first runs, into private memory (as ``_linear_reader``); a tied lm_head
-    absent from the checkpoint reads the embedding table."""
+    weight when the layer first runs, into private memory (as ``_linear_reader``) or into the rows
+    of a fused weight it is given; a tied lm_head absent from the checkpoint reads the embedding table."""
+
+    embed = model.model.text_model.embed_tokens  # not the model: its layers hold these functions
 
     def read_later(name: str) -> tuple[Callable[[], torch.Tensor], torch.Tensor | None]:
         key, bias_key = f"{name}.weight", f"{name}.bias"
         bias = tensors.read({bias_key}, dtypes.__getitem__, {bias_key})[bias_key] if bias_key in tensors.shapes else None
 
-        def read_weight() -> torch.Tensor:
+        def read_weight(out: torch.Tensor | None = None) -> torch.Tensor:
+            """The weight, or ``out`` (a part of a fused weight) filled with it."""
             if key not in tensors.shapes:  # tied head: the embedding, loaded with the model
-                return model.model.text_model.embed_tokens.weight.detach()
+                return embed.weight.detach() if out is None else out.copy_(embed.weight)
             release_freed_memory()  # the previous layer's dense weight and packing temporaries
-            return tensors.read({key}, dtypes.__getitem__, {key}, again=True)[key]
+            if out is not None and tensors.read_into is not None:
+                return tensors.read_into(key, out)
+            weight = tensors.read({key}, dtypes.__getitem__, {key}, again=True)[key]
+            return weight if out is None else out.copy_(weight)
 
         return read_weight, bias
 

@@ -189,3 +189,22 @@ def load_safetensors(path: str | Path, keys: set[str] | None = None,
                 out[k] = buf.view(i.dtype).view(i.shape).to(device=device, dtype=target[k])
                 del buf  # the unconverted bytes go now, not at the end of the file
     return {k: out[k] for k in wanted}  # header order
+
+
+def read_into(path: str | Path, key: str, out: torch.Tensor) -> torch.Tensor:
+    """Tensor ``key`` of one safetensors file written into ``out``, a contiguous CPU tensor of its
+    shape (converted when the dtypes differ), and returned. With the stored dtype, the bytes go
+    straight into ``out``: linears packed as one weight (q/k/v) read their parts side by side into it
+    instead of reading each and concatenating them (``model.packed.PackedFused.later_parts``)."""
+    path = Path(path)
+    info = read_safetensors_header(path)[key]
+    if tuple(out.shape) != tuple(info.shape) or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"cannot read {key} {list(info.shape)} into a {list(out.shape)} "
+                         f"{'contiguous' if out.is_contiguous() else 'strided'} {out.device.type} tensor")
+    if out.dtype != info.dtype:
+        return out.copy_(load_safetensors(path, {key}, mmap=False)[key])
+    with open(path, "rb") as f:
+        f.seek(info.start)
+        if f.readinto(memoryview(out.view(torch.uint8).reshape(-1).numpy())) != info.end - info.start:
+            raise CheckpointError(f"{path} ended while reading tensor {key}")
+    return out
