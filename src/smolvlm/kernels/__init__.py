@@ -144,6 +144,7 @@ def ready(gemv: bool = True) -> bool:
 
 
 def problem() -> str | None:
-    """Why the layers do not use the kernels here (None: they do)."""
+    """Why the layers use none of the kernels here (None: they use some; the GEMVs only where
+    ``ready()`` says so)."""
     prepare()
     return _state["use"]  # type: ignore[return-value]
