@@ -105,10 +105,10 @@ def fingerprint(model: Any) -> tuple:
         for name, m in model.named_modules())
 
 
-def own_storage(model: Any, prefixes: tuple[str, ...] = ("model.text_model.", "lm_head")) -> list[str]:
+def own_storage(model: Any, prefixes: tuple[str, ...] = ("model.text_model.", "lm_head")) -> None:
     """Give each ``nn.Linear`` weight and bias under ``prefixes`` that starts inside a larger storage (``storage_offset``
     not 0: the loader's zero-copy views of a checkpoint's file mapping) its own copy, in place (the
-    ``Parameter`` stays, so ties hold). Returns their names.
+    ``Parameter`` stays, so ties hold).
 
     Why: with freezing, Inductor's C++ GEMM template (torch 2.13) packs a frozen weight through
     ``as_strided`` with the offset of its own IR layout, 0, which reads from the start of the
@@ -116,14 +116,11 @@ def own_storage(model: Any, prefixes: tuple[str, ...] = ("model.text_model.", "l
     on AVX-512 CPUs) decoded NaN logits, token 0 over and over, on an AMD EPYC with AVX-512 where the
     template won the autotuning; the same weight with offset 0 is exact. Costs a private copy of those
     weights, next to the one the frozen graph packs anyway."""
-    copied = []
     for name, module in model.named_modules():
         if name.startswith(prefixes) and isinstance(module, torch.nn.Linear):
-            for key, t in module.named_parameters(recurse=False):
+            for t in module.parameters(recurse=False):
                 if t.storage_offset() != 0:
                     t.data = t.data.clone()
-                    copied.append(f"{name}.{key}")
-    return copied
 
 
 class CompiledDecode:

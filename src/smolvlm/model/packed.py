@@ -122,16 +122,21 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 1) -> None:
         super().__init__()
-        if not packing_available(weight.dtype, weight.device):
-            raise ValueError(f"cannot pack a {weight.dtype} weight on {weight.device}: CPU + oneDNN, "
+        self._setup(tuple(weight.shape), weight.dtype, weight.device, bias, rows)
+        self.packed = _pack(weight, rows)  # not a parameter, never trained
+
+    def _setup(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
+               bias: torch.Tensor | None, rows: int) -> None:
+        if not packing_available(dtype, device):
+            raise ValueError(f"cannot pack a {dtype} weight on {device}: CPU + oneDNN, "
                              f"{' or '.join(str(d) for d in PACKABLE_DTYPES)} only, bf16 only on CPUs with "
                              f"AVX-512 or AVX-NE-CONVERT")
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = shape
         self.rows = rows  # the activation rows oneDNN's layout is chosen for
-        self.weight_dtype = weight.dtype
-        self._later: Callable[[], torch.Tensor] | None = None  # reads the dense weight (packing later)
-        self.packed = _pack(weight, rows)  # not a parameter, never trained
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+        self.weight_dtype = dtype
+        self._packed: torch.Tensor | None = None
+        self._later: Callable[[], torch.Tensor] | None = None  # reads the dense weight (``later``)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rows: int = 1) -> "PackedLinear":
@@ -143,14 +148,10 @@ class PackedLinear(nn.Module):
         """A layer that reads its (out, in) ``dtype`` weight with ``read_weight()`` and packs it on
         first use (a forward, ``packed``, ``.to()``); until then it holds no weight. What the loader
         builds (``pack="auto"``), so that loading costs what mapping the file does; see ``pack_linears``."""
-        if not packing_available(dtype):
-            raise ValueError(f"cannot pack a {dtype} weight on this CPU")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.out_features, self.in_features = shape
-        self.rows, self.weight_dtype = rows, dtype
-        self._packed, self._later = None, read_weight
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self._setup(shape, dtype, "cpu", bias, rows)
+        self._later = read_weight
         return self
 
     @property
@@ -480,7 +481,7 @@ def pack_targets(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def pack_linears(model: nn.Module, auto: bool = False,
                  read_linear: Callable[[str], nn.Module] | None = None,
-                 read_later: Callable[[str], tuple[Callable[[], torch.Tensor], torch.Tensor | None]] | None = None
+                 read_later: Callable[[str], tuple[Callable[..., torch.Tensor], torch.Tensor | None]] | None = None
                  ) -> list[str]:
     """Swap the text decoder's and lm_head's ``nn.Linear`` for ``PackedLinear`` in place.
 

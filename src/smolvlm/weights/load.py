@@ -93,7 +93,7 @@ class _Tensors:
     def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[..., dict[str, torch.Tensor]],
                  read_into: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.shapes, self.read = shapes, read
-        self.read_into = read_into  # (key, out) -> out filled, where the tensors come from files
+        self.read_into = read_into  # (key, out) -> out filled: files only (layers packed on first use)
 
 
 def _file_version(path: Path) -> tuple[int, int, int]:
@@ -248,14 +248,14 @@ def _linear_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dt
 
 
 def _later_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dtype]
-                  ) -> Callable[[str], tuple[Callable[[], torch.Tensor], torch.Tensor | None]]:
+                  ) -> Callable[[str], tuple[Callable[..., torch.Tensor], torch.Tensor | None]]:
     """``name -> (read the weight, bias)`` for ``pack_linears(read_later=)``: the bias now, the
     weight when the layer first runs, into private memory (as ``_linear_reader``) or into the rows
     of a fused weight it is given; a tied lm_head absent from the checkpoint reads the embedding table."""
 
     embed = model.model.text_model.embed_tokens  # not the model: its layers hold these functions
 
-    def read_later(name: str) -> tuple[Callable[[], torch.Tensor], torch.Tensor | None]:
+    def read_later(name: str) -> tuple[Callable[..., torch.Tensor], torch.Tensor | None]:
         key, bias_key = f"{name}.weight", f"{name}.bias"
         bias = tensors.read({bias_key}, dtypes.__getitem__, {bias_key})[bias_key] if bias_key in tensors.shapes else None
 
@@ -264,10 +264,9 @@ def _later_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dty
             if key not in tensors.shapes:  # tied head: the embedding, loaded with the model
                 return embed.weight.detach() if out is None else out.copy_(embed.weight)
             release_freed_memory()  # the previous layer's dense weight and packing temporaries
-            if out is not None and tensors.read_into is not None:
+            if out is not None:
                 return tensors.read_into(key, out)
-            weight = tensors.read({key}, dtypes.__getitem__, {key}, again=True)[key]
-            return weight if out is None else out.copy_(weight)
+            return tensors.read({key}, dtypes.__getitem__, {key}, again=True)[key]
 
         return read_weight, bias
 

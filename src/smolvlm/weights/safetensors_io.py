@@ -22,7 +22,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -183,9 +183,7 @@ def load_safetensors(path: str | Path, keys: set[str] | None = None,
                 # Uninitialised (no zero-fill before the read; ~25% faster than a bytearray) and
                 # allocated by torch, so aligned for any element size.
                 buf = torch.empty(i.end - i.start, dtype=torch.uint8)
-                f.seek(i.start)
-                if f.readinto(memoryview(buf.numpy())) != buf.numel():
-                    raise CheckpointError(f"{path} ended while reading tensor {k}")
+                _read_bytes(f, path, k, i, buf)
                 out[k] = buf.view(i.dtype).view(i.shape).to(device=device, dtype=target[k])
                 del buf  # the unconverted bytes go now, not at the end of the file
     return {k: out[k] for k in wanted}  # header order
@@ -204,7 +202,12 @@ def read_into(path: str | Path, key: str, out: torch.Tensor) -> torch.Tensor:
     if out.dtype != info.dtype:
         return out.copy_(load_safetensors(path, {key}, mmap=False)[key])
     with open(path, "rb") as f:
-        f.seek(info.start)
-        if f.readinto(memoryview(out.view(torch.uint8).reshape(-1).numpy())) != info.end - info.start:
-            raise CheckpointError(f"{path} ended while reading tensor {key}")
+        _read_bytes(f, path, key, info, out.view(torch.uint8).reshape(-1))
     return out
+
+
+def _read_bytes(f: Any, path: Path, key: str, info: TensorInfo, buf: torch.Tensor) -> None:
+    """Tensor ``key``'s bytes from the open file ``f`` into ``buf`` (uint8, exactly their count)."""
+    f.seek(info.start)
+    if f.readinto(memoryview(buf.numpy())) != info.end - info.start:
+        raise CheckpointError(f"{path} ended while reading tensor {key}")
