@@ -180,10 +180,11 @@ def test_the_switch_and_the_reasons(monkeypatch):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f", "avx512_bf16"])
     monkeypatch.setattr(kernels, "build", lambda: None)
     assert kernels.prepare() and kernels.problem() is None  # AVX-512 without AMX: the decode attention
-    assert kernels.ready(gemv=False) and not kernels.ready()  # ... but PyTorch's GEMVs
+    assert kernels.ready("decode_attention") and kernels.ready("bf16_attention") and not kernels.ready()  # ... not the GEMVs
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
-    assert kernels.prepare() and kernels.ready() and kernels.ready(gemv=False)  # AVX2 only: all of them
+    assert kernels.prepare() and kernels.ready() and kernels.ready("decode_attention")  # AVX2 only: all of them
+    assert not kernels.ready("bf16_attention") and "AVX-512 BF16" in kernels._state["bf16_attention"]  # ... it can run
     monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
     assert "Linux x86-64 only" in kernels._cpu_problem()
 

@@ -8,13 +8,16 @@
   CPUs; ``model/upcast.py``'s ``UpcastLinear``), ``torch.ops.smolvlm.bf16_gemv``.
 - ``decode_attention.cpp``: one query per row over an fp32 KV cache (the decode step's attention),
   ``torch.ops.smolvlm.decode_attention``.
+- ``bf16_attention.cpp``: bidirectional bf16 attention with a key mask (the vision encoder's), AVX-512
+  BF16 only, ``torch.ops.smolvlm.bf16_attention``.
 
-All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share), registered with a shape-only ("fake") version, so ``torch.compile``
-keeps them inside the compiled decode step. Why each exists: its header.
+All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``bf16_attention`` compiles its
+functions for AVX-512 BF16 and runs only where the CPU has it), registered with a shape-only ("fake")
+version, so ``torch.compile`` keeps them inside a compiled graph. Why each exists: its header.
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AMX they are not used either, on AVX-512 CPUs only the decode attention, unless
+CPUs with AMX they are not used either, on AVX-512 CPUs only the two attentions, unless
 ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
 build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
 ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
@@ -32,7 +35,7 @@ import torch
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "bf16_gemv.cpp",
-                                                       "decode_attention.cpp")]
+                                                       "decode_attention.cpp", "bf16_attention.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
@@ -99,6 +102,11 @@ def _compile() -> str | None:
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("smolvlm::bf16_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, h, t, d = q.shape
+        return q.new_empty(b, t, h * d)
+
     return None
 
 
@@ -116,12 +124,14 @@ def prepare() -> bool:
     """Decide, once per process and not inside a forward, whether the layers run the kernels,
     building them if so. Where they were measured against PyTorch's and win:
     - AVX2-only CPUs (AMD EPYCs, bench/ANALYSIS.md, ninth to thirteenth rounds): all of them;
-    - AVX-512 without AMX (an AMD EPYC, Zen 5; fourteenth round): the decode attention only (256M
+    - AVX-512 without AMX (an AMD EPYC, Zen 5; fourteenth round): the decode attention (256M
       bf16 compiled step 11.4 -> 9.2 ms, its fp32 cache read 2x faster than by PyTorch's flash
-      attention). PyTorch's AVX-512 int8/int4 GEMVs are as fast there as ours for one row (int4
-      576x1536: 21 against 28 us) and its int4 kernel 2.5x faster for prompts (8-128 rows);
-    - AMX: none; PyTorch's kernels and Inductor's templates use its tiles.
-    ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2."""
+      attention) and, with AVX-512 BF16, the vision attention (one 512 px tile's 12 heads 18.2 ->
+      4.9 ms; fifteenth round). PyTorch's AVX-512 int8/int4 GEMVs are as fast there as ours for one
+      row (int4 576x1536: 21 against 28 us) and its int4 kernel 2.5x faster for prompts (8-128 rows);
+    - AMX: none; PyTorch's kernels (its flash attention included) and Inductor's templates use its tiles.
+    ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
+    where the CPU has AVX-512 BF16)."""
     if "use" not in _state:
         flags = _cpu_flags() or []
         forced = os.environ.get(ENV) == "1"
@@ -129,18 +139,28 @@ def prepare() -> bool:
                          else build())
         _state["gemv"] = ("this CPU has AVX-512: PyTorch's GEMVs are used" if "avx512f" in flags and not forced
                           else _state["use"])
+        _state["bf16_attention"] = ("this CPU lacks AVX-512 BF16" if "avx512_bf16" not in flags
+                                    else _state["use"])
     return _state["use"] is None
 
 
-def ready(gemv: bool = True) -> bool:
-    """Whether the layers run these kernels: the GEMVs (``Int8Linear``, ``Int4Linear``, ``UpcastLinear``)
-    or, ``gemv=False``, the decode attention (``layers.attention``); decides (and builds) on the first
-    eager call if :func:`prepare` has not run (never inside a ``torch.compile`` trace)."""
+KINDS = ("gemv", "decode_attention", "bf16_attention")
+
+
+def ready(kind: str = "gemv") -> bool:
+    """Whether the layers run these kernels of one kind: ``"gemv"`` (``Int8Linear``, ``Int4Linear``,
+    ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``); decides
+    (and builds) on the first eager call if :func:`prepare` has not run (never inside a
+    ``torch.compile`` trace)."""
+    if kind not in KINDS:
+        raise ValueError(f"no kernels of kind {kind!r}; one of {KINDS}")
     if "use" not in _state:
         if torch.compiler.is_compiling():
             return False
         prepare()
-    return _state["use"] is None and (not gemv or _state.get("gemv") is None)
+    if kind == "decode_attention":
+        return _state["use"] is None
+    return _state["use"] is None and _state.get(kind, "not decided" if kind == "bf16_attention" else None) is None
 
 
 def problem() -> str | None:

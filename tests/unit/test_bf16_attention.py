@@ -1,0 +1,154 @@
+"""smolvlm's bidirectional bf16 attention kernel (``kernels/bf16_attention.cpp``, the vision encoder's
+SDPA on AVX-512 BF16 CPUs without AMX) and ``layers.attention``'s choice of it.
+
+Tolerance. The kernel computes what PyTorch's bf16 flash attention computes: q.k summed in float32
+from exact bf16 products, the softmax in float32, each exp(s - max) rounded to bf16 (relative error
+<= 2^-9) before its product with v, the float32 sum of the unrounded exps as divisor, the result
+rounded once to bf16 (<= 2^-9 relative). Against float64 attention of the same bf16 inputs the exps'
+rounding moves the output by at most 2^-9 * sum_j p_j |v_j| <= 2^-9 max|v|, the output rounding by
+2^-9 |out|; float32 summation and the exp polynomial (~2 ulp) add far less. So
+|got - exact| <= 2^-9 (|exact| + max|v|) + 1e-6; a dropped key, a wrong scale or a mask ignored
+moves outputs by O(0.1-1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smolvlm import kernels
+
+BF16 = "avx512_bf16" in (kernels._cpu_flags() or []) and kernels._cpu_problem() is None
+needs_bf16 = pytest.mark.skipif(not BF16, reason="the bf16 attention kernel needs a CPU with AVX-512 BF16 "
+                                f"({kernels._cpu_problem() or 'this one lacks it'}); layers.attention uses SDPA here")
+
+
+def _qkv(b: int, h: int, t: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the vision encoder passes them: head views of one fused (B, T, 3, H, D) projection
+    (strided, last dim contiguous), values of O(1-3)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, t, 3, h, d, generator=g) * 2).to(torch.bfloat16)
+    return tuple(x[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def _assert_within_bound(got: torch.Tensor, q, k, v, mask) -> None:
+    b, h, t, d = q.shape
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    exact = exact.transpose(1, 2).reshape(b, t, h * d)
+    bound = 2.0**-9 * (exact.abs() + v.double().abs().amax()) + 1e-6
+    err = (got.double() - exact).abs()
+    assert (err <= bound).all(), f"max error {err.max():.3g}, bound there {bound.flatten()[err.argmax()]:.3g}"
+
+
+@needs_bf16
+@pytest.mark.parametrize("b,h,t,d", [(1, 12, 1024, 64), (1, 16, 729, 72), (2, 3, 33, 8), (1, 2, 2, 24), (3, 1, 17, 256)])
+def test_bf16_attention_is_flash_attentions_numbers(b, h, t, d):
+    """The real vision shapes (256M/500M: 1024 patches, D 64; 2.2B: 729, D 72, an odd count) and
+    small odd ones: within the bound above of exact attention, and as close to PyTorch's bf16 SDPA
+    (which rounds the same way) as two roundings allow; output (B, T, H*D) contiguous."""
+    assert kernels.build() is None
+    q, k, v = _qkv(b, h, t, d, seed=t)
+    got = torch.ops.smolvlm.bf16_attention(q, k, v, None)
+    assert got.shape == (b, t, h * d) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    _assert_within_bound(got, q, k, v, None)
+    theirs = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, h * d)
+    torch.testing.assert_close(got.float(), theirs.float(), rtol=2.0**-7, atol=2.0**-7 * v.float().abs().max().item())
+
+
+@needs_bf16
+@pytest.mark.parametrize("mask_rows", [1, "B"])
+def test_bf16_attention_hides_masked_keys(mask_rows):
+    """A key padding mask (1 or B, 1, 1, T) as the vision encoder builds for padded patches: masked
+    keys change nothing (their values are set to garbage here); a row with no visible key gives zeros."""
+    assert kernels.build() is None
+    q, k, v = _qkv(3, 4, 100, 64, seed=7)
+    mask = torch.ones(3 if mask_rows == "B" else 1, 1, 1, 100, dtype=torch.bool)
+    mask[0, ..., 60:] = False
+    if mask_rows == "B":
+        mask[1, ..., 3:7] = False
+        mask[2] = False
+    got = torch.ops.smolvlm.bf16_attention(q, k, v, mask)
+    if mask_rows == "B":
+        assert (got[2] == 0).all()
+        got, q, k, v, mask = got[:2], q[:2], k[:2], v[:2], mask[:2]
+    _assert_within_bound(got, q, k, v, mask)
+    v2 = v.clone()
+    v2[0, :, 60:] = 1e4
+    assert torch.equal(torch.ops.smolvlm.bf16_attention(q, k, v2, mask), got)
+
+
+@needs_bf16
+def test_bf16_attention_refuses_what_it_cannot_do():
+    assert kernels.build() is None
+    q, k, v = _qkv(1, 2, 10, 8, seed=0)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.smolvlm.bf16_attention(q.float(), k.float(), v.float(), None)
+    with pytest.raises(RuntimeError, match=r"\(B, H, T, D\)"):
+        torch.ops.smolvlm.bf16_attention(q, k[:, :, :5], v, None)
+    with pytest.raises(RuntimeError, match="D even"):
+        torch.ops.smolvlm.bf16_attention(q[..., :7], k[..., :7], v[..., :7], None)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.smolvlm.bf16_attention(q, k, v, torch.ones(1, 1, 10, 10, dtype=torch.bool))
+
+
+def test_attention_takes_the_bf16_kernel_for_bidirectional_bf16_self_attention_only(monkeypatch):
+    """``layers.attention`` sends bf16 q/k/v of one length with no mask or a key mask and no gradient to
+    the kernel where ``kernels.ready("bf16_attention")`` (AVX-512 BF16, no AMX); causal, grouped,
+    float32, 4-D masked, single-query or gradient-tracking calls keep SDPA. Runs on every CPU: the
+    kernel is stood in for by SDPA here, its numbers are the tests above."""
+    from smolvlm.model import layers
+
+    calls = []
+
+    def stand_in(q, k, v, mask):
+        calls.append(q.shape)
+        b, h, t, d = q.shape
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, h * d)
+
+    monkeypatch.setattr(layers.kernels, "ready", lambda kind="gemv": kind == "bf16_attention")
+    monkeypatch.setattr(torch.ops.smolvlm, "bf16_attention", stand_in, raising=False)
+    q, k, v = _qkv(2, 4, 20, 16, seed=3)
+    key_mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    out = layers.attention(q, k, v, key_mask)
+    assert calls == [(2, 4, 20, 16)] and out.shape == (2, 20, 64)
+    layers.attention(q, k, v, None)
+    assert len(calls) == 2
+    layers.attention(q, k, v, None, is_causal=True)
+    layers.attention(q, k[:, :2], v[:, :2], None)  # grouped heads
+    layers.attention(q.float(), k.float(), v.float(), None)
+    layers.attention(q, k, v, torch.ones(2, 1, 20, 20, dtype=torch.bool))
+    layers.attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], None)
+    layers.attention(q.detach().requires_grad_(), k, v, None)
+    assert len(calls) == 2
+    monkeypatch.setattr(layers.kernels, "ready", lambda kind="gemv": False)
+    layers.attention(q, k, v, key_mask)
+    assert len(calls) == 2
+
+
+@needs_bf16
+def test_the_vision_encoder_gives_sdpas_features_with_the_kernel(monkeypatch):
+    """A bf16 vision tower (2 layers, D 16 heads) with and without the kernel, on a padded image: the
+    same features up to the two roundings per layer (bf16 outputs of O(1): 2^-6 relative)."""
+    from smolvlm.config import VisionConfig
+    from smolvlm.model.vision import VisionTransformer
+
+    assert kernels.prepare() and kernels.ready("bf16_attention")
+    torch.manual_seed(0)
+    cfg = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=64, patch_size=8)
+    tower = VisionTransformer(cfg).to(torch.bfloat16).eval()
+    pv = torch.randn(2, 3, 64, 64).to(torch.bfloat16)
+    patch_mask = torch.ones(2, 8, 8, dtype=torch.bool)
+    patch_mask[1, 5:] = False
+    patch_mask[1, :, 6:] = False
+    calls = []
+    op = torch.ops.smolvlm.bf16_attention
+    monkeypatch.setattr(torch.ops.smolvlm, "bf16_attention", lambda *a: calls.append(1) or op(*a))
+    with torch.inference_mode():
+        got = tower(pv, patch_mask)
+        assert len(calls) == cfg.num_hidden_layers
+        monkeypatch.setitem(kernels._state, "bf16_attention", "off for this test")
+        want = tower(pv, patch_mask)
+    assert len(calls) == cfg.num_hidden_layers
+    torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-6, atol=2.0**-6)
