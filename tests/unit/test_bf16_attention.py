@@ -1,5 +1,6 @@
-"""smolvlm's bidirectional bf16 attention kernel (``kernels/bf16_attention.cpp``, the vision encoder's
-SDPA on AVX-512 BF16 CPUs without AMX) and ``layers.attention``'s choice of it.
+"""smolvlm's bf16 attention kernel for whole sequences (``kernels/bf16_attention.cpp``: the vision
+encoder's SDPA and a prompt's causal one, on AVX-512 BF16 CPUs without AMX) and ``layers.attention``'s
+choice of it.
 
 Tolerance. The kernel computes what PyTorch's bf16 flash attention computes: q.k summed in float32
 from exact bf16 products, the softmax in float32, each exp(s - max) rounded to bf16 (relative error
@@ -32,9 +33,10 @@ def _qkv(b: int, h: int, t: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(x[:, :, i].transpose(1, 2) for i in range(3))
 
 
-def _assert_within_bound(got: torch.Tensor, q, k, v, mask) -> None:
+def _assert_within_bound(got: torch.Tensor, q, k, v, mask, causal: bool = False) -> None:
     b, h, t, d = q.shape
-    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, is_causal=causal,
+                                           enable_gqa=True)
     exact = exact.transpose(1, 2).reshape(b, t, h * d)
     bound = 2.0**-9 * (exact.abs() + v.double().abs().amax()) + 1e-6
     err = (got.double() - exact).abs()
@@ -49,7 +51,7 @@ def test_bf16_attention_is_flash_attentions_numbers(b, h, t, d):
     (which rounds the same way) as two roundings allow; output (B, T, H*D) contiguous."""
     assert kernels.build() is None
     q, k, v = _qkv(b, h, t, d, seed=t)
-    got = torch.ops.smolvlm.bf16_attention(q, k, v, None)
+    got = torch.ops.smolvlm.bf16_attention(q, k, v, None, False)
     assert got.shape == (b, t, h * d) and got.dtype == torch.bfloat16 and got.is_contiguous()
     _assert_within_bound(got, q, k, v, None)
     theirs = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, h * d)
@@ -68,14 +70,14 @@ def test_bf16_attention_hides_masked_keys(mask_rows):
     if mask_rows == "B":
         mask[1, ..., 3:7] = False
         mask[2] = False
-    got = torch.ops.smolvlm.bf16_attention(q, k, v, mask)
+    got = torch.ops.smolvlm.bf16_attention(q, k, v, mask, False)
     if mask_rows == "B":
         assert (got[2] == 0).all()
         got, q, k, v, mask = got[:2], q[:2], k[:2], v[:2], mask[:2]
     _assert_within_bound(got, q, k, v, mask)
     v2 = v.clone()
     v2[0, :, 60:] = 1e4
-    assert torch.equal(torch.ops.smolvlm.bf16_attention(q, k, v2, mask), got)
+    assert torch.equal(torch.ops.smolvlm.bf16_attention(q, k, v2, mask, False), got)
 
 
 @needs_bf16
@@ -83,47 +85,83 @@ def test_bf16_attention_refuses_what_it_cannot_do():
     assert kernels.build() is None
     q, k, v = _qkv(1, 2, 10, 8, seed=0)
     with pytest.raises(RuntimeError, match="bfloat16"):
-        torch.ops.smolvlm.bf16_attention(q.float(), k.float(), v.float(), None)
-    with pytest.raises(RuntimeError, match=r"\(B, H, T, D\)"):
-        torch.ops.smolvlm.bf16_attention(q, k[:, :, :5], v, None)
+        torch.ops.smolvlm.bf16_attention(q.float(), k.float(), v.float(), None, False)
+    with pytest.raises(RuntimeError, match="Hq a multiple of Hkv"):
+        torch.ops.smolvlm.bf16_attention(q, k[:, :, :5], v, None, False)
+    with pytest.raises(RuntimeError, match="Hq a multiple of Hkv"):
+        torch.ops.smolvlm.bf16_attention(q[:, :1], k, v, None, False)
+    with pytest.raises(RuntimeError, match="causal needs as many keys"):
+        torch.ops.smolvlm.bf16_attention(q, k[:, :, :5], v[:, :, :5], None, True)
     with pytest.raises(RuntimeError, match="D even"):
-        torch.ops.smolvlm.bf16_attention(q[..., :7], k[..., :7], v[..., :7], None)
+        torch.ops.smolvlm.bf16_attention(q[..., :7], k[..., :7], v[..., :7], None, False)
     with pytest.raises(RuntimeError, match="mask"):
-        torch.ops.smolvlm.bf16_attention(q, k, v, torch.ones(1, 1, 10, 10, dtype=torch.bool))
+        torch.ops.smolvlm.bf16_attention(q, k, v, torch.ones(1, 1, 10, 10, dtype=torch.bool), False)
+
+
+@needs_bf16
+@pytest.mark.parametrize("b,hq,hkv,t", [(1, 9, 3, 1141), (2, 4, 2, 77), (1, 2, 2, 5), (1, 15, 5, 40)])
+def test_bf16_attention_causal_with_grouped_heads(b, hq, hkv, t):
+    """A prompt's attention: causal (query i sees keys 0..i), query head h reading KV head
+    h // (Hq / Hkv); SmolLM2-135M's 9 over 3 heads at a 1141-token image prompt, 360M's 15 over 5, and
+    lengths that end inside a block of 8 queries and of 32 keys. Same bound as above."""
+    assert kernels.build() is None
+    g = torch.Generator().manual_seed(t)
+    q = (torch.randn(b, t, hq, 64, generator=g) * 2).to(torch.bfloat16).transpose(1, 2)
+    k, v = ((torch.randn(b, t, hkv, 64, generator=g) * 2).to(torch.bfloat16).transpose(1, 2) for _ in range(2))
+    got = torch.ops.smolvlm.bf16_attention(q, k, v, None, True)
+    assert got.shape == (b, t, hq * 64)
+    _assert_within_bound(got, q, k, v, None, causal=True)
+    first = torch.ops.smolvlm.bf16_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, True)
+    assert torch.equal(first[0, 0].view(hq, 64), v[0, torch.arange(hq) // (hq // hkv), 0])  # sees itself only
+
+
+@needs_bf16
+def test_bf16_attention_with_fewer_queries_than_keys():
+    """Not causal, T queries over L != T keys (a key mask allowed): attention as SDPA computes it."""
+    assert kernels.build() is None
+    q, _, _ = _qkv(2, 6, 9, 32, seed=4)
+    _, k, v = _qkv(2, 3, 50, 32, seed=5)
+    mask = torch.rand(2, 1, 1, 50, generator=torch.Generator().manual_seed(0)) < 0.7
+    mask[..., 0] = True
+    _assert_within_bound(torch.ops.smolvlm.bf16_attention(q, k, v, mask, False), q, k, v, mask)
 
 
 def test_attention_takes_the_bf16_kernel_for_bidirectional_bf16_self_attention_only(monkeypatch):
-    """``layers.attention`` sends bf16 q/k/v of one length with no mask or a key mask and no gradient to
-    the kernel where ``kernels.ready("bf16_attention")`` (AVX-512 BF16, no AMX); causal, grouped,
-    float32, 4-D masked, single-query or gradient-tracking calls keep SDPA. Runs on every CPU: the
-    kernel is stood in for by SDPA here, its numbers are the tests above."""
+    """``layers.attention`` sends bf16 q/k/v with no mask or a key mask, or causal over exactly their
+    own keys, grouped heads or not, and no gradient to the kernel where
+    ``kernels.ready("bf16_attention")`` (AVX-512 BF16, no AMX); causal over more keys (a cache prefix),
+    causal with a mask, float32, 4-D masked, single-query or gradient-tracking calls keep SDPA. Runs
+    on every CPU: the kernel is stood in for by SDPA here, its numbers are the tests above."""
     from smolvlm.model import layers
 
     calls = []
 
-    def stand_in(q, k, v, mask):
-        calls.append(q.shape)
+    def stand_in(q, k, v, mask, is_causal):
+        calls.append((q.shape, is_causal))
         b, h, t, d = q.shape
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, t, h * d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, t, h * d)
 
     monkeypatch.setattr(layers.kernels, "ready", lambda kind="gemv": kind == "bf16_attention")
     monkeypatch.setattr(torch.ops.smolvlm, "bf16_attention", stand_in, raising=False)
     q, k, v = _qkv(2, 4, 20, 16, seed=3)
     key_mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
     out = layers.attention(q, k, v, key_mask)
-    assert calls == [(2, 4, 20, 16)] and out.shape == (2, 20, 64)
+    assert calls == [((2, 4, 20, 16), False)] and out.shape == (2, 20, 64)
     layers.attention(q, k, v, None)
-    assert len(calls) == 2
     layers.attention(q, k, v, None, is_causal=True)
-    layers.attention(q, k[:, :2], v[:, :2], None)  # grouped heads
+    layers.attention(q, k[:, :2], v[:, :2], None, is_causal=True)  # grouped heads
+    assert calls[1:] == [((2, 4, 20, 16), False), ((2, 4, 20, 16), True), ((2, 4, 20, 16), True)]
+    layers.attention(q[:, :, :5], k, v, None, is_causal=True)  # a cache prefix: SDPA's top-left causal
+    layers.attention(q, k, v, key_mask, is_causal=True)
     layers.attention(q.float(), k.float(), v.float(), None)
     layers.attention(q, k, v, torch.ones(2, 1, 20, 20, dtype=torch.bool))
     layers.attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], None)
     layers.attention(q.detach().requires_grad_(), k, v, None)
-    assert len(calls) == 2
+    assert len(calls) == 4
     monkeypatch.setattr(layers.kernels, "ready", lambda kind="gemv": False)
     layers.attention(q, k, v, key_mask)
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 @needs_bf16

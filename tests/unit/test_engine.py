@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from smolvlm import SmolVLM, SmolVLMProcessor
+from smolvlm import SmolVLM, SmolVLMProcessor, kernels
 from smolvlm.generation.config import resolve_settings
 from smolvlm.generation.engine import Engine
 from smolvlm.generation.feature_cache import FeatureCache
@@ -445,8 +445,12 @@ def test_bf16_rows_match_alone_with_either_cache(ckpt, proc, monkeypatch, bf16_a
     """bf16 weights. An fp32 cache (``new_kv_cache`` on CPUs slow at bf16 SDPA): per-row decode
     attends in fp32 like the one-query path of ``generate_ids``. A bf16 cache (CPUs with native
     bf16): both attend in bf16. Either way the same greedy tokens (only summation order differs);
-    both policies run on every CPU."""
+    both policies run on every CPU. The bf16 cache is what AMX CPUs get, where smolvlm's own bf16
+    attention kernel is off (``kernels.prepare``): off here too then, so prompts attend as there."""
     monkeypatch.setattr(vlm_mod, "cpu_attends_fast_in", lambda dtype: bf16_attention_fast)
+    if bf16_attention_fast:
+        kernels.prepare()
+        monkeypatch.setitem(kernels._state, "bf16_attention", "off: AMX CPUs run PyTorch's attention")
     m = SmolVLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     inps = [inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Describe this image.", (IMG_A,))]
     engine = Engine(m, max_batch=2, max_context=256)

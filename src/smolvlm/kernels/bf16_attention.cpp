@@ -1,9 +1,11 @@
-// Bidirectional bf16 attention (the vision encoder's SDPA), x86 AVX-512 BF16.
+// bf16 attention of a whole sequence (the vision encoder's SDPA and a prompt's), x86 AVX-512 BF16.
 //
-// q, k, v (B, H, T, D) bfloat16 (any strides but a contiguous last dim: the heads of one fused q/k/v
-// projection), mask (Bm, 1, 1, T) bool or None (True = may attend, keys only; Bm is B or 1) ->
-// (B, T, H * D) bfloat16, contiguous: the layout out_proj reads, so no transpose copy follows. D even,
-// at most 256; scale D^-1/2.
+// q (B, Hq, T, D), k and v (B, Hkv, L, D) bfloat16 (any strides but a contiguous last dim: the heads of
+// one fused q/k/v projection), Hq a multiple of Hkv (query head h reads KV head h / (Hq / Hkv), as
+// ``enable_gqa``), mask (Bm, 1, 1, L) bool or None (True = may attend, keys only; Bm is B or 1),
+// causal: query i sees keys j <= i (T == L, SDPA's ``is_causal``) -> (B, T, Hq * D) bfloat16,
+// contiguous: the layout the output projection reads, so no transpose copy follows. D even, at most
+// 256; scale D^-1/2.
 //
 // Numbers: as PyTorch's flash-attention CPU kernel for bf16 (the reference's SDPA): q.k summed in
 // float32 from exact bf16 products, the softmax in float32, exp(s - max) rounded to bf16 for the product
@@ -12,9 +14,10 @@
 //
 // Why: PyTorch's flash-attention kernel spent 18.8 ms on one 512 px tile's 12 heads (1024 x 1024,
 // D = 64) on an AVX-512 BF16 AMD EPYC (Zen 5) without AMX, 52% of the 256M vision encoder, where
-// OpenVINO's fused attention takes 6.4 (bench/ANALYSIS.md, fifteenth round). Here every product is
-// one vdpbf16ps (32 multiply-adds), the scores of a block of 8 queries stay in cache, and the exps are
-// vectorised.
+// OpenVINO's fused attention takes 6.4 (bench/ANALYSIS.md, fifteenth round), and 11.8 ms a layer, half
+// of a 1141-token 256M prompt. Here every product is one vdpbf16ps (32 multiply-adds), the scores of a
+// block of 8 queries stay in cache, the exps are vectorised, and a causal block computes only the keys
+// it can see.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -80,13 +83,14 @@ void pack_v(const uint16_t* v, int64_t vs, int64_t T, int64_t D, int64_t Dp, uin
   }
 }
 
-// Scores of n <= R query rows (each D bf16 = D/2 pairs, as uint32) against every key: s (R, Tp) floats,
-// times scale; masked keys and keys past T are -inf.
-AVX512BF16 void scores(const uint32_t* const* q, int n, const uint16_t* kp, int64_t T, int64_t Tp, int64_t D,
-                       const bool* mask, int64_t ms, float scale, float* s) {
+// Scores of n <= R query rows (each D bf16 = D/2 pairs, as uint32) against keys [0, Lr) (Lr a multiple
+// of 32): s (R, Tp) floats, times scale; masked keys, keys past T and, for a causal block whose first
+// query is t0, keys past t0 + r are -inf.
+AVX512BF16 void scores(const uint32_t* const* q, int n, const uint16_t* kp, int64_t T, int64_t Lr, int64_t Tp,
+                       int64_t D, const bool* mask, int64_t ms, int64_t causal_t0, float scale, float* s) {
   const int64_t P = D / 2;
   const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t j0 = 0; j0 < Tp; j0 += 2 * KB) {
+  for (int64_t j0 = 0; j0 < Lr; j0 += 2 * KB) {
     const uint16_t* k0 = kp + (j0 / KB) * P * 2 * KB;  // Tp is whole pairs of key vectors
     const uint16_t* k1 = k0 + P * 2 * KB;
     __m512 acc[R][2];
@@ -106,9 +110,12 @@ AVX512BF16 void scores(const uint32_t* const* q, int n, const uint16_t* kp, int6
     }
   }
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < Tp; ++j)
+  for (int64_t j = 0; j < Lr; ++j)
     if (j >= T || (mask && !mask[j * ms]))
       for (int r = 0; r < n; ++r) s[r * Tp + j] = neg_inf;
+  if (causal_t0 >= 0)
+    for (int r = 0; r < n; ++r)
+      for (int64_t j = causal_t0 + r + 1; j < Lr; ++j) s[r * Tp + j] = neg_inf;
 }
 
 // One row of scores -> its exps rounded to bf16 in e (Tp, even), returns their float32 sum (0: nothing
@@ -171,13 +178,16 @@ AVX512BF16 void round_row(const float* x, int64_t D, uint16_t* y) {
 }
 
 at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const c10::optional<at::Tensor>& mask_opt) {
+                          const c10::optional<at::Tensor>& mask_opt, bool is_causal) {
   TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "bf16_attention: this CPU lacks AVX-512 BF16");
-  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
-              "bf16_attention: q, k, v must all be (B, H, T, D)");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+                  k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "bf16_attention: q (B, Hq, T, D), k and v (B, Hkv, L, D) with Hq a multiple of Hkv");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "bf16_attention: q, k, v bfloat16");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  TORCH_CHECK(!is_causal || k.size(2) == q.size(2), "bf16_attention: causal needs as many keys as queries");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  const int64_t group = H / Hkv;
   TORCH_CHECK(D % 2 == 0 && D <= DMAX && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "bf16_attention: D even and at most 256, contiguous last dim");
   const bool* mp = nullptr;
@@ -185,27 +195,28 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   if (mask_opt.has_value()) {
     const at::Tensor& mask = *mask_opt;
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == B || mask.size(0) == 1) &&
-                    mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == T,
-                "bf16_attention: mask must be bool (B or 1, 1, 1, T)");
+                    mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == L,
+                "bf16_attention: mask must be bool (B or 1, 1, 1, L)");
     mp = mask.data_ptr<bool>();
     mb = mask.size(0) == 1 ? 0 : mask.stride(0);
     ms = mask.stride(3);
   }
   at::Tensor out = at::empty({B, T, H * D}, q.options());
   if (B * H * T == 0) return out;
-  const int64_t Tp = (T + 2 * KB - 1) / (2 * KB) * (2 * KB);  // scores padded to whole pairs of key vectors
+  TORCH_CHECK(L > 0, "bf16_attention: no keys");
+  const int64_t Tp = (L + 2 * KB - 1) / (2 * KB) * (2 * KB);  // keys padded to whole pairs of key vectors
   const int64_t Dp = (D + KB - 1) / KB * KB;
   const int64_t kn = Tp * D, vn = Tp * Dp;  // packed sizes per head (uint16)
-  std::vector<uint16_t> kpack(B * H * kn), vpack(B * H * vn);
+  std::vector<uint16_t> kpack(B * Hkv * kn), vpack(B * Hkv * vn);
   const auto* qd = reinterpret_cast<const uint16_t*>(q.data_ptr());
   const auto* kd = reinterpret_cast<const uint16_t*>(k.data_ptr());
   const auto* vd = reinterpret_cast<const uint16_t*>(v.data_ptr());
   auto* od = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H;
-      pack_k(kd + b * k.stride(0) + h * k.stride(1), k.stride(2), T, D, kpack.data() + i * kn);
-      pack_v(vd + b * v.stride(0) + h * v.stride(1), v.stride(2), T, D, Dp, vpack.data() + i * vn);
+      const int64_t b = i / Hkv, h = i % Hkv;
+      pack_k(kd + b * k.stride(0) + h * k.stride(1), k.stride(2), L, D, kpack.data() + i * kn);
+      pack_v(vd + b * v.stride(0) + h * v.stride(1), v.stride(2), L, D, Dp, vpack.data() + i * vn);
     }
   });
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
@@ -214,22 +225,24 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
     std::vector<float> s(R * Tp), o(R * Dp);
     std::vector<uint16_t> e(R * Tp);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w / nq, b = i / H, h = i % H, t0 = (w % nq) * R;
+      const int64_t i = w / nq, b = i / H, h = i % H, t0 = (w % nq) * R, kvh = b * Hkv + h / group;
       const int n = static_cast<int>(std::min<int64_t>(R, T - t0));
+      // keys computed: all, or for a causal block those up to its last query, in whole pairs of vectors
+      const int64_t Lr = is_causal ? std::min(Tp, (t0 + n + 2 * KB - 1) / (2 * KB) * (2 * KB)) : Tp;
       const uint32_t* qr[R];
       for (int r = 0; r < R; ++r)
         qr[r] = reinterpret_cast<const uint32_t*>(qd + b * q.stride(0) + h * q.stride(1) + (t0 + (r < n ? r : 0)) * q.stride(2));
       const bool* mrow = mp ? mp + b * mb : nullptr;
-      scores(qr, n, kpack.data() + i * kn, T, Tp, D, mrow, ms, scale, s.data());
+      scores(qr, n, kpack.data() + kvh * kn, L, Lr, Tp, D, mrow, ms, is_causal ? t0 : -1, scale, s.data());
       float inv[R];
       for (int r = 0; r < n; ++r) {
-        const float sum = softmax_row(s.data() + r * Tp, Tp, e.data() + r * Tp);
+        const float sum = softmax_row(s.data() + r * Tp, Lr, e.data() + r * Tp);
         inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
       }
       for (int r0 = 0; r0 < n; r0 += 4) {
         const uint32_t* er[4];
         for (int r = 0; r < 4; ++r) er[r] = reinterpret_cast<const uint32_t*>(e.data() + (r0 + std::min(r, n - 1 - r0)) * Tp);
-        values(er, std::min(4, n - r0), vpack.data() + i * vn, Tp / 2, Dp, inv + r0, o.data() + r0 * Dp, Dp);
+        values(er, std::min(4, n - r0), vpack.data() + kvh * vn, Lr / 2, Dp, inv + r0, o.data() + r0 * Dp, Dp);
       }
       for (int r = 0; r < n; ++r) round_row(o.data() + r * Dp, D, od + ((b * T + t0 + r) * H + h) * D);
     }
@@ -239,5 +252,5 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(smolvlm, m) { m.def("bf16_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(smolvlm, m) { m.def("bf16_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal) -> Tensor"); }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("bf16_attention", bf16_attention); }
