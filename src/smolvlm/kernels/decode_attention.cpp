@@ -1,7 +1,7 @@
-// Attention of one new token per row over an fp32 KV cache: the decode step's SDPA, x86 AVX2 + FMA.
+// Attention of one new token per row over an fp32 or bf16 KV cache: the decode step's SDPA, x86 AVX2 + FMA.
 //
-// q (B, Hq, 1, D) float32/bfloat16/float16, k and v (B, Hkv, L, D) float32 (any strides but a
-// contiguous last dim: slices of the static cache), mask (Bm, 1, 1, L) bool or None (True = may
+// q (B, Hq, 1, D) float32/bfloat16/float16, k and v (B, Hkv, L, D) float32 or bfloat16, both the same
+// (any strides but a contiguous last dim: slices of the static cache; bf16 values are widened exactly), mask (Bm, 1, 1, L) bool or None (True = may
 // attend; Bm is B or 1; None: every slot) -> (B, Hq, 1, D) in q's dtype, contiguous. Query head h reads KV head h / (Hq / Hkv), as
 // ``enable_gqa``; scale D^-1/2. The softmax is taken in float32 over the visible slots only
 // (masked slots cost nothing) and the result is rounded once; a row with no visible slot gives zeros,
@@ -46,15 +46,22 @@ inline __m256 sums8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// 8 cache values as floats: float32 as they are, bf16 widened exactly (into the high half of each lane)
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const at::BFloat16* x) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
 // out[0, 8 NB) = inv * sum_j p[j] v[j][0, 8 NB), slots with p[j] == 0 skipped.
-template <int NB>
-inline void pv_columns(const float* p, const float* v, int64_t vs, int64_t L, __m256 inv, float* out) {
+template <int NB, typename T>
+inline void pv_columns(const float* p, const T* v, int64_t vs, int64_t L, __m256 inv, float* out) {
   __m256 acc[NB];
   for (int i = 0; i < NB; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t j = 0; j < L; ++j) {
     if (p[j] == 0.0f) continue;
     const __m256 pj = _mm256_set1_ps(p[j]);
-    for (int i = 0; i < NB; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * vs + 8 * i), acc[i]);
+    for (int i = 0; i < NB; ++i) acc[i] = _mm256_fmadd_ps(pj, load8(v + j * vs + 8 * i), acc[i]);
   }
   for (int i = 0; i < NB; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inv));
 }
@@ -62,7 +69,8 @@ inline void pv_columns(const float* p, const float* v, int64_t vs, int64_t L, __
 // One query row q (D floats, D % 8 == 0) against L keys/values of stride ks/vs floats; p: L rounded
 // up to 8 floats of scratch; out: D floats. Keys in blocks of 8: their scores as one vector, one
 // vectorised exp; blocks with no visible slot are skipped.
-void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, const bool* mask, int64_t ms,
+template <typename T>
+void attend(const float* q, const T* k, int64_t ks, const T* v, int64_t vs, const bool* mask, int64_t ms,
             int64_t L, int64_t D, float scale, float* p, float* out) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float mx = neg_inf;
@@ -74,13 +82,13 @@ void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t 
       for (int64_t j = j0; j < j0 + 8; ++j) p[j] = neg_inf;
       continue;
     }
-    const float* kr[8];  // a last, partial block reads its last key again and drops the copies
+    const T* kr[8];  // a last, partial block reads its last key again and drops the copies
     for (int i = 0; i < 8; ++i) kr[i] = k + std::min<int64_t>(j0 + i, L - 1) * ks;
     __m256 a[8];
     for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
       const __m256 qd = _mm256_loadu_ps(q + d);
-      for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kr[i] + d), a[i]);
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qd, load8(kr[i] + d), a[i]);
     }
     _mm256_storeu_ps(p + j0, _mm256_mul_ps(sums8(a), _mm256_set1_ps(scale)));
     for (int64_t j = j0; j < j0 + 8; ++j) {
@@ -119,7 +127,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.size(2) == 1, "decode_attention: one query per row");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0,
               "decode_attention: k, v must be (B, Hkv, L, D) with Hq a multiple of Hkv");
-  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "decode_attention: k, v float32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: k, v both float32 or both bfloat16");
   const bool* mp = nullptr;  // no mask: every slot
   int64_t mb = 0, ms = 0;
   if (mask_opt.has_value()) {
@@ -143,20 +152,24 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         for (int64_t d = 0; d < D; ++d) q32[(b * Hq + h) * D + d] = static_cast<float>(a[b][h][0][d]);
   });
   const float* qp = q32.data();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   float* op = out32.data();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const int64_t group = Hq / Hkv;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L * D));  // small work: one thread
-  at::parallel_for(0, B * Hq, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p((L + 7) / 8 * 8);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hq, h = i % Hq, g = h / group;
-      attend(qp + i * D, kp + b * k.stride(0) + g * k.stride(1), k.stride(2), vp + b * v.stride(0) + g * v.stride(1),
-             v.stride(2), mp ? mp + b * mb : nullptr, ms, L, D, scale, p.data(), op + i * D);
-    }
-  });
+  auto run = [&](auto* kp, auto* vp) {
+    at::parallel_for(0, B * Hq, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> p((L + 7) / 8 * 8);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / Hq, h = i % Hq, g = h / group;
+        attend(qp + i * D, kp + b * k.stride(0) + g * k.stride(1), k.stride(2), vp + b * v.stride(0) + g * v.stride(1),
+               v.stride(2), mp ? mp + b * mb : nullptr, ms, L, D, scale, p.data(), op + i * D);
+      }
+    });
+  };
+  if (k.scalar_type() == at::kFloat)
+    run(k.data_ptr<float>(), v.data_ptr<float>());
+  else
+    run(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_out", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     for (int64_t i = 0; i < B * Hq * D; ++i) o[i] = static_cast<scalar_t>(out32[i]);

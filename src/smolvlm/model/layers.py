@@ -96,33 +96,40 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
-    """Whether PyTorch's CPU SDPA is at least as fast in ``dtype`` as in fp32 on this CPU (decides the
-    KV cache dtype: ``SmolVLM.new_kv_cache``).
+def _has_amx() -> bool:
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return amx is not None and amx()
 
-    bf16 only on CPUs with AMX, whose tiles PyTorch's bf16 flash attention uses. Measured, 2 threads,
-    one query over 900 keys x 3 KV heads: Xeon with AMX 72 us in bf16 vs 100 in fp32 (batch 8 with
-    a mask 348 vs 515 us); on the AVX2-only AMD EPYC bf16 was ~5x slower (about 1 ms vs 0.18 ms per
-    layer); on an AMD EPYC with AVX-512 BF16 but no AMX (Zen 5) 7.7x slower (384 vs 50 us; 448 vs
-    58 over a 1024-slot compiled bucket), which was 13 of a 256M decode step's 23 ms.
-    fp16: never (no native fp16 SDPA path on these CPUs).
+
+def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
+    """Whether this CPU attends at least as fast in ``dtype`` as in fp32 (decides the KV cache dtype:
+    ``SmolVLM.new_kv_cache``).
+
+    bf16 on CPUs with AMX, whose tiles PyTorch's bf16 flash attention uses, and where smolvlm's own
+    kernels attend in bf16 (AVX-512 BF16 without AMX: the decode attention reads a bf16 cache, whole
+    prompts run the bf16 attention kernel or PyTorch's bf16 flash attention, as fast there as fp32).
+    Measured, 2 threads, one query over 900 keys x 3 KV heads: Xeon with AMX 72 us in bf16 vs 100 in
+    fp32 (batch 8 with a mask 348 vs 515 us); on the AVX2-only AMD EPYC PyTorch's bf16 was ~5x slower
+    (about 1 ms vs 0.18 ms per layer); on an AMD EPYC with AVX-512 BF16 but no AMX (Zen 5) 7.7x slower
+    (384 vs 50 us; 448 vs 58 over a 1024-slot compiled bucket), 13 of a 256M decode step's 23 ms,
+    where smolvlm's decode attention reads the bf16 cache in 24 us (fp32: 26). fp16: never (no native fp16 SDPA
+    path on these CPUs).
     """
     if dtype == torch.float32:
         return True
     if dtype != torch.bfloat16:
         return False
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return amx is not None and amx()
+    return _has_amx() or (kernels.ready("decode_attention") and kernels.ready("bf16_attention"))
 
 
 def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            is_causal: bool) -> bool:
-    """One query per row over an fp32 cache (decode), no gradient: ``smolvlm.kernels``' decode
-    attention, where this CPU runs those kernels (no AMX). Its result is fp32 SDPA's,
-    rounded once to q's dtype, like the branch below, in about 0.6x the time of PyTorch's
-    flash-attention call (bench/ANALYSIS.md, eleventh round)."""
-    return (q.shape[2] == 1 and not is_causal and k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
-            and q.shape[-1] % 8 == 0 and (mask is None or mask.dtype == torch.bool)
+    """One query per row over an fp32 or bf16 cache (decode), no gradient: ``smolvlm.kernels``' decode
+    attention, where this CPU runs those kernels (no AMX). Its result is fp32 SDPA's over the cache's
+    values (bf16 ones widened exactly), rounded once to q's dtype, like the branch below, in about 0.6x
+    the time of PyTorch's flash-attention call over an fp32 cache (bench/ANALYSIS.md, eleventh round)."""
+    return (q.shape[2] == 1 and not is_causal and k.dtype == v.dtype and k.dtype in (torch.float32, torch.bfloat16)
+            and q.device.type == "cpu" and q.shape[-1] % 8 == 0 and (mask is None or mask.dtype == torch.bool)
             and not (q.requires_grad and torch.is_grad_enabled()) and kernels.ready("decode_attention"))
 
 

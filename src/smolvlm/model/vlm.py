@@ -147,8 +147,8 @@ class SmolVLM(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """Zeroed static cache for this model.
 
-        Default dtype: the model's (as the reference), except bf16/fp16 models on a CPU whose SDPA
-        is slower in that dtype than in fp32 (``layers.cpu_attends_fast_in``: AVX2-only CPUs, and
+        Default dtype: the model's (as the reference), except bf16/fp16 models on a CPU that attends
+        more slowly in that dtype than in fp32 (``layers.cpu_attends_fast_in``: AVX2-only CPUs, and
         fp16 everywhere) get an fp32 cache. It holds the same (exactly representable) values;
         decode attention then runs in fp32 with no per-step cast. Costs 2x cache memory (256M:
         46 KB per token instead of 23 KB).
