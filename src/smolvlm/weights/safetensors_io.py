@@ -27,6 +27,11 @@ from typing import Any, Callable
 import torch
 
 WEIGHTS_NAME = "model.safetensors"
+# Tensors smaller than this are read, never aliased: touching a few-KiB norm weight through the
+# mapping makes the kernel map the file's pages around it too (fault-around, or a whole 2 MiB huge
+# page of the page cache), and those pages count as ours. SmolVLM-500M bf16 packed: 47 MiB of the
+# packed layers' file bytes stayed resident that way, for 0.2 MiB of norms and biases.
+ALIAS_MIN_BYTES = 256 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 # Keys some older exports carry that hold no learned state (RoPE tables are recomputed).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -164,9 +169,11 @@ def load_safetensors(path: str | Path, keys: set[str] | None = None,
         target = {k: dtype if dtype is not None and infos[k].dtype.is_floating_point else infos[k].dtype
                   for k in wanted}
     # Aliasing needs the CPU, no conversion and an element-aligned offset (safetensors writers
-    # align data, but the format does not promise it); others take the read path.
+    # align data, but the format does not promise it), and pays only for large tensors; others take
+    # the read path.
     alias = {k for k in wanted if mmap and device.type == "cpu" and target[k] == infos[k].dtype
-             and infos[k].start % infos[k].dtype.itemsize == 0 and k not in copy}
+             and infos[k].start % infos[k].dtype.itemsize == 0 and k not in copy
+             and infos[k].end - infos[k].start >= ALIAS_MIN_BYTES}
     out: dict[str, torch.Tensor] = {}
     if alias:
         size = path.stat().st_size
