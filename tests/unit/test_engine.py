@@ -440,21 +440,26 @@ def test_get_timeout_and_stop_cancels(model, proc):
         engine.submit(request(model, inputs(proc, "Hi"), max_new_tokens=2))
 
 
-@pytest.mark.parametrize("bf16_attention_fast", [False, True])
-def test_bf16_rows_match_alone_with_either_cache(ckpt, proc, monkeypatch, bf16_attention_fast):
-    """bf16 weights. An fp32 cache (``new_kv_cache`` on CPUs slow at bf16 SDPA): per-row decode
-    attends in fp32 like the one-query path of ``generate_ids``. A bf16 cache (CPUs with native
-    bf16): both attend in bf16. Either way the same greedy tokens (only summation order differs);
-    both policies run on every CPU. The bf16 cache is what AMX CPUs get, where smolvlm's own bf16
-    attention kernel is off (``kernels.prepare``): off here too then, so prompts attend as there."""
-    monkeypatch.setattr(vlm_mod, "cpu_attends_fast_in", lambda dtype: bf16_attention_fast)
-    if bf16_attention_fast:
-        kernels.prepare()
+@pytest.mark.parametrize("cache", ["fp32", "bf16 as with AMX", "bf16 with smolvlm's kernels"])
+def test_bf16_rows_match_alone_with_either_cache(ckpt, proc, monkeypatch, cache):
+    """bf16 weights. An fp32 cache (``new_kv_cache`` on CPUs slow at bf16 attention): per-row decode
+    attends in fp32 like the one-query path of ``generate_ids``. A bf16 cache: on AMX CPUs both
+    attend with PyTorch's bf16 SDPA (smolvlm's kernels off, as there); on AVX-512 BF16 CPUs without
+    AMX prompts run smolvlm's bf16 attention and decode its decode attention over the bf16 cache.
+    Each way the same greedy tokens (only summation order differs). The first two run on every
+    CPU; the third needs AVX-512 BF16."""
+    bf16_cache = cache != "fp32"
+    monkeypatch.setattr(vlm_mod, "cpu_attends_fast_in", lambda dtype: bf16_cache)
+    kernels.prepare()
+    if cache == "bf16 as with AMX":
         monkeypatch.setitem(kernels._state, "bf16_attention", "off: AMX CPUs run PyTorch's attention")
+        monkeypatch.setitem(kernels._state, "use", "off: AMX CPUs run PyTorch's attention")
+    elif cache == "bf16 with smolvlm's kernels" and not kernels.ready("bf16_attention"):
+        pytest.skip(f"smolvlm's bf16 attention does not run on this CPU: {kernels._state.get('bf16_attention')}")
     m = SmolVLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     inps = [inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Describe this image.", (IMG_A,))]
     engine = Engine(m, max_batch=2, max_context=256)
-    assert engine.cache.dtype == (torch.bfloat16 if bf16_attention_fast else torch.float32)
+    assert engine.cache.dtype == (torch.bfloat16 if bf16_cache else torch.float32)
     hs = [engine.submit(request(m, inp, max_new_tokens=8, eos_token_id=[])) for inp in inps]
     drain(engine)
     assert [tokens(h) for h in hs] == [alone(m, inp, max_new_tokens=8, eos_token_id=[]) for inp in inps]
