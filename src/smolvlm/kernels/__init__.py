@@ -11,9 +11,10 @@
 - ``bf16_attention.cpp``: bf16 attention of a whole sequence, with a key mask or causal (the vision
   encoder's, a prompt's), AVX-512 BF16 only, ``torch.ops.smolvlm.bf16_attention``.
 
-All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``bf16_attention`` compiles its
-functions for AVX-512 BF16 and runs only where the CPU has it), registered with a shape-only ("fake")
-version, so ``torch.compile`` keeps them inside a compiled graph. Why each exists: its header.
+All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``attention.h``: what the attentions
+share; ``bf16_attention`` compiles its functions for AVX-512 BF16 and runs only where the CPU has it),
+registered with a shape-only ("fake") version, so ``torch.compile`` keeps them inside a compiled graph.
+Why each exists: its header.
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
@@ -25,6 +26,7 @@ build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -62,6 +64,13 @@ def _cpu_problem() -> str | None:
     return f"this CPU lacks {' and '.join(missing)}" if missing else None
 
 
+def _headers_version() -> str:
+    """A define naming the headers' contents: PyTorch's loader rebuilds when a source or a flag changes,
+    and it hashes only the sources it is given, so a changed header changes a flag."""
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h"))))
+    return f"-DSMOLVLM_HEADERS={digest.hexdigest()[:16]}"
+
+
 def _compile() -> str | None:
     problem = _cpu_problem()
     if problem:
@@ -81,8 +90,8 @@ def _compile() -> str | None:
         if not (build_dir / f"{_NAME}.so").exists():
             print("smolvlm: building the CPU kernels (once, about a minute; cached in "
                   f"{build_dir.parent})", file=sys.stderr, flush=True)
-        cpp_extension.load(_NAME, [str(f) for f in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(_NAME, [str(f) for f in _SOURCES], extra_cflags=_FLAGS + [_headers_version()],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, unwritable cache, compile error: the fallback runs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"the CPU kernels did not build: {first[:200]}"

@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,19 +38,16 @@ constexpr int R = 8;      // queries per block: their scores (R x T floats) stay
 constexpr int KB = 16;    // keys per vector of scores
 constexpr int DMAX = 256;
 
-// exp of 16 floats: 2^n * p(f) (Cephes' polynomial), ~2 ulp; -inf gives 0, inputs clamped at 88.7
+// exp of 16 floats (attention.h's polynomial); -inf gives 0, inputs clamped at 88.7
 AVX512BF16 inline __m512 exp16(__m512 x) {
+  using namespace smolvlm_kernels::exp_poly;
   x = _mm512_min_ps(x, _mm512_set1_ps(88.7228391f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), f);
+  __m512 y = _mm512_set1_ps(P[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(P[i]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
   // scalef: y * 2^n without building exponent bits; n = -inf (x = -inf) gives +0, NaN stays NaN
   return _mm512_scalef_ps(y, n);
@@ -190,17 +189,7 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t group = H / Hkv;
   TORCH_CHECK(D % 2 == 0 && D <= DMAX && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "bf16_attention: D even and at most 256, contiguous last dim");
-  const bool* mp = nullptr;
-  int64_t mb = 0, ms = 0;
-  if (mask_opt.has_value()) {
-    const at::Tensor& mask = *mask_opt;
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == B || mask.size(0) == 1) &&
-                    mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == L,
-                "bf16_attention: mask must be bool (B or 1, 1, 1, L)");
-    mp = mask.data_ptr<bool>();
-    mb = mask.size(0) == 1 ? 0 : mask.stride(0);
-    ms = mask.stride(3);
-  }
+  const smolvlm_kernels::KeyMask mask = smolvlm_kernels::key_mask(mask_opt, B, L, "bf16_attention");
   at::Tensor out = at::empty({B, T, H * D}, q.options());
   if (B * H * T == 0) return out;
   TORCH_CHECK(L > 0, "bf16_attention: no keys");
@@ -232,8 +221,8 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       const uint32_t* qr[R];
       for (int r = 0; r < R; ++r)
         qr[r] = reinterpret_cast<const uint32_t*>(qd + b * q.stride(0) + h * q.stride(1) + (t0 + (r < n ? r : 0)) * q.stride(2));
-      const bool* mrow = mp ? mp + b * mb : nullptr;
-      scores(qr, n, kpack.data() + kvh * kn, L, Lr, Tp, D, mrow, ms, is_causal ? t0 : -1, scale, s.data());
+      scores(qr, n, kpack.data() + kvh * kn, L, Lr, Tp, D, mask.row(b), mask.key_stride, is_causal ? t0 : -1, scale,
+             s.data());
       float inv[R];
       for (int r = 0; r < n; ++r) {
         const float sum = softmax_row(s.data() + r * Tp, Lr, e.data() + r * Tp);

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -21,18 +23,15 @@
 
 namespace {
 
-// exp of 8 floats (Cephes' polynomial, as in avx_mathfun): ~2 ulp, inputs clamped to +-88.4
+// exp of 8 floats (attention.h's polynomial), inputs clamped to +-88.4
 inline __m256 exp8(__m256 x) {
+  using namespace smolvlm_kernels::exp_poly;
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
-  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), x);
+  __m256 y = _mm256_set1_ps(P[0]);
+  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(P[i]));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
@@ -129,17 +128,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: k, v must be (B, Hkv, L, D) with Hq a multiple of Hkv");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
               "decode_attention: k, v both float32 or both bfloat16");
-  const bool* mp = nullptr;  // no mask: every slot
-  int64_t mb = 0, ms = 0;
-  if (mask_opt.has_value()) {
-    const at::Tensor& mask = *mask_opt;
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == B || mask.size(0) == 1) &&
-                    mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == L,
-                "decode_attention: mask must be bool (B or 1, 1, 1, L)");
-    mp = mask.data_ptr<bool>();
-    mb = mask.size(0) == 1 ? 0 : mask.stride(0);
-    ms = mask.stride(3);
-  }
+  const smolvlm_kernels::KeyMask mask = smolvlm_kernels::key_mask(mask_opt, B, L, "decode_attention");
   TORCH_CHECK(D % 8 == 0 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: D % 8 == 0, contiguous last dim");
   // q widened to float32 here, the result rounded to q's dtype at the end: no ATen casts (~7 us each)
   std::vector<float> q32(B * Hq * D);
@@ -162,7 +151,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / Hq, h = i % Hq, g = h / group;
         attend(qp + i * D, kp + b * k.stride(0) + g * k.stride(1), k.stride(2), vp + b * v.stride(0) + g * v.stride(1),
-               v.stride(2), mp ? mp + b * mb : nullptr, ms, L, D, scale, p.data(), op + i * D);
+               v.stride(2), mask.row(b), mask.key_stride, L, D, scale, p.data(), op + i * D);
       }
     });
   };
