@@ -81,6 +81,21 @@ def test_bf16_attention_hides_masked_keys(mask_rows):
 
 
 @needs_bf16
+def test_a_nan_shows_in_the_output():
+    """A NaN key spoils every row of its head (each row's softmax sees it), a NaN value the channel it
+    sits in, as SDPA does: never hidden."""
+    assert kernels.build() is None
+    q, k, v = _qkv(1, 2, 40, 16, seed=1)
+    k, v = k.clone(), v.clone()
+    k[0, 0, 5, 3] = float("nan")
+    got = torch.ops.smolvlm.bf16_attention(q, k, v, None, False).view(1, 40, 2, 16)
+    assert got[0, :, 0].isnan().all() and not got[0, :, 1].isnan().any()
+    k[0, 0, 5, 3], v[0, 1, 7, 2] = 0.0, float("nan")
+    got = torch.ops.smolvlm.bf16_attention(q, k, v, None, False).view(1, 40, 2, 16)
+    assert got[0, :, 1, 2].isnan().all() and got[0, :, 1].isnan().sum() == 40 and not got[0, :, 0].isnan().any()
+
+
+@needs_bf16
 def test_bf16_attention_refuses_what_it_cannot_do():
     assert kernels.build() is None
     q, k, v = _qkv(1, 2, 10, 8, seed=0)

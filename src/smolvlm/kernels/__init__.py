@@ -112,7 +112,8 @@ def _compile() -> str | None:
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("smolvlm::bf16_attention")
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          is_causal: bool) -> torch.Tensor:
         b, h, t, d = q.shape
         return q.new_empty(b, t, h * d)
 
@@ -135,9 +136,10 @@ def prepare() -> bool:
     - AVX2-only CPUs (AMD EPYCs, bench/ANALYSIS.md, ninth to thirteenth rounds): all of them;
     - AVX-512 without AMX (an AMD EPYC, Zen 5; fourteenth round): the decode attention (256M
       bf16 compiled step 11.4 -> 9.2 ms, its fp32 cache read 2x faster than by PyTorch's flash
-      attention) and, with AVX-512 BF16, the vision attention (one 512 px tile's 12 heads 18.2 ->
-      4.9 ms; fifteenth round). PyTorch's AVX-512 int8/int4 GEMVs are as fast there as ours for one
-      row (int4 576x1536: 21 against 28 us) and its int4 kernel 2.5x faster for prompts (8-128 rows);
+      attention) and, with AVX-512 BF16, the bf16 attention of images and prompts (one 512 px tile's
+      12 heads 17.2-18.2 -> 4.7-4.9 ms; fifteenth round). PyTorch's AVX-512 int8/int4 GEMVs are as
+      fast there as ours for one row (int4 576x1536: 21 against 28 us) and its int4 kernel 2.5x
+      faster for prompts (8-128 rows);
     - AMX: none; PyTorch's kernels (its flash attention included) and Inductor's templates use its tiles.
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
@@ -167,9 +169,13 @@ def ready(kind: str = "gemv") -> bool:
         if torch.compiler.is_compiling():
             return False
         prepare()
-    if kind == "decode_attention":
-        return _state["use"] is None
-    return _state["use"] is None and _state.get(kind, "not decided" if kind == "bf16_attention" else None) is None
+    if _state["use"] is not None:
+        return False
+    if kind == "gemv":
+        return _state.get("gemv") is None
+    if kind == "bf16_attention":
+        return _state.get("bf16_attention", "not decided") is None
+    return True  # the decode attention: wherever any of them run
 
 
 def problem() -> str | None:

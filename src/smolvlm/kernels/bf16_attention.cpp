@@ -220,7 +220,8 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t Lr = is_causal ? std::min(Tp, (t0 + n + 2 * KB - 1) / (2 * KB) * (2 * KB)) : Tp;
       const uint32_t* qr[R];
       for (int r = 0; r < R; ++r)
-        qr[r] = reinterpret_cast<const uint32_t*>(qd + b * q.stride(0) + h * q.stride(1) + (t0 + (r < n ? r : 0)) * q.stride(2));
+        qr[r] = reinterpret_cast<const uint32_t*>(qd + b * q.stride(0) + h * q.stride(1) +
+                                                  (t0 + (r < n ? r : 0)) * q.stride(2));
       scores(qr, n, kpack.data() + kvh * kn, L, Lr, Tp, D, mask.row(b), mask.key_stride, is_causal ? t0 : -1, scale,
              s.data());
       float inv[R];
@@ -230,7 +231,8 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       }
       for (int r0 = 0; r0 < n; r0 += 4) {
         const uint32_t* er[4];
-        for (int r = 0; r < 4; ++r) er[r] = reinterpret_cast<const uint32_t*>(e.data() + (r0 + std::min(r, n - 1 - r0)) * Tp);
+        for (int r = 0; r < 4; ++r)  // rows past n repeat the last one (their results are dropped)
+          er[r] = reinterpret_cast<const uint32_t*>(e.data() + (r0 + std::min(r, n - 1 - r0)) * Tp);
         values(er, std::min(4, n - r0), vpack.data() + kvh * vn, Lr / 2, Dp, inv + r0, o.data() + r0 * Dp, Dp);
       }
       for (int r = 0; r < n; ++r) round_row(o.data() + r * Dp, D, od + ((b * T + t0 + r) * H + h) * D);
@@ -241,5 +243,7 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(smolvlm, m) { m.def("bf16_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
+  m.def("bf16_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal) -> Tensor");
+}
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("bf16_attention", bf16_attention); }

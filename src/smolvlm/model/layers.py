@@ -112,8 +112,8 @@ def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
     fp32 (batch 8 with a mask 348 vs 515 us); on the AVX2-only AMD EPYC PyTorch's bf16 was ~5x slower
     (about 1 ms vs 0.18 ms per layer); on an AMD EPYC with AVX-512 BF16 but no AMX (Zen 5) 7.7x slower
     (384 vs 50 us; 448 vs 58 over a 1024-slot compiled bucket), 13 of a 256M decode step's 23 ms,
-    where smolvlm's decode attention reads the bf16 cache in 24 us (fp32: 26). fp16: never (no native fp16 SDPA
-    path on these CPUs).
+    where smolvlm's decode attention reads the bf16 cache in 24 us (fp32: 26). fp16: never (no
+    native fp16 SDPA path on these CPUs).
     """
     if dtype == torch.float32:
         return True
