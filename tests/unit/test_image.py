@@ -89,6 +89,21 @@ def test_batch_padding_and_mask():
     assert no_split.pixel_values.shape == (1, 1, 3, 32, 32)
 
 
+def test_a_batch_hands_its_temporaries_back(monkeypatch):
+    """Once the batch arrays are built, the resized images and per-tile temporaries go back to the OS
+    (``smolvlm.memory``) before the model's work on the batch, not at the next prefill: once per call,
+    after the arrays exist."""
+    import smolvlm.processing.image as image_mod
+
+    proc = ImageProcessor(ImageProcessorConfig(longest_edge=64, max_image_size=32, resample=1))
+    seen = []
+    monkeypatch.setattr(image_mod, "release_freed_memory", lambda: seen.append("release"))
+    real_pad = image_mod.pad_arrays
+    monkeypatch.setattr(image_mod, "pad_arrays", lambda *a, **k: seen.append("arrays") or real_pad(*a, **k))
+    proc([[_quadrants()], [_quadrants()]])
+    assert seen == ["arrays", "release"]
+
+
 def test_config_from_file(ref256):
     cfg = ImageProcessorConfig.from_pretrained(ref256)
     assert (cfg.longest_edge, cfg.max_image_size, cfg.resample) == (2048, 512, Image.Resampling.LANCZOS)

@@ -159,32 +159,36 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         stops = RowStops(tokenizer, s.stop_strings, B) if s.stop_strings else None
 
     logits = _prefill(model, cache, input_ids, mask[:, :T], position_ids, slots[:T], image_features)
-    for step in range(s.max_new_tokens):
-        with torch.inference_mode():
-            scores = sampling.process_logits(logits, s, None if seen is None else seen[:, :-1])
-            tok = sampling.select_token(scores, s.do_sample, generator)  # (B,)
-            if pad is not None:
-                tok = torch.where(finished, torch.full_like(tok, pad), tok)
-            if seen is not None:
-                seen.scatter_(1, tok[:, None], True)
-            if eos.numel():
-                finished |= torch.isin(tok, eos)
-            if stops is not None:
-                for i in stops.update(tok.tolist(), finished.tolist()):
-                    finished[i] = True
-        yield tok
-        if step + 1 == s.max_new_tokens or bool(finished.all()):
-            return
-        with torch.inference_mode():
-            pos = T + step  # cache slot of the token just produced
-            if compiled is not None:  # the whole cache, every step: one shape (slots past pos are causally masked)
-                logits = compiled(tok[:, None], mask, next_pos, slots[pos : pos + 1], cache)
+    try:
+        for step in range(s.max_new_tokens):
+            with torch.inference_mode():
+                scores = sampling.process_logits(logits, s, None if seen is None else seen[:, :-1])
+                tok = sampling.select_token(scores, s.do_sample, generator)  # (B,)
+                if pad is not None:
+                    tok = torch.where(finished, torch.full_like(tok, pad), tok)
+                if seen is not None:
+                    seen.scatter_(1, tok[:, None], True)
+                if eos.numel():
+                    finished |= torch.isin(tok, eos)
+                if stops is not None:
+                    for i in stops.update(tok.tolist(), finished.tolist()):
+                        finished[i] = True
+            yield tok
+            if step + 1 == s.max_new_tokens or bool(finished.all()):
+                return
+            with torch.inference_mode():
+                pos = T + step  # cache slot of the token just produced
+                if compiled is not None:  # the whole cache, every step: one shape (slots past pos are causally masked)
+                    logits = compiled(tok[:, None], mask, next_pos, slots[pos : pos + 1], cache)
+                    next_pos = next_pos + 1
+                    continue
+                out = model(input_ids=tok[:, None], attention_mask=mask[:, : pos + 1], position_ids=next_pos,
+                            kv_cache=cache, input_pos=slots[pos : pos + 1], logits_to_keep=1)
+                logits = out.logits[:, -1].float()  # (B, V)
                 next_pos = next_pos + 1
-                continue
-            out = model(input_ids=tok[:, None], attention_mask=mask[:, : pos + 1], position_ids=next_pos,
-                        kv_cache=cache, input_pos=slots[pos : pos + 1], logits_to_keep=1)
-            logits = out.logits[:, -1].float()  # (B, V)
-            next_pos = next_pos + 1
+    finally:  # the cache (a tensor per layer, small enough for glibc's heap) and the decode's temporaries
+        cache = logits = out = None  # go back to the OS before the next request (smolvlm/memory.py)
+        release_freed_memory()
 
 
 def generate_ids(

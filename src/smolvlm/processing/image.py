@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from smolvlm.memory import release_freed_memory
 from smolvlm.processing.errors import ImageError
 
 # Also re-exported: ``from smolvlm.processing.image import ImageInput, load_image`` keeps working.
@@ -304,7 +305,13 @@ class ImageProcessor:
             layouts.append(sample_layouts)
         if not any(arrays):
             raise ImageError("no images in the batch")
-        return ImageBatch(*pad_arrays(arrays, self.normalize), layouts)
+        batch = ImageBatch(*pad_arrays(arrays, self.normalize), layouts)
+        del arrays
+        # The resized images and per-tile temporaries are freed now, but glibc would keep them in the
+        # heap through the model's work on this batch (smolvlm/memory.py): a 512x512 image's 17 tiles,
+        # 500M bf16, held 62 MiB past the batch's own 85 MiB.
+        release_freed_memory()
+        return batch
 
 
 def pad_arrays(samples: list[list[np.ndarray]],
