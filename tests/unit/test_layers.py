@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"config", "kernels"},  # kernels: a leaf of ops, like torch's own (decode attention)
     "quantization": {"config", "model", "memory", "kernels"},
     "weights": {"config", "hub", "model", "quantization", "memory"},
-    "processing": {"config", "hub"},
+    "processing": {"config", "hub", "memory"},  # memory: a batch's temporaries back to the OS
     "synth": {"config"},
     "data": {"config"},  # dataset formats (the_cauldron rows -> chat messages)
     "generation": {"config", "model", "memory", "kernels"},  # kernels decided before a compiled trace
