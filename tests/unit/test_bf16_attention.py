@@ -110,7 +110,7 @@ def test_bf16_attention_refuses_what_it_cannot_do():
     with pytest.raises(RuntimeError, match="D even"):
         torch.ops.smolvlm.bf16_attention(q[..., :7], k[..., :7], v[..., :7], None, False)
     with pytest.raises(RuntimeError, match="mask"):
-        torch.ops.smolvlm.bf16_attention(q, k, v, torch.ones(1, 1, 10, 10, dtype=torch.bool), False)
+        torch.ops.smolvlm.bf16_attention(q, k, v, torch.ones(1, 1, 3, 10, dtype=torch.bool), False)
 
 
 @needs_bf16
@@ -131,6 +131,39 @@ def test_bf16_attention_causal_with_grouped_heads(b, hq, hkv, t):
 
 
 @needs_bf16
+@pytest.mark.parametrize("case", ["prefix", "padded batch", "odd"])
+def test_bf16_attention_with_a_mask_per_query(case):
+    """A (B or 1, 1, T, L) mask, as ``text.build_mask`` makes them: a prompt written after a cache
+    prefix (query i sees keys up to its slot), a left-padded batch of prompts (each row its own
+    padding), and odd lengths with a mask strided as a slice. Same bound as above; a row whose
+    mask hides everything gives zeros."""
+    from smolvlm.model.text import build_mask
+
+    assert kernels.build() is None
+    if case == "prefix":
+        q, _, _ = _qkv(1, 9, 300, 64, seed=6)
+        _, k, v = _qkv(1, 3, 413, 64, seed=7)
+        mask = build_mask(torch.arange(113, 413), 413, None)
+    elif case == "padded batch":
+        q, _, _ = _qkv(2, 4, 77, 64, seed=8)
+        _, k, v = _qkv(2, 2, 77, 64, seed=9)
+        valid = torch.ones(2, 77, dtype=torch.long)
+        valid[1, :20] = 0
+        mask = build_mask(torch.arange(77), 77, valid)
+    else:
+        q, _, _ = _qkv(1, 2, 19, 24, seed=10)
+        _, k, v = _qkv(1, 1, 45, 24, seed=11)
+        mask = (torch.rand(1, 1, 19, 60, generator=torch.Generator().manual_seed(1)) < 0.5)[..., :45]
+        mask[..., 0] = True
+    assert mask.shape[2] == q.shape[2]
+    got = torch.ops.smolvlm.bf16_attention(q, k, v, mask, False)
+    _assert_within_bound(got, q, k, v, mask)
+    hidden = mask.clone()
+    hidden[0, 0, 3] = False
+    assert (torch.ops.smolvlm.bf16_attention(q, k, v, hidden, False).view(*got.shape[:2], -1)[0, 3] == 0).all()
+
+
+@needs_bf16
 def test_bf16_attention_with_fewer_queries_than_keys():
     """Not causal, T queries over L != T keys (a key mask allowed): attention as SDPA computes it."""
     assert kernels.build() is None
@@ -143,9 +176,10 @@ def test_bf16_attention_with_fewer_queries_than_keys():
 
 def test_attention_takes_the_bf16_kernel_for_bidirectional_bf16_self_attention_only(monkeypatch):
     """``layers.attention`` sends bf16 q/k/v with no mask or a key mask, or causal over exactly their
-    own keys, grouped heads or not, and no gradient to the kernel where
-    ``kernels.ready("bf16_attention")`` (AVX-512 BF16, no AMX); causal over more keys (a cache prefix),
-    causal with a mask, float32, 4-D masked, single-query or gradient-tracking calls keep SDPA. Runs
+    own keys, or with a mask per query (a cache prefix, a padded batch), grouped heads or not, and no
+    gradient to the kernel where ``kernels.ready("bf16_attention")`` (AVX-512 BF16, no AMX); causal
+    over more keys, causal with a mask, float32, additive masks, single-query or gradient-tracking calls
+    keep SDPA. Runs
     on every CPU: the kernel is stood in for by SDPA here, its numbers are the tests above."""
     from smolvlm.model import layers
 
@@ -170,13 +204,16 @@ def test_attention_takes_the_bf16_kernel_for_bidirectional_bf16_self_attention_o
     layers.attention(q[:, :, :5], k, v, None, is_causal=True)  # a cache prefix: SDPA's top-left causal
     layers.attention(q, k, v, key_mask, is_causal=True)
     layers.attention(q.float(), k.float(), v.float(), None)
-    layers.attention(q, k, v, torch.ones(2, 1, 20, 20, dtype=torch.bool))
+    layers.attention(q, k, v, torch.zeros(2, 1, 20, 20, dtype=torch.bfloat16))  # an additive mask
     layers.attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], None)
     layers.attention(q.detach().requires_grad_(), k, v, None)
     assert len(calls) == 4
+    layers.attention(q, k, v, torch.ones(2, 1, 20, 20, dtype=torch.bool))  # a mask per query
+    layers.attention(q[:, :, :5], k, v, torch.ones(1, 1, 5, 20, dtype=torch.bool))  # after a cache prefix
+    assert calls[4:] == [((2, 4, 20, 16), False), ((2, 4, 5, 16), False)]
     monkeypatch.setattr(layers.kernels, "ready", lambda kind="gemv": False)
     layers.attention(q, k, v, key_mask)
-    assert len(calls) == 4
+    assert len(calls) == 6
 
 
 @needs_bf16

@@ -2,8 +2,9 @@
 //
 // q (B, Hq, T, D), k and v (B, Hkv, L, D) bfloat16 (any strides but a contiguous last dim: the heads of
 // one fused q/k/v projection), Hq a multiple of Hkv (query head h reads KV head h / (Hq / Hkv), as
-// ``enable_gqa``), mask (Bm, 1, 1, L) bool or None (True = may attend, keys only; Bm is B or 1),
-// causal: query i sees keys j <= i (T == L, SDPA's ``is_causal``) -> (B, T, Hq * D) bfloat16,
+// ``enable_gqa``), mask (Bm, 1, 1, L) or (Bm, 1, T, L) bool or None (True = may attend; Bm is B or 1;
+// a key mask, or one per query: a prompt over a cache prefix, a batch of prompts), causal: query i sees
+// keys j <= i (T == L, SDPA's ``is_causal``) -> (B, T, Hq * D) bfloat16,
 // contiguous: the layout the output projection reads, so no transpose copy follows. D even, at most
 // 256; scale D^-1/2.
 //
@@ -83,10 +84,10 @@ void pack_v(const uint16_t* v, int64_t vs, int64_t T, int64_t D, int64_t Dp, uin
 }
 
 // Scores of n <= R query rows (each D bf16 = D/2 pairs, as uint32) against keys [0, Lr) (Lr a multiple
-// of 32): s (R, Tp) floats, times scale; masked keys, keys past T and, for a causal block whose first
-// query is t0, keys past t0 + r are -inf.
+// of 32): s (R, Tp) floats, times scale; masked keys (row r's mask: mask[r], or none), keys past T and,
+// for a causal block whose first query is t0, keys past t0 + r are -inf.
 AVX512BF16 void scores(const uint32_t* const* q, int n, const uint16_t* kp, int64_t T, int64_t Lr, int64_t Tp,
-                       int64_t D, const bool* mask, int64_t ms, int64_t causal_t0, float scale, float* s) {
+                       int64_t D, const bool* const* mask, int64_t ms, int64_t causal_t0, float scale, float* s) {
   const int64_t P = D / 2;
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t j0 = 0; j0 < Lr; j0 += 2 * KB) {
@@ -109,9 +110,22 @@ AVX512BF16 void scores(const uint32_t* const* q, int n, const uint16_t* kp, int6
     }
   }
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < Lr; ++j)
-    if (j >= T || (mask && !mask[j * ms]))
-      for (int r = 0; r < n; ++r) s[r * Tp + j] = neg_inf;
+  const __m512 ninf = _mm512_set1_ps(neg_inf);
+  for (int r = 0; r < n; ++r) {
+    float* sr = s + r * Tp;
+    const int64_t Lm = std::min(Lr, T);  // keys past T: -inf below
+    int64_t j = 0;
+    if (mask[r] && ms == 1)  // 16 mask bytes at a time: their zeros become -inf scores
+      for (; j + KB <= Lm; j += KB) {
+        const __mmask16 hide = _mm_cmpeq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask[r] + j)),
+                                                   _mm_setzero_si128());
+        _mm512_mask_storeu_ps(sr + j, hide, ninf);
+      }
+    if (mask[r])
+      for (; j < Lm; ++j)
+        if (!mask[r][j * ms]) sr[j] = neg_inf;
+    for (j = Lm; j < Lr; ++j) sr[j] = neg_inf;
+  }
   if (causal_t0 >= 0)
     for (int r = 0; r < n; ++r)
       for (int64_t j = causal_t0 + r + 1; j < Lr; ++j) s[r * Tp + j] = neg_inf;
@@ -189,7 +203,7 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t group = H / Hkv;
   TORCH_CHECK(D % 2 == 0 && D <= DMAX && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "bf16_attention: D even and at most 256, contiguous last dim");
-  const smolvlm_kernels::KeyMask mask = smolvlm_kernels::key_mask(mask_opt, B, L, "bf16_attention");
+  const smolvlm_kernels::KeyMask mask = smolvlm_kernels::key_mask(mask_opt, B, T, L, "bf16_attention", true);
   at::Tensor out = at::empty({B, T, H * D}, q.options());
   if (B * H * T == 0) return out;
   TORCH_CHECK(L > 0, "bf16_attention: no keys");
@@ -216,13 +230,27 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
     for (int64_t w = begin; w < end; ++w) {
       const int64_t i = w / nq, b = i / H, h = i % H, t0 = (w % nq) * R, kvh = b * Hkv + h / group;
       const int n = static_cast<int>(std::min<int64_t>(R, T - t0));
-      // keys computed: all, or for a causal block those up to its last query, in whole pairs of vectors
-      const int64_t Lr = is_causal ? std::min(Tp, (t0 + n + 2 * KB - 1) / (2 * KB) * (2 * KB)) : Tp;
+      const bool* mrows[R];
+      int64_t last = is_causal ? t0 + n - 1 : L - 1;  // the last key any of the block's queries may see
+      if (mask.query_stride) {  // a mask per query: up to the last key one of them sees
+        last = -1;
+        for (int r = 0; r < n; ++r) {
+          const bool* m = mask.row(b, t0 + r);
+          for (int64_t j = L - 1; j > last; --j)
+            if (m[j * mask.key_stride]) {
+              last = j;
+              break;
+            }
+        }
+      }
+      for (int r = 0; r < R; ++r) mrows[r] = mask.row(b, t0 + std::min(r, n - 1));
+      // keys computed: those up to the last visible one, in whole pairs of vectors
+      const int64_t Lr = std::min(Tp, std::max<int64_t>(last + 2 * KB, 2 * KB) / (2 * KB) * (2 * KB));
       const uint32_t* qr[R];
       for (int r = 0; r < R; ++r)
         qr[r] = reinterpret_cast<const uint32_t*>(qd + b * q.stride(0) + h * q.stride(1) +
                                                   (t0 + (r < n ? r : 0)) * q.stride(2));
-      scores(qr, n, kpack.data() + kvh * kn, L, Lr, Tp, D, mask.row(b), mask.key_stride, is_causal ? t0 : -1, scale,
+      scores(qr, n, kpack.data() + kvh * kn, L, Lr, Tp, D, mrows, mask.key_stride, is_causal ? t0 : -1, scale,
              s.data());
       float inv[R];
       for (int r = 0; r < n; ++r) {

@@ -128,7 +128,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: k, v must be (B, Hkv, L, D) with Hq a multiple of Hkv");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
               "decode_attention: k, v both float32 or both bfloat16");
-  const smolvlm_kernels::KeyMask mask = smolvlm_kernels::key_mask(mask_opt, B, L, "decode_attention");
+  const smolvlm_kernels::KeyMask mask = smolvlm_kernels::key_mask(mask_opt, B, 1, L, "decode_attention");
   TORCH_CHECK(D % 8 == 0 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: D % 8 == 0, contiguous last dim");
   // q widened to float32 here, the result rounded to q's dtype at the end: no ATen casts (~7 us each)
   std::vector<float> q32(B * Hq * D);

@@ -135,16 +135,17 @@ def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def _bf16_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                         is_causal: bool) -> bool:
-    """bf16 attention of a whole sequence with at most a key mask, or causal over exactly its own keys
-    (the vision encoder's; a prompt's without a cache prefix), no gradient: ``smolvlm.kernels``' bf16
-    attention, where this CPU runs it (AVX-512 BF16, no AMX). The numbers of PyTorch's bf16 flash
+    """bf16 attention of a whole sequence with a key mask or a mask per query (a prompt over a cache
+    prefix, a padded batch of prompts) or none, or causal over exactly its own keys (the vision
+    encoder's; a prompt's without a cache prefix), no gradient: ``smolvlm.kernels``' bf16 attention,
+    where this CPU runs it (AVX-512 BF16, no AMX). The numbers of PyTorch's bf16 flash
     attention (fp32 scores and softmax, exps rounded to bf16 for the product with v) in a fraction of
     its time on a Zen 5 EPYC: one 512 px tile's 12 heads 4.7 vs 17.2 ms, a 1141-token 256M prompt's
     layer (9 query heads over 3 KV heads, causal) 2.4 vs 11.7 ms (ANALYSIS, fifteenth round)."""
     return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[2] > 1 and q.device.type == "cpu"
             and q.shape[-1] % 2 == 0 and q.shape[-1] <= 256 and k.shape == v.shape and k.shape[1] > 0
             and q.shape[1] % k.shape[1] == 0 and (not is_causal or (k.shape[2] == q.shape[2] and mask is None))
-            and (mask is None or (mask.dtype == torch.bool and mask.shape[1:3] == (1, 1)))
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] in (1, q.shape[2])))
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and kernels.ready("bf16_attention"))
 
