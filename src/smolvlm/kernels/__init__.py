@@ -8,8 +8,8 @@
   CPUs; ``model/upcast.py``'s ``UpcastLinear``), ``torch.ops.smolvlm.bf16_gemv``.
 - ``decode_attention.cpp``: one query per row over an fp32 KV cache (the decode step's attention),
   ``torch.ops.smolvlm.decode_attention``.
-- ``bf16_attention.cpp``: bf16 attention of a whole sequence, with a key mask or causal (the vision
-  encoder's, a prompt's), AVX-512 BF16 only, ``torch.ops.smolvlm.bf16_attention``.
+- ``bf16_attention.cpp``: bf16 attention of a whole sequence, with a key mask, a mask per query or
+  causal (the vision encoder's, a prompt's), AVX-512 BF16 only, ``torch.ops.smolvlm.bf16_attention``.
 
 All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``attention.h``: what the attentions
 share; ``bf16_attention`` compiles its functions for AVX-512 BF16 and runs only where the CPU has it),
