@@ -103,38 +103,6 @@ def test_packing_at_load_reads_each_layer_on_first_use(tmp_path, tie):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_tied_head_packed_on_first_use_reads_the_file_not_the_mapped_table(tmp_path, monkeypatch):
-    """The tied lm_head reads the embedding's bytes from the checkpoint into private memory, like every
-    layer packed on first use: packing it through the embedding's file mapping would leave the whole
-    table resident (SmolVLM-500M: 65 of 90 MiB), where lookups touch only their rows. The embedding
-    itself stays on the mapping; the head equals packing a plain load."""
-    from smolvlm.weights import load as load_mod
-    from smolvlm.weights import safetensors_io
-    from smolvlm.weights.gguf import EMBED_KEY
-
-    require_packing(torch.bfloat16)
-    monkeypatch.setattr(safetensors_io, "ALIAS_MIN_BYTES", 0)  # the tiny table aliases as a real one does
-    d = tmp_path / "tied-bf16"  # stored in bf16: loaded as it is, the table aliases the mapping
-    SmolVLM.from_config(tiny_config("smolvlm", tie=True), dtype=torch.bfloat16).save_pretrained(d)
-    private = []
-    real = load_mod.load_safetensors
-
-    def recording(path, keys=None, *a, copy=frozenset(), **kw):
-        private.extend(k for k in (keys or ()) if k in copy)
-        return real(path, keys, *a, copy=copy, **kw)
-
-    monkeypatch.setattr(load_mod, "load_safetensors", recording)
-    model = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, pack=True)
-    size = (d / "model.safetensors").stat().st_size
-    assert model.model.text_model.embed_tokens.weight.untyped_storage().nbytes() == size  # mapped
-    assert EMBED_KEY not in private
-    got = logits(model)
-    assert private.count(EMBED_KEY) == 1  # the head's one read
-    after = SmolVLM.from_pretrained(d, dtype=torch.bfloat16)
-    pack_linears(after)
-    assert_close(got, logits(after), rtol=0, atol=0)
-
-
 def test_a_pending_layer_saves_and_packs_on_to(tmp_path):
     """Before its first forward a layer packed on first use still has its checkpoint view: its state
     dict reads the weight without packing it; ``.to()`` reads and packs it."""

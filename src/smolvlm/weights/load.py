@@ -251,19 +251,18 @@ def _later_reader(model: SmolVLM, tensors: _Tensors, dtypes: dict[str, torch.dty
                   ) -> Callable[[str], tuple[Callable[..., torch.Tensor], torch.Tensor | None]]:
     """``name -> (read the weight, bias)`` for ``pack_linears(read_later=)``: the bias now, the
     weight when the layer first runs, into private memory (as ``_linear_reader``) or into the rows
-    of a fused weight it is given; a tied lm_head absent from the checkpoint reads the embedding table's."""
+    of a fused weight it is given; a tied lm_head absent from the checkpoint reads the embedding table."""
+
+    embed = model.model.text_model.embed_tokens  # not the model: its layers hold these functions
 
     def read_later(name: str) -> tuple[Callable[..., torch.Tensor], torch.Tensor | None]:
         key, bias_key = f"{name}.weight", f"{name}.bias"
         bias = tensors.read({bias_key}, dtypes.__getitem__, {bias_key})[bias_key] if bias_key in tensors.shapes else None
-        if key not in tensors.shapes:  # tied head: the embedding's bytes in the checkpoint
-            key = EMBED_KEY
 
         def read_weight(out: torch.Tensor | None = None) -> torch.Tensor:
-            """The weight, or ``out`` (a part of a fused weight) filled with it. A tied head reads the
-            embedding table from the file like any packed layer, never through the embedding's
-            mapping: that would leave the whole table resident (SmolVLM-500M: 65 of its 90 MiB),
-            where lookups touch only the rows they read."""
+            """The weight, or ``out`` (a part of a fused weight) filled with it."""
+            if key not in tensors.shapes:  # tied head: the embedding, loaded with the model
+                return embed.weight.detach() if out is None else out.copy_(embed.weight)
             release_freed_memory()  # the previous layer's dense weight and packing temporaries
             if out is not None:
                 return tensors.read_into(key, out)
