@@ -89,6 +89,26 @@ def test_batch_padding_and_mask():
     assert no_split.pixel_values.shape == (1, 1, 3, 32, 32)
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+def test_pixel_dtype_builds_what_the_model_reads(dtype_name):
+    """``pixel_dtype``: torch tensors, each tile cast as it is written: exactly the reference's float32
+    batch cast afterwards (bf16 rounds to nearest even either way), and the mask as bool (``!= 0``),
+    padded tiles and rows included."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    proc = ImageProcessor(ImageProcessorConfig(longest_edge=64, max_image_size=32, resample=1))
+    rng = np.random.default_rng(0)
+    images = [[Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8))], [],
+              [_quadrants(), np.zeros((10, 10, 3), np.uint8)]]
+    want = proc(images)
+    got = proc(images, pixel_dtype=dtype)
+    assert got.pixel_values.dtype == dtype and got.pixel_attention_mask.dtype == torch.bool
+    assert torch.equal(got.pixel_values, torch.from_numpy(want.pixel_values).to(dtype))
+    assert torch.equal(got.pixel_attention_mask, torch.from_numpy(want.pixel_attention_mask) != 0)
+    assert got.rows == want.rows and got.cols == want.cols
+
+
 def test_a_batch_hands_its_temporaries_back(monkeypatch):
     """Once the batch arrays are built, the resized images and per-tile temporaries go back to the OS
     (``smolvlm.memory``) before the model's work on the batch, not at the next prefill: once per call,

@@ -75,6 +75,26 @@ def test_call_checks_and_outputs(proc):
     assert proc.decode(proc(text="<image>hey", images=img, do_image_splitting=False)["input_ids"][0]) == "hey"
 
 
+def test_pixel_dtype_gives_the_model_dtype_and_a_bool_mask(proc):
+    """``pixel_dtype`` (what ``stream`` and the server ask for: the model's dtype): the reference's
+    output cast, bit for bit, for images and for video frames; token ids unchanged."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (300, 700, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (4, 60, 90, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="pixel_dtype must be a torch floating dtype"):
+        proc(text="<image>a", images=img, pixel_dtype=torch.int64)
+    with pytest.raises(ValueError, match="pixel_dtype needs return_tensors='pt'"):
+        proc(text="<image>a", images=img, return_tensors="np", pixel_dtype=torch.bfloat16)
+    for kw in (dict(text=["<image>a", "<image><image>b"], images=[[img], [img[:40], img[:, :50]]]),
+               dict(text="<video>what happens?", videos=[frames], num_frames=3)):
+        want = proc(**kw)
+        got = proc(**kw, pixel_dtype=torch.bfloat16)
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert got["pixel_values"].dtype == torch.bfloat16 and got["pixel_attention_mask"].dtype == torch.bool
+        assert torch.equal(got["pixel_values"], want["pixel_values"].to(torch.bfloat16))
+        assert torch.equal(got["pixel_attention_mask"], want["pixel_attention_mask"] != 0)
+
+
 def test_from_pretrained_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         SmolVLMProcessor.from_pretrained(tmp_path / "nothing")

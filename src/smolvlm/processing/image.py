@@ -212,8 +212,9 @@ def plan_layout(height: int, width: int, cfg: ImageProcessorConfig, do_image_spl
 class ImageBatch:
     """Processed images of a batch of prompts (SPEC §2.8)."""
 
-    pixel_values: np.ndarray  # (B, maxN, 3, Hmax, Wmax) float32, zero padding
-    pixel_attention_mask: np.ndarray  # (B, maxN, Hmax, Wmax) int64
+    # numpy float32 / int64 (the reference's); torch tensors in ``pixel_dtype`` / bool when asked
+    pixel_values: Any  # (B, maxN, 3, Hmax, Wmax), zero padding
+    pixel_attention_mask: Any  # (B, maxN, Hmax, Wmax)
     layouts: list[list[ImageLayout]]  # per prompt, per image
 
     @property
@@ -290,9 +291,12 @@ class ImageProcessor:
 
     def __call__(
         self, images: Sequence[Sequence[ImageInput]], do_image_splitting: bool | None = None,
-        budget: TileBudget | None = None,
+        budget: TileBudget | None = None, pixel_dtype: Any = None,
     ) -> ImageBatch:
-        """Nested list (one list per prompt) -> padded batch arrays (SPEC §2.8)."""
+        """Nested list (one list per prompt) -> padded batch arrays (SPEC §2.8).
+
+        ``pixel_dtype`` (a torch floating dtype; ``pad_arrays``): torch tensors, pixels in that dtype and a
+        bool mask, written tile by tile; default numpy float32 + int64 as the reference."""
         arrays: list[list[np.ndarray]] = []
         layouts: list[list[ImageLayout]] = []
         for sample in images:
@@ -305,7 +309,7 @@ class ImageProcessor:
             layouts.append(sample_layouts)
         if not any(arrays):
             raise ImageError("no images in the batch")
-        batch = ImageBatch(*pad_arrays(arrays, self.normalize), layouts)
+        batch = ImageBatch(*pad_arrays(arrays, self.normalize, pixel_dtype), layouts)
         del arrays
         # The resized images and per-tile temporaries are freed now, but glibc would keep them in the
         # heap through the model's work on this batch (smolvlm/memory.py): a 512x512 image's 17 tiles,
@@ -314,8 +318,8 @@ class ImageProcessor:
         return batch
 
 
-def pad_arrays(samples: list[list[np.ndarray]],
-               normalize: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pad_arrays(samples: list[list[np.ndarray]], normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+               pixel_dtype: Any = None) -> tuple[Any, Any]:
     """Per-sample (3, h, w) arrays -> (B, N, 3, H, W) float32 + (B, N, H, W) int64 mask (SPEC §2.8).
 
     ``normalize``: the arrays are uint8 (h, w, 3) images, each normalized (to (3, h, w)) as it is
@@ -325,17 +329,29 @@ def pad_arrays(samples: list[list[np.ndarray]],
     Zero padding to the most arrays per sample and the largest height / width; the mask is 1 on real
     pixels. Also pads the processor's mixed image-tile / video-frame rows (``video_inputs.py``) and
     batches of videos (``video.pad_videos``).
+    ``pixel_dtype`` (a torch floating dtype): torch tensors instead, the pixels in that dtype and the
+    mask bool. Each array is cast as it is written, which rounds exactly as casting the float32 batch
+    afterwards would (what the model does first), so the model reads identical values; the float32
+    batch never exists (a 512x512 image's 17 tiles: 31 MiB in bf16 + bool against 89 MiB).
     Needs at least one array.
     """
     flat = [a for s in samples for a in s]
     n_max = max(len(s) for s in samples)
     hw = [a.shape[:2] if normalize else a.shape[1:] for a in flat]
     h_max, w_max = max(h for h, _ in hw), max(w for _, w in hw)
-    pixel_values = np.zeros((len(samples), n_max, 3, h_max, w_max), dtype=np.float32)  # (B, N, 3, H, W)
-    mask = np.zeros((len(samples), n_max, h_max, w_max), dtype=np.int64)  # (B, N, H, W)
+    if pixel_dtype is None:
+        pixel_values = np.zeros((len(samples), n_max, 3, h_max, w_max), dtype=np.float32)  # (B, N, 3, H, W)
+        mask = np.zeros((len(samples), n_max, h_max, w_max), dtype=np.int64)  # (B, N, H, W)
+        wrap = (lambda a: a)
+    else:
+        import torch
+
+        pixel_values = torch.zeros((len(samples), n_max, 3, h_max, w_max), dtype=pixel_dtype)
+        mask = torch.zeros((len(samples), n_max, h_max, w_max), dtype=torch.bool)
+        wrap = torch.from_numpy
     for i, sample in enumerate(samples):
         for j, a in enumerate(sample):
             a = normalize(a) if normalize else a
-            pixel_values[i, j, :, : a.shape[1], : a.shape[2]] = a
+            pixel_values[i, j, :, : a.shape[1], : a.shape[2]] = wrap(a)
             mask[i, j, : a.shape[1], : a.shape[2]] = 1
     return pixel_values, mask

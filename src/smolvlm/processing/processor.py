@@ -317,14 +317,21 @@ class SmolVLMProcessor:
         max_frames: int | None = None,
         no_upscale: bool = False,
         max_tiles: int | None = None,
+        pixel_dtype: Any = None,
     ) -> ProcessorOutput:
         """Prompts (with ``<image>`` / ``<video>`` markers) + images / videos -> input_ids, attention_mask,
         pixel_values, pixel_attention_mask. A prompt string is read as 5.23 reads it (every marker and
         special-token string counts); a ``Prompt`` (``render_prompt``) keeps its plain text literal.
         Video sampling arguments: see ``load_video``. ``no_upscale`` / ``max_tiles``: opt-in image
-        tile budget (``image.TileBudget``; default off = reference)."""
+        tile budget (``image.TileBudget``; default off = reference). ``pixel_dtype``: a torch floating
+        dtype for ``pixel_values``, with a bool ``pixel_attention_mask`` (the model's dtype: what the model
+        reads, without the float32 batch; ``image.pad_arrays``); default float32 + int64 as the reference."""
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if pixel_dtype is not None and not getattr(pixel_dtype, "is_floating_point", False):
+            raise ValueError(f"pixel_dtype must be a torch floating dtype (torch.bfloat16, ...), got {pixel_dtype!r}")
+        if pixel_dtype is not None and return_tensors != "pt":
+            raise ValueError("pixel_dtype needs return_tensors='pt' (numpy has no bfloat16)")
         side = padding_side or self.tokenizer.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
@@ -353,12 +360,12 @@ class SmolVLMProcessor:
         elif prompts is not None:
             video_inputs.check_video_markers(prompts, None)
             if nested and any(nested):
-                batch = self.image_processor(nested, do_image_splitting, budget)
+                batch = self.image_processor(nested, do_image_splitting, budget, pixel_dtype)
                 prompts = [expand_prompt(p, [self.image_string(lay) for lay in lays], self.image_tokens)
                            for p, lays in zip(prompts, batch.layouts)]
             out.update(self._pad(self._encode(prompts), side))
         else:
-            batch = self.image_processor(nested, do_image_splitting, budget)  # type: ignore[arg-type]
+            batch = self.image_processor(nested, do_image_splitting, budget, pixel_dtype)  # type: ignore[arg-type]
         if batch is not None:
             out["pixel_values"] = batch.pixel_values
             out["pixel_attention_mask"] = batch.pixel_attention_mask
@@ -366,7 +373,10 @@ class SmolVLMProcessor:
             import torch
 
             for k, v in out.items():
-                out[k] = torch.from_numpy(v)
+                out[k] = v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
+            if pixel_dtype is not None and "pixel_values" in out:  # video frames: padded in numpy, cast here
+                out["pixel_values"] = out["pixel_values"].to(pixel_dtype)
+                out["pixel_attention_mask"] = out["pixel_attention_mask"] != 0
         return out
 
     def _encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
