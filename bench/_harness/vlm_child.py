@@ -54,14 +54,19 @@ class Ours:
 
     def ttft(self, image: Image.Image, split: bool = True, **budget: Any) -> dict[str, Any]:
         from smolvlm.generation.generate import generate_ids
+        from smolvlm.generation.pixels import pixel_dtype
 
         def run() -> torch.Tensor:
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
             text = self.proc.apply_chat_template(msgs, add_generation_prompt=True)
-            inp = self.proc(text=text, images=[image], do_image_splitting=split, **budget)
-            out = generate_ids(self.model, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
-                               inp["pixel_attention_mask"], max_new_tokens=1, eos_token_id=[])
-            return out, inp["pixel_values"].shape[1]
+            # pixels in the model's dtype with a bool mask, as smolvlm.stream (the CLI) and the server ask for
+            inp = self.proc(text=text, images=[image], do_image_splitting=split, pixel_dtype=pixel_dtype(self.model),
+                            **budget)
+            tiles = inp["pixel_values"].shape[1]
+            # popped, as stream() lets go of them: the pixels are freed once the images are encoded
+            out = generate_ids(self.model, inp["input_ids"], inp["attention_mask"], inp.pop("pixel_values"),
+                               inp.pop("pixel_attention_mask"), max_new_tokens=1, eos_token_id=[])
+            return out, tiles
 
         t, (out, tiles) = timed(run)
         return {"s": t, "prompt_tokens": out.shape[1] - 1, "tiles": tiles}
@@ -116,7 +121,7 @@ class Theirs:
             text = self.proc.apply_chat_template(msgs, add_generation_prompt=True)
             inp = self.proc(text=text, images=[image], return_tensors="pt", do_image_splitting=split)
             out = self.model.generate(**inp, max_new_tokens=1, do_sample=False)
-            return out, inp["pixel_values"].shape[1]
+            return out, tiles
 
         t, (out, tiles) = timed(run)
         return {"s": t, "prompt_tokens": out.shape[1] - 1, "tiles": tiles}

@@ -290,3 +290,31 @@ def test_default_and_bad_chunk_size():
     model.vision_chunk_size = 0
     with pytest.raises(ValueError, match="vision_chunk_size"):
         model.get_image_features(torch.randn(1, 1, 3, 32, 32))
+
+
+# -- what a generation holds ----------------------------------------------------------------------
+def test_generation_lets_the_pixels_go_once_the_images_are_encoded():
+    """The prompt's forward runs without the pixel tensors: ``generate_ids`` and the token generator drop
+    their references once the images are encoded (a caller that drops its own frees them)."""
+    import gc
+    import weakref
+
+    from smolvlm.generation.generate import generate_ids
+
+    torch.manual_seed(0)
+    model = SmolVLM.from_config(tiny_config()).eval()
+    n = model.config.image_seq_len
+    ids = torch.tensor([[5] + [model.config.image_token_id] * n + [6, 7]])
+    args = [torch.randn(1, 1, 3, 32, 32), torch.ones(1, 1, 32, 32, dtype=torch.bool)]
+    alive = [weakref.ref(a) for a in args]
+    seen = []
+    embed = model.embed_inputs
+
+    def spy(*a, **k):
+        gc.collect()
+        seen.append([r() is None for r in alive])
+        return embed(*a, **k)
+
+    model.embed_inputs = spy
+    out = generate_ids(model, ids, None, args.pop(0), args.pop(0), max_new_tokens=2, eos_token_id=[])
+    assert out.shape == (1, ids.shape[1] + 2) and seen[0] == [True, True]

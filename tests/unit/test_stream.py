@@ -130,6 +130,8 @@ def test_stream_builds_inputs_with_the_processor_chat_path(ref256):
     with ``processor.chat_inputs``, so typed special tokens stay plain text unless opted in."""
     import dataclasses
 
+    import torch
+
     import smolvlm
     from smolvlm import SmolVLM, SmolVLMProcessor
     from smolvlm.generation.stream import StreamStats, answer, stream
@@ -153,7 +155,7 @@ def test_stream_builds_inputs_with_the_processor_chat_path(ref256):
     stats = StreamStats()
     pieces = list(stream(model, Recording(), text, stats=stats, max_new_tokens=4, do_sample=False))
     ids = proc.chat_inputs(text)["input_ids"]
-    assert calls[0] == ((text, None), {"allow_special_tokens": False})
+    assert calls[0] == ((text, None), {"allow_special_tokens": False, "pixel_dtype": torch.float32})
     assert stats.prompt_tokens == ids.shape[1] and ids[0].tolist().count(49279) == 1
     assert answer(model, proc, text, max_new_tokens=4, do_sample=False) == "".join(pieces) == stats.text
     raw = proc.chat_inputs(text, allow_special_tokens=True)["input_ids"]

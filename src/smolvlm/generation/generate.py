@@ -139,6 +139,10 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             pixel_attention_mask = pixel_attention_mask.to(device)
 
     with torch.inference_mode():
+        # The images first, then the cache: the vision tower's temporaries and the cache are never alive
+        # together, and the pixels are let go before the prompt's forward (the caller may drop its own).
+        image_features = _image_features(model, feature_cache, pixel_values, pixel_attention_mask)
+        pixel_values = pixel_attention_mask = None
         cache = model.new_kv_cache(B, slots_held)
         mask = torch.ones(B, slots_held, dtype=torch.long, device=device)  # (B, L) over cache slots
         mask[:, :T] = attention_mask
@@ -146,7 +150,6 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         # RoPE positions like transformers' generate for left padding (SPEC 1.6)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (B, T)
         next_pos = position_ids[:, -1:] + 1  # (B, 1)
-        image_features = _image_features(model, feature_cache, pixel_values, pixel_attention_mask)
         eos = torch.tensor(s.eos_token_ids, dtype=torch.long, device=device)
         pad = s.pad_token_id
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -213,6 +216,7 @@ def generate_ids(
     """
     gen = generate_tokens(model, input_ids, attention_mask, pixel_values, pixel_attention_mask,
                           tokenizer=tokenizer, feature_cache=feature_cache, **gen_kwargs)
+    del pixel_values, pixel_attention_mask  # the generator lets them go once the images are encoded
     new = list(gen)
     prompt = input_ids if input_ids.dim() == 2 else input_ids[None]
     return torch.cat([prompt.to(new[0].device), torch.stack(new, dim=1)], dim=1)  # (B, T + n)

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 
 from smolvlm.generation.config import resolve_settings
 from smolvlm.generation.generate import generate_tokens
-from smolvlm.generation.pixels import compact_pixel_inputs
+from smolvlm.generation.pixels import compact_pixel_inputs, pixel_dtype
 from smolvlm.generation.text_stream import TextStream
 
 
@@ -61,8 +61,10 @@ def stream(
     """
     stats = stats if stats is not None else StreamStats()
     t0 = time.perf_counter()
+    # pixels built in the model's dtype (no float32 batch); compacting then only converts what was not
     inputs = compact_pixel_inputs(model, processor.chat_inputs(messages_or_prompt, images,
-                                                                allow_special_tokens=allow_special_tokens))
+                                                                allow_special_tokens=allow_special_tokens,
+                                                                pixel_dtype=pixel_dtype(model)))
     stats.prompt_tokens = int(inputs["input_ids"].shape[1])
     settings = resolve_settings(model, stats.prompt_tokens, **gen_kwargs)
     text_stream = TextStream(processor.tokenizer, settings.stop_strings)
@@ -70,6 +72,7 @@ def stream(
     gen = generate_tokens(
         model, **inputs, feature_cache=feature_cache, settings=dataclasses.replace(settings, stop_strings=())
     )
+    del inputs  # the pixels go once the images are encoded, before the prompt's forward
     pieces: list[str] = []
     stats.stopped_by = "length"
     try:

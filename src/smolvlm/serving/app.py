@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from smolvlm.generation.engine import Engine
+from smolvlm.generation.pixels import pixel_dtype
 from smolvlm.serving import completions, schemas
 from smolvlm.serving.errors import APIError, http_error
 from smolvlm.serving.media import MB, MediaLimits
@@ -192,7 +193,8 @@ def create_app(model: Any, processor: Any, config: ServerConfig | None = None, e
     async def chat_completions(request: Request) -> Response:
         body = await read_json(request, config.max_body_bytes)
         req = parse_chat_request(body, served_model=config.model_id, max_context=engine.max_context)
-        inputs = await run_in_threadpool(completions.build_inputs, req, processor, config.media, engine.max_context)
+        inputs = await run_in_threadpool(completions.build_inputs, req, processor, config.media, engine.max_context,
+                                         pixel_dtype(engine.model))
         handle = completions.submit(engine, processor.tokenizer, inputs, req)
         run = completions.Running.start(handle, config.model_id, req.include_usage, metrics)
         if req.stream:

@@ -43,15 +43,17 @@ def chat_messages(req: ChatRequest, media: dict[tuple[str, str], Any]) -> list[d
     return out
 
 
-def build_inputs(req: ChatRequest, processor: Any, limits: MediaLimits, max_context: int) -> Any:
-    """Fetch and decode the media, render the chat template, tokenize (blocking: run in a worker thread)."""
+def build_inputs(req: ChatRequest, processor: Any, limits: MediaLimits, max_context: int,
+                 pixel_dtype: Any = None) -> Any:
+    """Fetch and decode the media, render the chat template, tokenize (blocking: run in a worker thread).
+    ``pixel_dtype``: the model's (``generation.pixels.pixel_dtype``), so the float32 pixel batch never exists."""
     refs = req.media
     if len(refs) * processor.image_seq_len >= max_context:  # each image or video frame costs image_seq_len tokens
         raise context_too_long(f"{len(refs)} images/videos need at least {len(refs) * processor.image_seq_len} "
                                f"tokens, more than this model's context of {max_context} tokens")
     media = load_media(refs, limits, processor)
     try:
-        return processor.chat_inputs(chat_messages(req, media))
+        return processor.chat_inputs(chat_messages(req, media), pixel_dtype=pixel_dtype)
     except ValueError as e:  # ChatError, PromptError, ImageError, VideoError: the messages do not fit together
         raise bad_request(" ".join(str(e).split()), "messages") from None
 
