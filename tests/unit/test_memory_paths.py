@@ -293,6 +293,61 @@ def test_default_and_bad_chunk_size():
 
 
 # -- what a generation holds ----------------------------------------------------------------------
+def _pagemap_linux() -> None:
+    if not Path("/proc/self/pagemap").exists():
+        pytest.skip("needs Linux's /proc/self/pagemap (smolvlm.memory.drop_file_pages is a no-op elsewhere)")
+
+
+def test_drop_file_pages_unmaps_only_what_a_fault_maps_back(tmp_path):
+    """``drop_file_pages``: a file mapping's clean pages are unmapped (the values read the same, from the
+    page cache); pages written through a private mapping (copy-on-write: the only copy of that data)
+    and ordinary anonymous memory are kept, values intact."""
+    from smolvlm import memory
+
+    _pagemap_linux()
+    f = tmp_path / "t.bin"
+    torch.arange(1 << 20, dtype=torch.float32).numpy().tofile(f)  # 4 MiB
+    storage = torch.UntypedStorage.from_file(str(f), shared=False, nbytes=4 << 20)  # MAP_PRIVATE, as the loader
+    t = torch.empty(0, dtype=torch.float32).set_(storage, 0, (1 << 20,))
+    total = float(t.sum())
+    t[1000:3000] = -1.0  # copy-on-write pages
+    t[700_000] = -5.0
+    assert float(t.sum()) != total  # maps the file's pages again (a write may unmap a large folio around it)
+    assert memory.drop_file_pages(t) > 0
+    assert memory.drop_file_pages(t) == 0  # nothing file-backed left mapped
+    assert (t[1000:3000] == -1.0).all() and float(t[700_000]) == -5.0  # the written pages kept
+    untouched = torch.arange(1 << 20, dtype=torch.float32)
+    untouched[1000:3000] = -1.0
+    untouched[700_000] = -5.0
+    assert torch.equal(t, untouched)
+    anon = torch.randn(1 << 20)
+    before = anon.clone()
+    assert memory.drop_file_pages(anon) == 0 and torch.equal(anon, before)
+
+
+def test_generation_unmaps_the_embedding_rows_it_looked_up(ckpt, monkeypatch):
+    """The loader registers the file-mapped token embedding; the prefill's and the generation's trims
+    unmap the table pages that lookups mapped, and the answer is the same as with a private table."""
+    from smolvlm import memory
+    from smolvlm.generation.generate import generate_ids
+    from smolvlm.weights import safetensors_io
+
+    _pagemap_linux()
+    monkeypatch.setattr(safetensors_io, "ALIAS_MIN_BYTES", 0)
+    monkeypatch.setattr(memory, "_TABLES", [])
+    model = SmolVLM.from_pretrained(ckpt, dtype=torch.float32)
+    table = model.model.text_model.embed_tokens.weight
+    assert [r() for r in memory._TABLES] == [table]
+    ids = torch.arange(5, 245, dtype=torch.long)[None]
+    model.model.text_model.embed_tokens(ids)  # a lookup maps table pages
+    assert memory.drop_file_pages(table) > 0
+    model.model.text_model.embed_tokens(ids)
+    out = generate_ids(model, ids, max_new_tokens=4, eos_token_id=[])
+    assert memory.drop_file_pages(table) == 0  # already unmapped by the generation's trims
+    private = SmolVLM.from_pretrained(ckpt, dtype=torch.float32, mmap=False)
+    assert torch.equal(generate_ids(private, ids, max_new_tokens=4, eos_token_id=[]), out)
+
+
 def test_generation_lets_the_pixels_go_once_the_images_are_encoded():
     """The prompt's forward runs without the pixel tensors: ``generate_ids`` and the token generator drop
     their references once the images are encoded (a caller that drops its own frees them)."""

@@ -22,7 +22,7 @@ from smolvlm.generation import sampling
 from smolvlm.generation.compiled import cache_slots
 from smolvlm.generation.config import GenerationSettings, resolve_settings
 from smolvlm.generation.text_stream import RowStops
-from smolvlm.memory import release_freed_memory
+from smolvlm.memory import release_freed_memory, release_lookup_pages
 
 
 def check_context_length(model: Any, prompt_len: int, max_new_tokens: int) -> None:
@@ -114,8 +114,13 @@ def _prefill(model: Any, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor
              slots: torch.Tensor, image_features: Any) -> torch.Tensor:
     """Run the whole prompt (images already encoded: ``_image_features``) once; return float32
     last-position logits ``(B, V)``."""
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, kv_cache=cache, input_pos=slots,
-                image_features=image_features, logits_to_keep=1)
+    # The prompt's embeddings first: the table pages its lookups mapped are let go before the forward's
+    # activations and cache fill (a 900-token 500M prompt of random ids: 36 MiB; smolvlm/memory.py).
+    embeds = model.embed_inputs(input_ids, image_features)
+    release_lookup_pages()
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, kv_cache=cache, input_pos=slots,
+                logits_to_keep=1)
+    del embeds
     logits = out.logits[:, -1].float()
     del out
     release_freed_memory()  # the prompt's temporaries, before the decode and the next request (smolvlm/memory.py)

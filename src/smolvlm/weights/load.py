@@ -32,7 +32,7 @@ from torch import nn
 from smolvlm import quantization
 from smolvlm.config import SmolVLMConfig
 from smolvlm.hub import resolve_checkpoint_dir
-from smolvlm.memory import release_freed_memory
+from smolvlm.memory import register_lookup_table, release_freed_memory
 from smolvlm.model.layers import RMSNorm
 from smolvlm.model.packed import pack_linears, pack_targets, packing_available, packing_pays
 from smolvlm.model.upcast import upcast_slow_bf16
@@ -215,6 +215,10 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta[:5])}")
     if inference:
         upcast_slow_bf16(model)  # a no-op unless bf16 on a CPU whose oneDNN has no bf16 (AVX2-only)
+    if not model.lm_head_is_tied():  # a head reading the table reads all of it, every step
+        # The token embedding stays in the file mapping (a prompt reads a few rows): let the trims after
+        # each prefill and generation unmap the pages its lookups mapped (smolvlm/memory.py).
+        register_lookup_table(model.model.text_model.embed_tokens.weight)
     model.generation_config = read_generation_config(directory)
     return model.eval()
 
