@@ -121,7 +121,7 @@ class Theirs:
             text = self.proc.apply_chat_template(msgs, add_generation_prompt=True)
             inp = self.proc(text=text, images=[image], return_tensors="pt", do_image_splitting=split)
             out = self.model.generate(**inp, max_new_tokens=1, do_sample=False)
-            return out, tiles
+            return out, inp["pixel_values"].shape[1]
 
         t, (out, tiles) = timed(run)
         return {"s": t, "prompt_tokens": out.shape[1] - 1, "tiles": tiles}
