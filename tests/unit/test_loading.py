@@ -259,3 +259,36 @@ def test_read_into_fills_rows_of_a_larger_tensor(tmp_path):
     assert torch.equal(fused, torch.cat([a, b.to(torch.bfloat16)]))
     with pytest.raises(ValueError, match=r"cannot read a \[3, 8\] into a \[2, 8\]"):
         read_into(tmp_path / "w.safetensors", "a", fused[3:])
+
+
+def test_loading_builds_the_tree_without_running_initialisers(ckpt):
+    """The loader builds the module tree on meta with ``torch.nn.init`` switched off (``on_meta``):
+    ``normal_`` of a meta tensor imports torch._dynamo and sympy (67 MiB of Python modules), so a
+    process that loads a model and answers must never import them; the initialisers are restored,
+    also when building fails, and random models still get their initialisation."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from smolvlm.weights import load as load_mod
+
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from smolvlm import SmolVLM
+        from smolvlm.generation.generate import generate_ids
+        model = SmolVLM.from_pretrained({str(ckpt)!r})
+        generate_ids(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+        print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    normal = torch.nn.init.normal_
+    with pytest.raises(RuntimeError, match="boom"):
+        with load_mod.on_meta():
+            assert torch.nn.init.normal_ is not normal and torch.nn.Embedding(3, 2).weight.is_meta
+            raise RuntimeError("boom")
+    assert torch.nn.init.normal_ is normal
+    cfg = tiny_config()
+    w = SmolVLM.from_config(cfg).model.text_model.embed_tokens.weight.detach()
+    assert abs(float(w.std()) - cfg.text_config.initializer_range) < 0.02  # normal(0, initializer_range)
