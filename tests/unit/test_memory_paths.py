@@ -373,3 +373,22 @@ def test_generation_lets_the_pixels_go_once_the_images_are_encoded():
     model.embed_inputs = spy
     out = generate_ids(model, ids, None, args.pop(0), args.pop(0), max_new_tokens=2, eos_token_id=[])
     assert out.shape == (1, ids.shape[1] + 2) and seen[0] == [True, True]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_head_reading_the_table_keeps_it_mapped(tmp_path, monkeypatch, pack):
+    """A tied lm_head that reads the table itself (unpacked) reads all of it every step: the table is
+    not registered then. A packed head holds its own copy, so the table is only looked up: registered."""
+    import dataclasses
+
+    from smolvlm import memory
+    from smolvlm.model.packed import PackedLinear, packing_available
+
+    if pack and not packing_available(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN packing")
+    monkeypatch.setattr(memory, "_TABLES", [])
+    cfg = dataclasses.replace(tiny_config(), tie_word_embeddings=True)
+    SmolVLM.from_config(cfg).save_pretrained(tmp_path / "tied")
+    model = SmolVLM.from_pretrained(tmp_path / "tied", dtype=torch.float32, pack=pack)
+    assert isinstance(model.lm_head, PackedLinear) == pack
+    assert [r() for r in memory._TABLES] == ([model.model.text_model.embed_tokens.weight] if pack else [])

@@ -216,10 +216,12 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta[:5])}")
     if inference:
         upcast_slow_bf16(model)  # a no-op unless bf16 on a CPU whose oneDNN has no bf16 (AVX2-only)
-    if not model.lm_head_is_tied():  # a head reading the table reads all of it, every step
-        # The token embedding stays in the file mapping (a prompt reads a few rows): let the trims after
-        # each prefill and generation unmap the pages its lookups mapped (smolvlm/memory.py).
-        register_lookup_table(model.model.text_model.embed_tokens.weight)
+    table = model.model.text_model.embed_tokens.weight
+    if not (isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is table):  # (a packed head's
+        # ``weight`` would read it: not asked) The token embedding stays in the file mapping (a prompt reads
+        # a few rows): let the trims after each prefill and generation unmap the pages its lookups mapped
+        # (smolvlm/memory.py). Not where the head reads the table itself: every step reads all of it.
+        register_lookup_table(table)
     model.generation_config = read_generation_config(directory)
     return model.eval()
 
