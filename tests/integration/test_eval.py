@@ -121,9 +121,9 @@ def _token_oracle(monkeypatch, proc, wrong: set[str] = frozenset()):
     batches: list = []
     real_encode = runner.encode_batch
 
-    def encode(processor, batch):
+    def encode(processor, batch, **kw):
         batches.append(list(batch))
-        return real_encode(processor, batch)
+        return real_encode(processor, batch, **kw)
 
     def fake_generate_ids(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
                           max_new_tokens=None, eos_token_id=None, **kw):
@@ -145,6 +145,25 @@ def test_perfect_oracle_scores_one(monkeypatch, model, proc):
     assert res["overall"] == 1.0 and res["macro"] == 1.0
     assert all(v["score"] == 1.0 for v in res["per_category"].values())  # caption: ANLS 1.0
     assert all(e["prediction"] == e["gold"] for e in res["examples"])
+
+
+def test_batches_ask_for_the_models_pixel_dtype(monkeypatch, model, proc):
+    """Each batch's pixels are built in the model's dtype (no float32 batch of every image's tiles):
+    the reference's values cast, bit for bit, with a bool mask."""
+    seen = []
+    real = runner.encode_batch
+
+    def encode(processor, batch, **kw):
+        out = real(processor, batch, **kw)
+        seen.append((kw, out, real(processor, batch)))
+        return out
+
+    monkeypatch.setattr(runner, "encode_batch", encode)
+    evaluate(model, proc, _cfg(batch_size=3, num_examples=3), model_name="tiny")
+    assert seen and all(kw == {"pixel_dtype": model.dtype} for kw, _, _ in seen)
+    for _, got, ref in seen:
+        assert torch.equal(got["pixel_values"], ref["pixel_values"].to(model.dtype))
+        assert torch.equal(got["pixel_attention_mask"], ref["pixel_attention_mask"] != 0)
 
 
 def test_partial_oracle_bookkeeping(monkeypatch, model, proc):

@@ -102,9 +102,10 @@ def preflight(run: BenchRun) -> None:
 
 
 # -- generation ---------------------------------------------------------------------------------------
-def encode_items(processor: Any, items: Sequence[Item]) -> dict[str, Any]:
+def encode_items(processor: Any, items: Sequence[Item], pixel_dtype: Any = None) -> dict[str, Any]:
     """Items -> left-padded model inputs: each rendered with the checkpoint's chat template and the
-    generation prompt, then the item's ``answer_prefix`` (as markup, like the reference's prompt string)."""
+    generation prompt, then the item's ``answer_prefix`` (as markup, like the reference's prompt string).
+    ``pixel_dtype``: the model's (``generation.pixels.pixel_dtype``), so the float32 pixel batch never exists."""
     from smolvlm.processing.messages import collect_images, collect_videos
     from smolvlm.processing.prompt import Prompt
 
@@ -112,8 +113,9 @@ def encode_items(processor: Any, items: Sequence[Item]) -> dict[str, Any]:
                       + (((it.answer_prefix, False),) if it.answer_prefix else ())) for it in items]
     images = [collect_images(it.messages) for it in items]
     videos = [collect_videos(it.messages) for it in items]
+    extra = {"pixel_dtype": pixel_dtype} if pixel_dtype is not None and (any(images) or any(videos)) else {}
     enc = processor(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
-                    return_tensors="pt", padding_side="left")
+                    return_tensors="pt", padding_side="left", **extra)
     return {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask") if k in enc}
 
 
@@ -121,8 +123,9 @@ def answer_items(model: Any, processor: Any, items: Sequence[Item], max_new_toke
     """Greedy answers for one batch, in order."""
     from smolvlm.evaluation.runner import decode_answer, stop_ids
     from smolvlm.generation.generate import generate_ids
+    from smolvlm.generation.pixels import pixel_dtype
 
-    inputs = encode_items(processor, items)
+    inputs = encode_items(processor, items, pixel_dtype=pixel_dtype(model))
     eos = stop_ids(model, processor)
     ids = generate_ids(model, **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos)
     new = ids[:, inputs["input_ids"].shape[1]:].tolist()

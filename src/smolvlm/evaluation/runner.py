@@ -27,6 +27,7 @@ from smolvlm.evaluation.provenance import git_commit
 from smolvlm.evaluation.tasks import Request, get_task
 from smolvlm.generation.feature_cache import FeatureCache
 from smolvlm.generation.generate import generate_ids
+from smolvlm.generation.pixels import pixel_dtype
 
 _EOU = "<end_of_utterance>"
 
@@ -74,18 +75,21 @@ def decode_answer(processor: Any, new_ids: Sequence[int], eos: Sequence[int]) ->
     return processor.decode(ids[:stop], skip_special_tokens=True).strip()
 
 
-def encode_batch(processor: Any, batch: Sequence[Request]) -> dict[str, torch.Tensor]:
-    """Requests -> left-padded model inputs (chat template with the generation prompt)."""
+def encode_batch(processor: Any, batch: Sequence[Request], pixel_dtype: Any = None) -> dict[str, torch.Tensor]:
+    """Requests -> left-padded model inputs (chat template with the generation prompt); ``pixel_dtype``:
+    the model's (``generation.pixels.pixel_dtype``: the pixels as it reads them, without the float32 batch)."""
     texts = [processor.apply_chat_template(r.messages, add_generation_prompt=True) for r in batch]
     images = [list(r.images) for r in batch]
-    enc = processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding_side="left")
+    extra = {"pixel_dtype": pixel_dtype} if pixel_dtype is not None and any(images) else {}
+    enc = processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding_side="left",
+                    **extra)
     return {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask") if k in enc}
 
 
 def generate_batch(model: Any, processor: Any, batch: Sequence[Request], max_new_tokens: int,
                    feature_cache: Any = None) -> list[str]:
     """Greedy answers for one batch of requests, in order."""
-    inputs = encode_batch(processor, batch)
+    inputs = encode_batch(processor, batch, pixel_dtype=pixel_dtype(model))
     eos = stop_ids(model, processor)
     ids = generate_ids(model, **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                        feature_cache=feature_cache)  # (B, T + new)
