@@ -593,3 +593,48 @@ def test_upcast_linear_runs_the_bf16_gemv_for_decode_rows_only(monkeypatch):
     xg = x.clone().requires_grad_()
     owner.q_proj(xg).sum().backward()  # the kernel has no backward: PyTorch's GEMV, a gradient comes back
     assert calls == [] and xg.grad is not None and owner.q_proj.weight.grad is not None
+
+
+@needs_kernel
+def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkeypatch):
+    """``GemvLinear`` (a bf16 model's unpacked text linears where the bf16 GEMV pays: AVX-512 without
+    AMX): narrow no-grad calls run the kernel, alone or q/k/v together; wide calls are ``F.linear`` in
+    bf16 itself (no float32 copy: this CPU's oneDNN has bf16), bit for bit; kernels off: PyTorch's.
+    The loader's policy follows ``kernels.ready("bf16_gemv")``."""
+    from smolvlm.model.packed import fused_outputs
+    from smolvlm.model.upcast import MIN_ROWS, GemvLinear, gemv_text_linears, text_gemv_pays, bf16_is_slow
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    calls = []
+    for name in ("bf16_gemv", "bf16_gemv_cat"):
+        op = getattr(torch.ops.smolvlm, name)
+        monkeypatch.setattr(torch.ops.smolvlm, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    torch.manual_seed(0)
+    owner = nn.Module()
+    owner.model = nn.Module()
+    owner.model.text_model = nn.Module()
+    attn = owner.model.text_model
+    names = ("q_proj", "k_proj", "v_proj")
+    for name, n in zip(names, (96, 32, 32)):
+        setattr(attn, name, nn.Linear(128, n, bias=False).bfloat16())
+    owner.lm_head = nn.Linear(128, 40, bias=False).bfloat16()
+    owner.other = nn.Linear(128, 8, bias=False).bfloat16()  # not a text linear: left alone
+    assert gemv_text_linears(owner, force=True) == ["model.text_model.q_proj", "model.text_model.k_proj",
+                                                    "model.text_model.v_proj", "lm_head"]
+    assert type(owner.other) is nn.Linear and isinstance(owner.lm_head, GemvLinear)
+    x = torch.randn(2, 1, 128).bfloat16()
+    with torch.no_grad():
+        y = attn.q_proj(x)
+        assert calls == ["bf16_gemv"] and y.shape == (2, 1, 96)
+        assert_close(y.float(), F.linear(x.float(), attn.q_proj.weight.float()), rtol=2**-7, atol=1e-2)
+        parts = fused_outputs(attn, "qkv_proj", names, x)
+        assert calls[-1] == "bf16_gemv_cat" and [p.shape[-1] for p in parts] == [96, 32, 32]
+        calls.clear()
+        wide = torch.randn(1, MIN_ROWS, 128).bfloat16()
+        assert torch.equal(attn.q_proj(wide), F.linear(wide, attn.q_proj.weight)) and calls == []
+        monkeypatch.setitem(kernels._state, "use", "off for this test")
+        assert not kernels.ready("bf16_gemv") and not text_gemv_pays(torch.bfloat16)
+        assert torch.equal(attn.q_proj(x), F.linear(x, attn.q_proj.weight)) and calls == []
+    monkeypatch.setitem(kernels._state, "use", None)
+    assert text_gemv_pays(torch.bfloat16) == (not bf16_is_slow()) and not text_gemv_pays(torch.float32)

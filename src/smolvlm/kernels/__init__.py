@@ -137,7 +137,9 @@ def prepare() -> bool:
     - AVX-512 without AMX (an AMD EPYC, Zen 5; fourteenth round): the decode attention (256M
       bf16 compiled step 11.4 -> 9.2 ms, its fp32 cache read 2x faster than by PyTorch's flash
       attention) and, with AVX-512 BF16, the bf16 attention of images and prompts (one 512 px tile's
-      12 heads 17.2-18.2 -> 4.7-4.9 ms; fifteenth round). PyTorch's AVX-512 int8/int4 GEMVs are as
+      12 heads 17.2-18.2 -> 4.7-4.9 ms; fifteenth round), and the bf16 GEMV of a bf16 model's decode
+      on its plain text weights (``upcast.GemvLinear``: a 256M step's linears 5.8 against 7.4 ms through
+      oneDNN's packed weights; sixteenth round). PyTorch's AVX-512 int8/int4 GEMVs are as
       fast there as ours for one row (int4 576x1536: 21 against 28 us) and its int4 kernel 2.5x
       faster for prompts (8-128 rows);
     - AMX: none; PyTorch's kernels (its flash attention included) and Inductor's templates use its tiles.
@@ -155,12 +157,13 @@ def prepare() -> bool:
     return _state["use"] is None
 
 
-KINDS = ("gemv", "decode_attention", "bf16_attention")
+KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv")
 
 
 def ready(kind: str = "gemv") -> bool:
     """Whether the layers run these kernels of one kind: ``"gemv"`` (``Int8Linear``, ``Int4Linear``,
-    ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``); decides
+    ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``), or
+    ``"bf16_gemv"`` (``upcast.GemvLinear``: a bf16 model's unpacked text linears); decides
     (and builds) on the first eager call if :func:`prepare` has not run (never inside a
     ``torch.compile`` trace)."""
     if kind not in KINDS:
@@ -175,7 +178,7 @@ def ready(kind: str = "gemv") -> bool:
         return _state.get("gemv") is None
     if kind == "bf16_attention":
         return _state.get("bf16_attention", "not decided") is None
-    return True  # the decode attention: wherever any of them run
+    return True  # the decode attention and the bf16 GEMV: wherever any of them run
 
 
 def problem() -> str | None:

@@ -464,9 +464,10 @@ def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
 VISION_ROWS = 1024  # patch rows per 512 px tile: the vision tower's packed layout
 
 
-def pack_targets(model: nn.Module) -> list[str]:
-    """Names of the plain ``nn.Linear`` modules packing replaces: the text decoder's and lm_head, and
-    the vision tower's when it is bf16 (see the module docstring).
+def pack_targets(model: nn.Module, text: bool = True) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules packing replaces: the text decoder's and lm_head
+    (unless ``text`` is false: ``upcast.GemvLinear`` runs them instead), and the vision tower's when
+    it is bf16 (see the module docstring).
 
     Not the layers inside another linear-like module (a LoRA layer's ``lora_A``/``lora_B``):
     those belong to a layer that is not packed and may be training."""
@@ -474,21 +475,21 @@ def pack_targets(model: nn.Module) -> list[str]:
     inside_linear = lambda name: isinstance(modules.get(name.rpartition(".")[0]), nn.Linear)  # noqa: E731
     return [name for name, m in modules.items()
             if type(m) is nn.Linear and not inside_linear(name)
-            and (name.startswith("model.text_model.") or name == "lm_head"
+            and ((text and (name.startswith("model.text_model.") or name == "lm_head"))
                  or (name.startswith("model.vision_model.") and m.weight.dtype == torch.bfloat16))]
 
 
 @torch.no_grad()
 def pack_linears(model: nn.Module, auto: bool = False,
                  read_linear: Callable[[str], nn.Module] | None = None,
-                 read_later: Callable[[str], tuple[Callable[..., torch.Tensor], torch.Tensor | None]] | None = None
-                 ) -> list[str]:
+                 read_later: Callable[[str], tuple[Callable[..., torch.Tensor], torch.Tensor | None]] | None = None,
+                 text: bool = True) -> list[str]:
     """Swap the text decoder's and lm_head's ``nn.Linear`` for ``PackedLinear`` in place.
 
     A no-op (returns []) where packing is unavailable (not CPU, fp16, no oneDNN). Quantized and
     LoRA layers are left alone, LoRA's inner A/B too (only exact ``nn.Linear`` is packed). A tied lm_head gets
     its own packed copy; the embedding keeps its table for lookups. ``auto``: only where packing is
-    faster on this CPU (``packing_pays``). Returns the packed names.
+    faster on this CPU (``packing_pays``). ``text=False``: the vision tower's only. Returns the packed names.
 
     ``read_linear`` (the loader): the targets are still empty (meta) and ``read_linear(name)`` gives
     each one's dense layer on demand, packed and dropped before the next is read, so the dense
@@ -500,7 +501,7 @@ def pack_linears(model: nn.Module, auto: bool = False,
     reading and reordering (SmolVLM-2.2B: 7-11 s against transformers' 1.4-1.7 s load, 2-core AMD
     EPYC with AVX-512) move into the first forward, layer by layer, which needed them anyway.
     """
-    names = pack_targets(model)
+    names = pack_targets(model, text)
     if not names:
         return []
     if read_linear is None and read_later is None:

@@ -19,7 +19,7 @@ from smolvlm.model.connector import Connector
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import cpu_attends_fast_in
 from smolvlm.model.packed import pack_linears
-from smolvlm.model.upcast import upcast_slow_bf16
+from smolvlm.model.upcast import gemv_text_linears, text_gemv_pays, upcast_slow_bf16
 from smolvlm.model.text import TextModel
 from smolvlm.model.vision import VisionTransformer
 
@@ -116,8 +116,11 @@ class SmolVLM(nn.Module):
         as ``from_pretrained(pack="auto")``). ``from_pretrained(pack=True)`` does the same with
         less peak memory (the packed weights are never mapped from the file). Like the loader, a bf16
         model on a CPU without a fast bf16 path computes its larger GEMMs in float32 (``model/upcast.py``)."""
-        pack_linears(self, auto=auto)
+        text_gemv = auto and text_gemv_pays(self.dtype, self.device)  # as the loader: see upcast.text_gemv_pays
+        pack_linears(self, auto=auto, text=not text_gemv)
         upcast_slow_bf16(self)
+        if text_gemv:
+            gemv_text_linears(self)
         return self
 
     @classmethod

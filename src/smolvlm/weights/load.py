@@ -36,7 +36,7 @@ from smolvlm.hub import resolve_checkpoint_dir
 from smolvlm.memory import register_lookup_table, release_freed_memory
 from smolvlm.model.layers import RMSNorm
 from smolvlm.model.packed import pack_linears, pack_targets, packing_available, packing_pays
-from smolvlm.model.upcast import upcast_slow_bf16
+from smolvlm.model.upcast import gemv_text_linears, text_gemv_pays, upcast_slow_bf16
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.weights import default_model
 from smolvlm.weights.check import check_keys, expected_shapes
@@ -149,7 +149,8 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     connector's linears too, in int8 (needs ``quantize``, or a folder saved so;
     ``quantization.quantize``). ``pack``: inference only (``model/packed.py``;
     ignored with quantization or where unavailable; ``"auto"``: only where it is faster,
-    ``packed.packing_pays``); packed weights are read into private memory when
+    ``packed.packing_pays``, and for a bf16 model's text linears not where smolvlm's bf16 GEMV runs
+    them faster unpacked, ``upcast.text_gemv_pays``); packed weights are read into private memory when
     each layer first runs, and freed once packed (``packed.pack_pending`` packs them all at once). With ``pack`` (any true value) a bf16 model on a CPU whose oneDNN has no
     bf16 (AVX2-only) also gets float32-computed GEMMs and patch convolution (``model/upcast.py``:
     5x faster vision and prefill there, the same numerics up to summation order). ``mmap``: alias the file's copy-on-write mapping when no conversion is
@@ -184,6 +185,9 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     can_pack = packing_pays if pack == "auto" else packing_available
     inference = bool(pack)  # pack asks for this CPU's fastest inference layers: packed, or bf16 computed in fp32
     pack = bool(pack) and quantize == "none" and not saved and can_pack(dtype, device)
+    # "auto" where smolvlm's bf16 GEMV outruns oneDNN's packed one: the text linears stay on the file
+    # mapping as ``GemvLinear``s, only the vision tower is packed (``upcast.text_gemv_pays``)
+    text_gemv = pack and can_pack is packing_pays and text_gemv_pays(dtype, device)
     meta_dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     # Quantizing or packing at load: the target linears' weights are left out of the bulk read and
     # read one layer at a time by ``quantize_while_loading`` / ``pack_linears`` (peak: the
@@ -191,7 +195,7 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     # embedding: a lookup touches only the rows it reads (SmolVLM-2.2B: 192 MiB of bf16 table, of
     # which a short prompt maps a few hundred KiB), where the other tensors are read whole anyway.
     quantizing = quantize != "none" and not saved
-    streamed = quantization.target_linears(model, quantize_vision) if quantizing else (pack_targets(model) if pack else [])
+    streamed = quantization.target_linears(model, quantize_vision) if quantizing else (pack_targets(model, not text_gemv) if pack else [])
     later = _linear_keys(model, streamed)
     private = set(expected) - {EMBED_KEY} if quantizing else set()
     state = tensors.read(set(expected) - later, meta_dtypes.__getitem__, private)
@@ -203,9 +207,9 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
         quantization.quantize_while_loading(model, quantize, _linear_reader(model, tensors, meta_dtypes, again=True),
                                             vision=quantize_vision)
     elif pack and is_default:  # its tensors are handed over once, from memory: pack them now
-        pack_linears(model, read_linear=_linear_reader(model, tensors, meta_dtypes))
+        pack_linears(model, read_linear=_linear_reader(model, tensors, meta_dtypes), text=not text_gemv)
     elif pack:  # each layer reads and packs its weight on first use
-        pack_linears(model, read_later=_later_reader(model, tensors, meta_dtypes))
+        pack_linears(model, read_later=_later_reader(model, tensors, meta_dtypes), text=not text_gemv)
     elif saved:
         for m in quantization.quantized_modules(model).values():
             quantization.prepare_kernel(m, dtype)
@@ -216,6 +220,8 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
         raise CheckpointError(f"parameters left uninitialised after loading: {', '.join(still_meta[:5])}")
     if inference:
         upcast_slow_bf16(model)  # a no-op unless bf16 on a CPU whose oneDNN has no bf16 (AVX2-only)
+    if text_gemv:
+        gemv_text_linears(model)
     table = model.model.text_model.embed_tokens.weight
     if not (isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is table):  # (a packed head's
         # ``weight`` would read it: not asked) The token embedding stays in the file mapping (a prompt reads
