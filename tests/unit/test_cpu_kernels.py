@@ -548,6 +548,32 @@ def test_bf16_gemv_refuses_what_it_cannot_do():
             torch.ops.smolvlm.bf16_gemv(bad_x, bad_w)
 
 
+def _record_gemv_calls(monkeypatch) -> list[str]:
+    """The names of the bf16 GEMV ops called from now on (they still run)."""
+    calls: list[str] = []
+    for name in ("bf16_gemv", "bf16_gemv_cat"):
+        op = getattr(torch.ops.smolvlm, name)
+        monkeypatch.setattr(torch.ops.smolvlm, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    return calls
+
+
+@torch.no_grad()
+def _check_decode_rows(owner: nn.Module, names: tuple[str, ...], calls: list[str]) -> torch.Tensor:
+    """Two one-token rows through ``owner``'s q/k/v (96, 32, 32 wide, K 128): q alone runs the GEMV,
+    the three together one GEMV call (``fused_outputs``), each as it computes alone. Returns the rows."""
+    from smolvlm.model.packed import fused_outputs
+
+    x = torch.randn(2, 1, 128).bfloat16()
+    y = owner.q_proj(x)
+    assert calls == ["bf16_gemv"] and y.shape == (2, 1, 96)
+    assert_close(y.float(), F.linear(x.float(), owner.q_proj.weight.float()), rtol=2**-7, atol=1e-2)
+    parts = fused_outputs(owner, "qkv_proj", names, x)
+    assert calls[-1] == "bf16_gemv_cat" and [p.shape[-1] for p in parts] == [96, 32, 32]
+    for p, name in zip(parts, names):
+        assert torch.equal(p, getattr(owner, name)(x))
+    return x
+
+
 @needs_kernel
 def test_upcast_linear_runs_the_bf16_gemv_for_decode_rows_only(monkeypatch):
     """``UpcastLinear`` (bf16 layers on CPUs without fast bf16 GEMMs): bias-free, narrow, no-grad bf16
@@ -559,25 +585,15 @@ def test_upcast_linear_runs_the_bf16_gemv_for_decode_rows_only(monkeypatch):
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
     monkeypatch.setitem(kernels._state, "gemv", None)
-    calls = []
-    for name in ("bf16_gemv", "bf16_gemv_cat"):
-        op = getattr(torch.ops.smolvlm, name)
-        monkeypatch.setattr(torch.ops.smolvlm, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    calls = _record_gemv_calls(monkeypatch)
     torch.manual_seed(0)
     owner = nn.Module()
     names = ("q_proj", "k_proj", "v_proj")
     for name, n in zip(names, (96, 32, 32)):
         setattr(owner, name, nn.Linear(128, n, bias=False).bfloat16())
     upcast_slow_bf16(owner, force=True)
-    x = torch.randn(2, 1, 128).bfloat16()
+    x = _check_decode_rows(owner, names, calls)
     with torch.no_grad():
-        y = owner.q_proj(x)
-        assert calls == ["bf16_gemv"] and y.shape == (2, 1, 96)
-        assert_close(y.float(), F.linear(x.float(), owner.q_proj.weight.float()), rtol=2**-7, atol=1e-2)
-        parts = fused_outputs(owner, "qkv_proj", names, x)
-        assert calls[-1] == "bf16_gemv_cat" and [p.shape[-1] for p in parts] == [96, 32, 32]
-        for p, name in zip(parts, names):
-            assert torch.equal(p, getattr(owner, name)(x))
         calls.clear()
         wide = torch.randn(1, MIN_ROWS, 128).bfloat16()  # a prompt: float32 GEMMs, alone or together
         owner.q_proj(wide)
@@ -601,15 +617,11 @@ def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkey
     AMX): narrow no-grad calls run the kernel, alone or q/k/v together; wide calls are ``F.linear`` in
     bf16 itself (no float32 copy: this CPU's oneDNN has bf16), bit for bit; kernels off: PyTorch's.
     The loader's policy follows ``kernels.ready("bf16_gemv")``."""
-    from smolvlm.model.packed import fused_outputs
     from smolvlm.model.upcast import MIN_ROWS, GemvLinear, gemv_text_linears, text_gemv_pays, bf16_is_slow
 
     assert kernels.build() is None
     monkeypatch.setitem(kernels._state, "use", None)
-    calls = []
-    for name in ("bf16_gemv", "bf16_gemv_cat"):
-        op = getattr(torch.ops.smolvlm, name)
-        monkeypatch.setattr(torch.ops.smolvlm, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    calls = _record_gemv_calls(monkeypatch)
     torch.manual_seed(0)
     owner = nn.Module()
     owner.model = nn.Module()
@@ -623,13 +635,8 @@ def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkey
     assert gemv_text_linears(owner, force=True) == ["model.text_model.q_proj", "model.text_model.k_proj",
                                                     "model.text_model.v_proj", "lm_head"]
     assert type(owner.other) is nn.Linear and isinstance(owner.lm_head, GemvLinear)
-    x = torch.randn(2, 1, 128).bfloat16()
+    x = _check_decode_rows(attn, names, calls)
     with torch.no_grad():
-        y = attn.q_proj(x)
-        assert calls == ["bf16_gemv"] and y.shape == (2, 1, 96)
-        assert_close(y.float(), F.linear(x.float(), attn.q_proj.weight.float()), rtol=2**-7, atol=1e-2)
-        parts = fused_outputs(attn, "qkv_proj", names, x)
-        assert calls[-1] == "bf16_gemv_cat" and [p.shape[-1] for p in parts] == [96, 32, 32]
         calls.clear()
         wide = torch.randn(1, MIN_ROWS, 128).bfloat16()
         assert torch.equal(attn.q_proj(wide), F.linear(wide, attn.q_proj.weight)) and calls == []
