@@ -123,3 +123,37 @@ def test_quantized_prefill_runs_in_float32_where_bf16_is_slow(monkeypatch, slow)
         if slow and isinstance(layer, Int8Linear):  # the scale applied in float32, after the product
             want = (F.linear(x.float(), layer.weight_int8.float()) * layer.scale.float()).bfloat16()
             assert torch.equal(got, want)
+
+
+def test_batched_commands_pack_the_gemv_linears(tmp_path: Path, monkeypatch, ref256):
+    """The server and evaluation decode several rows a step, where oneDNN's packed GEMM beats the GEMV:
+    ``load_model_and_processor(batched=True)`` packs the ``GemvLinear`` layers (q/k/v and gate/up fused),
+    the outputs as before; one-stream commands keep them."""
+    from smolvlm.cli import common
+    from smolvlm.model.packed import PackedFused, PackedLinear, packing_available
+    from smolvlm.model.upcast import pack_gemv_linears
+
+    if not packing_available(torch.bfloat16):
+        pytest.skip("this CPU's oneDNN has no bf16: nothing is packed and no GemvLinear is made (the AVX2 path)")
+    torch.manual_seed(0)
+    d = tmp_path / "ckpt"
+    SmolVLM.from_config(tiny_config("smolvlm")).save_pretrained(d)
+    monkeypatch.setattr(upcast, "text_gemv_pays", lambda dtype, device="cpu": dtype == torch.bfloat16)
+    import smolvlm.model.vlm as vlm_mod
+    import smolvlm.weights.load as load_mod
+    monkeypatch.setattr(load_mod, "text_gemv_pays", upcast.text_gemv_pays)
+    monkeypatch.setattr(vlm_mod, "text_gemv_pays", upcast.text_gemv_pays)
+    from smolvlm import SmolVLMProcessor
+
+    proc = SmolVLMProcessor.from_pretrained(ref256)
+    one, _ = common.load_model_and_processor(str(d), "bfloat16", processor=proc)
+    assert isinstance(one.lm_head, GemvLinear)
+    many, _ = common.load_model_and_processor(str(d), "bfloat16", processor=proc, batched=True)
+    assert not any(isinstance(m, GemvLinear) for m in many.modules())
+    assert isinstance(many.lm_head, PackedLinear)
+    assert isinstance(many.model.text_model.layers[0].self_attn.qkv_proj, PackedFused)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.inference_mode():
+        assert_close(many(input_ids=ids).logits.float(), one(input_ids=ids).logits.float(), **TOL)
+    assert many.state_dict().keys() == one.state_dict().keys()
+    assert pack_gemv_linears(many) == []  # nothing left to pack

@@ -147,10 +147,14 @@ def load_processor(model_arg: str | None, allow_remote: bool = False) -> Any:
 
 def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu",
                              processor: Any = None, quantize: str = "none",
-                             quantize_vision: bool = False) -> tuple[Any, Any]:
+                             quantize_vision: bool = False, batched: bool = False) -> tuple[Any, Any]:
     """Checkpoint folder, repo id or None (the built-in default model) -> (SmolVLM in eval mode,
     SmolVLMProcessor). Commands only run inference, so the text model's linears are packed
-    where that is faster on this CPU (``pack="auto"``, ``smolvlm.model.packed.packing_pays``). ``processor``: one already loaded with ``load_processor`` (not loaded again)."""
+    where that is faster on this CPU (``pack="auto"``, ``smolvlm.model.packed.packing_pays``; a bf16
+    model's text linears stay unpacked where smolvlm's GEMV decodes one stream faster,
+    ``model.upcast.text_gemv_pays``). ``batched`` (the server, evaluation: several rows a step): those
+    are packed too (``upcast.pack_gemv_linears``). ``processor``: one already loaded with ``load_processor``
+    (not loaded again)."""
     import torch
 
     from smolvlm.hub import resolve_checkpoint_dir
@@ -168,6 +172,14 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     directory = resolve_checkpoint_dir(model_arg or DEFAULT_MODEL)
     model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize, pack="auto",
                                     quantize_vision=quantize_vision)
+    if batched:
+        from smolvlm.memory import drop_file_pages
+        from smolvlm.model.upcast import GemvLinear, pack_gemv_linears
+
+        plain = [m.weight for m in model.modules() if isinstance(m, GemvLinear)]
+        pack_gemv_linears(model)
+        for weight in plain:  # read from the file mapping while packing: the packed copy is the one used
+            drop_file_pages(weight)
     processor = processor if processor is not None else SmolVLMProcessor.from_pretrained(directory)
     return model, processor
 
@@ -196,12 +208,14 @@ def status_line(message: str, err: TextIO | None = None) -> Iterator[None]:
             err.flush()
 
 
-def load_model(args: argparse.Namespace, processor: Any = None, err: TextIO | None = None) -> tuple[Any, Any]:
+def load_model(args: argparse.Namespace, processor: Any = None, err: TextIO | None = None,
+               batched: bool = False) -> tuple[Any, Any]:
     """``load_model_and_processor`` for the model flags, with a "loading" line on a terminal."""
     setup_torch(args)
     with status_line(f"loading {args.model or 'the built-in default model'}...", err):
         model, processor = load_model_and_processor(args.model, args.dtype, args.device, processor=processor,
-                                                    quantize=args.quantize, quantize_vision=args.quantize_vision)
+                                                    quantize=args.quantize, quantize_vision=args.quantize_vision,
+                                                    batched=batched)
     mode = getattr(args, "compile_mode", None)
     if getattr(args, "compile", False) or mode is not None:
         from smolvlm.generation import compiled

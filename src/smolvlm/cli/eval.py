@@ -130,7 +130,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return 0
     shard = shards.from_env()
     bench_runner.preflight(run)  # a wrong --data/--media fails before the model loads
-    model, processor = common.load_model(args)
+    model, processor = common.load_model(args, batched=True)  # questions are answered in batches
     shards.init(shard, args.device)
     try:
         bench_runner.generate(model, processor, run, shard)
@@ -222,7 +222,7 @@ def run_synth(args: argparse.Namespace) -> int:
                         progress=args.progress).validate()  # bad flags fail before the model load
     if args.output is not None and not Path(args.output).expanduser().resolve().parent.is_dir():
         raise FileNotFoundError(f"--output folder does not exist: {Path(args.output).parent}")
-    model, processor = common.load_model(args)
+    model, processor = common.load_model(args, batched=True)  # questions are answered in batches
     results = evaluate(model, processor, config, model_name=str(args.model))
     results["settings"].update(device=args.device, quantize=args.quantize, quantize_vision=args.quantize_vision)
     if args.output is not None:

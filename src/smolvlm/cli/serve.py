@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         def build() -> Any:  # model, packing and the KV cache off the main thread (engine.py, "Threads")
             from smolvlm.model.packed import pack_pending
 
-            model, processor = common.load_model(args)
+            model, processor = common.load_model(args, batched=True)  # the engine decodes many rows a step
             pack_pending(model)  # layers otherwise pack on first use: not inside the first requests
             try:
                 return create_app(model, processor, config)
