@@ -153,7 +153,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     where that is faster on this CPU (``pack="auto"``, ``smolvlm.model.packed.packing_pays``; a bf16
     model's text linears stay unpacked where smolvlm's GEMV decodes one stream faster,
     ``model.upcast.text_gemv_pays``). ``batched`` (the server, evaluation: several rows a step): those
-    are packed too (``upcast.pack_gemv_linears``). ``processor``: one already loaded with ``load_processor``
+    are packed too (``weights.load.pack_for_batches``). ``processor``: one already loaded with ``load_processor``
     (not loaded again)."""
     import torch
 
@@ -173,13 +173,9 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize, pack="auto",
                                     quantize_vision=quantize_vision)
     if batched:
-        from smolvlm.memory import drop_file_pages
-        from smolvlm.model.upcast import GemvLinear, pack_gemv_linears
+        from smolvlm.weights.load import pack_for_batches
 
-        plain = [m.weight for m in model.modules() if isinstance(m, GemvLinear)]
-        pack_gemv_linears(model)
-        for weight in plain:  # read from the file mapping while packing: the packed copy is the one used
-            drop_file_pages(weight)
+        pack_for_batches(model)
     processor = processor if processor is not None else SmolVLMProcessor.from_pretrained(directory)
     return model, processor
 

@@ -142,7 +142,7 @@ def pack_gemv_linears(model: nn.Module) -> list[str]:
     """Pack the ``GemvLinear`` layers now (``packed.pack_linears``, q/k/v and gate/up fused), for
     batched decoding: from 2 rows up oneDNN's packed GEMM beats the GEMV (SmolVLM-256M on the Zen 5
     EPYC: a step of 16 rows 8-14 ms packed against 36-38 as ``GemvLinear``s). What the server's engine
-    and batched evaluation load (``cli/common.py``). Returns the packed names; the plain weights'
+    and batched evaluation load (``weights.load.pack_for_batches``). Returns the packed names; the plain weights'
     file pages, read while packing, are the caller's to unmap (``memory.drop_file_pages``)."""
     from smolvlm.model.packed import pack_linears
 

@@ -33,10 +33,10 @@ from torch import nn
 from smolvlm import quantization
 from smolvlm.config import SmolVLMConfig
 from smolvlm.hub import resolve_checkpoint_dir
-from smolvlm.memory import register_lookup_table, release_freed_memory
+from smolvlm.memory import drop_file_pages, register_lookup_table, release_freed_memory
 from smolvlm.model.layers import RMSNorm
 from smolvlm.model.packed import pack_linears, pack_targets, packing_available, packing_pays
-from smolvlm.model.upcast import gemv_text_linears, text_gemv_pays, upcast_slow_bf16
+from smolvlm.model.upcast import GemvLinear, gemv_text_linears, pack_gemv_linears, text_gemv_pays, upcast_slow_bf16
 from smolvlm.model.vlm import SmolVLM
 from smolvlm.weights import default_model
 from smolvlm.weights.check import check_keys, expected_shapes
@@ -230,6 +230,18 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
         register_lookup_table(table)
     model.generation_config = read_generation_config(directory)
     return model.eval()
+
+
+def pack_for_batches(model: SmolVLM) -> list[str]:
+    """For batched decoding (the server, evaluation): pack the ``GemvLinear`` text layers that
+    ``pack="auto"`` left unpacked for one stream (``upcast.pack_gemv_linears``), then unmap their plain
+    weights' file pages, read while packing (``memory.drop_file_pages``). Returns the packed names."""
+    plain = [m.weight for m in model.modules() if isinstance(m, GemvLinear)]
+    names = pack_gemv_linears(model)
+    if names:
+        for weight in plain:
+            drop_file_pages(weight)
+    return names
 
 
 _INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
