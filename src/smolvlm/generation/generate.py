@@ -114,11 +114,16 @@ def _prefill(model: Any, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor
     last-position logits ``(B, V)``."""
     # The prompt's embeddings first: the table pages its lookups mapped are let go before the forward's
     # activations and cache fill (a 900-token 500M prompt of random ids: 36 MiB; smolvlm/memory.py).
-    embeds = model.embed_inputs(input_ids, image_features)
-    release_lookup_pages()
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, kv_cache=cache, input_pos=slots,
-                logits_to_keep=1)
-    del embeds
+    embed = getattr(model, "embed_inputs", None)
+    if embed is None:  # a model without the split (duck typing): it looks its rows up itself
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, kv_cache=cache,
+                    input_pos=slots, image_features=image_features, logits_to_keep=1)
+    else:
+        embeds = embed(input_ids, image_features)
+        release_lookup_pages()
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, kv_cache=cache,
+                    input_pos=slots, logits_to_keep=1)
+        del embeds
     logits = out.logits[:, -1].float()
     del out
     release_freed_memory()  # the prompt's temporaries, before the decode and the next request (smolvlm/memory.py)
