@@ -392,3 +392,30 @@ def test_a_head_reading_the_table_keeps_it_mapped(tmp_path, monkeypatch, pack):
     model = SmolVLM.from_pretrained(tmp_path / "tied", dtype=torch.float32, pack=pack)
     assert isinstance(model.lm_head, PackedLinear) == pack
     assert [r() for r in memory._TABLES] == ([model.model.text_model.embed_tokens.weight] if pack else [])
+
+
+def test_a_model_without_embed_inputs_prefills_from_its_ids():
+    """The prefill looks the prompt's rows up itself (``embed_inputs``) so the table's pages can go
+    before the forward; a duck-typed model without that method gets its ids, with the same tokens."""
+    from smolvlm.generation.generate import generate_ids
+
+    torch.manual_seed(0)
+    model = SmolVLM.from_config(tiny_config()).eval()
+    calls = []
+
+    class NoSplit:  # everything of the model but embed_inputs; records what each forward is given
+        def __getattr__(self, name):
+            if name == "embed_inputs":
+                raise AttributeError(name)
+            return getattr(model, name)
+
+        def __call__(self, **kw):
+            calls.append(sorted(k for k in ("input_ids", "inputs_embeds") if k in kw))
+            return model(**kw)
+
+    n = model.config.image_seq_len
+    ids = torch.tensor([[5] + [model.config.image_token_id] * n + [6, 7]])
+    pv = torch.randn(1, 1, 3, 32, 32)
+    want = generate_ids(model, ids, None, pv, max_new_tokens=4, eos_token_id=[])
+    got = generate_ids(NoSplit(), ids, None, pv, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(got, want) and calls[0] == ["input_ids"] and len(calls) == 4
