@@ -378,20 +378,26 @@ def test_generation_lets_the_pixels_go_once_the_images_are_encoded():
 @pytest.mark.parametrize("pack", [False, True])
 def test_a_head_reading_the_table_keeps_it_mapped(tmp_path, monkeypatch, pack):
     """A tied lm_head that reads the table itself (unpacked) reads all of it every step: the table is
-    not registered then. A packed head holds its own copy, so the table is only looked up: registered."""
+    not registered then. A packed head holds its own copy, so the table is only looked up: registered,
+    when it is in the file's mapping (a table read into private memory has no file pages to give back)."""
     import dataclasses
 
     from smolvlm import memory
     from smolvlm.model.packed import PackedLinear, packing_available
+    from smolvlm.weights import safetensors_io
 
     if pack and not packing_available(torch.float32):
         pytest.skip("this PyTorch build has no oneDNN packing")
     monkeypatch.setattr(memory, "_TABLES", [])
     cfg = dataclasses.replace(tiny_config(), tie_word_embeddings=True)
     SmolVLM.from_config(cfg).save_pretrained(tmp_path / "tied")
+    monkeypatch.setattr(safetensors_io, "ALIAS_MIN_BYTES", 0)  # the tiny table aliases the mapping
     model = SmolVLM.from_pretrained(tmp_path / "tied", dtype=torch.float32, pack=pack)
     assert isinstance(model.lm_head, PackedLinear) == pack
     assert [r() for r in memory._TABLES] == ([model.model.text_model.embed_tokens.weight] if pack else [])
+    memory._TABLES.clear()
+    SmolVLM.from_pretrained(tmp_path / "tied", dtype=torch.float32, pack=pack, mmap=False)  # read, not mapped
+    assert memory._TABLES == []
 
 
 def test_a_model_without_embed_inputs_prefills_from_its_ids():

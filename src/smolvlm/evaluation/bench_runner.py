@@ -113,9 +113,8 @@ def encode_items(processor: Any, items: Sequence[Item], pixel_dtype: Any = None)
                       + (((it.answer_prefix, False),) if it.answer_prefix else ())) for it in items]
     images = [collect_images(it.messages) for it in items]
     videos = [collect_videos(it.messages) for it in items]
-    extra = {"pixel_dtype": pixel_dtype} if pixel_dtype is not None and (any(images) or any(videos)) else {}
     enc = processor(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
-                    return_tensors="pt", padding_side="left", **extra)
+                    return_tensors="pt", padding_side="left", pixel_dtype=pixel_dtype)
     return {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask") if k in enc}
 
 

@@ -80,9 +80,8 @@ def encode_batch(processor: Any, batch: Sequence[Request], pixel_dtype: Any = No
     the model's (``generation.pixels.pixel_dtype``: the pixels as it reads them, without the float32 batch)."""
     texts = [processor.apply_chat_template(r.messages, add_generation_prompt=True) for r in batch]
     images = [list(r.images) for r in batch]
-    extra = {"pixel_dtype": pixel_dtype} if pixel_dtype is not None and any(images) else {}
     enc = processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding_side="left",
-                    **extra)
+                    pixel_dtype=pixel_dtype)
     return {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask") if k in enc}
 
 

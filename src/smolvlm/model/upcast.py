@@ -147,16 +147,11 @@ def pack_gemv_linears(model: nn.Module) -> list[str]:
     from smolvlm.model.packed import pack_linears
 
     gemv = [m for m in model.modules() if isinstance(m, GemvLinear)]
-    for m in gemv:
+    if not gemv or not packing_available(gemv[0].weight.dtype, gemv[0].weight.device):
+        return []
+    for m in gemv:  # plain layers again, which packing replaces
         m.__class__ = nn.Linear
-    names: list[str] = []
-    try:
-        names = pack_linears(model)
-    finally:
-        for m in gemv:  # where nothing could be packed (or it failed) they stay as they were
-            if type(m) is nn.Linear and not names:
-                m.__class__ = GemvLinear
-    return names
+    return pack_linears(model)
 
 
 class UpcastConv2d(nn.Conv2d):

@@ -182,12 +182,13 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     check_keys(expected, tensors.shapes, optional, where=where, config=config)
     if pack not in (True, False, "auto"):
         raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
-    can_pack = packing_pays if pack == "auto" else packing_available
+    auto = pack == "auto"
+    can_pack = packing_pays if auto else packing_available
     inference = bool(pack)  # pack asks for this CPU's fastest inference layers: packed, or bf16 computed in fp32
     pack = bool(pack) and quantize == "none" and not saved and can_pack(dtype, device)
     # "auto" where smolvlm's bf16 GEMV outruns oneDNN's packed one: the text linears stay on the file
     # mapping as ``GemvLinear``s, only the vision tower is packed (``upcast.text_gemv_pays``)
-    text_gemv = pack and can_pack is packing_pays and text_gemv_pays(dtype, device)
+    text_gemv = pack and auto and text_gemv_pays(dtype, device)
     meta_dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     # Quantizing or packing at load: the target linears' weights are left out of the bulk read and
     # read one layer at a time by ``quantize_while_loading`` / ``pack_linears`` (peak: the
@@ -223,10 +224,12 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     if text_gemv:
         gemv_text_linears(model)
     table = model.model.text_model.embed_tokens.weight
-    if not (isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is table):  # (a packed head's
-        # ``weight`` would read it: not asked) The token embedding stays in the file mapping (a prompt reads
-        # a few rows): let the trims after each prefill and generation unmap the pages its lookups mapped
-        # (smolvlm/memory.py). Not where the head reads the table itself: every step reads all of it.
+    mapped = table.untyped_storage().nbytes() > table.numel() * table.element_size()  # a view of the file's mapping
+    head_reads_it = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is table  # (a packed head's
+    if mapped and not head_reads_it:  # ``weight`` would read the table: not asked)
+        # The token embedding stays in the file mapping (a prompt reads a few rows): let the trims after each
+        # prefill and generation unmap the pages its lookups mapped (smolvlm/memory.py). Not where the head
+        # reads the table itself: every step reads all of it.
         register_lookup_table(table)
     model.generation_config = read_generation_config(directory)
     return model.eval()
