@@ -156,6 +156,47 @@ def test_int8_linear_runs_the_kernel_for_decode_rows_only(monkeypatch, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_avx512_int8_runs_the_kernel_for_a_single_streams_rows_only(monkeypatch, dtype):
+    """Where PyTorch's GEMVs run (AVX-512 without AMX: ``ready("gemv")`` false, ``ready("int8_rows")``
+    true), smolvlm's int8 GEMV takes one or two rows (``OWN_ROWS``: a single stream's decode step, q/k/v
+    and gate/up in one call), PyTorch's kernel (bf16/fp16) or the dequantized linear (float32) the
+    rest; every path gives the dequantized linear's numbers (bf16: the per-32 activation rounding)."""
+    from smolvlm.quantization.int8 import OWN_ROWS
+    from smolvlm.model.packed import fused_outputs
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", "PyTorch's GEMVs, as on AVX-512")
+    assert not kernels.ready() and kernels.ready("int8_rows")
+    calls = []
+    for name in ("int8_gemv", "int8_gemv_cat"):
+        op = getattr(torch.ops.smolvlm, name)
+        monkeypatch.setattr(torch.ops.smolvlm, name,
+                            lambda *a, op=op, name=name: calls.append((name, a[0].shape[0])) or op(*a))
+    torch_calls = []
+    op = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: torch_calls.append(a[0].shape[0]) or op(*a))
+    q = _layer().to(dtype)
+    ref = lambda x: nn.functional.linear(x.float(), q.dequantized_weight(), q.bias.float())  # noqa: E731
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        for rows in range(1, KERNEL_MAX_ROWS + 2):
+            x = torch.randn(rows, 128).to(dtype)
+            assert_close(q(x).float(), ref(x), **tol)
+        assert [r for _, r in calls] == list(range(1, OWN_ROWS + 1))
+        assert torch_calls == (list(range(OWN_ROWS + 1, KERNEL_MAX_ROWS + 1)) if dtype == torch.bfloat16 else [])
+        calls.clear()
+        mods = [Int8Linear.from_linear(nn.Linear(128, n, bias=False)).to(dtype) for n in (64, 32)]
+        holder = nn.Module()
+        holder.a, holder.b = mods
+        x = torch.randn(1, 1, 128).to(dtype)
+        ya, yb = fused_outputs(holder, "ab", ("a", "b"), x)
+        assert calls == [("int8_gemv_cat", 1)]  # both layers of one input in one call
+        assert torch.equal(ya, mods[0](x)) and torch.equal(yb, mods[1](x))
+
+
+@needs_kernel
 def test_without_the_kernel_the_same_layer_gives_the_same_numbers(monkeypatch):
     """``SMOLVLM_CPU_KERNELS=0`` (or a failed build) leaves PyTorch's kernels in place."""
     assert kernels.build() is None
@@ -181,6 +222,7 @@ def test_the_switch_and_the_reasons(monkeypatch):
     monkeypatch.setattr(kernels, "build", lambda: None)
     assert kernels.prepare() and kernels.problem() is None  # AVX-512 without AMX: the decode attention
     assert kernels.ready("decode_attention") and kernels.ready("bf16_attention") and not kernels.ready()  # ... not the GEMVs
+    assert kernels.ready("int8_rows") and kernels.ready("bf16_gemv")  # ... but int8's few rows and the bf16 GEMV
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
     assert kernels.prepare() and kernels.ready() and kernels.ready("decode_attention")  # AVX2 only: all of them

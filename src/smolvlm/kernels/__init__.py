@@ -18,8 +18,8 @@ Why each exists: its header.
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AMX they are not used either, on AVX-512 CPUs only the two attentions, unless
-``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
+CPUs with AMX they are not used either, on AVX-512 CPUs only the two attentions, the bf16 GEMV and
+the int8 GEMV for one or two rows, unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
 build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
 ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
 """
@@ -139,9 +139,11 @@ def prepare() -> bool:
       attention) and, with AVX-512 BF16, the bf16 attention of images and prompts (one 512 px tile's
       12 heads 17.2-18.2 -> 4.7-4.9 ms; fifteenth round), and the bf16 GEMV of a bf16 model's decode
       on its plain text weights (``upcast.GemvLinear``: a 256M step's linears 5.8 against 7.4 ms through
-      oneDNN's packed weights; sixteenth round). PyTorch's AVX-512 int8/int4 GEMVs are as
-      fast there as ours for one row (int4 576x1536: 21 against 28 us) and its int4 kernel 2.5x
-      faster for prompts (8-128 rows);
+      oneDNN's packed weights; sixteenth round), and the int8 GEMV for one or two rows (a single
+      stream's decode step: ``Int8Linear`` kind "int8_rows"; SmolLM2-135M int8 compiled decode
+      129-133 -> 213-224 tok/s, seventeenth round). PyTorch's AVX-512 GEMVs stay for more rows (int8
+      from 4 rows, int4 for all: its kernel is 2.5x faster than ours for 8-128 rows and needs its own
+      weight layout);
     - AMX: none; PyTorch's kernels (its flash attention included) and Inductor's templates use its tiles.
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
@@ -157,13 +159,14 @@ def prepare() -> bool:
     return _state["use"] is None
 
 
-KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv")
+KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv", "int8_rows")
 
 
 def ready(kind: str = "gemv") -> bool:
     """Whether the layers run these kernels of one kind: ``"gemv"`` (``Int8Linear``, ``Int4Linear``,
-    ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``), or
-    ``"bf16_gemv"`` (``upcast.GemvLinear``: a bf16 model's unpacked text linears); decides
+    ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``),
+    ``"bf16_gemv"`` (``upcast.GemvLinear``: a bf16 model's unpacked text linears) or ``"int8_rows"``
+    (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` rows or fewer where ``"gemv"`` is not ready); decides
     (and builds) on the first eager call if :func:`prepare` has not run (never inside a
     ``torch.compile`` trace)."""
     if kind not in KINDS:
@@ -178,7 +181,7 @@ def ready(kind: str = "gemv") -> bool:
         return _state.get("gemv") is None
     if kind == "bf16_attention":
         return _state.get("bf16_attention", "not decided") is None
-    return True  # the decode attention and the bf16 GEMV: wherever any of them run
+    return True  # the decode attention, the bf16 GEMV and int8's few rows: wherever any of them run
 
 
 def problem() -> str | None:
