@@ -687,3 +687,78 @@ def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkey
         assert torch.equal(attn.q_proj(x), F.linear(x, attn.q_proj.weight)) and calls == []
     monkeypatch.setitem(kernels._state, "use", None)
     assert text_gemv_pays(torch.bfloat16) == (not bf16_is_slow()) and not text_gemv_pays(torch.float32)
+
+
+# -- RMSNorm ---------------------------------------------------------------------------------------
+def _rms_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm``: the float32 cast normalised, cast back, times the weight in x's dtype."""
+    h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [576, 960, 72])
+def test_rms_norm_kernel_is_the_reference(dtype, d):
+    """One call = the reference's steps. Its mean of squares is summed in double, PyTorch's in float32
+    in another order: the two means can differ in their last bit (relative 2^-24), which can move the
+    rounded normalised value by one unit of its dtype, and the product with the weight, rounded again,
+    by up to one more: so float32 within 1e-6 relative, bf16/fp16 within two units (2 * 2^-7 /
+    2 * 2^-10 relative), and almost every bf16/fp16 output equal."""
+    assert kernels.build() is None
+    g = torch.Generator().manual_seed(d)
+    w = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype)
+    x = (torch.randn(2, 33, d, generator=g) * torch.rand(2, 33, 1, generator=g) * 4).to(dtype)
+    got, ref = torch.ops.smolvlm.rms_norm(x, w, 1e-5), _rms_reference(x, w, 1e-5)
+    assert got.shape == x.shape and got.dtype == dtype
+    unit = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -9}[dtype]
+    assert_close(got.float(), ref.float(), rtol=unit, atol=1e-6)
+    if dtype != torch.float32:
+        assert (got != ref).float().mean() < 0.01
+    xt = x.transpose(0, 1)  # not contiguous: read in its logical order
+    assert_close(torch.ops.smolvlm.rms_norm(xt, w, 1e-5).float(), _rms_reference(xt, w, 1e-5).float(),
+                 rtol=unit, atol=1e-6)
+    zero = torch.zeros(1, d, dtype=dtype)  # mean 0: rsqrt(eps), finite
+    assert torch.equal(torch.ops.smolvlm.rms_norm(zero, w, 1e-5), zero)
+    bad = x[:1, :1].clone()
+    bad[0, 0, 3] = float("nan")
+    assert torch.isnan(torch.ops.smolvlm.rms_norm(bad, w, 1e-5)).all()  # a NaN row stays NaN
+
+
+@needs_kernel
+def test_rms_norm_kernel_refuses_what_it_cannot_do():
+    assert kernels.build() is None
+    with pytest.raises(RuntimeError, match="x \\(..., D\\), w \\(D,\\)"):
+        torch.ops.smolvlm.rms_norm(torch.zeros(2, 8), torch.ones(7), 1e-5)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.smolvlm.rms_norm(torch.zeros(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-5)
+
+
+@needs_kernel
+def test_rms_norm_module_runs_the_kernel_outside_autograd_only(monkeypatch):
+    """``layers.RMSNorm`` calls the kernel where ``ready("rms_norm")``, for inputs of its weight's dtype,
+    with no gradient to take; otherwise PyTorch's ops (training, a mixed dtype), with the same numbers."""
+    from smolvlm.model.layers import RMSNorm
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    calls = []
+    op = torch.ops.smolvlm.rms_norm
+    monkeypatch.setattr(torch.ops.smolvlm, "rms_norm", lambda *a: calls.append(a[0].shape) or op(*a))
+    norm = RMSNorm(64, 1e-6).to(torch.bfloat16)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        got = norm(x)
+    assert calls == [(3, 64)]
+    assert_close(got.float(), _rms_reference(x, norm.weight.detach(), 1e-6).float(), rtol=2.0 ** -6, atol=1e-6)
+    trained = norm(x)  # grad mode, the weight trains: PyTorch's ops, differentiable
+    assert len(calls) == 1 and trained.requires_grad
+    trained.float().sum().backward()
+    assert norm.weight.grad is not None
+    with torch.no_grad():
+        norm(x.float())  # float32 input, bf16 weight: the reference's type promotion, PyTorch's ops
+    assert len(calls) == 1
+    monkeypatch.setitem(kernels._state, "use", "off for this test")
+    with torch.no_grad():
+        assert_close(norm(x).float(), got.float(), rtol=2.0 ** -6, atol=1e-6)
+    assert len(calls) == 1

@@ -10,6 +10,8 @@
   ``torch.ops.smolvlm.decode_attention``.
 - ``bf16_attention.cpp``: bf16 attention of a whole sequence, with a key mask, a mask per query or
   causal (the vision encoder's, a prompt's), AVX-512 BF16 only, ``torch.ops.smolvlm.bf16_attention``.
+- ``rms_norm.cpp``: Llama's RMSNorm in one call (eager steps; ``layers.RMSNorm``),
+  ``torch.ops.smolvlm.rms_norm``.
 
 All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``attention.h``: what the attentions
 share; ``bf16_attention`` compiles its functions for AVX-512 BF16 and runs only where the CPU has it),
@@ -37,7 +39,7 @@ import torch
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "bf16_gemv.cpp",
-                                                       "decode_attention.cpp", "bf16_attention.cpp")]
+                                                       "decode_attention.cpp", "bf16_attention.cpp", "rms_norm.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
@@ -117,6 +119,10 @@ def _compile() -> str | None:
         b, h, t, d = q.shape
         return q.new_empty(b, t, h * d)
 
+    @torch.library.register_fake("smolvlm::rms_norm")
+    def _(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     return None
 
 
@@ -143,7 +149,7 @@ def prepare() -> bool:
       stream's decode step: ``Int8Linear`` kind "int8_rows"; SmolLM2-135M int8 compiled decode
       129-133 -> 213-224 tok/s, seventeenth round). PyTorch's AVX-512 GEMVs stay for more rows (int8
       from 4 rows, int4 for all: its kernel is 2.5x faster than ours for 8-128 rows and needs its own
-      weight layout);
+      weight layout); and the RMSNorm of eager steps (about 1 against 19 us a call);
     - AMX: none; PyTorch's kernels (its flash attention included) and Inductor's templates use its tiles.
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
@@ -159,14 +165,15 @@ def prepare() -> bool:
     return _state["use"] is None
 
 
-KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv", "int8_rows")
+KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv", "int8_rows", "rms_norm")
 
 
 def ready(kind: str = "gemv") -> bool:
     """Whether the layers run these kernels of one kind: ``"gemv"`` (``Int8Linear``, ``Int4Linear``,
     ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``),
     ``"bf16_gemv"`` (``upcast.GemvLinear``: a bf16 model's unpacked text linears) or ``"int8_rows"``
-    (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` rows or fewer where ``"gemv"`` is not ready); decides
+    (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` rows or fewer where ``"gemv"`` is not ready) or
+    ``"rms_norm"`` (``layers.RMSNorm`` outside autograd and compiled graphs); decides
     (and builds) on the first eager call if :func:`prepare` has not run (never inside a
     ``torch.compile`` trace)."""
     if kind not in KINDS:
@@ -181,7 +188,7 @@ def ready(kind: str = "gemv") -> bool:
         return _state.get("gemv") is None
     if kind == "bf16_attention":
         return _state.get("bf16_attention", "not decided") is None
-    return True  # the decode attention, the bf16 GEMV and int8's few rows: wherever any of them run
+    return True  # the decode attention, the bf16 GEMV, int8's few rows, the RMSNorm: wherever any of them run
 
 
 def problem() -> str | None:
