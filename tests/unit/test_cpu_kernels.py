@@ -762,3 +762,39 @@ def test_rms_norm_module_runs_the_kernel_outside_autograd_only(monkeypatch):
     with torch.no_grad():
         assert_close(norm(x).float(), got.float(), rtol=2.0 ** -6, atol=1e-6)
     assert len(calls) == 1
+
+
+@needs_kernel
+@torch.no_grad()
+def test_attention_rotates_q_and_k_of_one_gemv_call_at_once(monkeypatch):
+    """An int8 decode step's q/k/v come from one ``int8_gemv_cat`` call, side by side: the attention
+    rotates q and k in that one tensor (``packed.joint_outputs``), which is the same elementwise rope
+    as rotating each, so the step's output is bit for bit the one of three calls and two rotations."""
+    from smolvlm import SmolVLM
+    from smolvlm.model import text as text_mod
+    from smolvlm.model.layers import rope_tables
+    from smolvlm.quantization import quantize
+    from tests.helpers import tiny_config
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None)
+    torch.manual_seed(0)
+    model = quantize(SmolVLM(tiny_config()).eval().to(torch.bfloat16), "int8")
+    attn = model.model.text_model.layers[0].self_attn
+    assert attn.q_proj.in_features % 32 == 0
+    calls = []
+    for name in ("int8_gemv", "int8_gemv_cat"):
+        op = getattr(torch.ops.smolvlm, name)
+        monkeypatch.setattr(torch.ops.smolvlm, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    x = torch.randn(1, 1, attn.q_proj.in_features).bfloat16()
+    hd = attn.head_dim
+    ang = torch.rand(1, 1, hd)
+    cos, sin = rope_tables(ang.cos().bfloat16(), ang.sin().bfloat16())
+    joint = attn(x, cos, sin, None)
+    assert calls == ["int8_gemv_cat", "int8_gemv"]  # q/k/v in one call, then o_proj
+    calls.clear()
+    monkeypatch.setattr(text_mod, "joint_outputs", lambda *a: None)  # each layer, each rotation
+    alone = attn(x, cos, sin, None)
+    assert calls == ["int8_gemv"] * 4
+    assert torch.equal(joint, alone)

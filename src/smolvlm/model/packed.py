@@ -439,12 +439,21 @@ def fused_outputs(module: nn.Module, fused_name: str, parts: tuple[str, ...], x:
     if fused is not None:
         return fused(x)
     mods = [getattr(module, p) for p in parts]
-    together = getattr(type(mods[0]), "forward_together", None)
-    if together is not None and all(type(m) is type(mods[0]) for m in mods):
-        y = together(mods, x.reshape(-1, x.shape[-1]))
-        if y is not None:
-            return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split([m.out_features for m in mods], -1))
+    y = joint_outputs(module, parts, x)
+    if y is not None:
+        return tuple(y.split([m.out_features for m in mods], -1))
     return tuple(m(x) for m in mods)
+
+
+def joint_outputs(module: nn.Module, parts: tuple[str, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """The parts' outputs side by side, (..., sum of widths), from one call of their class's
+    ``forward_together``; None where it would not run them (then call each)."""
+    mods = [getattr(module, p) for p in parts]
+    together = getattr(type(mods[0]), "forward_together", None)
+    if together is None or any(type(m) is not type(mods[0]) for m in mods):
+        return None
+    y = together(mods, x.reshape(-1, x.shape[-1]))
+    return None if y is None else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 from smolvlm.config import TextConfig
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import GatedMLP, RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq, rope_tables
-from smolvlm.model.packed import fused_outputs, linear_add
+from smolvlm.model.packed import joint_outputs, linear_add
 
 
 def build_mask(query_pos: torch.Tensor, key_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -145,12 +145,14 @@ class TextAttention(nn.Module):
         when they are consecutive (the cache then writes one slice instead of indexing)."""
         b, t, _ = x.shape
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_proj is not None:  # fused q/k/v (packed or not): q and k side by side, rotate both at once
-            qkv = self.qkv_proj.joint(x)  # (B, T, (Hq + 2 Hkv) hd)
+        # fused q/k/v (packed or not), or one call of the layers' own kernel (int8/int4/bf16 GEMV):
+        # q and k side by side, rotated at once
+        qkv = self.qkv_proj.joint(x) if self.qkv_proj is not None else joint_outputs(self, QKV, x)
+        if qkv is not None:  # (B, T, (Hq + 2 Hkv) hd)
             qk = apply_rope(qkv[..., : (hq + hkv) * hd].view(b, t, hq + hkv, hd), cos, sin)
             q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[..., (hq + hkv) * hd:].view(b, t, hkv, hd)
         else:
-            q, k, v = fused_outputs(self, "qkv_proj", QKV, x)  # qkv_proj is None: each, or together
+            q, k, v = (getattr(self, p)(x) for p in QKV)
             q, k = apply_rope(q.view(b, t, hq, hd), cos, sin), apply_rope(k.view(b, t, hkv, hd), cos, sin)
             v = v.view(b, t, hkv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
