@@ -159,9 +159,10 @@ def test_int8_linear_runs_the_kernel_for_decode_rows_only(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_on_avx512_int8_runs_the_kernel_for_a_single_streams_rows_only(monkeypatch, dtype):
     """Where PyTorch's GEMVs run (AVX-512 without AMX: ``ready("gemv")`` false, ``ready("int8_rows")``
-    true), smolvlm's int8 GEMV takes one or two rows (``OWN_ROWS``: a single stream's decode step, q/k/v
-    and gate/up in one call), PyTorch's kernel (bf16/fp16) or the dequantized linear (float32) the
-    rest; every path gives the dequantized linear's numbers (bf16: the per-32 activation rounding)."""
+    true), smolvlm's int8 GEMV takes one or two bf16 rows (``OWN_ROWS``: a single stream's decode step,
+    q/k/v and gate/up in one call) and PyTorch's kernel the rest up to ``KERNEL_MAX_ROWS``; float32
+    rows, which PyTorch's kernel does not take, all go to ours; past that, the dequantized linear.
+    Every path gives the dequantized linear's numbers (bf16: the per-32 activation rounding)."""
     from smolvlm.quantization.int8 import OWN_ROWS
     from smolvlm.model.packed import fused_outputs
 
@@ -184,8 +185,9 @@ def test_on_avx512_int8_runs_the_kernel_for_a_single_streams_rows_only(monkeypat
         for rows in range(1, KERNEL_MAX_ROWS + 2):
             x = torch.randn(rows, 128).to(dtype)
             assert_close(q(x).float(), ref(x), **tol)
-        assert [r for _, r in calls] == list(range(1, OWN_ROWS + 1))
-        assert torch_calls == (list(range(OWN_ROWS + 1, KERNEL_MAX_ROWS + 1)) if dtype == torch.bfloat16 else [])
+        ours = OWN_ROWS if dtype == torch.bfloat16 else KERNEL_MAX_ROWS
+        assert [r for _, r in calls] == list(range(1, ours + 1))
+        assert torch_calls == list(range(ours + 1, KERNEL_MAX_ROWS + 1))
         calls.clear()
         mods = [Int8Linear.from_linear(nn.Linear(128, n, bias=False)).to(dtype) for n in (64, 32)]
         holder = nn.Module()

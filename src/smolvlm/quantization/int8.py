@@ -26,6 +26,7 @@ KERNEL_MAX_ROWS = 8
 # kind "int8_rows"): a single stream's decode step. Streaming 40 layer pairs (576x1536 + 1536x576,
 # 53 MB, past the L3) on an AMD EPYC Zen 5, 2 threads: 1 row 0.039 against PyTorch's 0.055 ms a
 # pair, 2 rows 0.045 against 0.055, 4 rows 0.071 against 0.062 (bench/ANALYSIS.md, seventeenth round).
+# float32 activations take ours for every row up to KERNEL_MAX_ROWS (PyTorch's takes bf16/fp16 only).
 OWN_ROWS = 2
 CHUNK_VALUES = 1 << 20  # weights quantized or dequantized at a time: float32 temporaries of 4 MiB
 
@@ -106,9 +107,9 @@ class Int8Linear(nn.Module):
         if (x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * self.in_features
                 or (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point()):
             return None
-        if self.in_features % 16 == 0 and (kernels.ready() or (x.numel() <= OWN_ROWS * self.in_features
-                                                                and kernels.ready("int8_rows"))):
-            return "own"
+        if self.in_features % 16 == 0 and (kernels.ready() or (kernels.ready("int8_rows") and (
+                x.numel() <= OWN_ROWS * self.in_features or x.dtype == torch.float32))):
+            return "own"  # float32: PyTorch has no int8 GEMV for it, and ours beat dequantizing 1.5-4x at 1-8 rows
         return "torch" if x.dtype in _FAST else None
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
