@@ -147,9 +147,9 @@ def prepare() -> bool:
       on its plain text weights (``upcast.GemvLinear``: a 256M step's linears 5.8 against 7.4 ms through
       oneDNN's packed weights; sixteenth round), and the int8 GEMV for one or two rows (a single
       stream's decode step: ``Int8Linear`` kind "int8_rows"; SmolLM2-135M int8 compiled decode
-      129-133 -> 213-224 tok/s, seventeenth round). PyTorch's AVX-512 GEMVs stay for more rows (int8
+      129-133 -> 182-207 tok/s, seventeenth round). PyTorch's AVX-512 GEMVs stay for more rows (int8
       from 4 rows, int4 for all: its kernel is 2.5x faster than ours for 8-128 rows and needs its own
-      weight layout); and the RMSNorm of eager steps (about 1 against 19 us a call);
+      weight layout); and the RMSNorm of eager steps (about 3 against 11 us a call);
     - AMX: none; PyTorch's kernels (its flash attention included) and Inductor's templates use its tiles.
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""

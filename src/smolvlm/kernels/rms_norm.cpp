@@ -8,9 +8,9 @@
 // at most, and rarely.
 //
 // Why: an eager decode step runs 2 per layer + 1 (61 for SmolLM2-135M). PyTorch's composite
-// ``F.rms_norm`` (pow, mean, add, rsqrt, mul) plus the two casts around it took about 19 us each
-// on an AMD EPYC Zen 5, 1.2 ms of an 8 ms int8 step; here about 1 us (bench/ANALYSIS.md, seventeenth
-// round). Compiled steps keep PyTorch's: Inductor fuses it with its neighbours.
+// ``F.rms_norm`` (pow, mean, add, rsqrt, mul) plus the two casts around it took about 11 us for one
+// 576-wide bf16 row on an AMD EPYC Zen 5 (0.7 ms of an 8 ms int8 step); here about 3 (bench/ANALYSIS.md,
+// seventeenth round). Compiled steps keep PyTorch's: Inductor fuses it with its neighbours.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

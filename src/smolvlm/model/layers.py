@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
         if (x.device.type == "cpu" and x.dtype == self.weight.dtype and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and kernels.ready("rms_norm")):
-            # the same steps in one native call (kernels/rms_norm.cpp): ~1 us against ~19 in an eager step
+            # the same steps in one native call (kernels/rms_norm.cpp): ~3 us against ~11 for a 576-wide bf16 row
             return torch.ops.smolvlm.rms_norm(x, self.weight, self.eps)
         # ``F.rms_norm`` is the reference's ``h * rsqrt(mean(h^2) + eps)`` on the fp32 cast, as one
         # kernel instead of five (a decode step runs 61 of them). The reference multiplies the
