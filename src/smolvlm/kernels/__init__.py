@@ -20,8 +20,9 @@ Why each exists: its header.
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AMX they are not used either, on AVX-512 CPUs only the two attentions, the bf16 GEMV and
-the int8 GEMV for one or two rows, unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
+CPUs with AMX they are not used either, on AVX-512 CPUs only the two attentions, the bf16 GEMV, the
+RMSNorm and the int8 GEMV for one or two bf16 rows (any float32 decode call), unless
+``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
 build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
 ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
 """
@@ -148,8 +149,8 @@ def prepare() -> bool:
       oneDNN's packed weights; sixteenth round), and the int8 GEMV for one or two rows (a single
       stream's decode step: ``Int8Linear`` kind "int8_rows"; SmolLM2-135M int8 compiled decode
       129-133 -> 182-207 tok/s, seventeenth round). PyTorch's AVX-512 GEMVs stay for more rows (int8
-      from 4 rows, int4 for all: its kernel is 2.5x faster than ours for 8-128 rows and needs its own
-      weight layout); and the RMSNorm of eager steps (about 3 against 11 us a call);
+      bf16/fp16 from 3 rows; int4 for all: its kernel is 1.6-2.5x faster than ours from 2 rows and needs
+      its own weight layout); and the RMSNorm of eager steps (about 3 against 11 us a call);
     - AMX: none; PyTorch's kernels (its flash attention included) and Inductor's templates use its tiles.
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
@@ -171,9 +172,10 @@ KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv", "int8_rows",
 def ready(kind: str = "gemv") -> bool:
     """Whether the layers run these kernels of one kind: ``"gemv"`` (``Int8Linear``, ``Int4Linear``,
     ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``),
-    ``"bf16_gemv"`` (``upcast.GemvLinear``: a bf16 model's unpacked text linears) or ``"int8_rows"``
-    (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` rows or fewer where ``"gemv"`` is not ready) or
-    ``"rms_norm"`` (``layers.RMSNorm`` outside autograd and compiled graphs); decides
+    ``"bf16_gemv"`` (``upcast.GemvLinear``: a bf16 model's unpacked text linears), ``"int8_rows"``
+    (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` bf16/fp16 rows or fewer, and for float32, where
+    ``"gemv"`` is not ready) or ``"rms_norm"`` (``layers.RMSNorm`` outside autograd and compiled
+    graphs); decides
     (and builds) on the first eager call if :func:`prepare` has not run (never inside a
     ``torch.compile`` trace)."""
     if kind not in KINDS:
