@@ -148,7 +148,7 @@ def prepare() -> bool:
       on its plain text weights (``upcast.GemvLinear``: a 256M step's linears 5.8 against 7.4 ms through
       oneDNN's packed weights; sixteenth round), and the int8 GEMV for one or two rows (a single
       stream's decode step: ``Int8Linear`` kind "int8_rows"; SmolLM2-135M int8 compiled decode
-      129-133 -> 182-207 tok/s, seventeenth round). PyTorch's AVX-512 GEMVs stay for more rows (int8
+      129-133 -> 150-208 tok/s, median 189; seventeenth round). PyTorch's AVX-512 GEMVs stay for more rows (int8
       bf16/fp16 from 3 rows; int4 for all: its kernel is 1.6-2.5x faster than ours from 2 rows and needs
       its own weight layout); and the RMSNorm of eager steps (about 3 against 11 us a call);
     - AMX: none; PyTorch's kernels (its flash attention included) and Inductor's templates use its tiles.
