@@ -75,9 +75,10 @@ def test_call_checks_and_outputs(proc):
     assert proc.decode(proc(text="<image>hey", images=img, do_image_splitting=False)["input_ids"][0]) == "hey"
 
 
-def test_pixel_dtype_gives_the_model_dtype_and_a_bool_mask(proc):
+def test_pixel_dtype_gives_the_model_dtype_and_a_bool_mask(proc, monkeypatch):
     """``pixel_dtype`` (what ``stream`` and the server ask for: the model's dtype): the reference's
-    output cast, bit for bit, for images and for video frames; token ids unchanged."""
+    output cast, bit for bit, for images, video frames (with text, with images, and a batch of
+    videos alone); token ids unchanged. Every path writes the model's dtype as it pads: no float32 batch."""
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (300, 700, 3), dtype=np.uint8)
     frames = rng.integers(0, 256, (4, 60, 90, 3), dtype=np.uint8)
@@ -85,14 +86,28 @@ def test_pixel_dtype_gives_the_model_dtype_and_a_bool_mask(proc):
         proc(text="<image>a", images=img, pixel_dtype=torch.int64)
     with pytest.raises(ValueError, match="pixel_dtype needs return_tensors='pt'"):
         proc(text="<image>a", images=img, return_tensors="np", pixel_dtype=torch.bfloat16)
+    from smolvlm.processing import image as image_mod, video as video_mod, video_inputs
+
+    asked = []  # the dtype each padding was asked to write in
+
+    def spy(samples, normalize=None, pixel_dtype=None):
+        asked.append(pixel_dtype)
+        return image_mod.pad_arrays(samples, normalize, pixel_dtype)
+
+    for module in (video_mod, video_inputs):
+        monkeypatch.setattr(module, "pad_arrays", spy)
     for kw in (dict(text=["<image>a", "<image><image>b"], images=[[img], [img[:40], img[:, :50]]]),
-               dict(text="<video>what happens?", videos=[frames], num_frames=3)):
+               dict(text="<video>what happens?", videos=[frames], num_frames=3),
+               dict(text="<image>and <video>?", images=[[img]], videos=[[frames]], num_frames=3),
+               dict(videos=[frames, frames[:2]], num_frames=3)):
         want = proc(**kw)
         got = proc(**kw, pixel_dtype=torch.bfloat16)
-        assert torch.equal(got["input_ids"], want["input_ids"])
+        if "text" in kw:
+            assert torch.equal(got["input_ids"], want["input_ids"])
         assert got["pixel_values"].dtype == torch.bfloat16 and got["pixel_attention_mask"].dtype == torch.bool
         assert torch.equal(got["pixel_values"], want["pixel_values"].to(torch.bfloat16))
         assert torch.equal(got["pixel_attention_mask"], want["pixel_attention_mask"] != 0)
+    assert asked == [None, torch.bfloat16] * 3  # each video path: float32 for the default, bf16 when asked
 
 
 def test_from_pretrained_errors(tmp_path, monkeypatch):

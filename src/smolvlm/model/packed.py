@@ -439,7 +439,7 @@ def fused_outputs(module: nn.Module, fused_name: str, parts: tuple[str, ...], x:
     if fused is not None:
         return fused(x)
     mods = [getattr(module, p) for p in parts]
-    y = joint_outputs(module, parts, x)
+    y = _together(mods, x)
     if y is not None:
         return tuple(y.split([m.out_features for m in mods], -1))
     return tuple(m(x) for m in mods)
@@ -448,7 +448,10 @@ def fused_outputs(module: nn.Module, fused_name: str, parts: tuple[str, ...], x:
 def joint_outputs(module: nn.Module, parts: tuple[str, ...], x: torch.Tensor) -> torch.Tensor | None:
     """The parts' outputs side by side, (..., sum of widths), from one call of their class's
     ``forward_together``; None where it would not run them (then call each)."""
-    mods = [getattr(module, p) for p in parts]
+    return _together([getattr(module, p) for p in parts], x)
+
+
+def _together(mods: list[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
     together = getattr(type(mods[0]), "forward_together", None)
     if together is None or any(type(m) is not type(mods[0]) for m in mods):
         return None

@@ -353,7 +353,7 @@ class SmolVLMProcessor:
                 prompts, nested, video_inputs.nest_videos(videos, prompts), image_processor=self.image_processor,
                 image_seq_len=self.image_seq_len, tokens=self.image_tokens, sampling=self.video_sampling,
                 do_image_splitting=do_image_splitting, budget=budget,
-                load=dict(num_frames=num_frames, fps=fps, max_frames=max_frames))
+                load=dict(num_frames=num_frames, fps=fps, max_frames=max_frames), pixel_dtype=pixel_dtype)
             if expanded is not None:
                 out.update(self._pad(self._encode(expanded), side))
             out.update(media)
@@ -374,9 +374,6 @@ class SmolVLMProcessor:
 
             for k, v in out.items():
                 out[k] = v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
-            if pixel_dtype is not None and "pixel_values" in out:  # video frames: padded in numpy, cast here
-                out["pixel_values"] = out["pixel_values"].to(pixel_dtype)
-                out["pixel_attention_mask"] = out["pixel_attention_mask"] != 0
         return out
 
     def _encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from datetime import timedelta
 from pathlib import Path
 
@@ -280,17 +281,18 @@ def preprocess_frames(
     return out
 
 
-def pad_videos(videos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pad_videos(videos: Sequence[np.ndarray], pixel_dtype: Any = None) -> tuple[Any, Any]:
     """Batch ``(T_b, 3, M, M)`` videos -> pixel_values ``(B, T_max, 3, M, M)`` float32 and
     pixel_attention_mask ``(B, T_max, M, M)`` int64; missing frames are zeros with a zero mask
-    (5.23 ``SmolVLMVideoProcessor.pad``)."""
+    (5.23 ``SmolVLMVideoProcessor.pad``). ``pixel_dtype``: torch tensors in that dtype + bool, as
+    ``image.pad_arrays``."""
     if not videos:
         raise VideoError("no videos to batch")
     m = videos[0].shape[-1]
     for b, v in enumerate(videos):
         if v.shape[1:] != (3, m, m):
             raise VideoError(f"video {b} has frame shape {v.shape[1:]}, expected (3, {m}, {m})")
-    return pad_arrays([list(v) for v in videos])  # (B, T_max, 3, M, M), (B, T_max, M, M)
+    return pad_arrays([list(v) for v in videos], pixel_dtype=pixel_dtype)  # (B, T_max, 3, M, M), (B, T_max, M, M)
 
 
 def video_prompt(num_frames_word: int, timestamps: list[float], duration: float | None, image_seq_len: int,

@@ -168,12 +168,14 @@ def expand_videos(
     do_image_splitting: bool | None = None,
     budget: TileBudget | None = None,
     load: dict[str, Any] | None = None,
-) -> tuple[list[Prompt] | None, dict[str, np.ndarray]]:
+    pixel_dtype: Any = None,
+) -> tuple[list[Prompt] | None, dict[str, Any]]:
     """Prompts with ``<video>`` (and maybe ``<image>``) markers -> expanded prompts + one media row per prompt.
 
     Videos are loaded with ``sampling`` and ``load`` (``num_frames`` / ``fps`` / ``max_frames``), images
     split by ``image_processor``; markers are replaced in one left-to-right pass, as 5.23 does. Without
     text the prompts are None and the media are one row per video, as 5.23's video processor.
+    ``pixel_dtype``: the media as torch tensors in that dtype with a bool mask (``image.pad_arrays``).
     """
     if texts is not None:
         check_video_markers(texts, videos)
@@ -185,7 +187,7 @@ def expand_videos(
     if texts is None:
         if images is not None:
             raise PromptError("images and videos together need text with <image>/<video> markers to order them")
-        pv, mask = pad_videos(flat)  # (V, T_max, 3, M, M): one row per video, as 5.23's video processor
+        pv, mask = pad_videos(flat, pixel_dtype)  # (V, T_max, 3, M, M): one row per video, as 5.23's video processor
         return None, {"pixel_values": pv, "pixel_attention_mask": mask}
     word = max(p.shape[0] for p in flat)  # 5.23: pixel_values.shape[1] of the padded video batch
     pattern = re.compile(f"{re.escape(tokens.image)}|{re.escape(VIDEO_TOKEN)}")
@@ -208,5 +210,5 @@ def expand_videos(
         media.append(arrays)
     if not any(media):  # cannot happen (markers were checked), kept for a clear message
         raise PromptError("no image or video arrays were produced")
-    pv, mask = pad_arrays(media)  # (B, N, 3, H, W), (B, N, H, W)
+    pv, mask = pad_arrays(media, pixel_dtype=pixel_dtype)  # (B, N, 3, H, W), (B, N, H, W)
     return expanded, {"pixel_values": pv, "pixel_attention_mask": mask}
