@@ -174,6 +174,13 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         stops = RowStops(tokenizer, s.stop_strings, B) if s.stop_strings else None
 
     logits = _prefill(model, cache, input_ids, mask[:, :T], position_ids, slots[:T], image_features)
+    # One sequence, no padding: every layer of a step in one native call where the kernels run
+    # (model/fused_decode.py; the same numbers as the forward below, without its Python).
+    fused = None
+    if compiled is None and B == 1 and hasattr(model, "fused_decoder") and bool(attention_mask.all()):
+        with torch.inference_mode():
+            fused = model.fused_decoder(cache)
+        fused = None if isinstance(fused, str) else fused
     try:
         for step in range(s.max_new_tokens):
             with torch.inference_mode():
@@ -197,12 +204,16 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                     logits = compiled(tok[:, None], mask, next_pos, slots[pos : pos + 1], cache)
                     next_pos = next_pos + 1
                     continue
+                if fused is not None:
+                    logits = fused(tok[:, None], next_pos, pos)[:, -1].float()  # (1, V)
+                    next_pos = next_pos + 1
+                    continue
                 out = model(input_ids=tok[:, None], attention_mask=mask[:, : pos + 1], position_ids=next_pos,
                             kv_cache=cache, input_pos=slots[pos : pos + 1], logits_to_keep=1)
                 logits = out.logits[:, -1].float()  # (B, V)
                 next_pos = next_pos + 1
     finally:  # the cache (a tensor per layer, small enough for glibc's heap) and the decode's temporaries
-        cache = logits = out = None  # go back to the OS before the next request (smolvlm/memory.py)
+        cache = logits = out = fused = None  # go back to the OS before the next request (smolvlm/memory.py)
         release_freed_memory()
 
 

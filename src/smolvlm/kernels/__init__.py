@@ -12,9 +12,11 @@
   causal (the vision encoder's, a prompt's), AVX-512 BF16 only, ``torch.ops.smolvlm.bf16_attention``.
 - ``rms_norm.cpp``: Llama's RMSNorm in one call (eager steps; ``layers.RMSNorm``),
   ``torch.ops.smolvlm.rms_norm``.
+- ``decode_layers.cpp``: a single sequence's eager decode step through every decoder layer in one
+  call, composed of the kernels above (``model/fused_decode.py``), ``torch.ops.smolvlm.decode_layers``.
 
 All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``attention.h``: what the attentions
-share; ``bf16_attention`` compiles its functions for AVX-512 BF16 and runs only where the CPU has it),
+share; ``ops.h``: the entry points ``decode_layers`` composes; ``bf16_attention`` compiles its functions for AVX-512 BF16 and runs only where the CPU has it),
 registered with a shape-only ("fake") version, so ``torch.compile`` keeps them inside a compiled graph.
 Why each exists: its header.
 
@@ -40,7 +42,8 @@ import torch
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "bf16_gemv.cpp",
-                                                       "decode_attention.cpp", "bf16_attention.cpp", "rms_norm.cpp")]
+                                                       "decode_attention.cpp", "bf16_attention.cpp", "rms_norm.cpp",
+                                                       "decode_layers.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
@@ -120,6 +123,10 @@ def _compile() -> str | None:
         b, h, t, d = q.shape
         return q.new_empty(b, t, h * d)
 
+    @torch.library.register_fake("smolvlm::decode_layers")
+    def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *rest) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
     @torch.library.register_fake("smolvlm::rms_norm")
     def _(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -166,7 +173,7 @@ def prepare() -> bool:
     return _state["use"] is None
 
 
-KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv", "int8_rows", "rms_norm")
+KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv", "int8_rows", "rms_norm", "decode_layers")
 
 
 def ready(kind: str = "gemv") -> bool:
@@ -174,8 +181,9 @@ def ready(kind: str = "gemv") -> bool:
     ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``),
     ``"bf16_gemv"`` (``upcast.GemvLinear``: a bf16 model's unpacked text linears), ``"int8_rows"``
     (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` bf16/fp16 rows or fewer, and for float32, where
-    ``"gemv"`` is not ready) or ``"rms_norm"`` (``layers.RMSNorm`` outside autograd and compiled
-    graphs); decides
+    ``"gemv"`` is not ready), ``"rms_norm"`` (``layers.RMSNorm`` outside autograd and compiled
+    graphs) or ``"decode_layers"`` (``model.fused_decode``: a single sequence's eager decode step in one
+    call); decides
     (and builds) on the first eager call if :func:`prepare` has not run (never inside a
     ``torch.compile`` trace)."""
     if kind not in KINDS:
@@ -190,7 +198,7 @@ def ready(kind: str = "gemv") -> bool:
         return _state.get("gemv") is None
     if kind == "bf16_attention":
         return _state.get("bf16_attention", "not decided") is None
-    return True  # the decode attention, the bf16 GEMV, int8's few rows, the RMSNorm: wherever any of them run
+    return True  # the decode attention, the bf16 GEMV, int8's few rows, the RMSNorm, the fused step: wherever any run
 
 
 def problem() -> str | None:

@@ -11,6 +11,7 @@
 // 16.5 GB/s; bench/ANALYSIS.md, thirteenth round). Each thread streams one contiguous block of rows
 // with a software prefetch, as the int8 GEMV does.
 #include "common.h"
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -63,6 +64,10 @@ void one_row(const float* x, const uint16_t* wr, void* y, Store store, int64_t r
   store(y, r, hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))));
 }
 
+}  // namespace
+
+namespace smolvlm_kernels {  // the entry points: ops.h
+
 // y (M, N_0 + N_1 + ...): the layers that read the same x (q/k/v, gate/up) side by side, in one call.
 at::Tensor bf16_gemv_cat(const at::Tensor& x, at::TensorList w) {
   TORCH_CHECK(!w.empty(), "bf16_gemv: no weights");
@@ -111,13 +116,13 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   return bf16_gemv_cat(x, {w});
 }
 
-}  // namespace
+}  // namespace smolvlm_kernels
 
 TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("bf16_gemv_cat(Tensor x, Tensor[] w) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) {
-  m.impl("bf16_gemv", bf16_gemv);
-  m.impl("bf16_gemv_cat", bf16_gemv_cat);
+  m.impl("bf16_gemv", smolvlm_kernels::bf16_gemv);
+  m.impl("bf16_gemv_cat", smolvlm_kernels::bf16_gemv_cat);
 }

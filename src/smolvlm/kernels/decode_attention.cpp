@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include "attention.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -119,6 +120,10 @@ void attend(const float* q, const T* k, int64_t ks, const T* v, int64_t vs, cons
   for (; d0 < D; d0 += 8) pv_columns<1>(p, v + d0, vs, L, inv, out + d0);
 }
 
+}  // namespace
+
+namespace smolvlm_kernels {  // the entry points: ops.h
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask_opt) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q (B, Hq, 1, D), k and v (B, Hkv, L, D)");
@@ -166,7 +171,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-}  // namespace
+}  // namespace smolvlm_kernels
 
 TORCH_LIBRARY_FRAGMENT(smolvlm, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor"); }
-TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("decode_attention", decode_attention); }
+TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("decode_attention", smolvlm_kernels::decode_attention); }

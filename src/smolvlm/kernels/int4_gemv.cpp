@@ -18,6 +18,7 @@
 // (AVX2, 128-bit FP units) that conversion is the cost: a SmolLM2-135M decode step's 121 layers took
 // 33 ms with it against 17 ms here (bench/ANALYSIS.md, twelfth round).
 #include "common.h"
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -113,6 +114,10 @@ void row_float(const float* x, int64_t M, const uint8_t* wr, const T* tr, int sh
   }
 }
 
+}  // namespace
+
+namespace smolvlm_kernels {  // the entry points: ops.h
+
 // y (M, N_0 + N_1 + ...): the parts (q/k/v, gate/up: layers of the same x) side by side, in one call.
 at::Tensor int4_gemv_cat(const at::Tensor& x, at::TensorList w, at::TensorList table) {
   TORCH_CHECK(!w.empty() && w.size() == table.size(), "int4_gemv: as many tables as weights");
@@ -174,13 +179,13 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return int4_gemv_cat(x, {w}, {table});
 }
 
-}  // namespace
+}  // namespace smolvlm_kernels
 
 TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
   m.def("int4_gemv(Tensor x, Tensor w, Tensor table) -> Tensor");
   m.def("int4_gemv_cat(Tensor x, Tensor[] w, Tensor[] table) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) {
-  m.impl("int4_gemv", int4_gemv);
-  m.impl("int4_gemv_cat", int4_gemv_cat);
+  m.impl("int4_gemv", smolvlm_kernels::int4_gemv);
+  m.impl("int4_gemv_cat", smolvlm_kernels::int4_gemv_cat);
 }

@@ -17,6 +17,7 @@
 // contiguous block of rows, row after row (one stream; a 4-row tile, four interleaved streams, ran
 // at 14 GB/s), with a software prefetch PF bytes ahead. Measurements: bench/ANALYSIS.md, ninth round.
 #include "common.h"
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -89,6 +90,10 @@ void row_q8(const int8_t* xq, const float* d, int64_t M, const int8_t* wr, float
   }
 }
 
+}  // namespace
+
+namespace smolvlm_kernels {  // the entry points: ops.h
+
 // y (M, N_0 + N_1 + ...) = [(x @ w_0^T) * s_0, (x @ w_1^T) * s_1, ...]: the layers that read the same x
 // (q/k/v, gate/up) in one call, their rows streamed one after another; x is quantized once.
 at::Tensor int8_gemv_cat(const at::Tensor& x, at::TensorList w, at::TensorList scale) {
@@ -141,13 +146,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return int8_gemv_cat(x, {w}, {scale});
 }
 
-}  // namespace
+}  // namespace smolvlm_kernels
 
 TORCH_LIBRARY(smolvlm, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int8_gemv_cat(Tensor x, Tensor[] w, Tensor[] scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) {
-  m.impl("int8_gemv", int8_gemv);
-  m.impl("int8_gemv_cat", int8_gemv_cat);
+  m.impl("int8_gemv", smolvlm_kernels::int8_gemv);
+  m.impl("int8_gemv_cat", smolvlm_kernels::int8_gemv_cat);
 }

@@ -11,12 +11,13 @@
 // ``F.rms_norm`` (pow, mean, add, rsqrt, mul) plus the two casts around it took about 11 us for one
 // 576-wide bf16 row on an AMD EPYC Zen 5 (0.7 ms of an 8 ms int8 step); here about 3 (bench/ANALYSIS.md,
 // seventeenth round). Compiled steps keep PyTorch's: Inductor fuses it with its neighbours.
-#include <torch/extension.h>
+#include "ops.h"
+
 #include <ATen/Parallel.h>
 
 #include <cmath>
 
-namespace {
+namespace smolvlm_kernels {  // the entry point: ops.h
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1), "rms_norm: x (..., D), w (D,)");
@@ -49,11 +50,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-}  // namespace
+}  // namespace smolvlm_kernels
 
 TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) {
-  m.impl("rms_norm", rms_norm);
+  m.impl("rms_norm", smolvlm_kernels::rms_norm);
 }

@@ -83,6 +83,12 @@ class UpcastLinear(nn.Linear):
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and kernels.ready(self.KERNELS))
 
+    def decode_weights(self, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """How ``kernels/decode_layers.cpp`` runs this layer for one row of ``dtype``, as ``forward`` does
+        (``model.fused_decode``): ("bf16", weight, weight), or None where forward would not run the GEMV."""
+        x = torch.empty(1, self.in_features, dtype=dtype, device=self.weight.device)
+        return ("bf16", self.weight, self.weight) if self._gemv(x) else None
+
     @staticmethod
     def forward_together(mods: list["UpcastLinear"], x: torch.Tensor) -> torch.Tensor | None:
         """Several layers of the same input x (M, K) (q/k/v, gate/up) in one call of the bf16 GEMV: their

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from smolvlm.config import SmolVLMConfig
+from smolvlm.model import fused_decode
 from smolvlm.model.connector import Connector
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.layers import cpu_attends_fast_in
@@ -162,6 +163,16 @@ class SmolVLM(nn.Module):
             dtype = torch.float32 if slow else self.dtype
         return KVCache(tc.num_hidden_layers, batch_size, tc.num_key_value_heads, max_len, tc.head_dim,
                        dtype=dtype, device=self.device)
+
+    def fused_decoder(self, cache: KVCache) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | str:
+        """A single sequence's eager decode step in one native call over ``cache`` (one row), for one
+        generation: ``step(token ids (1, 1), position (1, 1), slot) -> logits (1, 1, V)``, the same numbers
+        as ``forward`` over every slot up to ``slot`` (``model.fused_decode``); or why not, a string."""
+        decoder = fused_decode.plan(self.model.text_model, cache)
+        if isinstance(decoder, str):
+            return decoder
+        embed, head = self.model.text_model.embed_tokens, self.lm_head
+        return lambda ids, position, slot: head(decoder(embed(ids), position, slot))
 
     # -- images ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:

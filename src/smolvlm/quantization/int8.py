@@ -116,6 +116,12 @@ class Int8Linear(nn.Module):
         """Whether ``forward(x)`` runs a CPU GEMV kernel (else it dequantizes and calls ``linear``)."""
         return self._kernel(x) is not None
 
+    def decode_weights(self, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """How ``kernels/decode_layers.cpp`` runs this layer for one row of ``dtype``, as ``forward`` does
+        (``model.fused_decode``): ("int8", weight, float32 scales) where that is smolvlm's GEMV, else None."""
+        x = torch.empty(1, self.in_features, dtype=dtype, device=self.scale.device)
+        return ("int8", self.weight_int8, self._f32_scale()) if self.bias is None and self._kernel(x) == "own" else None
+
     @staticmethod
     def forward_together(mods: list["Int8Linear"], x: torch.Tensor) -> torch.Tensor | None:
         """Several bias-free layers of the same input x (M, K) (q/k/v, gate/up) in one call of smolvlm's

@@ -1,0 +1,156 @@
+// One eager decode step through every decoder layer in one call: the Llama layer of model/text.py for
+// one token of one sequence, composed of the other kernels here, with no Python between them.
+//
+// x (1, D) float32 or bfloat16 (the step's embedding), cos and sin (hd,) in x's dtype (layers.rope_tables:
+// sin with its first half negated), per layer l: norms[2l], norms[2l + 1] (the two RMSNorm weights; the
+// last entry is the final norm's), kinds[4l .. 4l + 3] (how q/k/v, o, gate/up and down are stored: BF16,
+// INT8, INT4, INT4_TORCH below), w and aux [7l .. 7l + 6] (q, k, v, o, gate, up, down: the weight and
+// what rides along: int8's float32 scales, int4's table; anything for bf16), k_cache[l], v_cache[l]
+// (1, Hkv, S, hd) float32 or bfloat16 -> the final-norm hidden state (1, D). The new token's k and v
+// are written at slot ``pos`` and it attends over slots 0..pos (a single sequence without padding).
+//
+// Numbers: the same as the layer-by-layer eager path, step for step. Each GEMV, RMSNorm and the
+// attention is the same kernel; the elementwise steps round as PyTorch's kernels do (RoPE's two
+// products each rounded to x's dtype before their sum, the residual adds and silu(gate) * up rounded
+// once; silu itself is PyTorch's). tests/test_decode_layers.py checks the result bit for bit.
+//
+// Why: an eager step of SmolVLM-256M runs about 2,000 PyTorch calls (views included) and ~20 Python
+// module calls a layer around its 5 kernels a layer; on an AMD EPYC Zen 5 that was about 2.5 of its
+// 11 ms (bench/ANALYSIS.md, eighteenth round).
+#include "ops.h"
+
+#include <vector>
+
+namespace {
+
+using namespace smolvlm_kernels;
+
+enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, INT4_TORCH = 3 };
+
+// The outputs of the layers w (one input x (1, K)) side by side, as Python's forward_together / forward.
+at::Tensor linear(int64_t kind, const at::Tensor& x, at::TensorList w, at::TensorList aux) {
+  switch (kind) {
+    case BF16: return bf16_gemv_cat(x, w);
+    case INT8: return int8_gemv_cat(x, w, aux);
+    case INT4: return int4_gemv_cat(x, w, aux);
+    case INT4_TORCH: {  // PyTorch's kernel, one layer at a time; aux: its (G, N, 2) table
+      std::vector<at::Tensor> ys;
+      for (size_t i = 0; i < w.size(); ++i)
+        ys.push_back(at::_weight_int4pack_mm_for_cpu(x, w[i], x.size(1) / aux[i].size(0), aux[i]));
+      return ys.size() == 1 ? ys[0] : at::cat(ys, 1);
+    }
+    default: TORCH_CHECK(false, "decode_layers: unknown weight kind ", kind);
+  }
+}
+
+// a * b rounded to float32 on its own (never fused into a following add, as in PyTorch's mul kernel)
+inline float product(float a, float b) {
+  volatile float r = a * b;
+  return r;
+}
+
+// RoPE of one head: x * cos + roll(x, hd / 2) * signed_sin, each product rounded to T, then the sum.
+template <typename T>
+void rotate(const T* x, const T* c, const T* s, int64_t hd, T* out) {
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < hd; ++d) {
+    const T a = static_cast<T>(product(static_cast<float>(x[d]), static_cast<float>(c[d])));
+    const T b = static_cast<T>(product(static_cast<float>(x[(d + half) % hd]), static_cast<float>(s[d])));
+    out[d] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  }
+}
+
+// q/k/v (1, (Hq + 2 Hkv) hd) -> attention output (1, Hq hd); k, v written into the caches at pos.
+template <typename T>
+at::Tensor attend(const at::Tensor& qkv, const T* cos, const T* sin, const at::Tensor& kc, const at::Tensor& vc,
+                  int64_t pos, int64_t hq, int64_t hkv, int64_t hd) {
+  const T* src = qkv.data_ptr<T>();
+  at::Tensor q = at::empty({1, hq, 1, hd}, qkv.options());
+  T* qp = q.data_ptr<T>();
+  for (int64_t h = 0; h < hq; ++h) rotate(src + h * hd, cos, sin, hd, qp + h * hd);
+  std::vector<T> k(hd);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, kc.scalar_type(), "decode_layers_cache", [&] {
+    scalar_t* kp = kc.data_ptr<scalar_t>() + pos * kc.stride(2);
+    scalar_t* vp = vc.data_ptr<scalar_t>() + pos * vc.stride(2);
+    for (int64_t h = 0; h < hkv; ++h) {
+      rotate(src + (hq + h) * hd, cos, sin, hd, k.data());
+      const T* v = src + (hq + hkv + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        kp[h * kc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(k[d]));
+        vp[h * vc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(v[d]));
+      }
+    }
+  });
+  return decode_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), c10::nullopt).view({1, hq * hd});
+}
+
+template <typename T>
+at::Tensor add(const at::Tensor& a, const at::Tensor& b) {  // the residual add, rounded once
+  at::Tensor y = at::empty_like(a);
+  const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  for (int64_t i = 0; i < a.numel(); ++i) yp[i] = static_cast<T>(static_cast<float>(ap[i]) + static_cast<float>(bp[i]));
+  return y;
+}
+
+template <typename T>
+at::Tensor gated(const at::Tensor& gate_up) {  // silu(gate) * up of (1, 2I) -> (1, I)
+  const int64_t n = gate_up.size(1) / 2;
+  const at::Tensor g = at::silu(gate_up.narrow(1, 0, n));
+  at::Tensor y = at::empty({1, n}, gate_up.options());
+  const T *gp = g.data_ptr<T>(), *up = gate_up.data_ptr<T>() + n;
+  T* yp = y.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<T>(product(static_cast<float>(gp[i]), static_cast<float>(up[i])));
+  return y;
+}
+
+template <typename T>
+at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
+               at::IntArrayRef kinds, at::TensorList w, at::TensorList aux, at::TensorList kc, at::TensorList vc,
+               int64_t pos, int64_t hq, int64_t hkv, double eps) {
+  const int64_t hd = cos.size(0);
+  at::Tensor h = x;
+  for (size_t l = 0; l < kc.size(); ++l) {
+    const int64_t* kind = kinds.data() + 4 * l;
+    const size_t p = 7 * l;  // q, k, v, o, gate, up, down
+    at::Tensor qkv = linear(kind[0], rms_norm(h, norms[2 * l], eps), w.slice(p, 3), aux.slice(p, 3));
+    at::Tensor att = attend<T>(qkv, cos.data_ptr<T>(), sin.data_ptr<T>(), kc[l], vc[l], pos, hq, hkv, hd);
+    h = add<T>(h, linear(kind[1], att, w.slice(p + 3, 1), aux.slice(p + 3, 1)));
+    at::Tensor gate_up = linear(kind[2], rms_norm(h, norms[2 * l + 1], eps), w.slice(p + 4, 2), aux.slice(p + 4, 2));
+    h = add<T>(h, linear(kind[3], gated<T>(gate_up), w.slice(p + 6, 1), aux.slice(p + 6, 1)));
+  }
+  return rms_norm(h, norms[norms.size() - 1], eps);
+}
+
+at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
+                         at::IntArrayRef kinds, at::TensorList w, at::TensorList aux, at::TensorList kc,
+                         at::TensorList vc, int64_t pos, int64_t heads, int64_t kv_heads, double eps) {
+  const size_t L = kc.size();
+  TORCH_CHECK(L > 0 && vc.size() == L && norms.size() == 2 * L + 1 && kinds.size() == 4 * L && w.size() == 7 * L &&
+                  aux.size() == 7 * L,
+              "decode_layers: per layer 2 norms (+1), 4 kinds, 7 weights and 7 aux, one k and one v cache");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(), "decode_layers: x (1, D) contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "decode_layers: x float32 or bfloat16");
+  const int64_t hd = cos.size(0);
+  TORCH_CHECK(cos.dim() == 1 && sin.sizes() == cos.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && hd % 8 == 0,
+              "decode_layers: cos and sin (hd,) contiguous in x's dtype, hd % 8 == 0");
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "decode_layers: heads a multiple of kv_heads");
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor &k = kc[l], &v = vc[l];
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == 1 && k.size(1) == kv_heads && k.size(3) == hd &&
+                    k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type(),
+                "decode_layers: caches (1, kv_heads, S, hd), contiguous last dim");
+    TORCH_CHECK(pos >= 0 && pos < k.size(2), "decode_layers: slot ", pos, " outside the cache's ", k.size(2));
+  }
+  if (x.scalar_type() == at::kFloat) return run<float>(x, cos, sin, norms, kinds, w, aux, kc, vc, pos, heads, kv_heads, eps);
+  return run<at::BFloat16>(x, cos, sin, norms, kinds, w, aux, kc, vc, pos, heads, kv_heads, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, int[] kinds, Tensor[] w, Tensor[] aux, "
+        "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int pos, int heads, int kv_heads, float eps) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("decode_layers", decode_layers); }

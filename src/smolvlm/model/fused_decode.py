@@ -1,0 +1,84 @@
+"""A single sequence's eager decode step through every decoder layer in one native call.
+
+``kernels/decode_layers.cpp`` runs, for one new token, what ``text.TextModel.forward`` runs layer by
+layer (RMSNorm, q/k/v, RoPE, the KV cache write, the decode attention, o + residual, RMSNorm,
+gate/up, SiLU, down + residual, the final norm) with the same kernels and the same roundings, so
+the hidden state is bit for bit the layer-by-layer one; only the ~20 Python module calls and ~60
+PyTorch calls a layer around those kernels are gone. ``plan`` builds it where every text linear runs
+one of smolvlm's kernels for one row (``decode_weights``: the bf16 GEMV of ``upcast``'s layers,
+``Int8Linear``'s own GEMV, ``Int4Linear``'s kernels), i.e. where ``kernels.ready("decode_layers")``
+(not on AMX CPUs); anything else (packed or LoRA layers, biases, fp16, the kernels off) keeps the
+layer-by-layer path, and ``plan`` says why.
+
+Only a step of one row with every earlier slot visible (no padding), which is what ``generate`` runs
+for one sequence; batches, padding, compiled steps and training keep ``TextModel.forward``. A plan
+holds the layers' tensors, so it is built for one generation (``generation/generate.py``) and not
+kept: a model changed afterwards (quantized, LoRA attached, moved) gets a new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from smolvlm import kernels
+from smolvlm.model.layers import rope_cos_sin, rope_inv_freq, rope_tables
+
+KINDS = {"bf16": 0, "int8": 1, "int4": 2, "int4_torch": 3}  # decode_layers.cpp's Kind
+# The linears of a layer in the kernel's order, grouped as one call each (q/k/v, o, gate/up, down).
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+
+
+class FusedDecoder:
+    """``decoder(embeds (1, 1, D), position (1, 1), slot) -> final-norm hidden state (1, 1, D)``: one
+    token of one sequence through every layer, its k and v written at ``slot`` of ``cache``, attending
+    over slots ``0..slot``."""
+
+    def __init__(self, text: Any, cache: Any, dtype: torch.dtype, norms: list[torch.Tensor], kinds: list[int],
+                 weights: list[torch.Tensor], aux: list[torch.Tensor]) -> None:
+        cfg = text.config
+        self.dtype, self.cache = dtype, cache
+        self.norms, self.kinds, self.weights, self.aux = norms, kinds, weights, aux
+        self.heads, self.kv_heads, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, text.norm.eps
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, norms[0].device)
+
+    def __call__(self, embeds: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
+        cos, sin = rope_tables(*rope_cos_sin(position, self.inv_freq, self.dtype))  # (1, 1, 1, hd) each
+        h = torch.ops.smolvlm.decode_layers(embeds.reshape(1, -1), cos.reshape(-1), sin.reshape(-1), self.norms,
+                                            self.kinds, self.weights, self.aux, self.cache.k, self.cache.v, slot,
+                                            self.heads, self.kv_heads, self.eps)
+        return h.view(1, 1, -1)
+
+
+def plan(text: Any, cache: Any) -> FusedDecoder | str:
+    """The fused decode step of ``text`` (a ``text.TextModel``) over ``cache`` (a one-row ``KVCache``),
+    or why it cannot run (then the caller keeps ``text``'s own forward)."""
+    if not kernels.ready("decode_layers"):
+        return f"the kernels do not run here ({kernels.problem() or 'not on this CPU'})"
+    dtype = text.embed_tokens.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or text.embed_tokens.weight.device.type != "cpu":
+        return f"a {dtype} model on {text.embed_tokens.weight.device}: float32 or bfloat16 on the CPU only"
+    if cache.batch_size != 1 or cache.dtype not in (torch.float32, torch.bfloat16) or cache.head_dim % 8:
+        return f"a {cache.batch_size}-row {cache.dtype} cache of head_dim {cache.head_dim}"
+    norms, kinds, weights, aux = [], [], [], []
+    for i, layer in enumerate(text.layers):
+        if layer.self_attn.qkv_proj is not None or layer.mlp.gate_up_proj is not None:
+            return f"layer {i} holds packed q/k/v or gate/up (oneDNN's layout)"
+        norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        for owner, names in GROUPS:
+            group = [getattr(getattr(layer, owner), n) for n in names]
+            found = [m.decode_weights(dtype) if hasattr(m, "decode_weights") else None for m in group]
+            if any(f is None for f in found) or len({f[0] for f in found}) != 1:
+                return f"layer {i}'s {', '.join(names)} ({type(group[0]).__name__}) run no one-row kernel together"
+            kinds.append(KINDS[found[0][0]])
+            weights += [f[1] for f in found]
+            aux += [f[2] for f in found]
+    norms.append(text.norm.weight)
+    if any(n.dtype != dtype for n in norms):
+        return f"RMSNorm weights not in the model's {dtype}"
+    if any(layer.input_layernorm.eps != text.norm.eps or layer.post_attention_layernorm.eps != text.norm.eps
+           for layer in text.layers):
+        return "RMSNorms with different eps"
+    return FusedDecoder(text, cache, dtype, norms, kinds, weights, aux)

@@ -1,0 +1,149 @@
+"""The fused eager decode step (``model/fused_decode.py``, ``kernels/decode_layers.cpp``).
+
+No tolerance: the fused step runs the same kernels as the layer-by-layer forward and rounds its
+elementwise steps as PyTorch's kernels do, so its hidden states, logits, KV cache writes and greedy
+tokens must equal the layer-by-layer ones bit for bit, for every weight format it takes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from smolvlm import SmolVLM, kernels
+from smolvlm.generation.generate import generate_ids
+from smolvlm.model import fused_decode
+from smolvlm.model.kv_cache import KVCache
+from smolvlm.model.packed import pack_linears, packing_available
+from smolvlm.model.upcast import gemv_text_linears, upcast_slow_bf16
+from smolvlm.quantization import quantize
+from tests.helpers import tiny_config
+
+AVX2 = kernels._cpu_problem() is None
+pytestmark = pytest.mark.skipif(not AVX2, reason=f"no CPU kernels on this machine: {kernels._cpu_problem()}")
+
+# weight format -> (activation dtype, how the tiny model's text linears are held, own int GEMVs or PyTorch's)
+FORMATS = {
+    "bf16 GemvLinear": (torch.bfloat16, "gemv", True),
+    "bf16 UpcastLinear": (torch.bfloat16, "upcast", True),
+    "int8 bf16": (torch.bfloat16, "int8", True),
+    "int8 float32": (torch.float32, "int8", True),
+    "int4 bf16 (smolvlm's kernel)": (torch.bfloat16, "int4", True),
+    "int4 bf16 (PyTorch's kernel)": (torch.bfloat16, "int4", False),
+    "int4 float32 (PyTorch's kernel)": (torch.float32, "int4", False),
+}
+
+
+def _run_kernels(monkeypatch, own_gemv: bool = True) -> None:
+    """The kernels on, as on an AVX2 CPU (``own_gemv``) or as on AVX-512 (PyTorch's int GEMVs from 3 rows)."""
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    monkeypatch.setitem(kernels._state, "gemv", None if own_gemv else "PyTorch's GEMVs, as on AVX-512")
+
+
+def _model(dtype: torch.dtype, held: str) -> SmolVLM:
+    torch.manual_seed(0)
+    model = SmolVLM.from_config(tiny_config(), dtype=torch.float32).eval()
+    with torch.no_grad():  # weights of a trained model's scale, so activations stay O(1) through the layers
+        for p in model.parameters():
+            p.mul_(3.0)
+    model = model.to(dtype)
+    if held == "gemv":
+        assert gemv_text_linears(model, force=True)
+    elif held == "upcast":
+        assert upcast_slow_bf16(model, force=True)
+    elif held in ("int8", "int4"):
+        quantize(model, held)
+    return model
+
+
+def _cache(model: SmolVLM, dtype: torch.dtype, rows: int = 1) -> KVCache:
+    return model.new_kv_cache(rows, 16, dtype=dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt, cache_dtype):
+    dtype, held, own = FORMATS[fmt]
+    _run_kernels(monkeypatch, own)
+    model = _model(dtype, held)
+    text = model.model.text_model
+    d = text.config.hidden_size
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        fused_cache, layer_cache = _cache(model, cache_dtype), _cache(model, cache_dtype)
+        prompt = torch.randn(1, 5, d, generator=gen).to(dtype)
+        for cache in (fused_cache, layer_cache):
+            text(prompt, torch.ones(1, 5, dtype=torch.long), kv_cache=cache, input_pos=torch.arange(5))
+        step = fused_decode.plan(text, fused_cache)
+        assert isinstance(step, fused_decode.FusedDecoder), step
+        kinds = {"gemv": 0, "upcast": 0, "int8": 1, "int4": 2 if own else 3}
+        assert set(step.kinds) == {kinds[held]}
+        for slot in range(5, 9):
+            x = torch.randn(1, 1, d, generator=gen).to(dtype)
+            position = torch.tensor([[slot]])
+            want = text(x, torch.ones(1, slot + 1, dtype=torch.long), position, kv_cache=layer_cache,
+                        input_pos=torch.tensor([slot]))
+            got = step(x, position, slot)
+            assert got.dtype == dtype and got.shape == (1, 1, d)
+            assert torch.equal(got, want), f"slot {slot}: max diff {(got.float() - want.float()).abs().max()}"
+            assert want.abs().max() > 0.1  # not a degenerate state
+    for a, b in zip(fused_cache.k + fused_cache.v, layer_cache.k + layer_cache.v):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["bf16 GemvLinear", "int8 bf16", "int4 bf16 (smolvlm's kernel)"])
+def test_generate_runs_one_sequence_through_it_with_the_same_tokens_and_batches_without(monkeypatch, fmt):
+    dtype, held, own = FORMATS[fmt]
+    _run_kernels(monkeypatch, own)
+    model = _model(dtype, held)
+    calls = []
+    op = torch.ops.smolvlm.decode_layers
+    monkeypatch.setattr(torch.ops.smolvlm, "decode_layers", lambda *a: calls.append(a[9]) or op(*a))
+    ids = torch.tensor([[5, 9, 11, 40, 7]])
+    fused = generate_ids(model, ids, max_new_tokens=6, eos_token_id=[])
+    assert calls == [5, 6, 7, 8, 9]  # every step after the first token, at its slot
+    with monkeypatch.context() as m:
+        m.setattr(SmolVLM, "fused_decoder", lambda self, cache: "off for this test")
+        layered = generate_ids(model, ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(fused, layered)
+    calls.clear()
+    batch = generate_ids(model, torch.cat([ids, ids.flip(1)]), max_new_tokens=3, eos_token_id=[])
+    padded = generate_ids(model, ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1]]), max_new_tokens=3, eos_token_id=[])
+    assert calls == [] and batch.shape == (2, 8) and padded.shape == (1, 8)
+    assert torch.equal(batch[0], fused[0, :8])
+
+
+def test_what_it_refuses_and_why(monkeypatch):
+    _run_kernels(monkeypatch)
+    plain = _model(torch.float32, "plain")
+    text = plain.model.text_model
+    with torch.inference_mode():
+        assert "q_proj" in fused_decode.plan(text, _cache(plain, torch.float32))  # nn.Linear: PyTorch's GEMM
+        int8 = _model(torch.bfloat16, "int8")
+        assert "row" in fused_decode.plan(int8.model.text_model, _cache(int8, torch.float32, rows=2))
+        fp16 = _model(torch.float16, "int8")
+        assert "float16" in fused_decode.plan(fp16.model.text_model, _cache(fp16, torch.float32))
+        wrapped = _model(torch.bfloat16, "int8")
+        wrapped.model.text_model.layers[1].mlp.down_proj = nn.Sequential(wrapped.model.text_model.layers[1].mlp.down_proj)
+        assert "layer 1's down_proj" in fused_decode.plan(wrapped.model.text_model, _cache(wrapped, torch.float32))
+        if packing_available(torch.float32):
+            pack_linears(plain)
+            assert "packed" in fused_decode.plan(text, _cache(plain, torch.float32))
+        monkeypatch.setitem(kernels._state, "use", "off for this test")
+        assert "kernels do not run" in fused_decode.plan(int8.model.text_model, _cache(int8, torch.float32))
+        assert isinstance(int8.fused_decoder(_cache(int8, torch.float32)), str)
+    with torch.enable_grad():  # weights that need a gradient, grad mode on: the kernels have no backward
+        monkeypatch.setitem(kernels._state, "use", None)
+        gemv = _model(torch.bfloat16, "gemv")
+        assert "q_proj" in fused_decode.plan(gemv.model.text_model, _cache(gemv, torch.float32))
+
+
+def test_a_slot_outside_the_cache_is_refused_in_one_line(monkeypatch):
+    _run_kernels(monkeypatch)
+    model = _model(torch.bfloat16, "int8")
+    with torch.inference_mode():
+        step = model.fused_decoder(_cache(model, torch.float32))
+        with pytest.raises(RuntimeError, match="slot 16 outside the cache's 16"):
+            step(torch.tensor([[3]]), torch.tensor([[16]]), 16)
