@@ -572,6 +572,25 @@ def test_bf16_gemv_is_the_bf16_linear(m, n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 96, 128), (1, 5, 8), (1, 33, 24), (3, 97, 576), (4, 64, 1536),
+                                   (7, 1536, 576), (5, 33, 40)])
+def test_f32_gemv_is_the_float32_linear_up_to_summation_order(m, n, k):
+    """Float32 products summed in float32 in another order than the float64 reference: within the
+    classic bound of k units of roundoff (2^-24) times sum |x| |w| (each output rounded once)."""
+    assert kernels.build() is None
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w = torch.randn(m, k, generator=g) * 3, torch.randn(n, k, generator=g) * 0.05
+    got = torch.ops.smolvlm.f32_gemv(x, w)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    want, scale = _bf16_reference(x, w)
+    assert ((got.double() - want).abs() <= k * 2**-24 * scale).all()
+    ws = [w, torch.randn(7, k, generator=g)]
+    assert torch.equal(torch.ops.smolvlm.f32_gemv_cat(x, ws), torch.cat([torch.ops.smolvlm.f32_gemv(x, v) for v in ws], -1))
+    with pytest.raises(RuntimeError, match="x \\(M, K\\) float32"):
+        torch.ops.smolvlm.f32_gemv(x.bfloat16(), w)
+
+
+@needs_kernel
 def test_bf16_gemv_cat_is_each_layer_side_by_side():
     assert kernels.build() is None
     g = torch.Generator().manual_seed(3)
@@ -661,6 +680,7 @@ def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkey
     AMX): narrow no-grad calls run the kernel, alone or q/k/v together; wide calls are ``F.linear`` in
     bf16 itself (no float32 copy: this CPU's oneDNN has bf16), bit for bit; kernels off: PyTorch's.
     The loader's policy follows ``kernels.ready("bf16_gemv")``."""
+    from smolvlm.model.packed import packing_pays
     from smolvlm.model.upcast import MIN_ROWS, GemvLinear, gemv_text_linears, text_gemv_pays, bf16_is_slow
 
     assert kernels.build() is None
@@ -688,7 +708,45 @@ def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkey
         assert not kernels.ready("bf16_gemv") and not text_gemv_pays(torch.bfloat16)
         assert torch.equal(attn.q_proj(x), F.linear(x, attn.q_proj.weight)) and calls == []
     monkeypatch.setitem(kernels._state, "use", None)
-    assert text_gemv_pays(torch.bfloat16) == (not bf16_is_slow()) and not text_gemv_pays(torch.float32)
+    assert text_gemv_pays(torch.bfloat16) == (not bf16_is_slow())
+    assert text_gemv_pays(torch.float32) == (not packing_pays(torch.float32))  # float32 left plain: ours over MKL's
+    assert not text_gemv_pays(torch.float16)
+
+
+@needs_kernel
+def test_a_float32_gemv_linear_runs_the_f32_gemv_for_decode_rows(monkeypatch):
+    """``GemvLinear`` of float32 weights (``text_gemv_pays``: where packing float32 does not pay): narrow
+    no-grad float32 calls run ``f32_gemv`` (q/k/v together: ``f32_gemv_cat``), within float32 summation
+    of ``F.linear``; wide calls are ``F.linear`` itself; a bf16 input to a float32 layer is PyTorch's."""
+    from smolvlm.model.packed import fused_outputs
+    from smolvlm.model.upcast import MIN_ROWS, GemvLinear
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)
+    calls: list[str] = []
+    for name in ("f32_gemv", "f32_gemv_cat"):
+        op = getattr(torch.ops.smolvlm, name)
+        monkeypatch.setattr(torch.ops.smolvlm, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    torch.manual_seed(0)
+    owner = nn.Module()
+    names = ("q_proj", "k_proj", "v_proj")
+    for name, n in zip(names, (96, 32, 32)):
+        lin = nn.Linear(128, n, bias=False)
+        lin.__class__ = GemvLinear
+        setattr(owner, name, lin)
+    with torch.no_grad():
+        x = torch.randn(2, 1, 128)
+        y = owner.q_proj(x)
+        assert calls == ["f32_gemv"]
+        assert_close(y, F.linear(x, owner.q_proj.weight), rtol=1e-5, atol=1e-5)
+        parts = fused_outputs(owner, "qkv_proj", names, x)
+        assert calls[-1] == "f32_gemv_cat"
+        for part, name in zip(parts, names):
+            assert torch.equal(part, getattr(owner, name)(x))
+        calls.clear()
+        wide = torch.randn(1, MIN_ROWS, 128)
+        assert torch.equal(owner.q_proj(wide), F.linear(wide, owner.q_proj.weight)) and calls == []
+        assert owner.q_proj.decode_weights(torch.float32)[0] == "f32" and owner.q_proj.decode_weights(torch.bfloat16) is None
 
 
 # -- RMSNorm ---------------------------------------------------------------------------------------

@@ -27,11 +27,14 @@ pytestmark = pytest.mark.skipif(not AVX2, reason=f"no CPU kernels on this machin
 FORMATS = {
     "bf16 GemvLinear": (torch.bfloat16, "gemv", True),
     "bf16 UpcastLinear": (torch.bfloat16, "upcast", True),
+    "float32 GemvLinear": (torch.float32, "gemv", True),
     "int8 bf16": (torch.bfloat16, "int8", True),
     "int8 float32": (torch.float32, "int8", True),
     "int4 bf16 (smolvlm's kernel)": (torch.bfloat16, "int4", True),
     "int4 bf16 (PyTorch's kernel)": (torch.bfloat16, "int4", False),
     "int4 float32 (PyTorch's kernel)": (torch.float32, "int4", False),
+    "float32 packed (oneDNN)": (torch.float32, "packed", True),
+    "bf16 packed (oneDNN)": (torch.bfloat16, "packed", True),
 }
 
 
@@ -55,6 +58,8 @@ def _model(dtype: torch.dtype, held: str) -> SmolVLM:
         assert upcast_slow_bf16(model, force=True)
     elif held in ("int8", "int4"):
         quantize(model, held)
+    elif held == "packed":
+        assert pack_linears(model)
     return model
 
 
@@ -66,6 +71,8 @@ def _cache(model: SmolVLM, dtype: torch.dtype, rows: int = 1) -> KVCache:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt, cache_dtype):
     dtype, held, own = FORMATS[fmt]
+    if held == "packed" and not packing_available(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU (bf16 needs AVX-512 or AVX-NE-CONVERT)")
     _run_kernels(monkeypatch, own)
     model = _model(dtype, held)
     text = model.model.text_model
@@ -78,7 +85,7 @@ def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt,
             text(prompt, torch.ones(1, 5, dtype=torch.long), kv_cache=cache, input_pos=torch.arange(5))
         step = fused_decode.plan(text, fused_cache)
         assert isinstance(step, fused_decode.FusedDecoder), step
-        kinds = {"gemv": 0, "upcast": 0, "int8": 1, "int4": 2 if own else 3}
+        kinds = {"gemv": 0 if dtype == torch.bfloat16 else 5, "upcast": 0, "int8": 1, "int4": 2 if own else 3, "packed": 4}
         assert set(step.kinds) == {kinds[held]}
         for slot in range(5, 9):
             x = torch.randn(1, 1, d, generator=gen).to(dtype)
@@ -93,7 +100,7 @@ def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt,
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fmt", ["bf16 GemvLinear", "int8 bf16", "int4 bf16 (smolvlm's kernel)"])
+@pytest.mark.parametrize("fmt", ["bf16 GemvLinear", "int8 bf16", "int4 bf16 (smolvlm's kernel)", "float32 packed (oneDNN)"])
 def test_generate_runs_one_sequence_through_it_with_the_same_tokens_and_batches_without(monkeypatch, fmt):
     dtype, held, own = FORMATS[fmt]
     _run_kernels(monkeypatch, own)
@@ -121,6 +128,10 @@ def test_what_it_refuses_and_why(monkeypatch):
     text = plain.model.text_model
     with torch.inference_mode():
         assert "q_proj" in fused_decode.plan(text, _cache(plain, torch.float32))  # nn.Linear: PyTorch's GEMM
+        biased = _model(torch.float32, "plain")
+        biased.model.text_model.layers[0].self_attn.o_proj.bias = nn.Parameter(torch.ones(64))
+        pack_linears(biased)
+        assert "layer 0's o_proj" in fused_decode.plan(biased.model.text_model, _cache(biased, torch.float32))
         int8 = _model(torch.bfloat16, "int8")
         assert "row" in fused_decode.plan(int8.model.text_model, _cache(int8, torch.float32, rows=2))
         fp16 = _model(torch.float16, "int8")
@@ -128,9 +139,6 @@ def test_what_it_refuses_and_why(monkeypatch):
         wrapped = _model(torch.bfloat16, "int8")
         wrapped.model.text_model.layers[1].mlp.down_proj = nn.Sequential(wrapped.model.text_model.layers[1].mlp.down_proj)
         assert "layer 1's down_proj" in fused_decode.plan(wrapped.model.text_model, _cache(wrapped, torch.float32))
-        if packing_available(torch.float32):
-            pack_linears(plain)
-            assert "packed" in fused_decode.plan(text, _cache(plain, torch.float32))
         monkeypatch.setitem(kernels._state, "use", "off for this test")
         assert "kernels do not run" in fused_decode.plan(int8.model.text_model, _cache(int8, torch.float32))
         assert isinstance(int8.fused_decoder(_cache(int8, torch.float32)), str)

@@ -92,8 +92,9 @@ def test_loader_upcasts_bf16_only_where_it_is_slow(tmp_path: Path, monkeypatch, 
         assert_close(fast(input_ids=ids, pixel_values=pv).logits.float(),
                      plain(input_ids=ids, pixel_values=pv).logits.float(), **TOL)
     assert greedy(fast) == greedy(plain)
-    assert not any(isinstance(m, (UpcastLinear, UpcastConv2d))
-                   for m in SmolVLM.from_pretrained(d, pack="auto").modules())  # float32: nothing to do
+    f32 = SmolVLM.from_pretrained(d, pack="auto")  # float32: nothing computes upcast; GemvLinear where it pays
+    assert not any(isinstance(m, (UpcastLinear, UpcastConv2d)) and not isinstance(m, GemvLinear) for m in f32.modules())
+    assert isinstance(f32.lm_head, GemvLinear) == upcast.text_gemv_pays(torch.float32)
     quantized = SmolVLM.from_pretrained(d, dtype=torch.bfloat16, quantize="int8", pack="auto")
     assert isinstance(quantized.model.vision_model.embeddings.patch_embedding, UpcastConv2d) == slow
 
@@ -157,3 +158,21 @@ def test_batched_commands_pack_the_gemv_linears(tmp_path: Path, monkeypatch, ref
         assert_close(many(input_ids=ids).logits.float(), one(input_ids=ids).logits.float(), **TOL)
     assert many.state_dict().keys() == one.state_dict().keys()
     assert pack_gemv_linears(many) == []  # nothing left to pack
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_batched_float32_gemv_linears_are_packed_only_where_packing_pays(monkeypatch, pays):
+    """A float32 model's ``GemvLinear``s (one stream, AVX-512 without AMX) go back to plain ``nn.Linear``
+    for batches where packing float32 does not pay (what they were before), and are packed where it does."""
+    from smolvlm.model.packed import PackedLinear, packing_available
+    from smolvlm.model.upcast import gemv_text_linears, pack_gemv_linears
+
+    model = SmolVLM.from_config(tiny_config("smolvlm"))
+    assert gemv_text_linears(model, force=True)
+    monkeypatch.setattr(upcast, "packing_pays", lambda dtype, device="cpu": pays and packing_available(dtype))
+    names = pack_gemv_linears(model)
+    assert not any(isinstance(m, GemvLinear) for m in model.modules())
+    if pays and packing_available(torch.float32):
+        assert "lm_head" in names and isinstance(model.lm_head, PackedLinear)
+    else:
+        assert names == [] and type(model.lm_head) is nn.Linear

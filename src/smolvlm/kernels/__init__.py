@@ -4,8 +4,9 @@
   bf16/fp16 ones quantized to int8 per 32 as llama.cpp does), ``torch.ops.smolvlm.int8_gemv``.
 - ``int4_gemv.cpp``: the group-wise int4 weight GEMV of quantized decode for bf16/fp16 activations
   (quantized to int8 per 32, llama.cpp's Q4_1 x Q8_1 dot), ``torch.ops.smolvlm.int4_gemv``.
-- ``bf16_gemv.cpp``: the bf16 weight GEMV of bf16 decode where oneDNN has no bf16 kernels (AVX2-only
-  CPUs; ``model/upcast.py``'s ``UpcastLinear``), ``torch.ops.smolvlm.bf16_gemv``.
+- ``float_gemv.cpp``: the GEMV of plain bf16 and float32 weights (bf16 decode where oneDNN has no bf16
+  kernels, AVX2-only CPUs: ``model/upcast.py``'s ``UpcastLinear``; bf16 and float32 text linears left
+  unpacked on AVX-512 CPUs without AMX: ``GemvLinear``), ``torch.ops.smolvlm.bf16_gemv`` / ``f32_gemv``.
 - ``decode_attention.cpp``: one query per row over an fp32 KV cache (the decode step's attention),
   ``torch.ops.smolvlm.decode_attention``.
 - ``bf16_attention.cpp``: bf16 attention of a whole sequence, with a key mask, a mask per query or
@@ -41,7 +42,7 @@ import torch
 
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
-_SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "bf16_gemv.cpp",
+_SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "float_gemv.cpp",
                                                        "decode_attention.cpp", "bf16_attention.cpp", "rms_norm.cpp",
                                                        "decode_layers.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
@@ -109,7 +110,7 @@ def _compile() -> str | None:
         return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
     # every GEMV: (M, N) out, whatever rides along (int8's scales, int4's tables, nothing for bf16)
-    for kind in ("int8", "int4", "bf16"):
+    for kind in ("int8", "int4", "bf16", "f32"):
         torch.library.register_fake(f"smolvlm::{kind}_gemv")(gemv)
         torch.library.register_fake(f"smolvlm::{kind}_gemv_cat")(gemv_cat)
 

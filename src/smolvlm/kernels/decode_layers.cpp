@@ -4,8 +4,8 @@
 // x (1, D) float32 or bfloat16 (the step's embedding), cos and sin (hd,) in x's dtype (layers.rope_tables:
 // sin with its first half negated), per layer l: norms[2l], norms[2l + 1] (the two RMSNorm weights; the
 // last entry is the final norm's), kinds[4l .. 4l + 3] (how q/k/v, o, gate/up and down are stored: BF16,
-// INT8, INT4, INT4_TORCH below), w and aux [7l .. 7l + 6] (q, k, v, o, gate, up, down: the weight and
-// what rides along: int8's float32 scales, int4's table; anything for bf16), k_cache[l], v_cache[l]
+// INT8, INT4, INT4_TORCH, PACKED, F32 below), w and aux [7l .. 7l + 6] (q, k, v, o, gate, up, down: the weight and
+// what rides along: int8's float32 scales, int4's table; anything for bf16, float32 and packed), k_cache[l], v_cache[l]
 // (1, Hkv, S, hd) float32 or bfloat16 -> the final-norm hidden state (1, D). The new token's k and v
 // are written at slot ``pos`` and it attends over slots 0..pos (a single sequence without padding).
 //
@@ -25,12 +25,32 @@ namespace {
 
 using namespace smolvlm_kernels;
 
-enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, INT4_TORCH = 3 };
+// PACKED: oneDNN's packed weight (model/packed.py), one for the whole group (q/k/v or gate/up fused), in
+// the group's first slot; o and down add the residual inside oneDNN's call, as PackedLinear.forward_add.
+enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, INT4_TORCH = 3, PACKED = 4, F32 = 5 };
+
+// mkldnn::_linear_pointwise (and its .binary add), called as model/packed.py calls them from Python
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* residual) {
+  static const c10::OperatorHandle plain =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  static const c10::OperatorHandle binary =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary");
+  torch::jit::Stack stack;
+  if (residual) {
+    stack = {x, *residual, w, c10::IValue(), std::string("add")};
+    binary.callBoxed(&stack);
+  } else {
+    stack = {x, w, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(), std::string("")};
+    plain.callBoxed(&stack);
+  }
+  return stack[0].toTensor();
+}
 
 // The outputs of the layers w (one input x (1, K)) side by side, as Python's forward_together / forward.
 at::Tensor linear(int64_t kind, const at::Tensor& x, at::TensorList w, at::TensorList aux) {
   switch (kind) {
     case BF16: return bf16_gemv_cat(x, w);
+    case F32: return f32_gemv_cat(x, w);
     case INT8: return int8_gemv_cat(x, w, aux);
     case INT4: return int4_gemv_cat(x, w, aux);
     case INT4_TORCH: {  // PyTorch's kernel, one layer at a time; aux: its (G, N, 2) table
@@ -39,6 +59,7 @@ at::Tensor linear(int64_t kind, const at::Tensor& x, at::TensorList w, at::Tenso
         ys.push_back(at::_weight_int4pack_mm_for_cpu(x, w[i], x.size(1) / aux[i].size(0), aux[i]));
       return ys.size() == 1 ? ys[0] : at::cat(ys, 1);
     }
+    case PACKED: return packed_linear(x, w[0], nullptr);
     default: TORCH_CHECK(false, "decode_layers: unknown weight kind ", kind);
   }
 }
@@ -93,6 +114,13 @@ at::Tensor add(const at::Tensor& a, const at::Tensor& b) {  // the residual add,
   return y;
 }
 
+// residual + linear(x): one oneDNN call for a packed layer (PackedLinear.forward_add), else the add rounded once
+template <typename T>
+at::Tensor linear_add(int64_t kind, const at::Tensor& x, const at::Tensor& residual, at::TensorList w, at::TensorList aux) {
+  if (kind == PACKED) return packed_linear(x, w[0], &residual);
+  return add<T>(residual, linear(kind, x, w, aux));
+}
+
 template <typename T>
 at::Tensor gated(const at::Tensor& gate_up) {  // silu(gate) * up of (1, 2I) -> (1, I)
   const int64_t n = gate_up.size(1) / 2;
@@ -115,9 +143,9 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
     const size_t p = 7 * l;  // q, k, v, o, gate, up, down
     at::Tensor qkv = linear(kind[0], rms_norm(h, norms[2 * l], eps), w.slice(p, 3), aux.slice(p, 3));
     at::Tensor att = attend<T>(qkv, cos.data_ptr<T>(), sin.data_ptr<T>(), kc[l], vc[l], pos, hq, hkv, hd);
-    h = add<T>(h, linear(kind[1], att, w.slice(p + 3, 1), aux.slice(p + 3, 1)));
+    h = linear_add<T>(kind[1], att, h, w.slice(p + 3, 1), aux.slice(p + 3, 1));
     at::Tensor gate_up = linear(kind[2], rms_norm(h, norms[2 * l + 1], eps), w.slice(p + 4, 2), aux.slice(p + 4, 2));
-    h = add<T>(h, linear(kind[3], gated<T>(gate_up), w.slice(p + 6, 1), aux.slice(p + 6, 1)));
+    h = linear_add<T>(kind[3], gated<T>(gate_up), h, w.slice(p + 6, 1), aux.slice(p + 6, 1));
   }
   return rms_norm(h, norms[norms.size() - 1], eps);
 }
@@ -154,3 +182,5 @@ TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
         "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int pos, int heads, int kv_heads, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("decode_layers", decode_layers); }
+// oneDNN's packed weights are MkldnnCPU tensors, which pick the dispatch key of a call that takes them
+TORCH_LIBRARY_IMPL(smolvlm, MkldnnCPU, m) { m.impl("decode_layers", decode_layers); }

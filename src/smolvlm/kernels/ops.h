@@ -7,6 +7,7 @@
 namespace smolvlm_kernels {
 
 at::Tensor bf16_gemv_cat(const at::Tensor& x, at::TensorList w);
+at::Tensor f32_gemv_cat(const at::Tensor& x, at::TensorList w);
 at::Tensor int8_gemv_cat(const at::Tensor& x, at::TensorList w, at::TensorList scale);
 at::Tensor int4_gemv_cat(const at::Tensor& x, at::TensorList w, at::TensorList table);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -5,10 +5,10 @@ layer (RMSNorm, q/k/v, RoPE, the KV cache write, the decode attention, o + resid
 gate/up, SiLU, down + residual, the final norm) with the same kernels and the same roundings, so
 the hidden state is bit for bit the layer-by-layer one; only the ~20 Python module calls and ~60
 PyTorch calls a layer around those kernels are gone. ``plan`` builds it where every text linear runs
-one of smolvlm's kernels for one row (``decode_weights``: the bf16 GEMV of ``upcast``'s layers,
-``Int8Linear``'s own GEMV, ``Int4Linear``'s kernels), i.e. where ``kernels.ready("decode_layers")``
-(not on AMX CPUs); anything else (packed or LoRA layers, biases, fp16, the kernels off) keeps the
-layer-by-layer path, and ``plan`` says why.
+a kernel the fused step can call for one row (``decode_weights``: the bf16 GEMV of ``upcast``'s
+layers, ``Int8Linear``'s own GEMV, ``Int4Linear``'s kernels, oneDNN's packed weights of ``packed``'s
+layers, a float32 model's), where ``kernels.ready("decode_layers")`` (not on AMX CPUs); anything else
+(LoRA layers, biases, fp16, the kernels off) keeps the layer-by-layer path, and ``plan`` says why.
 
 Only a step of one row with every earlier slot visible (no padding), which is what ``generate`` runs
 for one sequence; batches, padding, compiled steps and training keep ``TextModel.forward``. A plan
@@ -25,10 +25,11 @@ import torch
 from smolvlm import kernels
 from smolvlm.model.layers import rope_cos_sin, rope_inv_freq, rope_tables
 
-KINDS = {"bf16": 0, "int8": 1, "int4": 2, "int4_torch": 3}  # decode_layers.cpp's Kind
-# The linears of a layer in the kernel's order, grouped as one call each (q/k/v, o, gate/up, down).
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+KINDS = {"bf16": 0, "int8": 1, "int4": 2, "int4_torch": 3, "packed": 4, "f32": 5}  # decode_layers.cpp's Kind
+# The linears of a layer in the kernel's order, grouped as one call each (q/k/v, o, gate/up, down), and
+# the module packing fuses a group into (``packed.FUSED_GROUPS``).
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"), ("self_attn", ("o_proj",), None),
+          ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"), ("mlp", ("down_proj",), None))
 
 
 class FusedDecoder:
@@ -64,11 +65,11 @@ def plan(text: Any, cache: Any) -> FusedDecoder | str:
         return f"a {cache.batch_size}-row {cache.dtype} cache of head_dim {cache.head_dim}"
     norms, kinds, weights, aux = [], [], [], []
     for i, layer in enumerate(text.layers):
-        if layer.self_attn.qkv_proj is not None or layer.mlp.gate_up_proj is not None:
-            return f"layer {i} holds packed q/k/v or gate/up (oneDNN's layout)"
         norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        for owner, names in GROUPS:
-            group = [getattr(getattr(layer, owner), n) for n in names]
+        for owner, names, joint in GROUPS:
+            fused = getattr(getattr(layer, owner), joint) if joint else None
+            # one packed weight for the whole group (its first slot; the kernel reads only that one)
+            group = [fused] * len(names) if fused is not None else [getattr(getattr(layer, owner), n) for n in names]
             found = [m.decode_weights(dtype) if hasattr(m, "decode_weights") else None for m in group]
             if any(f is None for f in found) or len({f[0] for f in found}) != 1:
                 return f"layer {i}'s {', '.join(names)} ({type(group[0]).__name__}) run no one-row kernel together"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm import kernels
-from smolvlm.model.packed import packing_available
+from smolvlm.model.packed import packing_available, packing_pays
 
 MIN_ROWS = 8
 
@@ -64,30 +64,36 @@ class UpcastLinear(nn.Linear):
     bf16 calls run smolvlm's bf16 GEMV where it runs (see module docstring)."""
 
     KERNELS = "gemv"  # the ``kernels.ready`` kind its narrow calls need
+    GEMV_DTYPES = (torch.bfloat16,)  # the weight (and activation) dtypes its narrow calls run the GEMV for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _wide_bf16(x, self.in_features):
             return F.linear(x.float(), self.weight.float(), _f32(self.bias)).to(x.dtype)
         if self._gemv(x):
-            y = torch.ops.smolvlm.bf16_gemv(x.reshape(-1, self.in_features), self.weight)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return self._run_gemv(x)
         return super().forward(x)
 
+    def _run_gemv(self, x: torch.Tensor) -> torch.Tensor:
+        op = torch.ops.smolvlm.bf16_gemv if x.dtype == torch.bfloat16 else torch.ops.smolvlm.f32_gemv
+        return op(x.reshape(-1, self.in_features), self.weight).reshape(*x.shape[:-1], self.out_features)
+
     def _gemv(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs smolvlm's bf16 GEMV: a bias-free bf16 layer, a narrow bf16 call
-        (fewer than ``MIN_ROWS`` rows) with no gradient to track (the kernel has no backward),
-        in_features % 8 == 0, the kernels running."""
-        return (x.dtype == torch.bfloat16 and not _wide_bf16(x, self.in_features)
-                and self.weight.dtype == torch.bfloat16 and self.bias is None and x.device.type == "cpu"
+        """Whether ``forward(x)`` runs smolvlm's GEMV: a bias-free layer of a ``GEMV_DTYPES`` dtype, a
+        narrow call in that dtype (fewer than ``MIN_ROWS`` rows) with no gradient to track (the kernel has
+        no backward), in_features % 8 == 0, the kernels running."""
+        return (x.dtype == self.weight.dtype and x.dtype in self.GEMV_DTYPES
+                and x.numel() < MIN_ROWS * self.in_features and self.bias is None and x.device.type == "cpu"
                 and self.in_features % 8 == 0 and self.weight.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and kernels.ready(self.KERNELS))
 
     def decode_weights(self, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor] | None:
         """How ``kernels/decode_layers.cpp`` runs this layer for one row of ``dtype``, as ``forward`` does
-        (``model.fused_decode``): ("bf16", weight, weight), or None where forward would not run the GEMV."""
+        (``model.fused_decode``): ("bf16" or "f32", weight, weight), or None where forward would not run
+        the GEMV."""
         x = torch.empty(1, self.in_features, dtype=dtype, device=self.weight.device)
-        return ("bf16", self.weight, self.weight) if self._gemv(x) else None
+        kind = "bf16" if dtype == torch.bfloat16 else "f32"
+        return (kind, self.weight, self.weight) if self._gemv(x) else None
 
     @staticmethod
     def forward_together(mods: list["UpcastLinear"], x: torch.Tensor) -> torch.Tensor | None:
@@ -96,46 +102,54 @@ class UpcastLinear(nn.Linear):
         (``model.packed.fused_outputs``); None where the GEMV would not run them."""
         if any(m.in_features != x.shape[-1] or not m._gemv(x) for m in mods):
             return None
-        return torch.ops.smolvlm.bf16_gemv_cat(x, [m.weight for m in mods])
+        op = torch.ops.smolvlm.bf16_gemv_cat if x.dtype == torch.bfloat16 else torch.ops.smolvlm.f32_gemv_cat
+        return op(x, [m.weight for m in mods])
 
 
 class GemvLinear(UpcastLinear):
-    """A bf16 text linear left unpacked where smolvlm's bf16 GEMV streams it faster than oneDNN's packed
-    GEMV (``text_gemv_pays``): narrow calls (decode) run the kernel on the plain weight, alone or q/k/v
-    and gate/up together (``forward_together``); wider calls (prompts) ``F.linear`` in bf16, which
-    this CPU's oneDNN computes natively. Same parameters and state dict as ``nn.Linear``."""
+    """A bf16 or float32 text linear left unpacked where smolvlm's GEMV streams it faster than the
+    GEMV it would otherwise run (``text_gemv_pays``): narrow calls (decode) run the kernel on the plain
+    weight, alone or q/k/v and gate/up together (``forward_together``); wider calls (prompts)
+    ``F.linear`` in the layer's dtype, which this CPU's oneDNN computes natively. Same parameters and
+    state dict as ``nn.Linear``."""
 
     KERNELS = "bf16_gemv"
+    GEMV_DTYPES = (torch.bfloat16, torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gemv(x):
-            y = torch.ops.smolvlm.bf16_gemv(x.reshape(-1, self.in_features), self.weight)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return self._run_gemv(x)
         return F.linear(x, self.weight, self.bias)
 
 
 def text_gemv_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Whether a ``dtype`` model's text linears and lm_head stay unpacked as ``GemvLinear`` with
-    ``pack="auto"`` (the vision tower is still packed): bf16, on a CPU whose oneDNN has bf16 and where
-    smolvlm's kernels run, i.e. AVX-512 without AMX (``kernels.prepare``).
-
-    Measured there (AMD EPYC, Zen 5, 2 threads): a 256M decode step's 121 linears 5.8 ms against 7.4
-    through oneDNN's packed weights (46.7 against 36.3 GB/s); decode 73-81 -> 80-107 tokens/s eager,
-    87-90 -> 95-101 compiled. Prompts pay: without packing there are no fused q/k/v, gate/up or residual
-    post-ops, and a 900-token 256M prefill took 0.39-0.48 s against 0.34-0.38."""
-    return (dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not bf16_is_slow(device)
-            and kernels.ready("bf16_gemv"))
+    ``pack="auto"`` (the vision tower is still packed where packing pays), on a CPU where smolvlm's
+    kernels run (``kernels.prepare``: not with AMX):
+    - bf16 where oneDNN has bf16, i.e. AVX-512 without AMX. Measured there (AMD EPYC, Zen 5, 2
+      threads): a 256M decode step's 121 linears 5.8 ms against 7.4 through oneDNN's packed weights
+      (46.7 against 36.3 GB/s); decode 73-81 -> 80-107 tokens/s eager, 87-90 -> 95-101 compiled.
+      Prompts pay: without packing there are no fused q/k/v, gate/up or residual post-ops, and a
+      900-token 256M prefill took 0.39-0.48 s against 0.34-0.38.
+    - float32 where packing does not pay (``packed.packing_pays``: AVX-512 CPUs), so those layers were
+      plain ``nn.Linear`` already: only their decode calls change, from PyTorch's (MKL's) GEMV to
+      smolvlm's (the Zen 5: 80 layers of 576x1536 and 1536x576, 10.5 against 15.7 ms; eighteenth round)."""
+    if torch.device(device).type != "cpu" or not kernels.ready("bf16_gemv"):
+        return False
+    if dtype == torch.float32:
+        return not packing_pays(dtype, device)
+    return dtype == torch.bfloat16 and not bf16_is_slow(device)
 
 
 def gemv_text_linears(model: nn.Module, force: bool = False) -> list[str]:
-    """Turn the text decoder's and lm_head's plain bf16 ``nn.Linear`` into ``GemvLinear`` in place, where
+    """Turn the text decoder's and lm_head's plain bf16 or float32 ``nn.Linear`` into ``GemvLinear`` in place, where
     ``text_gemv_pays`` (``force``: everywhere; tests). Same parameters and state dict; packed, quantized
     and LoRA layers (and those inside them) are left alone. Returns the names changed."""
     modules = dict(model.named_modules())
     done = []
     for name, m in modules.items():
         parent = modules.get(name.rpartition(".")[0]) if name else None
-        if (type(m) is not nn.Linear or m.weight.dtype != torch.bfloat16 or isinstance(parent, nn.Linear)
+        if (type(m) is not nn.Linear or m.weight.dtype not in GemvLinear.GEMV_DTYPES or isinstance(parent, nn.Linear)
                 or not (name.startswith("model.text_model.") or name == "lm_head")
                 or not (force or text_gemv_pays(m.weight.dtype, m.weight.device))):
             continue
@@ -153,11 +167,11 @@ def pack_gemv_linears(model: nn.Module) -> list[str]:
     from smolvlm.model.packed import pack_linears
 
     gemv = [m for m in model.modules() if isinstance(m, GemvLinear)]
-    if not gemv or not packing_available(gemv[0].weight.dtype, gemv[0].weight.device):
+    if not gemv:
         return []
-    for m in gemv:  # plain layers again, which packing replaces
+    for m in gemv:  # plain layers again, which packing replaces where it pays (bf16; float32 stays plain)
         m.__class__ = nn.Linear
-    return pack_linears(model)
+    return pack_linears(model) if packing_pays(gemv[0].weight.dtype, gemv[0].weight.device) else []
 
 
 class UpcastConv2d(nn.Conv2d):
