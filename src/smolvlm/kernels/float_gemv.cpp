@@ -11,7 +11,7 @@
 // (Zen 1) a 256M step's 121 distinct layers took 30-43 ms that way against 16-20 ms here (8.7 against
 // 16.5 GB/s; bench/ANALYSIS.md, thirteenth round). float32: on AVX-512 CPUs without AMX a float32
 // model's text linears stay plain (oneDNN's packed float32 GEMV is no faster there), so its decode ran
-// PyTorch's (MKL's) float32 GEMV at ~18 GB/s on an AMD EPYC Zen 5 (eighteenth round). Each thread
+// PyTorch's (MKL's) float32 GEMV at ~19 GB/s on an AMD EPYC Zen 5, against ~64 here (eighteenth round). Each thread
 // streams one contiguous block of rows with a software prefetch, as the int8 GEMV does.
 #include "common.h"
 #include "ops.h"
