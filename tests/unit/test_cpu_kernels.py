@@ -218,6 +218,7 @@ def test_the_switch_and_the_reasons(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f", "amx_tile"])
     assert not kernels.prepare() and "AMX" in kernels.problem()  # decided without building
+    assert not any(kernels.ready(kind) for kind in kernels.KINDS)  # none of them, the fused step included
     assert "built" not in kernels._state
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f", "avx512_bf16"])
@@ -225,6 +226,7 @@ def test_the_switch_and_the_reasons(monkeypatch):
     assert kernels.prepare() and kernels.problem() is None  # AVX-512 without AMX: the decode attention
     assert kernels.ready("decode_attention") and kernels.ready("bf16_attention") and not kernels.ready()  # ... not the GEMVs
     assert kernels.ready("int8_rows") and kernels.ready("bf16_gemv")  # ... but int8's few rows and the bf16 GEMV
+    assert kernels.ready("decode_layers") and kernels.ready("rms_norm")  # ... and the fused step, the RMSNorm
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
     assert kernels.prepare() and kernels.ready() and kernels.ready("decode_attention")  # AVX2 only: all of them

@@ -18,6 +18,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <type_traits>
+
 namespace {
 
 using namespace smolvlm_kernels;
@@ -74,6 +76,37 @@ void one_row(const float* x, const W* wr, void* y, Store store, int64_t r, int64
   store(y, r, hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))));
 }
 
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// One bf16 row of x against bf16 weights where the CPU has AVX-512 BF16: each vdpbf16ps multiplies 32
+// pairs exactly (a bf16 product fits a float32) and adds them into float32 sums; four chains. Three
+// instructions per 64 bytes of weights where the widening loop above takes about twenty (eighteenth
+// round). K % 32 != 0: the last weights through a masked load. The instruction treats bf16 subnormals
+// (below 1.2e-38 in magnitude) as zero, which no weight or activation of these models comes near.
+AVX512BF16 inline __m512 dot(__m512 acc, const uint16_t* w, const uint16_t* v) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(v));
+}
+
+template <typename Store>
+AVX512BF16 void one_row_bf16_dot(const uint16_t* x, const uint16_t* wr, void* y, Store store, int64_t r, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {
+    const char* c = reinterpret_cast<const char*>(wr + k) + PF;
+    for (int b = 0; b < 256; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+    a0 = dot(a0, wr + k, x + k);
+    a1 = dot(a1, wr + k + 32, x + k + 32);
+    a2 = dot(a2, wr + k + 64, x + k + 64);
+    a3 = dot(a3, wr + k + 96, x + k + 96);
+  }
+  for (; k + 32 <= K; k += 32) a0 = dot(a0, wr + k, x + k);
+  if (k < K) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, wr + k), (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+  }
+  store(y, r, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
+}
+
 // y (M, N_0 + N_1 + ...): the layers that read the same x (q/k/v, gate/up) side by side, in one call.
 template <typename W>
 at::Tensor gemv_cat(const at::Tensor& x, at::TensorList w, at::ScalarType dtype, const char* name,
@@ -92,10 +125,25 @@ at::Tensor gemv_cat(const at::Tensor& x, at::TensorList w, at::ScalarType dtype,
     first.push_back(first.back() + wi.size(0));
   }
   const int64_t N = first.back();
-  std::vector<float> buf;
-  const float* xp = as_float(x, buf);
   at::Tensor y = at::empty({M, N}, x.options());
   void* yp = y.data_ptr();
+  static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
+  if (std::is_same<W, uint16_t>::value && M == 1 && bf16_dot) {
+    const at::Tensor xc = x.contiguous();
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+    with_store(x.scalar_type(), [&](auto store) {
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+        size_t p = 0;
+        for (int64_t r = b; r < e; ++r) {
+          while (r >= first[p + 1]) ++p;
+          one_row_bf16_dot(xb, reinterpret_cast<const uint16_t*>(wp[p] + (r - first[p]) * K), yp, store, r, K);
+        }
+      });
+    });
+    return y;
+  }
+  std::vector<float> buf;
+  const float* xp = as_float(x, buf);
   with_store(x.scalar_type(), [&](auto store) {
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {  // one contiguous block of rows per thread
       size_t p = 0;
