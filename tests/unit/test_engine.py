@@ -467,6 +467,40 @@ def test_bf16_rows_match_alone_with_either_cache(ckpt, proc, monkeypatch, cache)
     assert [tokens(h) for h in hs] == [alone(m, inp, max_new_tokens=8, eos_token_id=[]) for inp in inps]
 
 
+@pytest.mark.skipif(kernels._cpu_problem() is not None, reason=f"no CPU kernels here: {kernels._cpu_problem()}")
+def test_a_row_decoding_alone_takes_the_fused_step_with_the_same_tokens(ckpt, proc, monkeypatch):
+    """A request whose row is the only one running decodes through ``model.fused_decoder`` over its row of
+    the shared cache (one native call a step), rows running together through the batched forward; the
+    tokens are those of ``generate_ids`` alone and of the engine without the fused step. Its row's slots
+    past the new token (a longer earlier request's, here) are never attended."""
+    from smolvlm.model.upcast import gemv_text_linears
+
+    assert kernels.build() is None
+    monkeypatch.setitem(kernels._state, "use", None)  # the kernels on, as wherever they run (not AMX)
+    m = SmolVLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    assert gemv_text_linears(m, force=True)  # float32 text linears on smolvlm's GEMV, as on AVX-512 CPUs
+    calls = []
+    op = torch.ops.smolvlm.decode_layers
+    monkeypatch.setattr(torch.ops.smolvlm, "decode_layers", lambda *a: calls.append(a[9]) or op(*a))
+    long, short = inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Hi", (IMG_A,))
+    engine = Engine(m, max_batch=2, max_context=256)
+    first = engine.submit(request(m, long, max_new_tokens=12, eos_token_id=[]))
+    drain(engine)  # alone: every step after the first token fused, at the row's next slot
+    n = long["input_ids"].shape[1]
+    assert calls == list(range(n, n + 11))
+    calls.clear()
+    pair = [engine.submit(request(m, inp, max_new_tokens=k, eos_token_id=[])) for inp, k in ((short, 4), (long, 9))]
+    drain(engine)  # together for 3 steps (the forward), then the long one alone (fused) for its last 5
+    assert len(calls) == 5
+    want = [alone(m, inp, max_new_tokens=k, eos_token_id=[]) for inp, k in ((long, 12), (short, 4), (long, 9))]
+    assert [tokens(h) for h in (first, *pair)] == want
+    monkeypatch.setattr(Engine, "_fused_step", lambda self, r: None)
+    again = Engine(m, max_batch=2, max_context=256)
+    h = again.submit(request(m, long, max_new_tokens=12, eos_token_id=[]))
+    drain(again)
+    assert tokens(h) == want[0]
+
+
 def test_in_passing_thread_returns_raises_and_leaves_no_thread():
     import threading
 
