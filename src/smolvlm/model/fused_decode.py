@@ -12,8 +12,9 @@ layers, a float32 model's), where ``kernels.ready("decode_layers")`` (not on AMX
 
 Only a step of one row with every earlier slot visible (no padding), which is what ``generate`` runs
 for one sequence; batches, padding, compiled steps and training keep ``TextModel.forward``. A plan
-holds the layers' tensors, so it is built for one generation (``generation/generate.py``) and not
-kept: a model changed afterwards (quantized, LoRA attached, moved) gets a new one.
+holds the layers' tensors, so it lives as long as they do: one generation (``generation/generate.py``),
+or one engine row (``generation/engine.py``, whose model and cache never change). A model changed
+afterwards (quantized, LoRA attached, moved) gets a new one with its next generation.
 """
 
 from __future__ import annotations

@@ -165,8 +165,9 @@ class SmolVLM(nn.Module):
                        dtype=dtype, device=self.device)
 
     def fused_decoder(self, cache: KVCache) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | str:
-        """A single sequence's eager decode step in one native call over ``cache`` (one row), for one
-        generation: ``step(token ids (1, 1), position (1, 1), slot) -> logits (1, 1, V)``, the same numbers
+        """A single sequence's eager decode step in one native call over ``cache`` (one row), for as long
+        as the model's layers stay as they are: ``step(token ids (1, 1), position (1, 1), slot) -> logits
+        (1, 1, V)``, the same numbers
         as ``forward`` over every slot up to ``slot`` (``model.fused_decode``); or why not, a string."""
         decoder = fused_decode.plan(self.model.text_model, cache)
         if isinstance(decoder, str):
