@@ -1,18 +1,20 @@
 // One eager decode step through every decoder layer in one call: the Llama layer of model/text.py for
 // one token of one sequence, composed of the other kernels here, with no Python between them.
 //
-// x (1, D) float32 or bfloat16 (the step's embedding), cos and sin (hd,) in x's dtype (layers.rope_tables:
-// sin with its first half negated), per layer l: norms[2l], norms[2l + 1] (the two RMSNorm weights; the
-// last entry is the final norm's), kinds[4l .. 4l + 3] (how q/k/v, o, gate/up and down are stored: BF16,
-// INT8, INT4, INT4_TORCH, PACKED, F32 below), w and aux [7l .. 7l + 6] (q, k, v, o, gate, up, down: the weight and
-// what rides along: int8's float32 scales, int4's table; anything for bf16, float32 and packed), k_cache[l], v_cache[l]
-// (1, Hkv, S, hd) float32 or bfloat16 -> the final-norm hidden state (1, D). The new token's k and v
-// are written at slot ``pos`` and it attends over slots 0..pos (a single sequence without padding).
+// x (1, D) float32 or bfloat16 (the step's embedding); cos and sin (hd,) in x's dtype
+// (layers.rope_tables: sin with its first half negated). Per layer l:
+// - norms[2l], norms[2l + 1]: the two RMSNorm weights (the list's last entry is the final norm's);
+// - kinds[4l .. 4l + 3]: how q/k/v, o, gate/up and down are held (Kind below);
+// - w and aux [7l .. 7l + 6] (q, k, v, o, gate, up, down): the weight and what rides along (int8's
+//   float32 scales, int4's table; anything for the others);
+// - k_cache[l], v_cache[l]: (1, Hkv, S, hd) float32 or bfloat16.
+// -> the final-norm hidden state (1, D). The new token's k and v are written at slot ``pos`` and it
+// attends over slots 0..pos (a single sequence without padding).
 //
 // Numbers: the same as the layer-by-layer eager path, step for step. Each GEMV, RMSNorm and the
 // attention is the same kernel; the elementwise steps round as PyTorch's kernels do (RoPE's two
 // products each rounded to x's dtype before their sum, the residual adds and silu(gate) * up rounded
-// once; silu itself is PyTorch's). tests/test_decode_layers.py checks the result bit for bit.
+// once; silu itself is PyTorch's). tests/unit/test_fused_decode.py checks the result bit for bit.
 //
 // Why: an eager step of SmolVLM-256M runs about 2,000 PyTorch calls (views included) and ~20 Python
 // module calls a layer around its 5 kernels a layer; on an AMD EPYC Zen 5 that was about 2.5 of its
