@@ -149,8 +149,8 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     connector's linears too, in int8 (needs ``quantize``, or a folder saved so;
     ``quantization.quantize``). ``pack``: inference only (``model/packed.py``;
     ignored with quantization or where unavailable; ``"auto"``: only where it is faster,
-    ``packed.packing_pays``, and for a bf16 model's text linears not where smolvlm's bf16 GEMV runs
-    them faster unpacked, ``upcast.text_gemv_pays``); packed weights are read into private memory when
+    ``packed.packing_pays``; a bf16 or float32 model's text linears stay unpacked as ``GemvLinear``
+    where smolvlm's GEMV runs them faster, ``upcast.text_gemv_pays``); packed weights are read into private memory when
     each layer first runs, and freed once packed (``packed.pack_pending`` packs them all at once). With ``pack`` (any true value) a bf16 model on a CPU whose oneDNN has no
     bf16 (AVX2-only) also gets float32-computed GEMMs and patch convolution (``model/upcast.py``:
     5x faster vision and prefill there, the same numerics up to summation order). ``mmap``: alias the file's copy-on-write mapping when no conversion is
@@ -238,8 +238,9 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
 
 def pack_for_batches(model: SmolVLM) -> list[str]:
     """For batched decoding (the server, evaluation): pack the ``GemvLinear`` text layers that
-    ``pack="auto"`` left unpacked for one stream (``upcast.pack_gemv_linears``), then unmap their plain
-    weights' file pages, read while packing (``memory.drop_file_pages``). Returns the packed names."""
+    ``pack="auto"`` left unpacked for one stream (``upcast.pack_gemv_linears``; float32 ones where packing
+    does not pay become plain layers again), then unmap their plain weights' file pages, read while
+    packing (``memory.drop_file_pages``). Returns the packed names."""
     plain = [m.weight for m in model.modules() if isinstance(m, GemvLinear)]
     names = pack_gemv_linears(model)
     if names:
