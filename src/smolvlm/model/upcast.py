@@ -16,6 +16,9 @@ the two cross near 8 rows). Those calls run smolvlm's AVX2 bf16 GEMV (``kernels/
 same float32 products and accumulation, one stream of weights per thread) where the kernels run, 1.9x
 PyTorch's bf16 GEMV over a 256M decode step's layers on an AVX2-only Zen 1 EPYC (bench/ANALYSIS.md, thirteenth
 round), else PyTorch's. The weights stay bf16 (no second copy); the state dict is unchanged.
+
+``GemvLinear`` (the same GEMV, bf16 or float32, on text linears left unpacked where it beats the layers'
+other GEMV: AVX-512 CPUs without AMX, ``text_gemv_pays``) lives here too.
 """
 
 from __future__ import annotations
