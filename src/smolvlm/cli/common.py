@@ -154,7 +154,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     where that is faster on this CPU (``pack="auto"``, ``smolvlm.model.packed.packing_pays``; a bf16
     or float32 model's text linears stay unpacked where smolvlm's GEMV decodes one stream faster,
     ``model.upcast.text_gemv_pays``). ``batched`` (the server, evaluation: several rows a step): those
-    are packed too where packing pays, plain layers again elsewhere (``weights.load.pack_for_batches``). ``processor``: one already loaded with ``load_processor``
+    are packed too where packing pays (bf16; ``weights.load.pack_for_batches``). ``processor``: one already loaded with ``load_processor``
     (not loaded again)."""
     import torch
 

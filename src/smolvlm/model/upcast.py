@@ -164,18 +164,21 @@ def gemv_text_linears(model: nn.Module, force: bool = False) -> list[str]:
 
 def pack_gemv_linears(model: nn.Module) -> list[str]:
     """Pack the ``GemvLinear`` layers now (``packed.pack_linears``, q/k/v and gate/up fused), for
-    batched decoding: from 2 rows up oneDNN's packed GEMM beats the GEMV (SmolVLM-256M on the Zen 5
-    EPYC: a step of 16 rows 8-14 ms packed against 36-38 as ``GemvLinear``s). What the server's engine
+    batched decoding, where packing pays (bf16: from 2 rows up oneDNN's packed GEMM beats the GEMV,
+    SmolVLM-256M on the Zen 5 EPYC: a step of 16 rows 8-14 ms packed against 36-38 as ``GemvLinear``s;
+    float32 layers, where packing does not pay, stay ``GemvLinear``). What the server's engine
     and batched evaluation load (``weights.load.pack_for_batches``). Returns the packed names; the plain weights'
     file pages, read while packing, are the caller's to unmap (``memory.drop_file_pages``)."""
     from smolvlm.model.packed import pack_linears
 
     gemv = [m for m in model.modules() if isinstance(m, GemvLinear)]
-    if not gemv:
+    if not gemv or not packing_pays(gemv[0].weight.dtype, gemv[0].weight.device):
+        # float32 where packing does not pay: the GEMV stays, 2.4-4x MKL's at 1-7 rows (the Zen 5, 80
+        # layers of 576x1536 and 1536x576; eighteenth round); 8 rows or more run F.linear as plain layers do
         return []
-    for m in gemv:  # plain layers again, which packing replaces where it pays (bf16; float32 stays plain)
+    for m in gemv:  # plain layers again, which packing replaces
         m.__class__ = nn.Linear
-    return pack_linears(model) if packing_pays(gemv[0].weight.dtype, gemv[0].weight.device) else []
+    return pack_linears(model)
 
 
 class UpcastConv2d(nn.Conv2d):

@@ -238,9 +238,9 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
 
 def pack_for_batches(model: SmolVLM) -> list[str]:
     """For batched decoding (the server, evaluation): pack the ``GemvLinear`` text layers that
-    ``pack="auto"`` left unpacked for one stream (``upcast.pack_gemv_linears``; float32 ones where packing
-    does not pay become plain layers again), then unmap their plain weights' file pages, read while
-    packing (``memory.drop_file_pages``). Returns the packed names."""
+    ``pack="auto"`` left unpacked for one stream (``upcast.pack_gemv_linears``; float32 ones, where packing
+    does not pay, stay as they are), then unmap their plain weights' file pages, read while packing
+    (``memory.drop_file_pages``). Returns the packed names."""
     plain = [m.weight for m in model.modules() if isinstance(m, GemvLinear)]
     names = pack_gemv_linears(model)
     if names:
