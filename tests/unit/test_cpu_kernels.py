@@ -225,7 +225,7 @@ def test_the_switch_and_the_reasons(monkeypatch):
     monkeypatch.setattr(kernels, "build", lambda: None)
     assert kernels.prepare() and kernels.problem() is None  # AVX-512 without AMX: the decode attention
     assert kernels.ready("decode_attention") and kernels.ready("bf16_attention") and not kernels.ready()  # ... not the GEMVs
-    assert kernels.ready("int8_rows") and kernels.ready("bf16_gemv")  # ... but int8's few rows and the bf16 GEMV
+    assert kernels.ready("int8_rows") and kernels.ready("float_gemv")  # ... but int8's few rows and the bf16/f32 GEMV
     assert kernels.ready("decode_layers") and kernels.ready("rms_norm")  # ... and the fused step, the RMSNorm
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
@@ -681,7 +681,7 @@ def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkey
     """``GemvLinear`` (a bf16 model's unpacked text linears where the bf16 GEMV pays: AVX-512 without
     AMX): narrow no-grad calls run the kernel, alone or q/k/v together; wide calls are ``F.linear`` in
     bf16 itself (no float32 copy: this CPU's oneDNN has bf16), bit for bit; kernels off: PyTorch's.
-    The loader's policy follows ``kernels.ready("bf16_gemv")``."""
+    The loader's policy follows ``kernels.ready("float_gemv")``."""
     from smolvlm.model.packed import packing_pays
     from smolvlm.model.upcast import MIN_ROWS, GemvLinear, gemv_text_linears, text_gemv_pays, bf16_is_slow
 
@@ -707,7 +707,7 @@ def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkey
         wide = torch.randn(1, MIN_ROWS, 128).bfloat16()
         assert torch.equal(attn.q_proj(wide), F.linear(wide, attn.q_proj.weight)) and calls == []
         monkeypatch.setitem(kernels._state, "use", "off for this test")
-        assert not kernels.ready("bf16_gemv") and not text_gemv_pays(torch.bfloat16)
+        assert not kernels.ready("float_gemv") and not text_gemv_pays(torch.bfloat16)
         assert torch.equal(attn.q_proj(x), F.linear(x, attn.q_proj.weight)) and calls == []
     monkeypatch.setitem(kernels._state, "use", None)
     assert text_gemv_pays(torch.bfloat16) == (not bf16_is_slow())

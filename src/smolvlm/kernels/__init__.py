@@ -176,13 +176,13 @@ def prepare() -> bool:
     return _state["use"] is None
 
 
-KINDS = ("gemv", "decode_attention", "bf16_attention", "bf16_gemv", "int8_rows", "rms_norm", "decode_layers")
+KINDS = ("gemv", "decode_attention", "bf16_attention", "float_gemv", "int8_rows", "rms_norm", "decode_layers")
 
 
 def ready(kind: str = "gemv") -> bool:
     """Whether the layers run these kernels of one kind: ``"gemv"`` (``Int8Linear``, ``Int4Linear``,
     ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``),
-    ``"bf16_gemv"`` (``upcast.GemvLinear``: a bf16 model's unpacked text linears), ``"int8_rows"``
+    ``"float_gemv"`` (``upcast.GemvLinear``: a bf16 or float32 model's unpacked text linears), ``"int8_rows"``
     (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` bf16/fp16 rows or fewer, and for float32, where
     ``"gemv"`` is not ready), ``"rms_norm"`` (``layers.RMSNorm`` outside autograd and compiled
     graphs) or ``"decode_layers"`` (``model.fused_decode``: a single sequence's eager decode step in one

@@ -25,12 +25,14 @@ import torch
 
 from smolvlm import kernels
 from smolvlm.model.layers import rope_cos_sin, rope_inv_freq, rope_tables
+from smolvlm.model.packed import FUSED_GROUPS
 
 KINDS = {"bf16": 0, "int8": 1, "int4": 2, "int4_torch": 3, "packed": 4, "f32": 5}  # decode_layers.cpp's Kind
-# The linears of a layer in the kernel's order, grouped as one call each (q/k/v, o, gate/up, down), and
-# the module packing fuses a group into (``packed.FUSED_GROUPS``).
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"), ("self_attn", ("o_proj",), None),
-          ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"), ("mlp", ("down_proj",), None))
+# The linears of a layer in the kernel's order, grouped as one call each (q/k/v, o, gate/up, down): the
+# owner, the parts, and the module packing fuses the parts into (``packed.FUSED_GROUPS``), if any.
+(_QKV, _QKV_FUSED), (_GATE_UP, _GATE_UP_FUSED) = FUSED_GROUPS
+GROUPS = (("self_attn", _QKV, _QKV_FUSED), ("self_attn", ("o_proj",), None),
+          ("mlp", _GATE_UP, _GATE_UP_FUSED), ("mlp", ("down_proj",), None))
 
 
 class FusedDecoder:

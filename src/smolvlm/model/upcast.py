@@ -116,7 +116,7 @@ class GemvLinear(UpcastLinear):
     ``F.linear`` in the layer's dtype, which this CPU's oneDNN computes natively. Same parameters and
     state dict as ``nn.Linear``."""
 
-    KERNELS = "bf16_gemv"
+    KERNELS = "float_gemv"
     GEMV_DTYPES = (torch.bfloat16, torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,7 @@ def text_gemv_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bo
       plain ``nn.Linear`` already: only their decode calls change, from PyTorch's (MKL's) GEMV to
       smolvlm's (the Zen 5: 80 layers of 576x1536 and 1536x576, 4.4 against 14.9 ms, 64 against 19 GB/s;
       oneDNN's packed float32 GEMV 8.9 ms; eighteenth round)."""
-    if torch.device(device).type != "cpu" or not kernels.ready("bf16_gemv"):
+    if torch.device(device).type != "cpu" or not kernels.ready("float_gemv"):
         return False
     if dtype == torch.float32:
         return not packing_pays(dtype, device)

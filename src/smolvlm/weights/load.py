@@ -185,11 +185,12 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     auto = pack == "auto"
     can_pack = packing_pays if auto else packing_available
     inference = bool(pack)  # pack asks for this CPU's fastest inference layers: packed, or bf16 computed in fp32
-    pack = bool(pack) and quantize == "none" and not saved and can_pack(dtype, device)
+    plain = inference and quantize == "none" and not saved  # float linears this load may convert
+    pack = plain and can_pack(dtype, device)
     # "auto" where smolvlm's GEMV outruns the one the text linears would run (oneDNN's packed bf16, MKL's
     # float32): they stay on the file mapping as ``GemvLinear``s, the vision tower is packed where that
     # pays (``upcast.text_gemv_pays``)
-    text_gemv = inference and auto and quantize == "none" and not saved and text_gemv_pays(dtype, device)
+    text_gemv = plain and auto and text_gemv_pays(dtype, device)
     meta_dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     # Quantizing or packing at load: the target linears' weights are left out of the bulk read and
     # read one layer at a time by ``quantize_while_loading`` / ``pack_linears`` (peak: the
