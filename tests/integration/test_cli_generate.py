@@ -168,3 +168,27 @@ def test_chat_stream_output_plain(ckpt, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
     assert main(["chat", "--model", str(ckpt), "--max-new-tokens", "4"]) == 0  # EOF ends the chat
     assert capsys.readouterr().out == expected_text(ckpt, "Hi", [], 4).lstrip() + "\n"
+
+
+def test_dtype_auto_is_the_checkpoint_dtype(ckpt, image, tmp_path, capsys):
+    """The model commands' default ``--dtype auto`` loads a checkpoint in its stored dtype, as transformers 5
+    does (the released SmolVLM checkpoints are bf16, the built-in default model float32); ``--dtype`` overrides."""
+    import shutil
+
+    import torch
+
+    from smolvlm.cli.common import DTYPES, load_model_and_processor
+    from smolvlm.cli.main import build_parser
+
+    bf16 = tmp_path / "bf16"
+    SmolVLM.from_pretrained(ckpt, dtype=torch.bfloat16).save_pretrained(bf16)
+    for f in ckpt.iterdir():  # tokenizer, template and processor files
+        if f.suffix != ".safetensors" and not (bf16 / f.name).exists():
+            shutil.copy(f, bf16 / f.name)
+    assert DTYPES[0] == "auto"
+    assert build_parser().parse_args(["generate", "Hi"]).dtype == "auto"
+    assert load_model_and_processor(str(bf16))[0].dtype == torch.bfloat16
+    assert load_model_and_processor(str(ckpt))[0].dtype == torch.float32
+    assert load_model_and_processor(str(bf16), "float32")[0].dtype == torch.float32
+    rc = main(["generate", "--model", str(bf16), "--image", str(image), "--max-new-tokens", "4", "--json", "What?"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["new_tokens"] >= 1

