@@ -468,11 +468,11 @@ def test_bf16_rows_match_alone_with_either_cache(ckpt, proc, monkeypatch, cache)
 
 
 @pytest.mark.skipif(kernels._cpu_problem() is not None, reason=f"no CPU kernels here: {kernels._cpu_problem()}")
-def test_a_row_decoding_alone_takes_the_fused_step_with_the_same_tokens(ckpt, proc, monkeypatch):
-    """A request whose row is the only one running decodes through ``model.fused_decoder`` over its row of
-    the shared cache (one native call a step), rows running together through the batched forward; the
-    tokens are those of ``generate_ids`` alone and of the engine without the fused step. Its row's slots
-    past the new token (a longer earlier request's, here) are never attended."""
+def test_rows_take_the_fused_step_with_the_same_tokens(ckpt, proc, monkeypatch):
+    """Rows decode through ``model.fused_decoder`` (one native call a step): a request running alone over its
+    row of the shared cache, rows running together over rows 0..hi, each at its own slot; the tokens are
+    those of ``generate_ids`` alone and of the engine without the fused step. A row's slots past its new
+    token (a longer earlier request's, here) are never attended."""
     from smolvlm.model.upcast import gemv_text_linears
 
     assert kernels.build() is None
@@ -486,15 +486,15 @@ def test_a_row_decoding_alone_takes_the_fused_step_with_the_same_tokens(ckpt, pr
     engine = Engine(m, max_batch=2, max_context=256)
     first = engine.submit(request(m, long, max_new_tokens=12, eos_token_id=[]))
     drain(engine)  # alone: every step after the first token fused, at the row's next slot
-    n = long["input_ids"].shape[1]
-    assert calls == list(range(n, n + 11))
+    n, s = long["input_ids"].shape[1], short["input_ids"].shape[1]
+    assert calls == [[k] for k in range(n, n + 11)]
     calls.clear()
     pair = [engine.submit(request(m, inp, max_new_tokens=k, eos_token_id=[])) for inp, k in ((short, 4), (long, 9))]
-    drain(engine)  # together for 3 steps (the forward), then the long one alone (fused) for its last 5
-    assert len(calls) == 5
+    drain(engine)  # together for 3 steps (rows 0 and 1, each at its slot), then the long one alone for its last 5
+    assert calls == [[s + k, n + k] for k in range(3)] + [[n + k] for k in range(3, 8)]
     want = [alone(m, inp, max_new_tokens=k, eos_token_id=[]) for inp, k in ((long, 12), (short, 4), (long, 9))]
     assert [tokens(h) for h in (first, *pair)] == want
-    monkeypatch.setattr(Engine, "_fused_step", lambda self, r: None)
+    monkeypatch.setattr(Engine, "_fused_step", lambda self, lo, hi: None)
     again = Engine(m, max_batch=2, max_context=256)
     h = again.submit(request(m, long, max_new_tokens=12, eos_token_id=[]))
     drain(again)

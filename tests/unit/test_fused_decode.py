@@ -30,6 +30,7 @@ FORMATS = {
     "float32 GemvLinear": (torch.float32, "gemv", True),
     "int8 bf16": (torch.bfloat16, "int8", True),
     "int8 float32": (torch.float32, "int8", True),
+    "int8 bf16 (PyTorch's kernel from 3 rows)": (torch.bfloat16, "int8", False),
     "int4 bf16 (smolvlm's kernel)": (torch.bfloat16, "int4", True),
     "int4 bf16 (PyTorch's kernel)": (torch.bfloat16, "int4", False),
     "int4 float32 (PyTorch's kernel)": (torch.float32, "int4", False),
@@ -67,6 +68,13 @@ def _cache(model: SmolVLM, dtype: torch.dtype, rows: int = 1) -> KVCache:
     return model.new_kv_cache(rows, 16, dtype=dtype)
 
 
+def _kind(dtype: torch.dtype, held: str, own: bool, rows: int) -> int:
+    """The decode_layers.cpp kind the layers' forward takes for ``rows`` rows (``fused_decode.KINDS``)."""
+    if held == "int8":
+        return 1 if own or rows <= 2 or dtype == torch.float32 else 6  # int8.OWN_ROWS, then PyTorch's
+    return {"gemv": 0 if dtype == torch.bfloat16 else 5, "upcast": 0, "int4": 2 if own else 3, "packed": 4}[held]
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt, cache_dtype):
@@ -85,8 +93,7 @@ def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt,
             text(prompt, torch.ones(1, 5, dtype=torch.long), kv_cache=cache, input_pos=torch.arange(5))
         step = fused_decode.plan(text, fused_cache)
         assert isinstance(step, fused_decode.FusedDecoder), step
-        kinds = {"gemv": 0 if dtype == torch.bfloat16 else 5, "upcast": 0, "int8": 1, "int4": 2 if own else 3, "packed": 4}
-        assert set(step.kinds) == {kinds[held]}
+        assert set(step.kinds) == {_kind(dtype, held, own, 1)}
         for slot in range(5, 9):
             x = torch.randn(1, 1, d, generator=gen).to(dtype)
             position = torch.tensor([[slot]])
@@ -96,6 +103,41 @@ def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt,
             assert got.dtype == dtype and got.shape == (1, 1, d)
             assert torch.equal(got, want), f"slot {slot}: max diff {(got.float() - want.float()).abs().max()}"
             assert want.abs().max() > 0.1  # not a degenerate state
+    for a, b in zip(fused_cache.k + fused_cache.v, layer_cache.k + layer_cache.v):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_rows_at_their_own_slots_are_the_batched_forward_bit_for_bit(monkeypatch, fmt, cache_dtype):
+    """Continuous batching's step: 3 rows, each at its own slot (prompts of 5, 2 and 7 tokens), as the engine
+    calls ``TextModel.forward`` (``input_pos`` (B, 1), each row over its own slots up to the new one)."""
+    dtype, held, own = FORMATS[fmt]
+    if held == "packed" and not packing_available(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU (bf16 needs AVX-512 or AVX-NE-CONVERT)")
+    _run_kernels(monkeypatch, own)
+    model = _model(dtype, held)
+    text = model.model.text_model
+    d = text.config.hidden_size
+    gen = torch.Generator().manual_seed(2)
+    lengths = [5, 2, 7]
+    with torch.inference_mode():
+        fused_cache, layer_cache = _cache(model, cache_dtype, rows=3), _cache(model, cache_dtype, rows=3)
+        for r, n in enumerate(lengths):  # each row's prompt, written into its row alone
+            prompt = torch.randn(1, n, d, generator=gen).to(dtype)
+            for cache in (fused_cache, layer_cache):
+                text(prompt, kv_cache=cache.rows(r, r + 1), input_pos=torch.arange(n))
+        step = fused_decode.plan(text, fused_cache)
+        assert isinstance(step, fused_decode.FusedDecoder), step
+        assert set(step.kinds) == {_kind(dtype, held, own, 3)}
+        for i in range(4):
+            slots = torch.tensor(lengths)[:, None] + i  # (3, 1)
+            x = torch.randn(3, 1, d, generator=gen).to(dtype)
+            want = text(x, kv_cache=layer_cache, input_pos=slots)
+            got = step(x, slots, slots[:, 0].tolist())
+            assert got.dtype == dtype and got.shape == (3, 1, d)
+            assert torch.equal(got, want), f"step {i}: max diff {(got.float() - want.float()).abs().max()}"
+            assert want.abs().max() > 0.1
     for a, b in zip(fused_cache.k + fused_cache.v, layer_cache.k + layer_cache.v):
         assert torch.equal(a, b)
 
@@ -110,7 +152,7 @@ def test_generate_runs_one_sequence_through_it_with_the_same_tokens_and_batches_
     monkeypatch.setattr(torch.ops.smolvlm, "decode_layers", lambda *a: calls.append(a[9]) or op(*a))
     ids = torch.tensor([[5, 9, 11, 40, 7]])
     fused = generate_ids(model, ids, max_new_tokens=6, eos_token_id=[])
-    assert calls == [5, 6, 7, 8, 9]  # every step after the first token, at its slot
+    assert calls == [[5], [6], [7], [8], [9]]  # every step after the first token, at its slot
     with monkeypatch.context() as m:
         m.setattr(SmolVLM, "fused_decoder", lambda self, cache: "off for this test")
         layered = generate_ids(model, ids, max_new_tokens=6, eos_token_id=[])
@@ -133,7 +175,10 @@ def test_what_it_refuses_and_why(monkeypatch):
         pack_linears(biased)
         assert "layer 0's o_proj" in fused_decode.plan(biased.model.text_model, _cache(biased, torch.float32))
         int8 = _model(torch.bfloat16, "int8")
-        assert "row" in fused_decode.plan(int8.model.text_model, _cache(int8, torch.float32, rows=2))
+        gemv = _model(torch.bfloat16, "gemv")  # bf16, 8 rows or more: F.linear (upcast.MIN_ROWS)
+        assert "for 8 rows" in fused_decode.plan(gemv.model.text_model, _cache(gemv, torch.float32, rows=8))
+        assert isinstance(fused_decode.plan(gemv.model.text_model, _cache(gemv, torch.float32, rows=7)),
+                          fused_decode.FusedDecoder)
         fp16 = _model(torch.float16, "int8")
         assert "float16" in fused_decode.plan(fp16.model.text_model, _cache(fp16, torch.float32))
         wrapped = _model(torch.bfloat16, "int8")
@@ -155,3 +200,6 @@ def test_a_slot_outside_the_cache_is_refused_in_one_line(monkeypatch):
         step = model.fused_decoder(_cache(model, torch.float32))
         with pytest.raises(RuntimeError, match="slot 16 outside the cache's 16"):
             step(torch.tensor([[3]]), torch.tensor([[16]]), 16)
+        rows = model.fused_decoder(_cache(model, torch.float32, rows=2))
+        with pytest.raises(RuntimeError, match="one slot per row"):
+            rows(torch.tensor([[3], [4]]), torch.tensor([[2], [3]]), [2])

@@ -163,7 +163,7 @@ def test_batched_commands_pack_the_gemv_linears(tmp_path: Path, monkeypatch, ref
 @pytest.mark.parametrize("pays", [False, True])
 def test_batched_float32_gemv_linears_are_packed_only_where_packing_pays(monkeypatch, pays):
     """A float32 model's ``GemvLinear``s (AVX-512 without AMX) stay for batches where packing float32 does
-    not pay (the GEMV beats MKL's at 1-7 rows; wider calls are ``F.linear`` as before), and are packed
+    not pay (the GEMV beats MKL's at 1-16 rows; wider calls are ``F.linear`` as before), and are packed
     where it does."""
     from smolvlm.model.packed import PackedLinear, packing_available
     from smolvlm.model.upcast import gemv_text_linears, pack_gemv_linears

@@ -111,7 +111,7 @@ class Engine:
         with torch.inference_mode():
             self.cache = model.new_kv_cache(max_batch, max_context, dtype=cache_dtype)  # the only big allocation
         self.rows: list[_Row | None] = [None] * max_batch
-        self._fused: dict[int, Any] = {}  # row -> the fused decode step over that row of the cache, or None
+        self._fused: dict[tuple[int, int], Any] = {}  # rows (lo, hi) -> the fused decode step over them, or None
         self._waiting: deque[PreparedRequest] = deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -257,19 +257,21 @@ class Engine:
             self.rows[r] = row
             self._sample_and_advance(r, row, logits[i:i + 1], int(logits[i].argmax(-1)))
 
-    def _fused_step(self, r: int) -> Any:
-        """The fused decode step over row r of the cache (``model.fused_decoder``: every layer in one native
-        call, the numbers of the forward), built once per row; None where the model cannot run one."""
-        if r not in self._fused:
+    def _fused_step(self, lo: int, hi: int) -> Any:
+        """The fused decode step over rows lo..hi-1 of the cache (``model.fused_decoder``: every layer in one
+        native call, the numbers of the forward), built once per span; None where the model cannot run one
+        (for that many rows: some layers change kernels with the row count)."""
+        if (lo, hi) not in self._fused:
             make = getattr(self.model, "fused_decoder", None)
-            step = make(self.cache.rows(r, r + 1)) if make is not None else None
-            self._fused[r] = None if isinstance(step, str) else step
-        return self._fused[r]
+            step = make(self.cache.rows(lo, hi)) if make is not None else None
+            self._fused[lo, hi] = None if isinstance(step, str) else step
+        return self._fused[lo, hi]
 
     @torch.inference_mode()
     def _decode(self) -> None:
-        """One token for every running row, in one forward over rows 0..hi (a row alone: the fused step,
-        where it runs; its slots past the new token, padding or an old request's, are never attended)."""
+        """One token for every running row: one fused step (``_fused_step``) over rows 0..hi, or over the
+        one busy row alone, where the model runs it, else one forward over rows 0..hi. A row's slots past
+        its new token, padding or an old request's, are never attended."""
         busy = [i for i, row in enumerate(self.rows) if row is not None]
         hi = busy[-1] + 1
         toks = torch.zeros(hi, 1, dtype=torch.long)  # free rows in range: a dummy token at slot 0
@@ -277,11 +279,12 @@ class Engine:
         for i in busy:
             toks[i, 0], pos[i, 0] = self.rows[i].last, self.rows[i].n_cached
         try:
-            fused = self._fused_step(busy[0]) if len(busy) == 1 else None
+            lo = busy[0] if len(busy) == 1 else 0
+            fused = self._fused_step(lo, hi)
             if fused is not None:
-                i = busy[0]
-                logits = fused(toks[i:i + 1].to(self.device), pos[i:i + 1].to(self.device), int(pos[i, 0]))[:, -1].float()
-                at = {i: 0}  # (1, V): the one row's logits
+                logits = fused(toks[lo:hi].to(self.device), pos[lo:hi].to(self.device),
+                               pos[lo:hi, 0].tolist())[:, -1].float()  # (hi - lo, V)
+                at = {i: i - lo for i in busy}
             else:
                 out = self.model(input_ids=toks.to(self.device), kv_cache=self.cache.rows(0, hi),
                                  input_pos=pos.to(self.device), logits_to_keep=1)

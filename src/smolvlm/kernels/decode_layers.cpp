@@ -1,15 +1,17 @@
 // One eager decode step through every decoder layer in one call: the Llama layer of model/text.py for
-// one token of one sequence, composed of the other kernels here, with no Python between them.
+// one new token in each of B rows, composed of the other kernels here, with no Python between them.
 //
-// x (1, D) float32 or bfloat16 (the step's embedding); cos and sin (hd,) in x's dtype
-// (layers.rope_tables: sin with its first half negated). Per layer l:
+// x (B, D) float32 or bfloat16 (the step's embeddings); cos and sin (B, hd) in x's dtype, each row's
+// (layers.rope_tables: sin with its first half negated); pos: each row's slot. Per layer l:
 // - norms[2l], norms[2l + 1]: the two RMSNorm weights (the list's last entry is the final norm's);
 // - kinds[4l .. 4l + 3]: how q/k/v, o, gate/up and down are held (Kind below);
 // - w and aux [7l .. 7l + 6] (q, k, v, o, gate, up, down): the weight and what rides along (int8's
-//   float32 scales, int4's table; anything for the others);
-// - k_cache[l], v_cache[l]: (1, Hkv, S, hd) float32 or bfloat16.
-// -> the final-norm hidden state (1, D). The new token's k and v are written at slot ``pos`` and it
-// attends over slots 0..pos (a single sequence without padding).
+//   float32 scales, or for PyTorch's int8 kernel its scales in x's dtype; int4's table; anything for
+//   the others);
+// - k_cache[l], v_cache[l]: (B, Hkv, S, hd) float32 or bfloat16.
+// -> the final-norm hidden states (B, D). Row b's new k and v are written at slot pos[b] and it attends
+// over its slots 0..pos[b]: one row, no mask; several, the per-row causal mask of text.build_mask over
+// max(pos) + 1 slots (continuous batching's rows at their own positions).
 //
 // Numbers: the same as the layer-by-layer eager path, step for step. Each GEMV, RMSNorm and the
 // attention is the same kernel; the elementwise steps round as PyTorch's kernels do (RoPE's two
@@ -21,6 +23,7 @@
 // 11 ms (bench/ANALYSIS.md, eighteenth round).
 #include "ops.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -29,7 +32,7 @@ using namespace smolvlm_kernels;
 
 // PACKED: oneDNN's packed weight (model/packed.py), one for the whole group (q/k/v or gate/up fused), in
 // the group's first slot; o and down add the residual inside oneDNN's call, as PackedLinear.forward_add.
-enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, INT4_TORCH = 3, PACKED = 4, F32 = 5 };
+enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, INT4_TORCH = 3, PACKED = 4, F32 = 5, INT8_TORCH = 6 };
 
 // mkldnn::_linear_pointwise (and its .binary add), called as model/packed.py calls them from Python
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* residual) {
@@ -61,6 +64,11 @@ at::Tensor linear(int64_t kind, const at::Tensor& x, at::TensorList w, at::Tenso
         ys.push_back(at::_weight_int4pack_mm_for_cpu(x, w[i], x.size(1) / aux[i].size(0), aux[i]));
       return ys.size() == 1 ? ys[0] : at::cat(ys, 1);
     }
+    case INT8_TORCH: {  // PyTorch's kernel, one layer at a time; aux: its scales in x's dtype
+      std::vector<at::Tensor> ys;
+      for (size_t i = 0; i < w.size(); ++i) ys.push_back(at::_weight_int8pack_mm(x, w[i], aux[i]));
+      return ys.size() == 1 ? ys[0] : at::cat(ys, 1);
+    }
     case PACKED: return packed_linear(x, w[0], nullptr);
     default: TORCH_CHECK(false, "decode_layers: unknown weight kind ", kind);
   }
@@ -83,28 +91,34 @@ void rotate(const T* x, const T* c, const T* s, int64_t hd, T* out) {
   }
 }
 
-// q/k/v (1, (Hq + 2 Hkv) hd) -> attention output (1, Hq hd); k, v written into the caches at pos.
+// q/k/v (B, (Hq + 2 Hkv) hd) -> attention output (B, Hq hd) over the first L slots; row b's k, v written
+// into the caches at pos[b].
 template <typename T>
 at::Tensor attend(const at::Tensor& qkv, const T* cos, const T* sin, const at::Tensor& kc, const at::Tensor& vc,
-                  int64_t pos, int64_t hq, int64_t hkv, int64_t hd) {
-  const T* src = qkv.data_ptr<T>();
-  at::Tensor q = at::empty({1, hq, 1, hd}, qkv.options());
-  T* qp = q.data_ptr<T>();
-  for (int64_t h = 0; h < hq; ++h) rotate(src + h * hd, cos, sin, hd, qp + h * hd);
+                  at::IntArrayRef pos, int64_t L, const c10::optional<at::Tensor>& mask, int64_t hq, int64_t hkv,
+                  int64_t hd) {
+  const int64_t B = qkv.size(0), width = qkv.size(1);
+  at::Tensor q = at::empty({B, hq, 1, hd}, qkv.options());
   std::vector<T> k(hd);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, kc.scalar_type(), "decode_layers_cache", [&] {
-    scalar_t* kp = kc.data_ptr<scalar_t>() + pos * kc.stride(2);
-    scalar_t* vp = vc.data_ptr<scalar_t>() + pos * vc.stride(2);
-    for (int64_t h = 0; h < hkv; ++h) {
-      rotate(src + (hq + h) * hd, cos, sin, hd, k.data());
-      const T* v = src + (hq + hkv + h) * hd;
-      for (int64_t d = 0; d < hd; ++d) {
-        kp[h * kc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(k[d]));
-        vp[h * vc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(v[d]));
+  for (int64_t b = 0; b < B; ++b) {
+    const T* src = qkv.data_ptr<T>() + b * width;
+    const T *c = cos + b * hd, *s = sin + b * hd;
+    T* qp = q.data_ptr<T>() + b * hq * hd;
+    for (int64_t h = 0; h < hq; ++h) rotate(src + h * hd, c, s, hd, qp + h * hd);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, kc.scalar_type(), "decode_layers_cache", [&] {
+      scalar_t* kp = kc.data_ptr<scalar_t>() + b * kc.stride(0) + pos[b] * kc.stride(2);
+      scalar_t* vp = vc.data_ptr<scalar_t>() + b * vc.stride(0) + pos[b] * vc.stride(2);
+      for (int64_t h = 0; h < hkv; ++h) {
+        rotate(src + (hq + h) * hd, c, s, hd, k.data());
+        const T* v = src + (hq + hkv + h) * hd;
+        for (int64_t d = 0; d < hd; ++d) {
+          kp[h * kc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(k[d]));
+          vp[h * vc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(v[d]));
+        }
       }
-    }
-  });
-  return decode_attention(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), c10::nullopt).view({1, hq * hd});
+    });
+  }
+  return decode_attention(q, kc.narrow(2, 0, L), vc.narrow(2, 0, L), mask).view({B, hq * hd});
 }
 
 template <typename T>
@@ -124,27 +138,37 @@ at::Tensor linear_add(int64_t kind, const at::Tensor& x, const at::Tensor& resid
 }
 
 template <typename T>
-at::Tensor gated(const at::Tensor& gate_up) {  // silu(gate) * up of (1, 2I) -> (1, I)
-  const int64_t n = gate_up.size(1) / 2;
-  const at::Tensor g = at::silu(gate_up.narrow(1, 0, n));
-  at::Tensor y = at::empty({1, n}, gate_up.options());
-  const T *gp = g.data_ptr<T>(), *up = gate_up.data_ptr<T>() + n;
-  T* yp = y.data_ptr<T>();
-  for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<T>(product(static_cast<float>(gp[i]), static_cast<float>(up[i])));
+at::Tensor gated(const at::Tensor& gate_up) {  // silu(gate) * up of (B, 2I) -> (B, I)
+  const int64_t B = gate_up.size(0), n = gate_up.size(1) / 2;
+  const at::Tensor g = at::silu(gate_up.narrow(1, 0, n)).contiguous();
+  at::Tensor y = at::empty({B, n}, gate_up.options());
+  for (int64_t b = 0; b < B; ++b) {
+    const T *gp = g.data_ptr<T>() + b * n, *up = gate_up.data_ptr<T>() + b * 2 * n + n;
+    T* yp = y.data_ptr<T>() + b * n;
+    for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<T>(product(static_cast<float>(gp[i]), static_cast<float>(up[i])));
+  }
   return y;
 }
 
 template <typename T>
 at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
                at::IntArrayRef kinds, at::TensorList w, at::TensorList aux, at::TensorList kc, at::TensorList vc,
-               int64_t pos, int64_t hq, int64_t hkv, double eps) {
-  const int64_t hd = cos.size(0);
+               at::IntArrayRef pos, int64_t hq, int64_t hkv, double eps) {
+  const int64_t B = x.size(0), hd = cos.size(1);
+  const int64_t L = *std::max_element(pos.begin(), pos.end()) + 1;
+  c10::optional<at::Tensor> mask;  // one row sees every slot up to its own; rows: build_mask's (B, 1, 1, L)
+  if (B > 1) {
+    mask = at::empty({B, 1, 1, L}, x.options().dtype(at::kBool));
+    bool* m = mask->data_ptr<bool>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < L; ++j) m[b * L + j] = j <= pos[b];
+  }
   at::Tensor h = x;
   for (size_t l = 0; l < kc.size(); ++l) {
     const int64_t* kind = kinds.data() + 4 * l;
     const size_t p = 7 * l;  // q, k, v, o, gate, up, down
     at::Tensor qkv = linear(kind[0], rms_norm(h, norms[2 * l], eps), w.slice(p, 3), aux.slice(p, 3));
-    at::Tensor att = attend<T>(qkv, cos.data_ptr<T>(), sin.data_ptr<T>(), kc[l], vc[l], pos, hq, hkv, hd);
+    at::Tensor att = attend<T>(qkv, cos.data_ptr<T>(), sin.data_ptr<T>(), kc[l], vc[l], pos, L, mask, hq, hkv, hd);
     h = linear_add<T>(kind[1], att, h, w.slice(p + 3, 1), aux.slice(p + 3, 1));
     at::Tensor gate_up = linear(kind[2], rms_norm(h, norms[2 * l + 1], eps), w.slice(p + 4, 2), aux.slice(p + 4, 2));
     h = linear_add<T>(kind[3], gated<T>(gate_up), h, w.slice(p + 6, 1), aux.slice(p + 6, 1));
@@ -154,24 +178,27 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
 
 at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
                          at::IntArrayRef kinds, at::TensorList w, at::TensorList aux, at::TensorList kc,
-                         at::TensorList vc, int64_t pos, int64_t heads, int64_t kv_heads, double eps) {
+                         at::TensorList vc, at::IntArrayRef pos, int64_t heads, int64_t kv_heads, double eps) {
   const size_t L = kc.size();
   TORCH_CHECK(L > 0 && vc.size() == L && norms.size() == 2 * L + 1 && kinds.size() == 4 * L && w.size() == 7 * L &&
                   aux.size() == 7 * L,
               "decode_layers: per layer 2 norms (+1), 4 kinds, 7 weights and 7 aux, one k and one v cache");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(), "decode_layers: x (1, D) contiguous");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous(), "decode_layers: x (B, D) contiguous");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "decode_layers: x float32 or bfloat16");
-  const int64_t hd = cos.size(0);
-  TORCH_CHECK(cos.dim() == 1 && sin.sizes() == cos.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
-                  cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && hd % 8 == 0,
-              "decode_layers: cos and sin (hd,) contiguous in x's dtype, hd % 8 == 0");
+  const int64_t B = x.size(0);
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == B && sin.sizes() == cos.sizes() && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() &&
+                  cos.size(1) % 8 == 0,
+              "decode_layers: cos and sin (B, hd) contiguous in x's dtype, hd % 8 == 0");
+  const int64_t hd = cos.size(1);
+  TORCH_CHECK(static_cast<int64_t>(pos.size()) == B, "decode_layers: one slot per row");
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "decode_layers: heads a multiple of kv_heads");
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor &k = kc[l], &v = vc[l];
-    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == 1 && k.size(1) == kv_heads && k.size(3) == hd &&
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == kv_heads && k.size(3) == hd &&
                     k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type(),
-                "decode_layers: caches (1, kv_heads, S, hd), contiguous last dim");
-    TORCH_CHECK(pos >= 0 && pos < k.size(2), "decode_layers: slot ", pos, " outside the cache's ", k.size(2));
+                "decode_layers: caches (B, kv_heads, S, hd), contiguous last dim");
+    for (int64_t p : pos) TORCH_CHECK(p >= 0 && p < k.size(2), "decode_layers: slot ", p, " outside the cache's ", k.size(2));
   }
   if (x.scalar_type() == at::kFloat) return run<float>(x, cos, sin, norms, kinds, w, aux, kc, vc, pos, heads, kv_heads, eps);
   return run<at::BFloat16>(x, cos, sin, norms, kinds, w, aux, kc, vc, pos, heads, kv_heads, eps);
@@ -181,7 +208,7 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::T
 
 TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, int[] kinds, Tensor[] w, Tensor[] aux, "
-        "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int pos, int heads, int kv_heads, float eps) -> Tensor");
+        "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int[] pos, int heads, int kv_heads, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("decode_layers", decode_layers); }
 // oneDNN's packed weights are MkldnnCPU tensors, which pick the dispatch key of a call that takes them

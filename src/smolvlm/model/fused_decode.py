@@ -1,19 +1,20 @@
-"""A single sequence's eager decode step through every decoder layer in one native call.
+"""An eager decode step through every decoder layer in one native call.
 
-``kernels/decode_layers.cpp`` runs, for one new token, what ``text.TextModel.forward`` runs layer by
+``kernels/decode_layers.cpp`` runs, for one new token in each row, what ``text.TextModel.forward`` runs layer by
 layer (RMSNorm, q/k/v, RoPE, the KV cache write, the decode attention, o + residual, RMSNorm,
 gate/up, SiLU, down + residual, the final norm) with the same kernels and the same roundings, so
 the hidden state is bit for bit the layer-by-layer one; only the ~20 Python module calls and ~60
-PyTorch calls a layer around those kernels are gone. ``plan`` builds it where every text linear runs
-a kernel the fused step can call for one row (``decode_weights``: the bf16 GEMV of ``upcast``'s
-layers, ``Int8Linear``'s own GEMV, ``Int4Linear``'s kernels, oneDNN's packed weights of ``packed``'s
-layers, a float32 model's), where ``kernels.ready("decode_layers")`` (not on AMX CPUs); anything else
+PyTorch calls a layer around those kernels are gone. ``plan`` builds it where every text linear runs,
+for the cache's number of rows, a kernel the fused step can call (``decode_weights``: the bf16 or
+float32 GEMV of ``upcast``'s layers, ``Int8Linear``'s and ``Int4Linear``'s kernels, smolvlm's or
+PyTorch's, oneDNN's packed weights of ``packed``'s layers), where ``kernels.ready("decode_layers")`` (not on AMX CPUs); anything else
 (LoRA layers, biases, fp16, the kernels off) keeps the layer-by-layer path, and ``plan`` says why.
 
-Only a step of one row with every earlier slot visible (no padding), which is what ``generate`` runs
-for one sequence; batches, padding, compiled steps and training keep ``TextModel.forward``. A plan
-holds the layers' tensors, so it lives as long as they do: one generation (``generation/generate.py``),
-or one engine row (``generation/engine.py``, whose model and cache never change). A model changed
+Each row writes one token at its own slot and attends over its slots up to that one (no padding):
+``generate``'s step for one sequence, and continuous batching's, whose rows sit at their own
+positions. Padded batches, compiled steps and training keep ``TextModel.forward``. A plan holds the
+layers' tensors, so it lives as long as they do: one generation (``generation/generate.py``), or one
+span of engine rows (``generation/engine.py``, whose model and cache never change). A model changed
 afterwards (quantized, LoRA attached, moved) gets a new one with its next generation.
 """
 
@@ -27,7 +28,8 @@ from smolvlm import kernels
 from smolvlm.model.layers import rope_cos_sin, rope_inv_freq, rope_tables
 from smolvlm.model.packed import FUSED_GROUPS
 
-KINDS = {"bf16": 0, "int8": 1, "int4": 2, "int4_torch": 3, "packed": 4, "f32": 5}  # decode_layers.cpp's Kind
+KINDS = {"bf16": 0, "int8": 1, "int4": 2, "int4_torch": 3, "packed": 4, "f32": 5,  # decode_layers.cpp's Kind
+         "int8_torch": 6}
 # The linears of a layer in the kernel's order, grouped as one call each (q/k/v, o, gate/up, down): the
 # owner, the parts, and the module packing fuses the parts into (``packed.FUSED_GROUPS``), if any.
 (_QKV, _QKV_FUSED), (_GATE_UP, _GATE_UP_FUSED) = FUSED_GROUPS
@@ -36,9 +38,9 @@ GROUPS = (("self_attn", _QKV, _QKV_FUSED), ("self_attn", ("o_proj",), None),
 
 
 class FusedDecoder:
-    """``decoder(embeds (1, 1, D), position (1, 1), slot) -> final-norm hidden state (1, 1, D)``: one
-    token of one sequence through every layer, its k and v written at ``slot`` of ``cache``, attending
-    over slots ``0..slot``."""
+    """``decoder(embeds (B, 1, D), positions (B, 1), slots) -> final-norm hidden states (B, 1, D)``: one
+    token of each of the cache's B rows through every layer, row b's k and v written at ``slots[b]`` of
+    ``cache``, attending over its slots ``0..slots[b]`` (``slots``: an int for one row, else a list)."""
 
     def __init__(self, text: Any, cache: Any, dtype: torch.dtype, norms: list[torch.Tensor], kinds: list[int],
                  weights: list[torch.Tensor], aux: list[torch.Tensor]) -> None:
@@ -48,24 +50,27 @@ class FusedDecoder:
         self.heads, self.kv_heads, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, text.norm.eps
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, norms[0].device)
 
-    def __call__(self, embeds: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
-        cos, sin = rope_tables(*rope_cos_sin(position, self.inv_freq, self.dtype))  # (1, 1, 1, hd) each
-        h = torch.ops.smolvlm.decode_layers(embeds.reshape(1, -1), cos.reshape(-1), sin.reshape(-1), self.norms,
-                                            self.kinds, self.weights, self.aux, self.cache.k, self.cache.v, slot,
+    def __call__(self, embeds: torch.Tensor, position: torch.Tensor, slots: int | list[int]) -> torch.Tensor:
+        b = embeds.shape[0]
+        cos, sin = rope_tables(*rope_cos_sin(position, self.inv_freq, self.dtype))  # (B, 1, 1, hd) each
+        h = torch.ops.smolvlm.decode_layers(embeds.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1),
+                                            self.norms, self.kinds, self.weights, self.aux, self.cache.k,
+                                            self.cache.v, [slots] if isinstance(slots, int) else slots,
                                             self.heads, self.kv_heads, self.eps)
-        return h.view(1, 1, -1)
+        return h.view(b, 1, -1)
 
 
 def plan(text: Any, cache: Any) -> FusedDecoder | str:
-    """The fused decode step of ``text`` (a ``text.TextModel``) over ``cache`` (a one-row ``KVCache``),
-    or why it cannot run (then the caller keeps ``text``'s own forward)."""
+    """The fused decode step of ``text`` (a ``text.TextModel``) over every row of ``cache`` (a ``KVCache``
+    or a view of some of its rows), or why it cannot run (then the caller keeps ``text``'s own forward)."""
     if not kernels.ready("decode_layers"):
         return f"the kernels do not run here ({kernels.problem() or 'not on this CPU'})"
     dtype = text.embed_tokens.weight.dtype
     if dtype not in (torch.float32, torch.bfloat16) or text.embed_tokens.weight.device.type != "cpu":
         return f"a {dtype} model on {text.embed_tokens.weight.device}: float32 or bfloat16 on the CPU only"
-    if cache.batch_size != 1 or cache.dtype not in (torch.float32, torch.bfloat16) or cache.head_dim % 8:
-        return f"a {cache.batch_size}-row {cache.dtype} cache of head_dim {cache.head_dim}"
+    rows = cache.batch_size
+    if cache.dtype not in (torch.float32, torch.bfloat16) or cache.head_dim % 8:
+        return f"a {cache.dtype} cache of head_dim {cache.head_dim}"
     norms, kinds, weights, aux = [], [], [], []
     for i, layer in enumerate(text.layers):
         norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
@@ -73,9 +78,10 @@ def plan(text: Any, cache: Any) -> FusedDecoder | str:
             fused = getattr(getattr(layer, owner), joint) if joint else None
             # one packed weight for the whole group (its first slot; the kernel reads only that one)
             group = [fused] * len(names) if fused is not None else [getattr(getattr(layer, owner), n) for n in names]
-            found = [m.decode_weights(dtype) if hasattr(m, "decode_weights") else None for m in group]
+            found = [m.decode_weights(dtype, rows) if hasattr(m, "decode_weights") else None for m in group]
             if any(f is None for f in found) or len({f[0] for f in found}) != 1:
-                return f"layer {i}'s {', '.join(names)} ({type(group[0]).__name__}) run no one-row kernel together"
+                return (f"layer {i}'s {', '.join(names)} ({type(group[0]).__name__}) run no kernel of the fused step "
+                        f"together for {rows} row{'s' if rows > 1 else ''}")
             kinds.append(KINDS[found[0][0]])
             weights += [f[1] for f in found]
             aux += [f[2] for f in found]

@@ -203,10 +203,10 @@ class PackedLinear(nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, post, [], algorithm)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
-    def decode_weights(self, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor] | None:
-        """How ``kernels/decode_layers.cpp`` runs this layer for one row of ``dtype``, as ``forward`` and
-        ``forward_add`` do (``model.fused_decode``): ("packed", oneDNN's weight, the same), or None (a bias,
-        another dtype)."""
+    def decode_weights(self, dtype: torch.dtype, rows: int = 1) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """How ``kernels/decode_layers.cpp`` runs this layer for ``rows`` rows of ``dtype`` (any number), as
+        ``forward`` and ``forward_add`` do (``model.fused_decode``): ("packed", oneDNN's weight, the same),
+        or None (a bias, another dtype)."""
         if self.bias is not None or dtype != self.weight_dtype:
             return None
         return "packed", self.packed, self.packed

@@ -33,6 +33,10 @@ from smolvlm import kernels
 from smolvlm.model.packed import packing_available, packing_pays
 
 MIN_ROWS = 8
+# float32 calls of up to this many rows run ``GemvLinear``'s GEMV, wider ones MKL's GEMM: 80 layers of
+# 576x1536 and 1536x576, 2 threads, AMD EPYC Zen 5, ms (nineteenth round): 8 rows 9.9 against 21.8,
+# 16 rows 18.3 against 26.8, 24 rows 33.4 against 31.5
+F32_GEMV_ROWS = 16
 
 
 def bf16_is_slow(device: torch.device | str = "cpu") -> bool:
@@ -82,19 +86,20 @@ class UpcastLinear(nn.Linear):
 
     def _gemv(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs smolvlm's GEMV: a bias-free layer of a ``GEMV_DTYPES`` dtype, a
-        narrow call in that dtype (fewer than ``MIN_ROWS`` rows) with no gradient to track (the kernel has
-        no backward), in_features % 8 == 0, the kernels running."""
+        narrow call in that dtype (bf16: fewer than ``MIN_ROWS`` rows; float32: ``F32_GEMV_ROWS`` or fewer)
+        with no gradient to track (the kernel has no backward), in_features % 8 == 0, the kernels running."""
+        rows = F32_GEMV_ROWS + 1 if x.dtype == torch.float32 else MIN_ROWS
         return (x.dtype == self.weight.dtype and x.dtype in self.GEMV_DTYPES
-                and x.numel() < MIN_ROWS * self.in_features and self.bias is None and x.device.type == "cpu"
+                and x.numel() < rows * self.in_features and self.bias is None and x.device.type == "cpu"
                 and self.in_features % 8 == 0 and self.weight.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and kernels.ready(self.KERNELS))
 
-    def decode_weights(self, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor] | None:
-        """How ``kernels/decode_layers.cpp`` runs this layer for one row of ``dtype``, as ``forward`` does
-        (``model.fused_decode``): ("bf16" or "f32", weight, weight), or None where forward would not run
-        the GEMV."""
-        x = torch.empty(1, self.in_features, dtype=dtype, device=self.weight.device)
+    def decode_weights(self, dtype: torch.dtype, rows: int = 1) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """How ``kernels/decode_layers.cpp`` runs this layer for ``rows`` rows of ``dtype``, as ``forward``
+        does (``model.fused_decode``): ("bf16" or "f32", weight, weight), or None where forward would not
+        run the GEMV."""
+        x = torch.empty(rows, self.in_features, dtype=dtype, device=self.weight.device)
         kind = "bf16" if dtype == torch.bfloat16 else "f32"
         return (kind, self.weight, self.weight) if self._gemv(x) else None
 
@@ -111,7 +116,8 @@ class UpcastLinear(nn.Linear):
 
 class GemvLinear(UpcastLinear):
     """A bf16 or float32 text linear left unpacked where smolvlm's GEMV streams it faster than the
-    GEMV it would otherwise run (``text_gemv_pays``): narrow calls (decode) run the kernel on the plain
+    GEMV it would otherwise run (``text_gemv_pays``): narrow calls (decode, bf16 below ``MIN_ROWS`` rows,
+    float32 up to ``F32_GEMV_ROWS``) run the kernel on the plain
     weight, alone or q/k/v and gate/up together (``forward_together``); wider calls (prompts)
     ``F.linear`` in the layer's dtype, which this CPU's oneDNN computes natively. Same parameters and
     state dict as ``nn.Linear``."""
@@ -173,8 +179,9 @@ def pack_gemv_linears(model: nn.Module) -> list[str]:
 
     gemv = [m for m in model.modules() if isinstance(m, GemvLinear)]
     if not gemv or not packing_pays(gemv[0].weight.dtype, gemv[0].weight.device):
-        # float32 where packing does not pay: the GEMV stays, 2.4-4x MKL's at 1-7 rows (the Zen 5, 80
-        # layers of 576x1536 and 1536x576; eighteenth round); 8 rows or more run F.linear as plain layers do
+        # float32 where packing does not pay: the GEMV stays, 1.5-4x MKL's at 1-16 rows (the Zen 5, 80
+        # layers of 576x1536 and 1536x576; eighteenth and nineteenth rounds, ``F32_GEMV_ROWS``); wider
+        # calls run F.linear as plain layers do
         return []
     for m in gemv:  # plain layers again, which packing replaces
         m.__class__ = nn.Linear

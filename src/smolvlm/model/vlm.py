@@ -165,10 +165,10 @@ class SmolVLM(nn.Module):
                        dtype=dtype, device=self.device)
 
     def fused_decoder(self, cache: KVCache) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | str:
-        """A single sequence's eager decode step in one native call over ``cache`` (one row), for as long
-        as the model's layers stay as they are: ``step(token ids (1, 1), position (1, 1), slot) -> logits
-        (1, 1, V)``, the same numbers
-        as ``forward`` over every slot up to ``slot`` (``model.fused_decode``); or why not, a string."""
+        """The eager decode step in one native call over every row of ``cache``, for as long as the model's
+        layers stay as they are: ``step(token ids (B, 1), positions (B, 1), slots) -> logits (B, 1, V)``,
+        the same numbers as ``forward`` with ``input_pos`` = the slots (each row over its slots up to its
+        own; ``slots``: an int for one row, else a list) (``model.fused_decode``); or why not, a string."""
         decoder = fused_decode.plan(self.model.text_model, cache)
         if isinstance(decoder, str):
             return decoder

@@ -276,11 +276,11 @@ class Int4Linear(nn.Module):
             self.scales, self.zeros = table[..., 0].t(), table[..., 1].t()  # (N, G) views: the one copy
         self._kernel = (kind, packed, table)
 
-    def decode_weights(self, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor] | None:
-        """How ``kernels/decode_layers.cpp`` runs this layer for one row of ``dtype``, as ``forward`` does
-        (``model.fused_decode``): ("int4", weights, table) for smolvlm's kernel, ("int4_torch", ...) for
-        PyTorch's (its layout and (G, N, 2) table), or None (no kernel: forward dequantizes)."""
-        x = torch.empty(1, self.in_features, dtype=dtype, device=self.scales.device)
+    def decode_weights(self, dtype: torch.dtype, rows: int = 1) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """How ``kernels/decode_layers.cpp`` runs this layer for ``rows`` rows of ``dtype``, as ``forward``
+        does (``model.fused_decode``): ("int4", weights, table) for smolvlm's kernel, ("int4_torch", ...)
+        for PyTorch's (its layout and (G, N, 2) table), or None (no kernel: forward dequantizes)."""
+        x = torch.empty(rows, self.in_features, dtype=dtype, device=self.scales.device)
         if self.bias is not None or not self.kernel_applies(x):
             return None
         self.prepare_kernel(dtype)

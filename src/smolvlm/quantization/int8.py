@@ -116,11 +116,16 @@ class Int8Linear(nn.Module):
         """Whether ``forward(x)`` runs a CPU GEMV kernel (else it dequantizes and calls ``linear``)."""
         return self._kernel(x) is not None
 
-    def decode_weights(self, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor] | None:
-        """How ``kernels/decode_layers.cpp`` runs this layer for one row of ``dtype``, as ``forward`` does
-        (``model.fused_decode``): ("int8", weight, float32 scales) where that is smolvlm's GEMV, else None."""
-        x = torch.empty(1, self.in_features, dtype=dtype, device=self.scale.device)
-        return ("int8", self.weight_int8, self._f32_scale()) if self.bias is None and self._kernel(x) == "own" else None
+    def decode_weights(self, dtype: torch.dtype, rows: int = 1) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """How ``kernels/decode_layers.cpp`` runs this layer for ``rows`` rows of ``dtype``, as ``forward``
+        does (``model.fused_decode``): ("int8", weight, float32 scales) for smolvlm's GEMV, ("int8_torch",
+        weight, scales in ``dtype``) for PyTorch's, else None (a bias; forward dequantizes)."""
+        kernel = self._kernel(torch.empty(rows, self.in_features, dtype=dtype, device=self.scale.device))
+        if self.bias is not None or kernel is None:
+            return None
+        if kernel == "own":
+            return "int8", self.weight_int8, self._f32_scale()
+        return "int8_torch", self.weight_int8, self._scales_for(dtype)
 
     @staticmethod
     def forward_together(mods: list["Int8Linear"], x: torch.Tensor) -> torch.Tensor | None:
