@@ -8,7 +8,8 @@ short prompts reads the weights once instead of 8 times. A padded slot past a pr
 never attended (the per-row causal mask below) and is overwritten by that row's next token; if a
 batched forward fails, each of its requests is prefilled alone, so a bad request fails by itself; (3) run
 ONE batched decode step for every running row, each at its own cache slot (``input_pos`` (B, 1),
-see ``model/text.py``); (4) sample each row with its own settings and RNG and hand the token to
+see ``model/text.py``; where the model runs it, the fused step of ``model/fused_decode.py``: every
+layer in one native call, the same numbers); (4) sample each row with its own settings and RNG and hand the token to
 its handle. A row that finishes (eos, stop string, length, cancel) is free for the next request
 at once. The same loop serves the HTTP server, evaluation and the CLI (``Engine.generate``).
 

@@ -13,8 +13,9 @@
   causal (the vision encoder's, a prompt's), AVX-512 BF16 only, ``torch.ops.smolvlm.bf16_attention``.
 - ``rms_norm.cpp``: Llama's RMSNorm in one call (eager steps; ``layers.RMSNorm``),
   ``torch.ops.smolvlm.rms_norm``.
-- ``decode_layers.cpp``: a single sequence's eager decode step through every decoder layer in one
-  call, composed of the kernels above (``model/fused_decode.py``), ``torch.ops.smolvlm.decode_layers``.
+- ``decode_layers.cpp``: an eager decode step (one sequence, or continuous batching's rows at their own
+  slots) through every decoder layer in one call, composed of the kernels above
+  (``model/fused_decode.py``), ``torch.ops.smolvlm.decode_layers``.
 
 All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``attention.h``: what the attentions
 share; ``ops.h``: the entry points ``decode_layers`` composes; ``bf16_attention`` compiles its
@@ -185,7 +186,7 @@ def ready(kind: str = "gemv") -> bool:
     ``"float_gemv"`` (``upcast.GemvLinear``: a bf16 or float32 model's unpacked text linears), ``"int8_rows"``
     (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` bf16/fp16 rows or fewer, and for float32, where
     ``"gemv"`` is not ready), ``"rms_norm"`` (``layers.RMSNorm`` outside autograd and compiled
-    graphs) or ``"decode_layers"`` (``model.fused_decode``: a single sequence's eager decode step in one
+    graphs) or ``"decode_layers"`` (``model.fused_decode``: an eager decode step of one or more rows in one
     call); decides
     (and builds) on the first eager call if :func:`prepare` has not run (never inside a
     ``torch.compile`` trace)."""
