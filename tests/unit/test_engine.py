@@ -134,7 +134,9 @@ def test_concurrent_greedy_equals_one_at_a_time(model, proc):
     assert {h.finish.reason for h in handles} == {"length"}
     m = engine.metrics()
     assert m["decode_steps"] < sum(len(r) for r in refs) - len(refs)  # rows really shared decode steps
-    assert m["vision_encoder_calls"] == 2 and m["feature_cache_hits"] > 0  # request 2 and 4 reuse IMG_A's tiles
+    # every tile encoded once: requests 2 and 4 reuse IMG_A's tiles (IMG_A alone is 1 image; 4 adds IMG_B's)
+    a_tiles, ab_tiles = inps[1]["pixel_values"].shape[1], inps[4]["pixel_values"].shape[1]
+    assert m["feature_cache_misses"] == ab_tiles and m["feature_cache_hits"] >= a_tiles
 
 
 def test_burst_shares_one_prefill_forward_and_equals_one_at_a_time(model, proc):
@@ -511,3 +513,40 @@ def test_in_passing_thread_returns_raises_and_leaves_no_thread():
     with pytest.raises(KeyError, match="boom"):
         in_passing_thread(lambda: {}["boom"])
     assert threading.active_count() == before
+
+
+def test_an_image_arriving_mid_decode_is_encoded_a_slice_a_step_while_the_streams_go_on(model, proc):
+    """While a row decodes, a new request's image tiles are encoded a slice per step (here one tile: a
+    zero-second slice), its row held; the running stream gets its token every step, and both answers are
+    those of each request alone. A request cancelled, or whose pixels fail, while encoding frees its row."""
+    engine = Engine(model, max_batch=3, max_context=256, feature_cache=FeatureCache(), encode_slice_s=0.0)
+    text, image = inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Describe it.", (IMG_B,))
+    n_tiles = image["pixel_values"].shape[1]
+    assert n_tiles > 2
+    a = engine.submit(request(model, text, max_new_tokens=n_tiles + 6, eos_token_id=[]))
+    engine.step()
+    b = engine.submit(request(model, image, max_new_tokens=4, eos_token_id=[]))
+    for step in range(n_tiles):
+        engine.step()
+        m = engine.metrics()
+        assert m["feature_cache_misses"] == step + 1 and m["vision_encoder_calls"] == step + 1
+        assert m["encoding_rows"] == (1 if step + 1 < n_tiles else 0)  # the last tile: prefilled that step
+        assert m["decode_steps"] == step + 2  # the text stream decoded every step
+    drain(engine)
+    assert tokens(a) == alone(model, text, max_new_tokens=n_tiles + 6, eos_token_id=[])
+    assert tokens(b) == alone(model, image, max_new_tokens=4, eos_token_id=[])
+
+    long = engine.submit(request(model, text, max_new_tokens=20, eos_token_id=[]))
+    engine.step()
+    c = engine.submit(request(model, inputs(proc, "And this?", (IMG_A,)), max_new_tokens=4))
+    engine.step()
+    assert engine.metrics()["encoding_rows"] == 1
+    c.cancel()
+    engine.step()
+    assert c.finish.reason == "cancelled" and engine.metrics()["encoding_rows"] == 0
+    bad = dict(image, pixel_values=torch.rand(1, 2, 3, 40, 40))  # tiles of the wrong size: the encoder fails
+    d = engine.submit(request(model, bad, max_new_tokens=4))
+    engine.step()
+    assert d.finish.reason == "error" and engine.metrics()["encoding_rows"] == 0
+    drain(engine)
+    assert long.finish.reason == "length" and len(tokens(long)) == 20

@@ -72,38 +72,73 @@ class FeatureCache:
             _, old = self._entries.popitem(last=False)
             self.nbytes -= old.numel() * old.element_size()
 
-    @torch.inference_mode()
     def get_or_encode(self, model: Any, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
                       ) -> torch.Tensor:
-        self._bind(model)
+        """Every tile's features ``(n_real, S, D)``, the tiles not cached encoded in one call."""
+        tiles = TileEncoding(self, model, pixel_values, pixel_attention_mask)
+        tiles.encode()
+        return tiles.features()
+
+
+class TileEncoding:
+    """One request's image tiles through a ``FeatureCache``, encodable a few at a time: ``encode(limit)``
+    encodes up to ``limit`` of the real tiles neither cached nor encoded yet (None: all) in one encoder
+    call, ``remaining`` counts those left, ``features()`` is ``model.get_image_features``'s output
+    ``(n_real, S, D)`` once none is left. Tiles are independent (module docstring), so the features do
+    not depend on how the tiles were split. The engine spreads an image's encoding over its steps
+    while other requests decode, so they are not held up for the whole image (``engine.py``). The
+    features encoded here are held until ``features()``, whatever the cache evicts meanwhile."""
+
+    @torch.inference_mode()
+    def __init__(self, cache: FeatureCache, model: Any, pixel_values: torch.Tensor,
+                 pixel_attention_mask: torch.Tensor | None) -> None:
+        cache._bind(model)
+        self.cache, self.model = cache, model
+        self.pixel_values, self.pixel_attention_mask = pixel_values, pixel_attention_mask
         dtype = next(model.parameters()).dtype
         B, N = pixel_values.shape[:2]
-        tiles = pixel_values.reshape(B * N, *pixel_values.shape[2:])  # (B·N, 3, H, W)
-        masks = None if pixel_attention_mask is None else pixel_attention_mask.reshape(B * N, *pixel_attention_mask.shape[2:])
-        real = (tiles.to(dtype) != 0).flatten(1).any(dim=1)  # (B·N,) padding tiles are exact zeros
-        idx = real.nonzero().flatten().tolist()
-        if not idx:  # no real tile: the model's own rule decides (varies by model_type); nothing to cache
-            self.encoder_calls += 1
-            return model.get_image_features(pixel_values, pixel_attention_mask)
-        keys = [(str(dtype), _digest(tiles[i]), None if masks is None else _digest(masks[i])) for i in idx]
-        missing = [j for j, k in enumerate(keys) if k not in self._entries]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        fresh: dict[int, torch.Tensor] = {}
-        if missing:
-            sel = torch.tensor([idx[j] for j in missing], device=tiles.device)
-            pv = tiles[sel][None]  # (1, n_missing, 3, H, W)
-            pm = None if masks is None else masks[sel][None]  # (1, n_missing, H, W)
-            feats = model.get_image_features(pv, pm)  # (n_missing, S, D)
-            self.encoder_calls += 1
-            for row, j in enumerate(missing):
-                fresh[j] = feats[row]
-        out = []
-        for j, k in enumerate(keys):
-            if j in fresh:
-                out.append(fresh[j])
-                self._put(k, fresh[j].clone())
-            else:
-                self._entries.move_to_end(k)
-                out.append(self._entries[k])
-        return torch.stack(out)  # (n_real, S, D)
+        self.tiles = pixel_values.reshape(B * N, *pixel_values.shape[2:])  # (B·N, 3, H, W)
+        self.masks = (None if pixel_attention_mask is None
+                      else pixel_attention_mask.reshape(B * N, *pixel_attention_mask.shape[2:]))
+        real = (self.tiles.to(dtype) != 0).flatten(1).any(dim=1)  # (B·N,) padding tiles are exact zeros
+        self.idx = real.nonzero().flatten().tolist()
+        self.keys = [(str(dtype), _digest(self.tiles[i]), None if self.masks is None else _digest(self.masks[i]))
+                     for i in self.idx]
+        self.done: dict[int, torch.Tensor] = {}  # j (into idx/keys) -> that tile's features (S, D)
+        self._look_up()
+
+    def _look_up(self) -> None:
+        """Take the cached features of the tiles still to do (another request may have encoded them)."""
+        for j, k in enumerate(self.keys):
+            if j not in self.done and k in self.cache._entries:
+                self.cache._entries.move_to_end(k)
+                self.done[j] = self.cache._entries[k]
+                self.cache.hits += 1
+
+    @property
+    def remaining(self) -> int:
+        return len(self.keys) - len(self.done)
+
+    @torch.inference_mode()
+    def encode(self, limit: int | None = None) -> None:
+        self._look_up()
+        todo = [j for j in range(len(self.keys)) if j not in self.done][:limit]
+        if not todo:
+            return
+        sel = torch.tensor([self.idx[j] for j in todo], device=self.tiles.device)
+        pm = None if self.masks is None else self.masks[sel][None]  # (1, n, H, W)
+        feats = self.model.get_image_features(self.tiles[sel][None], pm)  # (n, S, D)
+        self.cache.encoder_calls += 1
+        self.cache.misses += len(todo)
+        for row, j in enumerate(todo):
+            self.done[j] = feats[row]
+            self.cache._put(self.keys[j], feats[row].clone())
+
+    @torch.inference_mode()
+    def features(self) -> torch.Tensor:
+        if not self.idx:  # no real tile: the model's own rule decides (varies by model_type); nothing to cache
+            self.cache.encoder_calls += 1
+            return self.model.get_image_features(self.pixel_values, self.pixel_attention_mask)
+        if self.remaining:
+            raise RuntimeError(f"{self.remaining} of the image tiles are not encoded yet")
+        return torch.stack([self.done[j] for j in range(len(self.keys))])  # (n_real, S, D)

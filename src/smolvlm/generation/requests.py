@@ -215,6 +215,7 @@ class PreparedRequest:
     settings: GenerationSettings
     text: TextSink | None
     t_submit: float
+    image_features: torch.Tensor | None = None  # set by the engine once its tiles are encoded, if spread over steps
 
 
 def prepare_request(request: Request, model: Any, max_context: int, device: torch.device, request_id: str,

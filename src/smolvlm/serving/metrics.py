@@ -94,6 +94,8 @@ class ServerMetrics:
                [f"smolvlm_completion_tokens_total {engine['generated_tokens']}"])
         gauges = {"queue_depth": ("waiting", "Requests waiting for a free KV row."),
                   "batch_size": ("active_rows", "Requests running now (rows in the decode batch)."),
+                  "encoding_requests": ("encoding_rows", "Requests holding a KV row while their images are "
+                                                         "encoded, a slice per decode step."),
                   "max_batch": ("max_batch", "KV rows (requests decoded together at most)."),
                   "max_context": ("max_context", "Tokens per request (prompt + completion) at most.")}
         for name, (key, help_) in gauges.items():
