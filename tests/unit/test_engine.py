@@ -184,8 +184,8 @@ def test_each_prefill_hands_its_temporaries_back(model, proc, monkeypatch):
 
 
 def test_prefill_groups_adjacent_rows_similar_lengths_bounded_tokens():
-    def prep(t):
-        return type("P", (), {"input_ids": torch.zeros(1, t, dtype=torch.long)})()
+    def prep(t, prefilled=0):
+        return type("P", (), {"input_ids": torch.zeros(1, t, dtype=torch.long), "prefilled": prefilled})()
 
     def shape(admitted, **kw):
         return [[(r, p.input_ids.shape[1]) for r, p in g] for g in Engine._prefill_groups(admitted, **kw)]
@@ -195,6 +195,8 @@ def test_prefill_groups_adjacent_rows_similar_lengths_bounded_tokens():
     assert shape([(0, prep(30)), (1, prep(40))]) == [[(0, 30), (1, 40)]]  # 10 of 80: fine
     assert shape([(r, prep(100)) for r in range(5)], max_tokens=300) == [[(0, 100), (1, 100), (2, 100)],
                                                                           [(3, 100), (4, 100)]]
+    # the last chunk of a prompt written a chunk per step (its slots from ``prefilled`` on) goes alone
+    assert shape([(0, prep(30)), (1, prep(40, prefilled=8)), (2, prep(35))]) == [[(0, 30)], [(1, 40)], [(2, 35)]]
 
 
 @torch.no_grad()
@@ -530,7 +532,7 @@ def test_an_image_arriving_mid_decode_is_encoded_a_slice_a_step_while_the_stream
         engine.step()
         m = engine.metrics()
         assert m["feature_cache_misses"] == step + 1 and m["vision_encoder_calls"] == step + 1
-        assert m["encoding_rows"] == (1 if step + 1 < n_tiles else 0)  # the last tile: prefilled that step
+        assert m["pending_rows"] == (1 if step + 1 < n_tiles else 0)  # the last tile: prefilled that step
         assert m["decode_steps"] == step + 2  # the text stream decoded every step
     drain(engine)
     assert tokens(a) == alone(model, text, max_new_tokens=n_tiles + 6, eos_token_id=[])
@@ -540,13 +542,46 @@ def test_an_image_arriving_mid_decode_is_encoded_a_slice_a_step_while_the_stream
     engine.step()
     c = engine.submit(request(model, inputs(proc, "And this?", (IMG_A,)), max_new_tokens=4))
     engine.step()
-    assert engine.metrics()["encoding_rows"] == 1
+    assert engine.metrics()["pending_rows"] == 1
     c.cancel()
     engine.step()
-    assert c.finish.reason == "cancelled" and engine.metrics()["encoding_rows"] == 0
+    assert c.finish.reason == "cancelled" and engine.metrics()["pending_rows"] == 0
     bad = dict(image, pixel_values=torch.rand(1, 2, 3, 40, 40))  # tiles of the wrong size: the encoder fails
     d = engine.submit(request(model, bad, max_new_tokens=4))
     engine.step()
-    assert d.finish.reason == "error" and engine.metrics()["encoding_rows"] == 0
+    assert d.finish.reason == "error" and engine.metrics()["pending_rows"] == 0
     drain(engine)
     assert long.finish.reason == "length" and len(tokens(long)) == 20
+
+
+def test_a_prompt_arriving_mid_decode_goes_in_chunks_even_below_a_decoding_row(model, proc):
+    """While a row decodes, a newcomer's prompt is written ``prefill_chunk`` tokens a step (its image tiles
+    first, a slice a step), into row 0 below the decoding row 1: that row decodes a dummy token each step at
+    the slot the next chunk overwrites, never over the prompt already written. Every answer is the
+    request's alone, and the decoding row gets a token every step."""
+    engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache(), encode_slice_s=0.0,
+                    prefill_chunk=8)
+    short, text = inputs(proc, "Hi"), inputs(proc, "Tell me a long story about a cat and a dog.")
+    image = inputs(proc, "Describe it.", (IMG_B,))
+    a = engine.submit(request(model, short, max_new_tokens=2, eos_token_id=[]))
+    b = engine.submit(request(model, text, max_new_tokens=70, eos_token_id=[]))
+    engine.step()
+    engine.step()
+    assert a.done and engine.metrics()["active_rows"] == 1  # row 0 free, row 1 decoding
+    for inp in (text, image):
+        t, tiles = inp["input_ids"].shape[1], 0 if "pixel_values" not in inp else inp["pixel_values"].shape[1]
+        before = engine.metrics()
+        c = engine.submit(request(model, inp, max_new_tokens=3, eos_token_id=[]))
+        chunks = (t + 7) // 8 - 1  # then the last one, through the prefill that samples the first token
+        held = max(tiles - 1, 0) + chunks  # a tile a step, the first chunk in the last tile's step: row 0 held
+        for _ in range(held):
+            engine.step()
+            assert engine.metrics()["pending_rows"] == 1
+        engine.step()  # the last chunk: prefilled, its first token sampled
+        m = engine.metrics()
+        assert m["pending_rows"] == 0 and m["active_rows"] == 2
+        assert m["prefill_chunks"] - before["prefill_chunks"] == chunks
+        assert m["decode_steps"] - before["decode_steps"] == held + 1  # row 1 decoded every step
+        drain(engine) if inp is image else [engine.step() for _ in range(3)]
+        assert tokens(c) == alone(model, inp, max_new_tokens=3, eos_token_id=[])
+    assert tokens(b) == alone(model, text, max_new_tokens=70, eos_token_id=[])

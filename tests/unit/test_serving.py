@@ -276,16 +276,16 @@ def test_metrics_text():
     m.response("/no/such/route", 404)
     m.submitted(12)
     m.answered(completion_tokens=5, ttft_s=0.2, total_s=0.6)  # 0.1 s per token after the first
-    engine = dict(stop=1, length=2, cancelled=3, error=0, generated_tokens=9, waiting=1, active_rows=2, encoding_rows=1,
+    engine = dict(stop=1, length=2, cancelled=3, error=0, generated_tokens=9, waiting=1, active_rows=2, pending_rows=1,
                   max_batch=4,
                   max_context=1024, vision_encoder_calls=7, feature_cache_hits=5, feature_cache_misses=8,
-                  prefills=6, prefill_forwards=4, decode_steps=30, rejected=1)
+                  prefills=6, prefill_forwards=4, prefill_chunks=2, decode_steps=30, rejected=1)
     text = m.render(engine)
     for line in ['smolvlm_http_responses_total{route="/v1/chat/completions",status="400"} 1',
                  'smolvlm_http_responses_total{route="other",status="404"} 1',
                  'smolvlm_requests_finished_total{reason="cancelled"} 3',
                  "smolvlm_prompt_tokens_total 12", "smolvlm_completion_tokens_total 9",
-                 "smolvlm_queue_depth 1", "smolvlm_batch_size 2", "smolvlm_encoding_requests 1",
+                 "smolvlm_queue_depth 1", "smolvlm_batch_size 2", "smolvlm_pending_requests 1",
                  "smolvlm_vision_encoder_calls_total 7",
                  "smolvlm_feature_cache_hits_total 5", "smolvlm_prefill_forwards_total 4",
                  'smolvlm_time_to_first_token_seconds_bucket{le="0.1"} 0',

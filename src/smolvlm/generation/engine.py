@@ -20,8 +20,15 @@ activations (and a (V,) bool row for a repetition penalty) are allocated.
 
 Rows are taken lowest-first and the decode batch spans rows ``0..hi`` (the highest busy row), so a
 single stream decodes with batch 1; a free row inside that range decodes a dummy token at slot 0
-(its row is overwritten by the next prefill). A row attends only to slots it has written
-(per-row causal mask), so stale keys of earlier requests are never seen.
+(its row is overwritten by the next prefill), a row whose prompt goes in a chunk per step (below) at
+the slot its next chunk overwrites. A row attends only to slots it has written (per-row causal
+mask), so stale keys of earlier requests are never seen.
+
+While rows decode, a newcomer's prompt goes in slices, its row held meanwhile (``_advance_pending``):
+its image tiles about ``encode_slice_s`` of encoding a step, then ``prefill_chunk`` prompt tokens a
+step, so the running streams get a token every step instead of waiting for a whole image and prompt
+(256M bf16, 3 streams and a 512x512 image: their longest step 5.3-5.7 s -> ~0.3 s). With nothing
+decoding, a prompt goes in at once.
 
 Threads. PyTorch's CPU kernels run on libgomp (OpenMP). A thread's OpenMP worker pool outlives its
 last parallel region, and while more OpenMP threads exist than cores libgomp stops spin-waiting, so
@@ -55,7 +62,11 @@ from smolvlm.generation.requests import (Completion, EngineBusy, EngineClosed, F
 from smolvlm.memory import release_freed_memory
 
 DEFAULT_MAX_CONTEXT = 2048
-ENCODE_SLICE_S = 0.1  # while rows decode, a step encodes a waiting image's tiles for about this long (>= 1 tile)
+# While rows decode, a new request's prompt goes in slices (``Engine._advance_pending``): a step encodes its
+# image tiles for about ENCODE_SLICE_S (at least one tile) and writes at most PREFILL_CHUNK prompt tokens
+# (256M bf16 on 2 Zen 5 cores: a tile 0.26 s, 256 tokens ~0.1 s)
+ENCODE_SLICE_S = 0.1
+PREFILL_CHUNK = 256
 MAX_PREFILL_TOKENS = 4096  # padded tokens in one batched prefill forward (bounds its activations)
 
 
@@ -91,6 +102,15 @@ class _Row:
     t_first: float | None = None
 
 
+@dataclass
+class _Pending:
+    """A request holding row ``r`` while its prompt goes in a slice per step: its image tiles while any is
+    left to encode (then None), then its prompt chunks (``prep.prefilled``)."""
+
+    prep: PreparedRequest
+    tiles: TileEncoding | None
+
+
 class Engine:
     """Continuous-batching generation over one model (see the module docstring).
 
@@ -100,11 +120,12 @@ class Engine:
 
     def __init__(self, model: Any, max_batch: int = 8, max_context: int | None = None, max_queue: int = 64,
                  feature_cache: FeatureCache | None = None, cache_dtype: torch.dtype | None = None,
-                 encode_slice_s: float = ENCODE_SLICE_S) -> None:
+                 encode_slice_s: float = ENCODE_SLICE_S, prefill_chunk: int = PREFILL_CHUNK) -> None:
         limit = int(model.config.text_config.max_position_embeddings)
         max_context = min(DEFAULT_MAX_CONTEXT, limit) if max_context is None else int(max_context)
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or encode_slice_s < 0:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and encode_slice_s >= 0, got "
+                             f"{max_batch}, {max_queue}, {prefill_chunk} and {encode_slice_s}")
         if not 1 <= max_context <= limit:
             raise ValueError(f"max_context must be in [1, {limit}] (max_position_embeddings), got {max_context}")
         self.model = model
@@ -114,9 +135,9 @@ class Engine:
         with torch.inference_mode():
             self.cache = model.new_kv_cache(max_batch, max_context, dtype=cache_dtype)  # the only big allocation
         self.rows: list[_Row | None] = [None] * max_batch
-        # rows held by requests whose image tiles are being encoded a slice per step (``_encode_slices``)
-        self._encoding: dict[int, tuple[PreparedRequest, TileEncoding]] = {}
-        self.encode_slice_s = encode_slice_s
+        # rows held by requests whose prompt goes in a slice per step (``_advance_pending``)
+        self._pending: dict[int, _Pending] = {}
+        self.encode_slice_s, self.prefill_chunk = encode_slice_s, prefill_chunk
         self._tile_s: float | None = None  # seconds a tile took to encode, last measured
         self._fused: dict[tuple[int, int], Any] = {}  # rows (lo, hi) -> the fused decode step over them, or None
         self._waiting: deque[PreparedRequest] = deque()
@@ -128,8 +149,8 @@ class Engine:
         self._ids = itertools.count()
         image_id = int(model.config.image_token_id)
         self._pad_id = 0 if image_id != 0 else 1  # right padding of batched prompts: any id but <image>
-        self.counters = dict(submitted=0, rejected=0, prefills=0, prefill_forwards=0, prefill_tokens=0, decode_steps=0,
-                             decode_rows=0, generated_tokens=0, stop=0, length=0, cancelled=0, error=0)
+        self.counters = dict(submitted=0, rejected=0, prefills=0, prefill_forwards=0, prefill_tokens=0,
+                             prefill_chunks=0, decode_steps=0, decode_rows=0, generated_tokens=0, stop=0, length=0, cancelled=0, error=0)
 
     # -- submitting -----------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:
@@ -166,7 +187,7 @@ class Engine:
         return max(0, len(self._waiting) + extra - len(self._free_rows()))
 
     def _free_rows(self) -> list[int]:
-        return [r for r, row in enumerate(self.rows) if row is None and r not in self._encoding]
+        return [r for r, row in enumerate(self.rows) if row is None and r not in self._pending]
 
     def _wake(self) -> None:
         with self._lock:
@@ -179,13 +200,13 @@ class Engine:
             raise RuntimeError("Engine.step() is already running in another thread (one loop per engine)")
         try:
             admitted = self._admit()
-            for group in self._prefill_groups(self._encode_slices(admitted)):
+            for group in self._prefill_groups(self._advance_pending(admitted)):
                 self._prefill(group)
             self._retire_cancelled()
             if any(row is not None for row in self.rows):
                 self._decode()
             return (bool(admitted) or any(row is not None for row in self.rows) or bool(self._waiting)
-                    or bool(self._encoding))
+                    or bool(self._pending))
         finally:
             self._step_lock.release()
 
@@ -201,48 +222,82 @@ class Engine:
                 admitted.append((r, self._waiting.popleft()))
         return admitted
 
-    def _encode_slices(self, admitted: list[tuple[int, PreparedRequest]]) -> list[tuple[int, PreparedRequest]]:
-        """The requests ready to prefill this step, rows ascending. While other rows decode, a request's
-        image tiles not in the feature cache are encoded a slice a step (``encode_slice_s``: as many tiles
-        as fit at the last measured rate, at least one; oldest request first), its row held meanwhile, so
-        the running streams get a token every slice instead of waiting for a whole image (a 512x512 image:
-        17 tiles, ~4.4 s at 256M on 2 cores). With nothing decoding, everything left is encoded at once."""
-        ready = []
+    def _advance_pending(self, admitted: list[tuple[int, PreparedRequest]]) -> list[tuple[int, PreparedRequest]]:
+        """The requests ready for their (last) prefill forward this step, rows ascending.
+
+        With nothing decoding, every admitted request is ready: its images encoded at once, its prompt in
+        one forward. While rows decode, a request's prompt goes in a slice per step, its row held
+        meanwhile (``_pending``), so the running streams get a token every step instead of waiting for a
+        whole image and prompt (a 512x512 image at 256M on 2 cores: 17 tiles, ~4.4 s, then 1141 tokens):
+        its image tiles not in the feature cache about ``encode_slice_s`` of encoding a step (as many
+        tiles as fit at the last measured rate, at least one), then its prompt ``prefill_chunk`` tokens a
+        step into its row (``_prefill_chunk``), the last chunk through ``_prefill``. Oldest first; the
+        chunk budget is shared by the step's requests (a prompt that fits what is left is ready)."""
         for r, prep in admitted:
-            if prep.pixel_values is None:
-                ready.append((r, prep))
-                continue
             try:
-                self._encoding[r] = (prep, TileEncoding(self.feature_cache, self.model, prep.pixel_values,
-                                                        prep.pixel_attention_mask))
+                tiles = (None if prep.pixel_values is None else
+                         TileEncoding(self.feature_cache, self.model, prep.pixel_values, prep.pixel_attention_mask))
+                self._pending[r] = _Pending(prep, tiles)
             except Exception as e:
                 self._finish_unstarted(prep, "error", f"{type(e).__name__}: {e}")
         decoding = any(row is not None for row in self.rows)
-        t_end, encoded = time.perf_counter() + self.encode_slice_s, False
-        for r in sorted(self._encoding, key=lambda r: self._encoding[r][0].t_submit):
-            prep, tiles = self._encoding[r]
+        t_end, encoded, budget = time.perf_counter() + self.encode_slice_s, False, self.prefill_chunk
+        ready = []
+        for r in sorted(self._pending, key=lambda r: self._pending[r].prep.t_submit):
+            pending = self._pending[r]
+            prep, tiles = pending.prep, pending.tiles
             try:
                 if prep.handle.cancelled:
-                    del self._encoding[r]
+                    del self._pending[r]
                     self._finish_unstarted(prep, "cancelled")
                     continue
-                if not decoding:
-                    tiles.encode()
-                while tiles.remaining and (not encoded or time.perf_counter() < t_end):
-                    # as many tiles as the slice has time for at the last measured rate (one at first)
-                    t0 = time.perf_counter()
-                    n = 1 if self._tile_s is None else max(1, int((t_end - t0) / self._tile_s))
-                    n = min(n, tiles.remaining)
-                    tiles.encode(n)
-                    self._tile_s, encoded = (time.perf_counter() - t0) / n, True
-                if not tiles.remaining:
-                    prep.image_features = tiles.features()
-                    del self._encoding[r]
-                    ready.append((r, prep))
+                if tiles is not None:
+                    if not decoding:
+                        tiles.encode()
+                    while tiles.remaining and (not encoded or time.perf_counter() < t_end):
+                        # as many tiles as the slice has time for at the last measured rate (one at first)
+                        t0 = time.perf_counter()
+                        n = 1 if self._tile_s is None else max(1, int((t_end - t0) / self._tile_s))
+                        n = min(n, tiles.remaining)
+                        tiles.encode(n)
+                        self._tile_s, encoded = (time.perf_counter() - t0) / n, True
+                    if tiles.remaining:
+                        continue
+                    prep.image_features, pending.tiles = tiles.features(), None
+                if decoding:
+                    left = prep.input_ids.shape[1] - prep.prefilled
+                    if left > budget:
+                        if budget > 0:
+                            self._prefill_chunk(r, prep, budget)
+                            budget = 0
+                        continue
+                    budget -= left
+                del self._pending[r]
+                ready.append((r, prep))
             except Exception as e:  # a bad image fails its own request only
-                del self._encoding[r]
+                del self._pending[r]
                 self._finish_unstarted(prep, "error", f"{type(e).__name__}: {e}")
         return sorted(ready, key=lambda item: item[0])
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, r: int, prep: PreparedRequest, n: int) -> None:
+        """The next ``n`` prompt tokens of row r's request into its row (slots ``prefilled..+n``), their
+        image features included; no token is sampled."""
+        p, ids = prep.prefilled, prep.input_ids
+        self.model(input_ids=ids[:, p:p + n], kv_cache=self.cache.rows(r, r + 1),
+                   input_pos=torch.arange(p, p + n, device=self.device),
+                   image_features=self._feature_rows(prep, p, p + n), logits_to_keep=1)
+        prep.prefilled += n
+        self.counters["prefill_forwards"] += 1
+        self.counters["prefill_chunks"] += 1
+
+    def _feature_rows(self, prep: PreparedRequest, start: int, stop: int) -> torch.Tensor | None:
+        """The image feature rows of the <image> tokens among prompt positions start..stop-1."""
+        if prep.image_features is None:
+            return None
+        image = prep.input_ids[0] == self.model.config.image_token_id
+        k = int(image[:start].sum())
+        return prep.image_features.reshape(-1, prep.image_features.shape[-1])[k:k + int(image[start:stop].sum())]
 
     @staticmethod
     def _prefill_groups(admitted: list[tuple[int, PreparedRequest]],
@@ -253,6 +308,8 @@ class Engine:
         groups: list[list[tuple[int, PreparedRequest]]] = []
         for r, prep in admitted:
             g = groups[-1] if groups else None
+            if prep.prefilled or (g is not None and g[-1][1].prefilled):  # a prompt's last chunk: alone
+                g = None
             if g is not None and g[-1][0] + 1 == r:
                 lens = [p.input_ids.shape[1] for _, p in g] + [prep.input_ids.shape[1]]
                 padded = len(lens) * max(lens)
@@ -266,8 +323,16 @@ class Engine:
     def _prompt_logits(self, group: list[tuple[int, PreparedRequest]]) -> torch.Tensor:
         """One forward over the group's prompts (right-padded, adjacent rows): (n, V) fp32 logits at
         each prompt's last token."""
+        r0, n = group[0][0], len(group)
+        if n == 1 and group[0][1].prefilled:  # the last chunk of a prompt written a chunk per step
+            prep = group[0][1]
+            p, t = prep.prefilled, prep.input_ids.shape[1]
+            out = self.model(input_ids=prep.input_ids[:, p:], kv_cache=self.cache.rows(r0, r0 + 1),
+                             input_pos=torch.arange(p, t, device=self.device),
+                             image_features=self._feature_rows(prep, p, t), logits_to_keep=1)
+            return out.logits[:, -1].float()  # (1, V)
         lens = [prep.input_ids.shape[1] for _, prep in group]
-        t, n = max(lens), len(group)
+        t = max(lens)
         ids = torch.full((n, t), self._pad_id, dtype=torch.long, device=self.device)
         feats = []
         for i, (_, prep) in enumerate(group):
@@ -279,7 +344,6 @@ class Engine:
                 if n > 1 and f.shape[0] * f.shape[1] != int((prep.input_ids == self.model.config.image_token_id).sum()):
                     raise ValueError("image features do not match <image> tokens")  # prefilled alone: its own error
                 feats.append(f)
-        r0 = group[0][0]
         kw: dict[str, Any] = dict(logits_to_keep=1) if n == 1 else dict(logits_at=torch.tensor(lens) - 1)
         out = self.model(input_ids=ids, kv_cache=self.cache.rows(r0, r0 + n), input_pos=torch.arange(t, device=self.device),
                          image_features=torch.cat(feats) if feats else None, **kw)
@@ -329,8 +393,13 @@ class Engine:
         its new token, padding or an old request's, are never attended."""
         busy = [i for i, row in enumerate(self.rows) if row is not None]
         hi = busy[-1] + 1
-        toks = torch.zeros(hi, 1, dtype=torch.long)  # free rows in range: a dummy token at slot 0
+        # rows in range that are not decoding: a dummy token at slot 0, or for a row whose prompt is going in
+        # a chunk a step, at the slot its next chunk overwrites (its slots before it hold that prompt)
+        toks = torch.zeros(hi, 1, dtype=torch.long)
         pos = torch.zeros(hi, 1, dtype=torch.long)
+        for r, pending in self._pending.items():
+            if r < hi:
+                pos[r, 0] = pending.prep.prefilled
         for i in busy:
             toks[i, 0], pos[i, 0] = self.rows[i].last, self.rows[i].n_cached
         try:
@@ -426,7 +495,7 @@ class Engine:
         """Step until ``stop()``; sleeps (no polling) while there is nothing to do."""
         while True:
             with self._lock:
-                while (not self._closed and not self._waiting and not self._encoding
+                while (not self._closed and not self._waiting and not self._pending
                        and all(r is None for r in self.rows)):
                     self._wakeup.wait()
                 if self._closed:
@@ -465,8 +534,8 @@ class Engine:
         with self._step_lock:
             with self._lock:
                 waiting, self._waiting = list(self._waiting), deque()
-            encoding, self._encoding = [prep for prep, _ in self._encoding.values()], {}
-            for prep in waiting + encoding:
+            pending, self._pending = [p.prep for p in self._pending.values()], {}
+            for prep in waiting + pending:
                 self._finish_unstarted(prep, reason, error)
             for r, row in enumerate(self.rows):
                 if row is not None:
@@ -505,7 +574,7 @@ class Engine:
             waiting = len(self._waiting)
         kv_bytes = sum(t.numel() * t.element_size() for t in (*self.cache.k, *self.cache.v))
         return dict(self.counters, active_rows=sum(r is not None for r in self.rows), waiting=waiting,
-                    encoding_rows=len(self._encoding),
+                    pending_rows=len(self._pending),
                     max_batch=self.max_batch, max_context=self.max_context, max_queue=self.max_queue,
                     kv_cache_bytes=kv_bytes, vision_encoder_calls=fc.encoder_calls,
                     feature_cache_hits=fc.hits, feature_cache_misses=fc.misses)

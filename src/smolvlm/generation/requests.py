@@ -215,7 +215,10 @@ class PreparedRequest:
     settings: GenerationSettings
     text: TextSink | None
     t_submit: float
-    image_features: torch.Tensor | None = None  # set by the engine once its tiles are encoded, if spread over steps
+    # the engine's, for a prompt that goes in a slice per step: its image features once encoded, and how
+    # many prompt tokens are already in its row of the cache
+    image_features: torch.Tensor | None = None
+    prefilled: int = 0
 
 
 def prepare_request(request: Request, model: Any, max_context: int, device: torch.device, request_id: str,

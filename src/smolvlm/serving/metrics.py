@@ -94,8 +94,8 @@ class ServerMetrics:
                [f"smolvlm_completion_tokens_total {engine['generated_tokens']}"])
         gauges = {"queue_depth": ("waiting", "Requests waiting for a free KV row."),
                   "batch_size": ("active_rows", "Requests running now (rows in the decode batch)."),
-                  "encoding_requests": ("encoding_rows", "Requests holding a KV row while their images are "
-                                                         "encoded, a slice per decode step."),
+                  "pending_requests": ("pending_rows", "Requests holding a KV row while their images and prompt "
+                                                       "go in a slice per decode step."),
                   "max_batch": ("max_batch", "KV rows (requests decoded together at most)."),
                   "max_context": ("max_context", "Tokens per request (prompt + completion) at most.")}
         for name, (key, help_) in gauges.items():
@@ -104,7 +104,9 @@ class ServerMetrics:
                     "feature_cache_hits": "Image tiles whose features came from the cache.",
                     "feature_cache_misses": "Image tiles encoded.",
                     "prefills": "Prompts prefilled.",
-                    "prefill_forwards": "Prefill forwards (prompts arriving together share one).", "decode_steps": "Batched decode steps.",
+                    "prefill_forwards": "Prefill forwards (prompts arriving together share one).",
+                    "prefill_chunks": "Prompt chunks written while other requests decoded (the last one excluded).",
+                    "decode_steps": "Batched decode steps.",
                     "rejected": "Requests refused because the queue was full."}
         for key, help_ in counters.items():
             metric(f"smolvlm_{key}_total", "counter", help_, [f"smolvlm_{key}_total {engine[key]}"])
