@@ -27,8 +27,8 @@ mask), so stale keys of earlier requests are never seen.
 While rows decode, a newcomer's prompt goes in slices, its row held meanwhile (``_advance_pending``):
 its image tiles about ``encode_slice_s`` of encoding a step, then ``prefill_chunk`` prompt tokens a
 step, so the running streams get a token every step instead of waiting for a whole image and prompt
-(256M bf16, 3 streams and a 512x512 image: their longest step 5.3-5.7 s -> ~0.3 s). With nothing
-decoding, a prompt goes in at once.
+(256M bf16 on 2 Zen 5 cores, 3 streams and a new 512x512 image: their longest step 4.9-5.2 s -> 0.36 s;
+bench/ANALYSIS.md, nineteenth round). With nothing decoding, a prompt goes in at once.
 
 Threads. PyTorch's CPU kernels run on libgomp (OpenMP). A thread's OpenMP worker pool outlives its
 last parallel region, and while more OpenMP threads exist than cores libgomp stops spin-waiting, so
@@ -150,7 +150,8 @@ class Engine:
         image_id = int(model.config.image_token_id)
         self._pad_id = 0 if image_id != 0 else 1  # right padding of batched prompts: any id but <image>
         self.counters = dict(submitted=0, rejected=0, prefills=0, prefill_forwards=0, prefill_tokens=0,
-                             prefill_chunks=0, decode_steps=0, decode_rows=0, generated_tokens=0, stop=0, length=0, cancelled=0, error=0)
+                             prefill_chunks=0, decode_steps=0, decode_rows=0, generated_tokens=0, stop=0, length=0,
+                             cancelled=0, error=0)
 
     # -- submitting -----------------------------------------------------------------------
     def submit(self, request: Request) -> RequestHandle:

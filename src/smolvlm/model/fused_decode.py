@@ -1,14 +1,15 @@
 """An eager decode step through every decoder layer in one native call.
 
-``kernels/decode_layers.cpp`` runs, for one new token in each row, what ``text.TextModel.forward`` runs layer by
-layer (RMSNorm, q/k/v, RoPE, the KV cache write, the decode attention, o + residual, RMSNorm,
-gate/up, SiLU, down + residual, the final norm) with the same kernels and the same roundings, so
-the hidden state is bit for bit the layer-by-layer one; only the ~20 Python module calls and ~60
-PyTorch calls a layer around those kernels are gone. ``plan`` builds it where every text linear runs,
-for the cache's number of rows, a kernel the fused step can call (``decode_weights``: the bf16 or
-float32 GEMV of ``upcast``'s layers, ``Int8Linear``'s and ``Int4Linear``'s kernels, smolvlm's or
-PyTorch's, oneDNN's packed weights of ``packed``'s layers), where ``kernels.ready("decode_layers")`` (not on AMX CPUs); anything else
-(LoRA layers, biases, fp16, the kernels off) keeps the layer-by-layer path, and ``plan`` says why.
+``kernels/decode_layers.cpp`` runs, for one new token in each row, what ``text.TextModel.forward``
+runs layer by layer (RMSNorm, q/k/v, RoPE, the KV cache write, the decode attention, o + residual,
+RMSNorm, gate/up, SiLU, down + residual, the final norm) with the same kernels and the same
+roundings, so the hidden states are bit for bit the layer-by-layer ones; only the ~20 Python module
+calls and ~60 PyTorch calls a layer around those kernels are gone. ``plan`` builds it where every
+text linear runs, for the cache's number of rows, a kernel the fused step can call
+(``decode_weights``: the bf16 or float32 GEMV of ``upcast``'s layers, ``Int8Linear``'s and
+``Int4Linear``'s kernels, smolvlm's or PyTorch's, oneDNN's packed weights of ``packed``'s layers),
+where ``kernels.ready("decode_layers")`` (not on AMX CPUs); anything else (LoRA layers, biases, fp16,
+the kernels off) keeps the layer-by-layer path, and ``plan`` says why.
 
 Each row writes one token at its own slot and attends over its slots up to that one (no padding):
 ``generate``'s step for one sequence, and continuous batching's, whose rows sit at their own
