@@ -75,71 +75,71 @@ def _kind(dtype: torch.dtype, held: str, own: bool, rows: int) -> int:
     return {"gemv": 0 if dtype == torch.bfloat16 else 5, "upcast": 0, "int4": 2 if own else 3, "packed": 4}[held]
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt, cache_dtype):
+def _two_caches(monkeypatch, fmt: str, cache_dtype: torch.dtype, lengths: list[int], seed: int):
+    """A tiny model in weight format ``fmt``, two caches of ``len(lengths)`` rows holding the same random
+    prompts (row r: ``lengths[r]`` tokens, written alone as the engine's prefill does) and the fused step
+    over the first: (dtype, text model, step, fused cache, layer cache, generator)."""
     dtype, held, own = FORMATS[fmt]
     if held == "packed" and not packing_available(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} on this CPU (bf16 needs AVX-512 or AVX-NE-CONVERT)")
     _run_kernels(monkeypatch, own)
     model = _model(dtype, held)
     text = model.model.text_model
-    d = text.config.hidden_size
-    gen = torch.Generator().manual_seed(1)
-    with torch.inference_mode():
-        fused_cache, layer_cache = _cache(model, cache_dtype), _cache(model, cache_dtype)
-        prompt = torch.randn(1, 5, d, generator=gen).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    rows = len(lengths)
+    fused_cache, layer_cache = _cache(model, cache_dtype, rows), _cache(model, cache_dtype, rows)
+    for r, n in enumerate(lengths):
+        prompt = torch.randn(1, n, text.config.hidden_size, generator=gen).to(dtype)
         for cache in (fused_cache, layer_cache):
-            text(prompt, torch.ones(1, 5, dtype=torch.long), kv_cache=cache, input_pos=torch.arange(5))
-        step = fused_decode.plan(text, fused_cache)
-        assert isinstance(step, fused_decode.FusedDecoder), step
-        assert set(step.kinds) == {_kind(dtype, held, own, 1)}
-        for slot in range(5, 9):
-            x = torch.randn(1, 1, d, generator=gen).to(dtype)
-            position = torch.tensor([[slot]])
-            want = text(x, torch.ones(1, slot + 1, dtype=torch.long), position, kv_cache=layer_cache,
-                        input_pos=torch.tensor([slot]))
-            got = step(x, position, slot)
-            assert got.dtype == dtype and got.shape == (1, 1, d)
-            assert torch.equal(got, want), f"slot {slot}: max diff {(got.float() - want.float()).abs().max()}"
-            assert want.abs().max() > 0.1  # not a degenerate state
-    for a, b in zip(fused_cache.k + fused_cache.v, layer_cache.k + layer_cache.v):
-        assert torch.equal(a, b)
+            text(prompt, kv_cache=cache.rows(r, r + 1), input_pos=torch.arange(n))
+    step = fused_decode.plan(text, fused_cache)
+    assert isinstance(step, fused_decode.FusedDecoder), step
+    assert set(step.kinds) == {_kind(dtype, held, own, rows)}
+    return dtype, text, step, fused_cache, layer_cache, gen
+
+
+def _same_caches(a: KVCache, b: KVCache) -> None:
+    for x, y in zip(a.k + a.v, b.k + b.v):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", list(FORMATS))
+@torch.inference_mode()
+def test_the_fused_step_is_the_layer_by_layer_step_bit_for_bit(monkeypatch, fmt, cache_dtype):
+    """One sequence, as ``generate`` steps it (``input_pos`` (1,), every slot up to the new one)."""
+    dtype, text, step, fused_cache, layer_cache, gen = _two_caches(monkeypatch, fmt, cache_dtype, [5], seed=1)
+    d = text.config.hidden_size
+    for slot in range(5, 9):
+        x = torch.randn(1, 1, d, generator=gen).to(dtype)
+        position = torch.tensor([[slot]])
+        want = text(x, torch.ones(1, slot + 1, dtype=torch.long), position, kv_cache=layer_cache,
+                    input_pos=torch.tensor([slot]))
+        got = step(x, position, slot)
+        assert got.dtype == dtype and got.shape == (1, 1, d)
+        assert torch.equal(got, want), f"slot {slot}: max diff {(got.float() - want.float()).abs().max()}"
+        assert want.abs().max() > 0.1  # not a degenerate state
+    _same_caches(fused_cache, layer_cache)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@torch.inference_mode()
 def test_rows_at_their_own_slots_are_the_batched_forward_bit_for_bit(monkeypatch, fmt, cache_dtype):
     """Continuous batching's step: 3 rows, each at its own slot (prompts of 5, 2 and 7 tokens), as the engine
     calls ``TextModel.forward`` (``input_pos`` (B, 1), each row over its own slots up to the new one)."""
-    dtype, held, own = FORMATS[fmt]
-    if held == "packed" and not packing_available(dtype):
-        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU (bf16 needs AVX-512 or AVX-NE-CONVERT)")
-    _run_kernels(monkeypatch, own)
-    model = _model(dtype, held)
-    text = model.model.text_model
-    d = text.config.hidden_size
-    gen = torch.Generator().manual_seed(2)
     lengths = [5, 2, 7]
-    with torch.inference_mode():
-        fused_cache, layer_cache = _cache(model, cache_dtype, rows=3), _cache(model, cache_dtype, rows=3)
-        for r, n in enumerate(lengths):  # each row's prompt, written into its row alone
-            prompt = torch.randn(1, n, d, generator=gen).to(dtype)
-            for cache in (fused_cache, layer_cache):
-                text(prompt, kv_cache=cache.rows(r, r + 1), input_pos=torch.arange(n))
-        step = fused_decode.plan(text, fused_cache)
-        assert isinstance(step, fused_decode.FusedDecoder), step
-        assert set(step.kinds) == {_kind(dtype, held, own, 3)}
-        for i in range(4):
-            slots = torch.tensor(lengths)[:, None] + i  # (3, 1)
-            x = torch.randn(3, 1, d, generator=gen).to(dtype)
-            want = text(x, kv_cache=layer_cache, input_pos=slots)
-            got = step(x, slots, slots[:, 0].tolist())
-            assert got.dtype == dtype and got.shape == (3, 1, d)
-            assert torch.equal(got, want), f"step {i}: max diff {(got.float() - want.float()).abs().max()}"
-            assert want.abs().max() > 0.1
-    for a, b in zip(fused_cache.k + fused_cache.v, layer_cache.k + layer_cache.v):
-        assert torch.equal(a, b)
+    dtype, text, step, fused_cache, layer_cache, gen = _two_caches(monkeypatch, fmt, cache_dtype, lengths, seed=2)
+    d = text.config.hidden_size
+    for i in range(4):
+        slots = torch.tensor(lengths)[:, None] + i  # (3, 1)
+        x = torch.randn(3, 1, d, generator=gen).to(dtype)
+        want = text(x, kv_cache=layer_cache, input_pos=slots)
+        got = step(x, slots, slots[:, 0].tolist())
+        assert got.dtype == dtype and got.shape == (3, 1, d)
+        assert torch.equal(got, want), f"step {i}: max diff {(got.float() - want.float()).abs().max()}"
+        assert want.abs().max() > 0.1
+    _same_caches(fused_cache, layer_cache)
 
 
 @pytest.mark.parametrize("fmt", ["bf16 GemvLinear", "int8 bf16", "int4 bf16 (smolvlm's kernel)", "float32 packed (oneDNN)"])
