@@ -585,3 +585,21 @@ def test_a_prompt_arriving_mid_decode_goes_in_chunks_even_below_a_decoding_row(m
         drain(engine) if inp is image else [engine.step() for _ in range(3)]
         assert tokens(c) == alone(model, inp, max_new_tokens=3, eos_token_id=[])
     assert tokens(b) == alone(model, text, max_new_tokens=70, eos_token_id=[])
+
+
+def test_slices_that_never_end_put_a_prompt_in_at_once(model, proc):
+    """``encode_slice_s=inf`` and a chunk longer than any prompt: a newcomer goes in within its first step."""
+    engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache(), encode_slice_s=float("inf"),
+                    prefill_chunk=10 ** 9)
+    text, image = inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Describe it.", (IMG_B,))
+    a = engine.submit(request(model, text, max_new_tokens=12, eos_token_id=[]))
+    engine.step()
+    b = engine.submit(request(model, image, max_new_tokens=4, eos_token_id=[]))
+    engine.step()  # the tiles (one, then the rest at the measured rate), the prompt, its first tokens
+    assert engine.metrics()["pending_rows"] == 0 and engine.metrics()["prefill_chunks"] == 0
+    assert any(isinstance(ev, TokenEvent) for ev in list(b._queue.queue))
+    drain(engine)
+    assert tokens(b) == alone(model, image, max_new_tokens=4, eos_token_id=[])
+    assert tokens(a) == alone(model, text, max_new_tokens=12, eos_token_id=[])
+    with pytest.raises(ValueError, match="prefill_chunk >= 1"):
+        Engine(model, max_batch=1, max_context=64, prefill_chunk=0)

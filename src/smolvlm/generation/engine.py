@@ -258,8 +258,8 @@ class Engine:
                     while tiles.remaining and (not encoded or time.perf_counter() < t_end):
                         # as many tiles as the slice has time for at the last measured rate (one at first)
                         t0 = time.perf_counter()
-                        n = 1 if self._tile_s is None else max(1, int((t_end - t0) / self._tile_s))
-                        n = min(n, tiles.remaining)
+                        n = 1 if self._tile_s is None else \
+                            max(1, int(min(tiles.remaining, (t_end - t0) / self._tile_s)))  # inf: all of them
                         tiles.encode(n)
                         self._tile_s, encoded = (time.perf_counter() - t0) / n, True
                     if tiles.remaining:
