@@ -11,7 +11,7 @@ ONE batched decode step for every running row, each at its own cache slot (``inp
 see ``model/text.py``; where the model runs it, the fused step of ``model/fused_decode.py``: every
 layer in one native call, the same numbers); (4) sample each row with its own settings and RNG and hand the token to
 its handle. A row that finishes (eos, stop string, length, cancel) is free for the next request
-at once. The same loop serves the HTTP server, evaluation and the CLI (``Engine.generate``).
+at once. The same loop serves the HTTP server and ``Engine.generate`` (many requests from Python).
 
 Memory is bounded: the cache is allocated once; requests that cannot fit a row are refused at
 ``submit`` (``RequestTooLong``); when every row is busy requests wait in a queue of at most
@@ -548,7 +548,7 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    # -- batch use (evaluation, CLI) and metrics ------------------------------------------------
+    # -- batch use and metrics ----------------------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> list[Completion]:
         """Run many requests through the engine, at most ``max_batch`` at a time; results in input order.
 
