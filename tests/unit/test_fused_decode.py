@@ -143,25 +143,28 @@ def test_rows_at_their_own_slots_are_the_batched_forward_bit_for_bit(monkeypatch
 
 
 @pytest.mark.parametrize("fmt", ["bf16 GemvLinear", "int8 bf16", "int4 bf16 (smolvlm's kernel)", "float32 packed (oneDNN)"])
-def test_generate_runs_one_sequence_through_it_with_the_same_tokens_and_batches_without(monkeypatch, fmt):
+def test_generate_steps_through_it_with_the_same_tokens_left_padded_batches_too(monkeypatch, fmt):
+    """``generate`` decodes every step after the first token through the fused step, at the step's slot: one
+    sequence, a batch, and a left-padded batch (with its key mask over the cache slots); the tokens are
+    those of the layer-by-layer forward."""
     dtype, held, own = FORMATS[fmt]
     _run_kernels(monkeypatch, own)
     model = _model(dtype, held)
     calls = []
     op = torch.ops.smolvlm.decode_layers
-    monkeypatch.setattr(torch.ops.smolvlm, "decode_layers", lambda *a: calls.append(a[9]) or op(*a))
-    ids = torch.tensor([[5, 9, 11, 40, 7]])
-    fused = generate_ids(model, ids, max_new_tokens=6, eos_token_id=[])
-    assert calls == [[5], [6], [7], [8], [9]]  # every step after the first token, at its slot
-    with monkeypatch.context() as m:
-        m.setattr(SmolVLM, "fused_decoder", lambda self, cache: "off for this test")
-        layered = generate_ids(model, ids, max_new_tokens=6, eos_token_id=[])
-    assert torch.equal(fused, layered)
-    calls.clear()
-    batch = generate_ids(model, torch.cat([ids, ids.flip(1)]), max_new_tokens=3, eos_token_id=[])
-    padded = generate_ids(model, ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1]]), max_new_tokens=3, eos_token_id=[])
-    assert calls == [] and batch.shape == (2, 8) and padded.shape == (1, 8)
-    assert torch.equal(batch[0], fused[0, :8])
+    monkeypatch.setattr(torch.ops.smolvlm, "decode_layers", lambda *a: calls.append((a[9], a[10] is not None)) or op(*a))
+    one = torch.tensor([[5, 9, 11, 40, 7]])
+    two = torch.tensor([[5, 9, 11, 40, 7], [0, 0, 12, 3, 8]])
+    cases = [(one, None), (two, None), (two, torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]))]
+    for ids, mask in cases:
+        calls.clear()
+        fused = generate_ids(model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+        rows, masked = ids.shape[0], mask is not None
+        assert calls == [([k] * rows, masked) for k in range(5, 10)]  # each step after the first token, at its slot
+        with monkeypatch.context() as m:
+            m.setattr(SmolVLM, "fused_decoder", lambda self, cache: "off for this test")
+            layered = generate_ids(model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(fused, layered)
 
 
 def test_what_it_refuses_and_why(monkeypatch):

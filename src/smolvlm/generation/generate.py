@@ -174,10 +174,10 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         stops = RowStops(tokenizer, s.stop_strings, B) if s.stop_strings else None
 
     logits = _prefill(model, cache, input_ids, mask[:, :T], position_ids, slots[:T], image_features)
-    # One sequence, no padding: every layer of a step in one native call where the kernels run
-    # (model/fused_decode.py; the same numbers as the forward below, without its Python).
-    fused = None
-    if compiled is None and B == 1 and hasattr(model, "fused_decoder") and bool(attention_mask.all()):
+    # Every layer of a step in one native call where the kernels run (model/fused_decode.py; the same
+    # numbers as the forward below, without its Python); a left-padded batch with its key mask.
+    fused, padded = None, not bool(attention_mask.all())
+    if compiled is None and hasattr(model, "fused_decoder"):
         with torch.inference_mode():
             fused = model.fused_decoder(cache)
         fused = None if isinstance(fused, str) else fused
@@ -205,7 +205,8 @@ def _decode_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                     next_pos = next_pos + 1
                     continue
                 if fused is not None:
-                    logits = fused(tok[:, None], next_pos, pos)[:, -1].float()  # (1, V)
+                    logits = fused(tok[:, None], next_pos, [pos] * B,
+                                   mask[:, : pos + 1] if padded else None)[:, -1].float()  # (B, V)
                     next_pos = next_pos + 1
                     continue
                 out = model(input_ids=tok[:, None], attention_mask=mask[:, : pos + 1], position_ids=next_pos,

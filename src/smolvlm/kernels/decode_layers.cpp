@@ -11,7 +11,8 @@
 // - k_cache[l], v_cache[l]: (B, Hkv, S, hd) float32 or bfloat16.
 // -> the final-norm hidden states (B, D). Row b's new k and v are written at slot pos[b] and it attends
 // over its slots 0..pos[b]: one row, no mask; several, the per-row causal mask of text.build_mask over
-// max(pos) + 1 slots (continuous batching's rows at their own positions).
+// max(pos) + 1 slots (continuous batching's rows at their own positions). ``mask`` (B, 1, 1, L) bool,
+// if given, replaces that: the slots each row attends (a left-padded batch's, text.build_mask's too).
 //
 // Numbers: the same as the layer-by-layer eager path, step for step. Each GEMV, RMSNorm and the
 // attention is the same kernel; the elementwise steps round as PyTorch's kernels do (RoPE's two
@@ -94,35 +95,40 @@ void rotate(const T* x, const T* c, const T* s, int64_t hd, T* out) {
 // q/k/v (B, (Hq + 2 Hkv) hd) -> attention output (B, Hq hd) over the first L slots; row b's k, v written
 // into the caches at pos[b].
 template <typename T>
-at::Tensor attend(const at::Tensor& qkv, const T* cos, const T* sin, const at::Tensor& kc, const at::Tensor& vc,
-                  at::IntArrayRef pos, int64_t L, const c10::optional<at::Tensor>& mask, int64_t hq, int64_t hkv,
-                  int64_t hd) {
-  const int64_t B = qkv.size(0), width = qkv.size(1);
-  at::Tensor q = at::empty({B, hq, 1, hd}, qkv.options());
-  std::vector<T> k(hd);
-  for (int64_t b = 0; b < B; ++b) {
-    const T* src = qkv.data_ptr<T>() + b * width;
-    const T *c = cos + b * hd, *s = sin + b * hd;
-    T* qp = q.data_ptr<T>() + b * hq * hd;
-    for (int64_t h = 0; h < hq; ++h) rotate(src + h * hd, c, s, hd, qp + h * hd);
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, kc.scalar_type(), "decode_layers_cache", [&] {
+at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kc,
+                  const at::Tensor& vc, at::IntArrayRef pos, int64_t L, const c10::optional<at::Tensor>& mask,
+                  int64_t hq, int64_t hkv, int64_t hd) {
+  const int64_t B = qkv.size(0), width = qkv.size(1), heads = hq + hkv;
+  at::Tensor rot;  // the rotated q and k heads, (B, hq + hkv, hd) contiguous
+  if (B > 1) {  // several rows: PyTorch's elementwise kernels, as layers.apply_rope runs them
+    const at::Tensor qk = qkv.narrow(1, 0, heads * hd).view({B, heads, hd});
+    rot = at::add(at::mul(qk, cos.view({B, 1, hd})), at::mul(at::roll(qk, {hd / 2}, {-1}), sin.view({B, 1, hd})));
+  } else {  // one row: ~24 short heads, cheaper here than ~4 PyTorch calls
+    rot = at::empty({B, heads, hd}, qkv.options());
+    for (int64_t h = 0; h < heads; ++h)
+      rotate(qkv.data_ptr<T>() + h * hd, cos.data_ptr<T>(), sin.data_ptr<T>(), hd, rot.data_ptr<T>() + h * hd);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, kc.scalar_type(), "decode_layers_cache", [&] {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* k = rot.data_ptr<T>() + (b * heads + hq) * hd;
+      const T* v = qkv.data_ptr<T>() + b * width + heads * hd;
       scalar_t* kp = kc.data_ptr<scalar_t>() + b * kc.stride(0) + pos[b] * kc.stride(2);
       scalar_t* vp = vc.data_ptr<scalar_t>() + b * vc.stride(0) + pos[b] * vc.stride(2);
-      for (int64_t h = 0; h < hkv; ++h) {
-        rotate(src + (hq + h) * hd, c, s, hd, k.data());
-        const T* v = src + (hq + hkv + h) * hd;
+      for (int64_t h = 0; h < hkv; ++h)
         for (int64_t d = 0; d < hd; ++d) {
-          kp[h * kc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(k[d]));
-          vp[h * vc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(v[d]));
+          kp[h * kc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(k[h * hd + d]));
+          vp[h * vc.stride(1) + d] = static_cast<scalar_t>(static_cast<float>(v[h * hd + d]));
         }
-      }
-    });
-  }
+    }
+  });
+  const at::Tensor q = rot.narrow(1, 0, hq).unsqueeze(2);  // (B, hq, 1, hd)
   return decode_attention(q, kc.narrow(2, 0, L), vc.narrow(2, 0, L), mask).view({B, hq * hd});
 }
 
 template <typename T>
 at::Tensor add(const at::Tensor& a, const at::Tensor& b) {  // the residual add, rounded once
+  // Several rows: PyTorch's own add (vectorized; its call costs ~5 us, which one 576-wide row does not repay)
+  if (a.size(0) > 1) return at::add(a, b);
   at::Tensor y = at::empty_like(a);
   const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>();
   T* yp = y.data_ptr<T>();
@@ -141,6 +147,7 @@ template <typename T>
 at::Tensor gated(const at::Tensor& gate_up) {  // silu(gate) * up of (B, 2I) -> (B, I)
   const int64_t B = gate_up.size(0), n = gate_up.size(1) / 2;
   const at::Tensor g = at::silu(gate_up.narrow(1, 0, n)).contiguous();
+  if (B > 1) return at::mul(g, gate_up.narrow(1, n, n));  // several rows: PyTorch's mul, as add above
   at::Tensor y = at::empty({B, n}, gate_up.options());
   for (int64_t b = 0; b < B; ++b) {
     const T *gp = g.data_ptr<T>() + b * n, *up = gate_up.data_ptr<T>() + b * 2 * n + n;
@@ -153,11 +160,11 @@ at::Tensor gated(const at::Tensor& gate_up) {  // silu(gate) * up of (B, 2I) -> 
 template <typename T>
 at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
                at::IntArrayRef kinds, at::TensorList w, at::TensorList aux, at::TensorList kc, at::TensorList vc,
-               at::IntArrayRef pos, int64_t hq, int64_t hkv, double eps) {
+               at::IntArrayRef pos, const c10::optional<at::Tensor>& given, int64_t hq, int64_t hkv, double eps) {
   const int64_t B = x.size(0), hd = cos.size(1);
-  const int64_t L = *std::max_element(pos.begin(), pos.end()) + 1;
-  c10::optional<at::Tensor> mask;  // one row sees every slot up to its own; rows: build_mask's (B, 1, 1, L)
-  if (B > 1) {
+  const int64_t L = given ? given->size(3) : *std::max_element(pos.begin(), pos.end()) + 1;
+  c10::optional<at::Tensor> mask = given;  // one row sees every slot up to its own; rows: build_mask's (B, 1, 1, L)
+  if (B > 1 && !given) {
     mask = at::empty({B, 1, 1, L}, x.options().dtype(at::kBool));
     bool* m = mask->data_ptr<bool>();
     for (int64_t b = 0; b < B; ++b)
@@ -168,7 +175,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
     const int64_t* kind = kinds.data() + 4 * l;
     const size_t p = 7 * l;  // q, k, v, o, gate, up, down
     at::Tensor qkv = linear(kind[0], rms_norm(h, norms[2 * l], eps), w.slice(p, 3), aux.slice(p, 3));
-    at::Tensor att = attend<T>(qkv, cos.data_ptr<T>(), sin.data_ptr<T>(), kc[l], vc[l], pos, L, mask, hq, hkv, hd);
+    at::Tensor att = attend<T>(qkv, cos, sin, kc[l], vc[l], pos, L, mask, hq, hkv, hd);
     h = linear_add<T>(kind[1], att, h, w.slice(p + 3, 1), aux.slice(p + 3, 1));
     at::Tensor gate_up = linear(kind[2], rms_norm(h, norms[2 * l + 1], eps), w.slice(p + 4, 2), aux.slice(p + 4, 2));
     h = linear_add<T>(kind[3], gated<T>(gate_up), h, w.slice(p + 6, 1), aux.slice(p + 6, 1));
@@ -178,7 +185,8 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
 
 at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
                          at::IntArrayRef kinds, at::TensorList w, at::TensorList aux, at::TensorList kc,
-                         at::TensorList vc, at::IntArrayRef pos, int64_t heads, int64_t kv_heads, double eps) {
+                         at::TensorList vc, at::IntArrayRef pos, const c10::optional<at::Tensor>& mask, int64_t heads,
+                         int64_t kv_heads, double eps) {
   const size_t L = kc.size();
   TORCH_CHECK(L > 0 && vc.size() == L && norms.size() == 2 * L + 1 && kinds.size() == 4 * L && w.size() == 7 * L &&
                   aux.size() == 7 * L,
@@ -192,6 +200,12 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::T
               "decode_layers: cos and sin (B, hd) contiguous in x's dtype, hd % 8 == 0");
   const int64_t hd = cos.size(1);
   TORCH_CHECK(static_cast<int64_t>(pos.size()) == B, "decode_layers: one slot per row");
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(0) == B && mask->size(1) == 1 &&
+                    mask->size(2) == 1 && mask->is_contiguous(),
+                "decode_layers: mask (B, 1, 1, L) bool, contiguous");
+    for (int64_t p : pos) TORCH_CHECK(p < mask->size(3), "decode_layers: slot ", p, " outside the mask's ", mask->size(3));
+  }
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "decode_layers: heads a multiple of kv_heads");
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor &k = kc[l], &v = vc[l];
@@ -200,15 +214,16 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::T
                 "decode_layers: caches (B, kv_heads, S, hd), contiguous last dim");
     for (int64_t p : pos) TORCH_CHECK(p >= 0 && p < k.size(2), "decode_layers: slot ", p, " outside the cache's ", k.size(2));
   }
-  if (x.scalar_type() == at::kFloat) return run<float>(x, cos, sin, norms, kinds, w, aux, kc, vc, pos, heads, kv_heads, eps);
-  return run<at::BFloat16>(x, cos, sin, norms, kinds, w, aux, kc, vc, pos, heads, kv_heads, eps);
+  if (x.scalar_type() == at::kFloat)
+    return run<float>(x, cos, sin, norms, kinds, w, aux, kc, vc, pos, mask, heads, kv_heads, eps);
+  return run<at::BFloat16>(x, cos, sin, norms, kinds, w, aux, kc, vc, pos, mask, heads, kv_heads, eps);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, int[] kinds, Tensor[] w, Tensor[] aux, "
-        "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int[] pos, int heads, int kv_heads, float eps) -> Tensor");
+        "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int[] pos, Tensor? mask, int heads, int kv_heads, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) { m.impl("decode_layers", decode_layers); }
 // oneDNN's packed weights are MkldnnCPU tensors, which pick the dispatch key of a call that takes them

@@ -11,9 +11,10 @@ text linear runs, for the cache's number of rows, a kernel the fused step can ca
 where ``kernels.ready("decode_layers")`` (not on AMX CPUs); anything else (LoRA layers, biases, fp16,
 the kernels off) keeps the layer-by-layer path, and ``plan`` says why.
 
-Each row writes one token at its own slot and attends over its slots up to that one (no padding):
-``generate``'s step for one sequence, and continuous batching's, whose rows sit at their own
-positions. Padded batches, compiled steps and training keep ``TextModel.forward``. A plan holds the
+Each row writes one token at its own slot and attends over its slots up to that one, or over those
+of them a key mask marks: ``generate``'s step, left-padded batches included, and continuous
+batching's, whose rows sit at their own positions. Compiled steps and training keep
+``TextModel.forward``. A plan holds the
 layers' tensors, so it lives as long as they do: one generation (``generation/generate.py``), or one
 span of engine rows (``generation/engine.py``, whose model and cache never change). A model changed
 afterwards (quantized, LoRA attached, moved) gets a new one with its next generation.
@@ -28,6 +29,7 @@ import torch
 from smolvlm import kernels
 from smolvlm.model.layers import rope_cos_sin, rope_inv_freq, rope_tables
 from smolvlm.model.packed import FUSED_GROUPS
+from smolvlm.model.text import build_mask
 
 KINDS = {"bf16": 0, "int8": 1, "int4": 2, "int4_torch": 3, "packed": 4, "f32": 5,  # decode_layers.cpp's Kind
          "int8_torch": 6}
@@ -39,9 +41,11 @@ GROUPS = (("self_attn", _QKV, _QKV_FUSED), ("self_attn", ("o_proj",), None),
 
 
 class FusedDecoder:
-    """``decoder(embeds (B, 1, D), positions (B, 1), slots) -> final-norm hidden states (B, 1, D)``: one
-    token of each of the cache's B rows through every layer, row b's k and v written at ``slots[b]`` of
-    ``cache``, attending over its slots ``0..slots[b]`` (``slots``: an int for one row, else a list)."""
+    """``decoder(embeds (B, 1, D), positions (B, 1), slots, key_valid=None) -> final-norm hidden states
+    (B, 1, D)``: one token of each of the cache's B rows through every layer, row b's k and v written at
+    ``slots[b]`` of ``cache``, attending over its slots ``0..slots[b]`` (``slots``: an int for one row,
+    else a list), of those only the ones ``key_valid`` (B, L) marks, if given (a left-padded batch's
+    attention mask over cache slots, as ``TextModel.forward`` takes it)."""
 
     def __init__(self, text: Any, cache: Any, dtype: torch.dtype, norms: list[torch.Tensor], kinds: list[int],
                  weights: list[torch.Tensor], aux: list[torch.Tensor]) -> None:
@@ -51,13 +55,16 @@ class FusedDecoder:
         self.heads, self.kv_heads, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, text.norm.eps
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, norms[0].device)
 
-    def __call__(self, embeds: torch.Tensor, position: torch.Tensor, slots: int | list[int]) -> torch.Tensor:
+    def __call__(self, embeds: torch.Tensor, position: torch.Tensor, slots: int | list[int],
+                 key_valid: torch.Tensor | None = None) -> torch.Tensor:
         b = embeds.shape[0]
+        slots = [slots] if isinstance(slots, int) else slots
         cos, sin = rope_tables(*rope_cos_sin(position, self.inv_freq, self.dtype))  # (B, 1, 1, hd) each
+        mask = None if key_valid is None else \
+            build_mask(torch.tensor(slots)[:, None], key_valid.shape[1], key_valid).contiguous()  # (B, 1, 1, L)
         h = torch.ops.smolvlm.decode_layers(embeds.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1),
                                             self.norms, self.kinds, self.weights, self.aux, self.cache.k,
-                                            self.cache.v, [slots] if isinstance(slots, int) else slots,
-                                            self.heads, self.kv_heads, self.eps)
+                                            self.cache.v, slots, mask, self.heads, self.kv_heads, self.eps)
         return h.view(b, 1, -1)
 
 

@@ -166,14 +166,15 @@ class SmolVLM(nn.Module):
 
     def fused_decoder(self, cache: KVCache) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | str:
         """The eager decode step in one native call over every row of ``cache``, for as long as the model's
-        layers stay as they are: ``step(token ids (B, 1), positions (B, 1), slots) -> logits (B, 1, V)``,
-        the same numbers as ``forward`` with ``input_pos`` = the slots (each row over its slots up to its
-        own; ``slots``: an int for one row, else a list) (``model.fused_decode``); or why not, a string."""
+        layers stay as they are: ``step(token ids (B, 1), positions (B, 1), slots, key_valid=None) -> logits
+        (B, 1, V)``, the same numbers as ``forward`` with ``input_pos`` = the slots (each row over its slots
+        up to its own; ``slots``: an int for one row, else a list) and ``attention_mask`` = ``key_valid``
+        (``model.fused_decode``); or why not, a string."""
         decoder = fused_decode.plan(self.model.text_model, cache)
         if isinstance(decoder, str):
             return decoder
         embed, head = self.model.text_model.embed_tokens, self.lm_head
-        return lambda ids, position, slot: head(decoder(embed(ids), position, slot))
+        return lambda ids, position, slots, key_valid=None: head(decoder(embed(ids), position, slots, key_valid))
 
     # -- images ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
