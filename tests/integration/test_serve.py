@@ -375,15 +375,20 @@ def test_a_non_streamed_client_that_leaves_frees_its_row(one_row):
 
 
 # -- the real command on the built-in default model --------------------------------------------------------------
+_DEFAULT_SERVER_LOG: list = []  # the fixture's log file
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """`smolvlm serve` (the default model) in a subprocess on a port it picks; always stopped."""
-    with serve_command(["--max-batch", "2"], tmp_path_factory.mktemp("serve") / "serve.log") as url:
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_command(["--max-batch", "2"], log) as url:
+        _DEFAULT_SERVER_LOG.append(log)
         yield url
 
 
 def test_default_model_through_the_command(default_server):
     url = default_server
+    # the startup line names the dtype --dtype auto picked: the default model is stored float32
+    assert "smolvlm serve: default (float32) on http://127.0.0.1:" in default_server_log()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
     assert [m.id for m in client.models.list()] == ["default"]
     before = httpx.get(f"{url}/metrics").text
@@ -402,6 +407,10 @@ def test_default_model_through_the_command(default_server):
 
 def metric(text: str, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)$", text, flags=re.M).group(1))
+
+
+def default_server_log() -> str:
+    return _DEFAULT_SERVER_LOG[-1].read_text(errors="replace")
 
 
 def test_readme_serve_examples_run(default_server, monkeypatch, capsys):

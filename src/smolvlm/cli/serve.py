@@ -103,10 +103,13 @@ def run(args: argparse.Namespace) -> int:
             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * MB),
             media=MediaLimits(int(args.max_media_mb * MB), args.media_timeout, args.allow_remote_media))
 
+        loaded: dict[str, str] = {}
+
         def build() -> Any:  # model, packing and the KV cache off the main thread (engine.py, "Threads")
             from smolvlm.model.packed import pack_pending
 
             model, processor = common.load_model(args, batched=True)  # the engine decodes many rows a step
+            loaded["dtype"] = str(model.dtype).removeprefix("torch.")  # what --dtype auto picked
             pack_pending(model)  # layers otherwise pack on first use: not inside the first requests
             try:
                 return create_app(model, processor, config)
@@ -116,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         app = in_passing_thread(build)
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
-        print(f"smolvlm serve: {config.model_id} on http://{url_host}:{port} (Ctrl-C stops)", file=sys.stderr,
-              flush=True)
+        print(f"smolvlm serve: {config.model_id} ({loaded['dtype']}) on http://{url_host}:{port} (Ctrl-C stops)",
+              file=sys.stderr, flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     finally:
