@@ -582,8 +582,19 @@ def test_a_prompt_arriving_mid_decode_goes_in_chunks_even_below_a_decoding_row(m
         assert m["pending_rows"] == 0 and m["active_rows"] == 2
         assert m["prefill_chunks"] - before["prefill_chunks"] == chunks
         assert m["decode_steps"] - before["decode_steps"] == held + 1  # row 1 decoded every step
-        drain(engine) if inp is image else [engine.step() for _ in range(3)]
-        assert tokens(c) == alone(model, inp, max_new_tokens=3, eos_token_id=[])
+        for _ in range(3):  # row 1 (70 tokens) goes on decoding
+            engine.step()
+        assert c.done and tokens(c) == alone(model, inp, max_new_tokens=3, eos_token_id=[])
+    # more images than the prompt's <image> tokens ask for: refused before its first chunk (each chunk sees
+    # only its own feature rows), the row freed
+    two = inputs(proc, "Compare.", (IMG_B, IMG_A))
+    extra = dict(image, pixel_values=two["pixel_values"], pixel_attention_mask=two["pixel_attention_mask"])
+    e = engine.submit(request(model, extra, max_new_tokens=4))
+    for _ in range(two["pixel_values"].shape[1]):
+        engine.step()
+    assert e.finish is not None and e.finish.reason == "error" and "do not match" in e.finish.error
+    assert engine.metrics()["pending_rows"] == 0 and engine.metrics()["prefill_chunks"] == m["prefill_chunks"]
+    drain(engine)
     assert tokens(b) == alone(model, text, max_new_tokens=70, eos_token_id=[])
 
 

@@ -265,6 +265,7 @@ class Engine:
                     if tiles.remaining:
                         continue
                     prep.image_features, pending.tiles = tiles.features(), None
+                    self._check_features(prep)
                 if decoding:
                     left = prep.input_ids.shape[1] - prep.prefilled
                     if left > budget:
@@ -291,6 +292,15 @@ class Engine:
         prep.prefilled += n
         self.counters["prefill_forwards"] += 1
         self.counters["prefill_chunks"] += 1
+
+    def _check_features(self, prep: PreparedRequest) -> None:
+        """A prompt written in chunks hands each chunk only its own feature rows, so the whole count is
+        checked once, as one forward over the whole prompt would (``SmolVLM._merge``)."""
+        f = prep.image_features
+        n_tokens = int((prep.input_ids == self.model.config.image_token_id).sum())
+        if f is not None and f.shape[0] * f.shape[1] != n_tokens:
+            raise ValueError(f"the prompt has {n_tokens} <image> tokens but the images give {f.shape[0] * f.shape[1]} "
+                             f"feature rows; the prompt and images do not match")
 
     def _feature_rows(self, prep: PreparedRequest, start: int, stop: int) -> torch.Tensor | None:
         """The image feature rows of the <image> tokens among prompt positions start..stop-1."""
