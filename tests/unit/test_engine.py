@@ -534,6 +534,8 @@ def test_an_image_arriving_mid_decode_is_encoded_a_slice_a_step_while_the_stream
         assert m["feature_cache_misses"] == step + 1 and m["vision_encoder_calls"] == step + 1
         assert m["pending_rows"] == (1 if step + 1 < n_tiles else 0)  # the last tile: prefilled that step
         assert m["decode_steps"] == step + 2  # the text stream decoded every step
+    held = next(row.req for row in engine.rows if row is not None and row.req.handle is b)
+    assert held.pixel_values is None and held.image_features is None  # decoding holds neither any more
     drain(engine)
     assert tokens(a) == alone(model, text, max_new_tokens=n_tiles + 6, eos_token_id=[])
     assert tokens(b) == alone(model, image, max_new_tokens=4, eos_token_id=[])

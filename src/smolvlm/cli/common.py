@@ -173,8 +173,8 @@ def load_model_and_processor(model_arg: str | None, dtype: str = "auto", device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available")
     directory = resolve_checkpoint_dir(model_arg or DEFAULT_MODEL)
-    model = SmolVLM.from_pretrained(directory, dtype=dtype if dtype == "auto" else getattr(torch, dtype), device=dev, quantize=quantize, pack="auto",
-                                    quantize_vision=quantize_vision)
+    model = SmolVLM.from_pretrained(directory, dtype=dtype, device=dev, quantize=quantize, pack="auto",
+                                    quantize_vision=quantize_vision)  # a name, "auto": weights.load.resolve_dtype
     if batched:
         from smolvlm.weights.load import pack_for_batches
 

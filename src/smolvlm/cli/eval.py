@@ -139,8 +139,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             main = predictions.path_for(output)
             if shard.world > 1:
                 predictions.merge_ranks(main, shard.world)
-            extra.update(dtype=str(model.dtype).removeprefix("torch."), quantize=args.quantize, quantize_vision=args.quantize_vision, device=args.device,
-                         processes=shard.world)
+            extra.update(dtype=str(model.dtype).removeprefix("torch."), quantize=args.quantize,
+                         quantize_vision=args.quantize_vision, device=args.device, processes=shard.world)
             results = {**bench_runner.results(run, predictions.read_done(main), t0, **extra),
                        "compare_with": report.published_key(args.model, model.config.text_config.hidden_size)}
             _write_reports(results, output)

@@ -265,6 +265,7 @@ class Engine:
                     if tiles.remaining:
                         continue
                     prep.image_features, pending.tiles = tiles.features(), None
+                    prep.pixel_values = prep.pixel_attention_mask = None  # the features are what it needs now
                     self._check_features(prep)
                 if decoding:
                     left = prep.input_ids.shape[1] - prep.prefilled
@@ -294,8 +295,9 @@ class Engine:
         self.counters["prefill_chunks"] += 1
 
     def _check_features(self, prep: PreparedRequest) -> None:
-        """A prompt written in chunks hands each chunk only its own feature rows, so the whole count is
-        checked once, as one forward over the whole prompt would (``SmolVLM._merge``)."""
+        """The image features against the prompt's <image> tokens, once, before any forward: a prompt
+        written in chunks hands each chunk only its own rows, and a batched prefill would fail its
+        neighbours too (``SmolVLM._merge`` checks one whole forward)."""
         f = prep.image_features
         n_tokens = int((prep.input_ids == self.model.config.image_token_id).sum())
         if f is not None and f.shape[0] * f.shape[1] != n_tokens:
@@ -345,16 +347,11 @@ class Engine:
         lens = [prep.input_ids.shape[1] for _, prep in group]
         t = max(lens)
         ids = torch.full((n, t), self._pad_id, dtype=torch.long, device=self.device)
-        feats = []
+        feats = []  # encoded and checked by _advance_pending
         for i, (_, prep) in enumerate(group):
             ids[i, :lens[i]] = prep.input_ids[0]
-            if prep.pixel_values is not None:
-                f = prep.image_features
-                if f is None:
-                    f = self.feature_cache.get_or_encode(self.model, prep.pixel_values, prep.pixel_attention_mask)
-                if n > 1 and f.shape[0] * f.shape[1] != int((prep.input_ids == self.model.config.image_token_id).sum()):
-                    raise ValueError("image features do not match <image> tokens")  # prefilled alone: its own error
-                feats.append(f)
+            if prep.image_features is not None:
+                feats.append(prep.image_features)
         kw: dict[str, Any] = dict(logits_to_keep=1) if n == 1 else dict(logits_at=torch.tensor(lens) - 1)
         out = self.model(input_ids=ids, kv_cache=self.cache.rows(r0, r0 + n), input_pos=torch.arange(t, device=self.device),
                          image_features=torch.cat(feats) if feats else None, **kw)
@@ -372,8 +369,10 @@ class Engine:
             else:
                 self._finish_unstarted(group[0][1], "error", f"{type(e).__name__}: {e}")
             return
-        release_freed_memory()  # the prompts' temporaries (smolvlm/memory.py)
         self.counters["prefill_forwards"] += 1
+        for i, (r, prep) in enumerate(group):
+            prep.image_features = None  # in the cache now; the row keeps prep until it finishes
+        release_freed_memory()  # the prompts' temporaries (smolvlm/memory.py)
         for i, (r, prep) in enumerate(group):
             t = prep.input_ids.shape[1]
             self.counters["prefills"] += 1

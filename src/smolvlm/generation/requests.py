@@ -215,8 +215,8 @@ class PreparedRequest:
     settings: GenerationSettings
     text: TextSink | None
     t_submit: float
-    # the engine's, for a prompt that goes in a slice per step: its image features once encoded, and how
-    # many prompt tokens are already in its row of the cache
+    # the engine's: the image features once encoded (the pixels then let go; the features in turn once the
+    # prompt is in the cache), and how many prompt tokens a prompt going in a chunk per step has written
     image_features: torch.Tensor | None = None
     prefilled: int = 0
 
