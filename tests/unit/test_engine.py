@@ -24,8 +24,8 @@ from torch.testing import assert_close
 
 from smolvlm import SmolVLM, SmolVLMProcessor, kernels
 from smolvlm.generation.config import resolve_settings
-from smolvlm.generation.engine import Engine
-from smolvlm.generation.feature_cache import FeatureCache
+from smolvlm.generation.engine import MIN_PREFILL_CHUNK, SLICE_PER_DECODE, SLICE_S, Engine
+from smolvlm.generation.feature_cache import FeatureCache, TileEncoding
 from smolvlm.generation.generate import generate_ids
 from smolvlm.model import vlm as vlm_mod
 from smolvlm.generation.requests import EngineBusy, EngineClosed, FinishEvent, Request, RequestTooLong, TokenEvent
@@ -518,26 +518,30 @@ def test_in_passing_thread_returns_raises_and_leaves_no_thread():
 
 
 def test_an_image_arriving_mid_decode_is_encoded_a_slice_a_step_while_the_streams_go_on(model, proc):
-    """While a row decodes, a new request's image tiles are encoded a slice per step (here one tile: a
-    zero-second slice), its row held; the running stream gets its token every step, and both answers are
-    those of each request alone. A request cancelled, or whose pixels fail, while encoding frees its row."""
-    engine = Engine(model, max_batch=3, max_context=256, feature_cache=FeatureCache(), encode_slice_s=0.0)
+    """While a row decodes, a new request's image tiles are encoded a slice per step (here one encoder
+    layer of one tile: a zero-second slice), then its prompt a chunk per step, its row held; the running
+    stream gets its token every step, and both answers are those of each request alone. A request
+    cancelled, or whose pixels fail, while encoding frees its row."""
+    engine = Engine(model, max_batch=3, max_context=256, feature_cache=FeatureCache(), slice_s=0.0)
     text, image = inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Describe it.", (IMG_B,))
-    n_tiles = image["pixel_values"].shape[1]
-    assert n_tiles > 2
-    a = engine.submit(request(model, text, max_new_tokens=n_tiles + 6, eos_token_id=[]))
+    n_tiles, n_layers = image["pixel_values"].shape[1], model.config.vision_config.num_hidden_layers
+    chunks = -(-image["input_ids"].shape[1] // MIN_PREFILL_CHUNK)  # the last one samples the first token
+    assert n_tiles > 2 and n_layers == 2 and chunks >= 2
+    a = engine.submit(request(model, text, max_new_tokens=n_tiles * n_layers + chunks + 6, eos_token_id=[]))
     engine.step()
     b = engine.submit(request(model, image, max_new_tokens=4, eos_token_id=[]))
-    for step in range(n_tiles):
+    for step in range(n_tiles * n_layers + chunks):
         engine.step()
         m = engine.metrics()
-        assert m["feature_cache_misses"] == step + 1 and m["vision_encoder_calls"] == step + 1
-        assert m["pending_rows"] == (1 if step + 1 < n_tiles else 0)  # the last tile: prefilled that step
+        done = min(step + 1, n_tiles * n_layers)  # encoder layers run
+        assert m["feature_cache_misses"] == done // n_layers and m["vision_encoder_calls"] == -(-done // n_layers)
+        assert m["prefill_chunks"] == max(step + 1 - n_tiles * n_layers, 0) - (step + 1 == n_tiles * n_layers + chunks)
+        assert m["pending_rows"] == (1 if step + 1 < n_tiles * n_layers + chunks else 0)
         assert m["decode_steps"] == step + 2  # the text stream decoded every step
     held = next(row.req for row in engine.rows if row is not None and row.req.handle is b)
     assert held.pixel_values is None and held.image_features is None  # decoding holds neither any more
     drain(engine)
-    assert tokens(a) == alone(model, text, max_new_tokens=n_tiles + 6, eos_token_id=[])
+    assert tokens(a) == alone(model, text, max_new_tokens=n_tiles * n_layers + chunks + 6, eos_token_id=[])
     assert tokens(b) == alone(model, image, max_new_tokens=4, eos_token_id=[])
 
     long = engine.submit(request(model, text, max_new_tokens=20, eos_token_id=[]))
@@ -561,10 +565,11 @@ def test_a_prompt_arriving_mid_decode_goes_in_chunks_even_below_a_decoding_row(m
     first, a slice a step), into row 0 below the decoding row 1: that row decodes a dummy token each step at
     the slot the next chunk overwrites, never over the prompt already written. Every answer is the
     request's alone, and the decoding row gets a token every step."""
-    engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache(), encode_slice_s=0.0,
+    engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache(), slice_s=0.0,
                     prefill_chunk=8)
     short, text = inputs(proc, "Hi"), inputs(proc, "Tell me a long story about a cat and a dog.")
     image = inputs(proc, "Describe it.", (IMG_B,))
+    n_layers = model.config.vision_config.num_hidden_layers
     a = engine.submit(request(model, short, max_new_tokens=2, eos_token_id=[]))
     b = engine.submit(request(model, text, max_new_tokens=70, eos_token_id=[]))
     engine.step()
@@ -575,7 +580,7 @@ def test_a_prompt_arriving_mid_decode_goes_in_chunks_even_below_a_decoding_row(m
         before = engine.metrics()
         c = engine.submit(request(model, inp, max_new_tokens=3, eos_token_id=[]))
         chunks = (t + 7) // 8 - 1  # then the last one, through the prefill that samples the first token
-        held = max(tiles - 1, 0) + chunks  # a tile a step, the first chunk in the last tile's step: row 0 held
+        held = tiles * n_layers + chunks  # an encoder layer of a tile a step, then a chunk a step: row 0 held
         for _ in range(held):
             engine.step()
             assert engine.metrics()["pending_rows"] == 1
@@ -592,7 +597,7 @@ def test_a_prompt_arriving_mid_decode_goes_in_chunks_even_below_a_decoding_row(m
     two = inputs(proc, "Compare.", (IMG_B, IMG_A))
     extra = dict(image, pixel_values=two["pixel_values"], pixel_attention_mask=two["pixel_attention_mask"])
     e = engine.submit(request(model, extra, max_new_tokens=4))
-    for _ in range(two["pixel_values"].shape[1]):
+    for _ in range(two["pixel_values"].shape[1] * n_layers):
         engine.step()
     assert e.finish is not None and e.finish.reason == "error" and "do not match" in e.finish.error
     assert engine.metrics()["pending_rows"] == 0 and engine.metrics()["prefill_chunks"] == m["prefill_chunks"]
@@ -601,14 +606,14 @@ def test_a_prompt_arriving_mid_decode_goes_in_chunks_even_below_a_decoding_row(m
 
 
 def test_slices_that_never_end_put_a_prompt_in_at_once(model, proc):
-    """``encode_slice_s=inf`` and a chunk longer than any prompt: a newcomer goes in within its first step."""
-    engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache(), encode_slice_s=float("inf"),
+    """``slice_s=inf`` and a chunk longer than any prompt: a newcomer goes in within its first step."""
+    engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache(), slice_s=float("inf"),
                     prefill_chunk=10 ** 9)
     text, image = inputs(proc, "Tell me a long story about a cat and a dog."), inputs(proc, "Describe it.", (IMG_B,))
     a = engine.submit(request(model, text, max_new_tokens=12, eos_token_id=[]))
     engine.step()
     b = engine.submit(request(model, image, max_new_tokens=4, eos_token_id=[]))
-    engine.step()  # the tiles (one, then the rest at the measured rate), the prompt, its first tokens
+    engine.step()  # every tile's every encoder layer, the prompt, its first tokens
     assert engine.metrics()["pending_rows"] == 0 and engine.metrics()["prefill_chunks"] == 0
     assert any(isinstance(ev, TokenEvent) for ev in list(b._queue.queue))
     drain(engine)
@@ -616,3 +621,52 @@ def test_slices_that_never_end_put_a_prompt_in_at_once(model, proc):
     assert tokens(a) == alone(model, text, max_new_tokens=12, eos_token_id=[])
     with pytest.raises(ValueError, match="prefill_chunk >= 1"):
         Engine(model, max_batch=1, max_context=64, prefill_chunk=0)
+
+
+def test_tile_encoding_by_layers_matches_whole_tiles_and_the_cache(model, proc):
+    """``TileEncoding.step``: one encoder layer of one tile a call; the features are ``encode``'s, each
+    tile is counted once, and a tile begun by ``step`` is finished by ``encode``."""
+    image = inputs(proc, "Describe it.", (IMG_B,))
+    pv, pm = image["pixel_values"], image["pixel_attention_mask"]
+    n_tiles, n_layers = pv.shape[1], model.config.vision_config.num_hidden_layers
+    want = TileEncoding(FeatureCache(), model, pv, pm)
+    want.encode()
+    cache = FeatureCache()
+    tiles = TileEncoding(cache, model, pv, pm)
+    for call in range(n_layers * 2 + 1):  # two whole tiles, then the first layer of the third
+        tiles.step()
+        assert tiles.remaining == n_tiles - (call + 1) // n_layers
+        assert (cache.misses, cache.encoder_calls) == ((call + 1) // n_layers, call // n_layers + 1)
+    tiles.encode()  # the third tile's last layer, then the rest at once
+    assert tiles.remaining == 0 and cache.misses == n_tiles and len(cache) == n_tiles
+    assert torch.equal(tiles.features(), want.features())
+    again = TileEncoding(cache, model, pv, pm)
+    again.step()  # every tile cached: nothing to encode
+    assert again.remaining == 0 and cache.encoder_calls == 3 + (n_tiles > 3) and torch.equal(again.features(), want.features())
+
+
+def test_a_prompt_chunk_holds_what_the_slice_has_time_for(model):
+    """A step's time for newcomers: ``slice_s``, by default ``SLICE_S`` or ``SLICE_PER_DECODE`` decode steps.
+    The tokens of a prompt chunk: as many as the time left holds at the last measured rate, at most
+    ``prefill_chunk``; at least ``MIN_PREFILL_CHUNK`` when the step has done nothing else; none measured
+    yet: only that minimum."""
+    import time
+
+    engine = Engine(model, max_batch=1, max_context=64, slice_s=0.5, prefill_chunk=200)
+    default = Engine(model, max_batch=1, max_context=64)
+    assert engine._slice() == 0.5 and default._slice() == SLICE_S
+    default._decode_s = SLICE_S  # a decode step longer than a quarter of the slice: 4 decode steps
+    assert default._slice() == SLICE_PER_DECODE * SLICE_S
+    now = time.perf_counter()
+    assert engine._chunk_tokens(now + 10, worked=False) == MIN_PREFILL_CHUNK  # no rate yet
+    assert engine._chunk_tokens(now + 10, worked=True) == 0
+    engine._token_s = 0.01
+    assert 90 <= engine._chunk_tokens(time.perf_counter() + 1.0, worked=True) <= 100
+    assert engine._chunk_tokens(time.perf_counter() + 10, worked=True) == 200  # the cap
+    assert engine._chunk_tokens(time.perf_counter() + 0.1, worked=False) == MIN_PREFILL_CHUNK
+    assert engine._chunk_tokens(time.perf_counter() - 1, worked=True) == 0  # the slice is spent
+    assert engine._chunk_tokens(float("inf"), worked=True) == 200
+    small = Engine(model, max_batch=1, max_context=64, prefill_chunk=8)
+    assert small._chunk_tokens(time.perf_counter(), worked=False) == 8  # the cap under the minimum
+    with pytest.raises(ValueError, match="slice_s >= 0"):
+        Engine(model, max_batch=1, max_context=64, slice_s=float("nan"))

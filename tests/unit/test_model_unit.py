@@ -204,3 +204,29 @@ def test_generate_delegates_lazily(model, monkeypatch):
     fake.generate_ids = lambda m, **kw: ("called", m, kw)
     monkeypatch.setitem(sys.modules, "smolvlm.generation.generate", fake)
     assert model.generate(max_new_tokens=3) == ("called", model, {"max_new_tokens": 3})
+
+
+@torch.no_grad()
+def test_image_features_one_encoder_layer_per_step_are_get_image_features(model):
+    """``image_feature_steps`` (the server encodes a newcomer's tiles this way between decode steps) runs
+    the same modules in the same order as ``get_image_features``: one None per encoder layer but the last
+    per chunk of tiles, then the same features bit for bit, padding tiles dropped and the pixel mask
+    applied alike; a bad shape fails at the first step."""
+    g = torch.Generator().manual_seed(3)
+    pv = torch.randn(2, 3, 3, 32, 32, generator=g)
+    pv[1, 2] = 0  # a padding tile
+    pm = torch.ones(2, 3, 32, 32, dtype=torch.bool)
+    pm[0, 1, :, 20:] = False  # a tile with padded patches
+    n_layers = model.config.vision_config.num_hidden_layers
+    for chunk in (1, None):
+        model.vision_chunk_size = chunk
+        steps = list(model.image_feature_steps(pv, pm))
+        n_chunks = 5 if chunk == 1 else 1
+        assert len(steps) == n_chunks * (n_layers - 1) + 1 and all(s is None for s in steps[:-1])
+        assert torch.equal(steps[-1], model.get_image_features(pv, pm)) and steps[-1].shape[0] == 5
+    model.vision_chunk_size = 1
+    flat = pv[0]
+    layers = list(model.model.vision_model.layerwise(flat))
+    assert len(layers) == n_layers and torch.equal(layers[-1], model.model.vision_model(flat))
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        next(model.image_feature_steps(pv[0]))

@@ -25,10 +25,12 @@ the slot its next chunk overwrites. A row attends only to slots it has written (
 mask), so stale keys of earlier requests are never seen.
 
 While rows decode, a newcomer's prompt goes in slices, its row held meanwhile (``_advance_pending``):
-its image tiles about ``encode_slice_s`` of encoding a step, then ``prefill_chunk`` prompt tokens a
-step, so the running streams get a token every step instead of waiting for a whole image and prompt
-(256M bf16 on 2 Zen 5 cores, 3 streams and a new 512x512 image: their longest step 4.9-5.2 s -> 0.36 s;
-bench/ANALYSIS.md, nineteenth round). With nothing decoding, a prompt goes in at once.
+about ``slice_s`` a step (by default 0.1 s, or 4 decode steps where longer) of its image tiles'
+encoding, a vision-encoder layer at a time, then of its prompt, a chunk at a time, so the running
+streams get a token every step instead of waiting for a whole image and prompt (3 streams and a new
+512x512 image, bf16 on 2 Zen 5 cores: their longest step at 256M 4.9-5.2 s whole, 0.42-0.67 s a tile
+at a time, 0.12-0.13 s a layer at a time; bench/ANALYSIS.md, nineteenth and twentieth rounds). With
+nothing decoding, a prompt goes in at once.
 
 Threads. PyTorch's CPU kernels run on libgomp (OpenMP). A thread's OpenMP worker pool outlives its
 last parallel region, and while more OpenMP threads exist than cores libgomp stops spin-waiting, so
@@ -62,11 +64,17 @@ from smolvlm.generation.requests import (Completion, EngineBusy, EngineClosed, F
 from smolvlm.memory import release_freed_memory
 
 DEFAULT_MAX_CONTEXT = 2048
-# While rows decode, a new request's prompt goes in slices (``Engine._advance_pending``): a step encodes its
-# image tiles for about ENCODE_SLICE_S (at least one tile) and writes at most PREFILL_CHUNK prompt tokens
-# (256M bf16 on 2 Zen 5 cores: a tile 0.26 s, 256 tokens ~0.1 s)
-ENCODE_SLICE_S = 0.1
+# While rows decode, newcomers' images and prompts go in slices (``Engine._advance_pending``): by default a
+# step spends about SLICE_S on them, or SLICE_PER_DECODE times the last decode step if longer (so they get
+# at least 4/5 of the time: the decode steps between slices delay a newcomer's first token, by ~1.6x at 2.2B
+# with 0.1 s slices), at least one vision-encoder layer of one tile or one prompt chunk of MIN_PREFILL_CHUNK
+# tokens, and a chunk is at most PREFILL_CHUNK tokens. 2 Zen 5 cores, bf16: 256M, a decode step of 3 rows
+# ~9 ms, a tile's layer ~22 ms, 256 prompt tokens ~0.1 s; 2.2B, a decode step ~62 ms, a tile's layer ~36 ms,
+# 64 tokens 0.34 s (0.9 of 128 tokens' rate, 32 tokens only 0.65 of it), 256 tokens 1.1-1.3 s.
+SLICE_S = 0.1
+SLICE_PER_DECODE = 4.0
 PREFILL_CHUNK = 256
+MIN_PREFILL_CHUNK = 64
 MAX_PREFILL_TOKENS = 4096  # padded tokens in one batched prefill forward (bounds its activations)
 
 
@@ -120,12 +128,12 @@ class Engine:
 
     def __init__(self, model: Any, max_batch: int = 8, max_context: int | None = None, max_queue: int = 64,
                  feature_cache: FeatureCache | None = None, cache_dtype: torch.dtype | None = None,
-                 encode_slice_s: float = ENCODE_SLICE_S, prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 slice_s: float | None = None, prefill_chunk: int = PREFILL_CHUNK) -> None:
         limit = int(model.config.text_config.max_position_embeddings)
         max_context = min(DEFAULT_MAX_CONTEXT, limit) if max_context is None else int(max_context)
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or encode_slice_s < 0:
-            raise ValueError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and encode_slice_s >= 0, got "
-                             f"{max_batch}, {max_queue}, {prefill_chunk} and {encode_slice_s}")
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or not (slice_s is None or slice_s >= 0):
+            raise ValueError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and slice_s >= 0, got "
+                             f"{max_batch}, {max_queue}, {prefill_chunk} and {slice_s}")
         if not 1 <= max_context <= limit:
             raise ValueError(f"max_context must be in [1, {limit}] (max_position_embeddings), got {max_context}")
         self.model = model
@@ -137,8 +145,10 @@ class Engine:
         self.rows: list[_Row | None] = [None] * max_batch
         # rows held by requests whose prompt goes in a slice per step (``_advance_pending``)
         self._pending: dict[int, _Pending] = {}
-        self.encode_slice_s, self.prefill_chunk = encode_slice_s, prefill_chunk
-        self._tile_s: float | None = None  # seconds a tile took to encode, last measured
+        self.slice_s, self.prefill_chunk = slice_s, prefill_chunk
+        self._layer_s = 0.0  # seconds the last vision-encoder layer of a tile took (``TileEncoding.step``)
+        self._decode_s = 0.0  # seconds the last decode step took
+        self._token_s: float | None = None  # seconds a prompt token took in the last chunk
         self._fused: dict[tuple[int, int], Any] = {}  # rows (lo, hi) -> the fused decode step over them, or None
         self._waiting: deque[PreparedRequest] = deque()
         self._lock = threading.Lock()
@@ -205,7 +215,9 @@ class Engine:
                 self._prefill(group)
             self._retire_cancelled()
             if any(row is not None for row in self.rows):
+                t0 = time.perf_counter()
                 self._decode()
+                self._decode_s = time.perf_counter() - t0
             return (bool(admitted) or any(row is not None for row in self.rows) or bool(self._waiting)
                     or bool(self._pending))
         finally:
@@ -227,13 +239,15 @@ class Engine:
         """The requests ready for their (last) prefill forward this step, rows ascending.
 
         With nothing decoding, every admitted request is ready: its images encoded at once, its prompt in
-        one forward. While rows decode, a request's prompt goes in a slice per step, its row held
-        meanwhile (``_pending``), so the running streams get a token every step instead of waiting for a
-        whole image and prompt (a 512x512 image at 256M on 2 cores: 17 tiles, ~4.4 s, then 1141 tokens):
-        its image tiles not in the feature cache about ``encode_slice_s`` of encoding a step (as many
-        tiles as fit at the last measured rate, at least one), then its prompt ``prefill_chunk`` tokens a
-        step into its row (``_prefill_chunk``), the last chunk through ``_prefill``. Oldest first; the
-        chunk budget is shared by the step's requests (a prompt that fits what is left is ready)."""
+        one forward. While rows decode, a request's prompt goes in slices, its row held meanwhile
+        (``_pending``), so the running streams get a token every step instead of waiting for a whole
+        image and prompt (a 512x512 image at 256M on 2 cores: 17 tiles, ~4.4 s, then 1141 tokens). A
+        step spends about ``_slice()`` on them, oldest first: its image tiles not in the feature cache, a
+        vision-encoder layer of one tile at a time (``TileEncoding.step``), then its prompt a chunk at a
+        time into its row (``_prefill_chunk``), the last chunk through ``_prefill``. Whatever the time,
+        a step does at least one such piece: a layer, or a chunk of ``MIN_PREFILL_CHUNK`` tokens (a
+        smaller chunk runs the GEMMs below their rate); a chunk holds as many tokens as the time left
+        allows at the last measured rate, at most ``prefill_chunk``."""
         for r, prep in admitted:
             try:
                 tiles = (None if prep.pixel_values is None else
@@ -242,7 +256,7 @@ class Engine:
             except Exception as e:
                 self._finish_unstarted(prep, "error", f"{type(e).__name__}: {e}")
         decoding = any(row is not None for row in self.rows)
-        t_end, encoded, budget = time.perf_counter() + self.encode_slice_s, False, self.prefill_chunk
+        t_end, worked = time.perf_counter() + self._slice(), False
         ready = []
         for r in sorted(self._pending, key=lambda r: self._pending[r].prep.t_submit):
             pending = self._pending[r]
@@ -255,26 +269,24 @@ class Engine:
                 if tiles is not None:
                     if not decoding:
                         tiles.encode()
-                    while tiles.remaining and (not encoded or time.perf_counter() < t_end):
-                        # as many tiles as the slice has time for at the last measured rate (one at first)
+                    while tiles.remaining and (not worked or time.perf_counter() + self._layer_s <= t_end):
                         t0 = time.perf_counter()
-                        n = 1 if self._tile_s is None else \
-                            max(1, int(min(tiles.remaining, (t_end - t0) / self._tile_s)))  # inf: all of them
-                        tiles.encode(n)
-                        self._tile_s, encoded = (time.perf_counter() - t0) / n, True
+                        tiles.step()
+                        self._layer_s, worked = time.perf_counter() - t0, True
                     if tiles.remaining:
                         continue
                     prep.image_features, pending.tiles = tiles.features(), None
                     prep.pixel_values = prep.pixel_attention_mask = None  # the features are what it needs now
                     self._check_features(prep)
                 if decoding:
-                    left = prep.input_ids.shape[1] - prep.prefilled
-                    if left > budget:
-                        if budget > 0:
-                            self._prefill_chunk(r, prep, budget)
-                            budget = 0
+                    left, n = prep.input_ids.shape[1] - prep.prefilled, self._chunk_tokens(t_end, worked)
+                    if left > n:
+                        if n >= min(MIN_PREFILL_CHUNK, self.prefill_chunk):
+                            self._prefill_chunk(r, prep, n)
+                            worked = True
                         continue
-                    budget -= left
+                    t_end -= left * (self._token_s or 0.0)  # its last chunk runs after this loop
+                    worked = True
                 del self._pending[r]
                 ready.append((r, prep))
             except Exception as e:  # a bad image fails its own request only
@@ -282,14 +294,31 @@ class Engine:
                 self._finish_unstarted(prep, "error", f"{type(e).__name__}: {e}")
         return sorted(ready, key=lambda item: item[0])
 
+    def _slice(self) -> float:
+        """Seconds a step spends on newcomers while rows decode: ``slice_s``, or by default (None)
+        ``SLICE_S`` or ``SLICE_PER_DECODE`` times the last decode step, whichever is longer."""
+        return max(SLICE_S, SLICE_PER_DECODE * self._decode_s) if self.slice_s is None else self.slice_s
+
+    def _chunk_tokens(self, t_end: float, worked: bool) -> int:
+        """How many prompt tokens a chunk may take now: what the time left to ``t_end`` holds at the last
+        measured rate (none measured yet: nothing), at least ``MIN_PREFILL_CHUNK`` if this step has done
+        nothing else yet, at most ``prefill_chunk``."""
+        left = t_end - time.perf_counter()
+        fits = (float("inf") if left == float("inf") else 0.0 if self._token_s is None or left <= 0
+                else left / self._token_s)
+        n = min(self.prefill_chunk, fits)
+        return int(n if worked else max(n, min(MIN_PREFILL_CHUNK, self.prefill_chunk)))
+
     @torch.inference_mode()
     def _prefill_chunk(self, r: int, prep: PreparedRequest, n: int) -> None:
         """The next ``n`` prompt tokens of row r's request into its row (slots ``prefilled..+n``), their
         image features included; no token is sampled."""
         p, ids = prep.prefilled, prep.input_ids
+        t0 = time.perf_counter()
         self.model(input_ids=ids[:, p:p + n], kv_cache=self.cache.rows(r, r + 1),
                    input_pos=torch.arange(p, p + n, device=self.device),
                    image_features=self._feature_rows(prep, p, p + n), logits_to_keep=1)
+        self._token_s = (time.perf_counter() - t0) / n
         prep.prefilled += n
         self.counters["prefill_forwards"] += 1
         self.counters["prefill_chunks"] += 1

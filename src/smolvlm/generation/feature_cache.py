@@ -81,13 +81,14 @@ class FeatureCache:
 
 
 class TileEncoding:
-    """One request's image tiles through a ``FeatureCache``, encodable a few at a time: ``encode(limit)``
+    """One request's image tiles through a ``FeatureCache``, encodable a piece at a time: ``encode(limit)``
     encodes up to ``limit`` of the real tiles neither cached nor encoded yet (None: all) in one encoder
-    call, ``remaining`` counts those left, ``features()`` is ``model.get_image_features``'s output
-    ``(n_real, S, D)`` once none is left. Tiles are independent (module docstring), so the features do
-    not depend on how the tiles were split. The engine spreads an image's encoding over its steps
-    while other requests decode, so they are not held up for the whole image (``engine.py``). The
-    features encoded here are held until ``features()``, whatever the cache evicts meanwhile."""
+    call, ``step()`` one encoder layer of one such tile; ``remaining`` counts the tiles not encoded yet
+    and ``features()`` is ``model.get_image_features``'s output ``(n_real, S, D)`` once none is left.
+    Tiles are independent (module docstring), so the features do not depend on how the tiles were
+    split. The engine spreads an image's encoding over its steps while other requests decode, so they
+    are not held up for the whole image (``engine.py``). The features encoded here are held until
+    ``features()``, whatever the cache evicts meanwhile."""
 
     @torch.inference_mode()
     def __init__(self, cache: FeatureCache, model: Any, pixel_values: torch.Tensor,
@@ -105,6 +106,7 @@ class TileEncoding:
         self.keys = [(str(dtype), _digest(self.tiles[i]), None if self.masks is None else _digest(self.masks[i]))
                      for i in self.idx]
         self.done: dict[int, torch.Tensor] = {}  # j (into idx/keys) -> that tile's features (S, D)
+        self._running: tuple[int, Any] | None = None  # the tile ``step`` is in: (j, its feature steps)
         self._look_up()
 
     def _look_up(self) -> None:
@@ -121,6 +123,8 @@ class TileEncoding:
 
     @torch.inference_mode()
     def encode(self, limit: int | None = None) -> None:
+        while self._running is not None:  # a tile ``step`` began: finish it
+            self.step()
         self._look_up()
         todo = [j for j in range(len(self.keys)) if j not in self.done][:limit]
         if not todo:
@@ -133,6 +137,29 @@ class TileEncoding:
         for row, j in enumerate(todo):
             self.done[j] = feats[row]
             self.cache._put(self.keys[j], feats[row].clone())
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One unit of encoding: one vision-encoder layer of the first tile neither cached nor encoded yet
+        (``model.image_feature_steps``; its embeddings with the first layer, its connector with the last,
+        after which the tile counts as encoded). The engine runs these between decode steps; a tile
+        encodes to the same features as through ``encode``."""
+        if self._running is None:
+            self._look_up()
+            j = next((j for j in range(len(self.keys)) if j not in self.done), None)
+            if j is None:
+                return
+            i = self.idx[j]
+            pm = None if self.masks is None else self.masks[i:i + 1][None]  # (1, 1, H, W)
+            self._running = j, self.model.image_feature_steps(self.tiles[i:i + 1][None], pm)
+            self.cache.encoder_calls += 1
+        j, steps = self._running
+        feats = next(steps)
+        if feats is not None:
+            self._running = None
+            self.cache.misses += 1
+            self.done[j] = feats[0]
+            self.cache._put(self.keys[j], feats[0].clone())
 
     @torch.inference_mode()
     def features(self) -> torch.Tensor:

@@ -8,6 +8,8 @@ tanh-GELU MLP, final ``post_layernorm``. Padded patches are masked as *keys* onl
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -147,10 +149,24 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        *_, out = self.layerwise(pixel_values, patch_mask)
+        return out  # (B, h*w, D)
+
+    def layerwise(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None
+                  ) -> Iterator[torch.Tensor | None]:
+        """``forward`` one encoder layer per ``next()``: the same modules in the same order, so the same
+        numbers. Yields None after each layer but the last (the embeddings run with the first), then the
+        output (B, h*w, D) (post_layernorm after the last layer). A caller can do other work between
+        layers: the server runs its decode steps between a newcomer's (``generation/engine.py``)."""
         b, _, h, w = pixel_values.shape
         p = self.config.patch_size
         if patch_mask is None:
             patch_mask = torch.ones(b, h // p, w // p, dtype=torch.bool, device=pixel_values.device)
         x = self.embeddings(pixel_values, patch_mask)  # (B, h*w, D)
-        x = self.encoder(x, key_padding_mask(patch_mask))
-        return self.post_layernorm(x)  # (B, h*w, D)
+        mask = key_padding_mask(patch_mask)
+        layers = self.encoder.layers
+        for i, layer in enumerate(layers):
+            x = layer(x, mask)
+            if i + 1 < len(layers):
+                yield None
+        yield self.post_layernorm(x)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -185,6 +185,27 @@ class SmolVLM(nn.Module):
         ``SmolVLMModel.get_image_features`` does; we apply that to Idefics3 too, whose 5.23 code
         has no such rule and crashes in the vision embeddings on an empty batch instead.
         """
+        out = [self._encode_tiles(pv, pm) for pv, pm in self._tile_chunks(pixel_values, pixel_attention_mask)]
+        return out[0] if len(out) == 1 else torch.cat(out)  # (n_real, S, D_text)
+
+    def image_feature_steps(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+                            ) -> Iterator[torch.Tensor | None]:
+        """``get_image_features`` one vision-encoder layer per ``next()`` (``VisionTransformer.layerwise``;
+        the same numbers): yields None after each layer but the last, then the features (n_real, S, D_text).
+        The server encodes a newcomer's image this way between its running requests' decode steps."""
+        out = []
+        for pv, pm in self._tile_chunks(pixel_values, pixel_attention_mask):
+            for feats in self.model.vision_model.layerwise(pv, pm):
+                if feats is None:
+                    yield None
+                else:
+                    out.append(self.model.connector(feats))
+        yield out[0] if len(out) == 1 else torch.cat(out)
+
+    def _tile_chunks(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The real tiles in the model dtype, ``vision_chunk_size`` at a time: (chunk, 3, H, W) pixels and
+        (chunk, H//p, W//p) patch mask (None without a pixel mask). Checked before any is yielded."""
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be (batch, num_images, 3, H, W); got shape {tuple(pixel_values.shape)}")
         b, n, c, h, w = pixel_values.shape
@@ -206,14 +227,16 @@ class SmolVLM(nn.Module):
             chunk = len(keep)
         elif not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"vision_chunk_size must be a positive int or None, got {chunk!r}")
+        return self._chunks(flat, keep, patch_mask, chunk, dtype)
+
+    @staticmethod
+    def _chunks(flat: torch.Tensor, keep: torch.Tensor, patch_mask: torch.Tensor | None, chunk: int,
+                dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         # Tiles never interact in the encoder (attention is per image), so encoding them a few at
         # a time gives the same rows while only ``chunk`` tiles' activations are alive at once.
-        out = []
         for i in range(0, len(keep), chunk):
             sel = keep[i:i + chunk]
-            pv = flat[sel.to(flat.device)].to(dtype)  # (chunk, 3, H, W)
-            out.append(self._encode_tiles(pv, None if patch_mask is None else patch_mask[i:i + chunk]))
-        return out[0] if len(out) == 1 else torch.cat(out)  # (n_real, S, D_text)
+            yield flat[sel.to(flat.device)].to(dtype), None if patch_mask is None else patch_mask[i:i + chunk]
 
     def _encode_tiles(self, pv: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
         """(n, 3, H, W) tiles -> (n, S, D_text): vision encoder + connector."""
