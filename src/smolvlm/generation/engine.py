@@ -28,9 +28,9 @@ While rows decode, a newcomer's prompt goes in slices, its row held meanwhile (`
 about ``slice_s`` a step (by default 0.1 s, or 4 decode steps where longer) of its image tiles'
 encoding, a vision-encoder layer at a time, then of its prompt, a chunk at a time, so the running
 streams get a token every step instead of waiting for a whole image and prompt (3 streams and a new
-512x512 image, bf16 on 2 Zen 5 cores: their longest step at 256M 4.9-5.2 s whole, 0.42-0.67 s a tile
-at a time, 0.12-0.13 s a layer at a time; bench/ANALYSIS.md, nineteenth and twentieth rounds). With
-nothing decoding, a prompt goes in at once.
+512x512 image, bf16 on 2 Zen 5 cores: their longest step at 256M 4.9-5.2 s whole, 0.58-0.67 s a tile
+at a time, 0.13-0.16 s a layer at a time; at 2.2B 3.5 s a tile at a time, 0.39-0.48 s a layer at a
+time; bench/NEWCOMER_STALL.md). With nothing decoding, a prompt goes in at once.
 
 Threads. PyTorch's CPU kernels run on libgomp (OpenMP). A thread's OpenMP worker pool outlives its
 last parallel region, and while more OpenMP threads exist than cores libgomp stops spin-waiting, so
