@@ -24,7 +24,7 @@ from torch.testing import assert_close
 
 from smolvlm import SmolVLM, SmolVLMProcessor, kernels
 from smolvlm.generation.config import resolve_settings
-from smolvlm.generation.engine import MIN_PREFILL_CHUNK, SLICE_PER_DECODE, SLICE_S, Engine
+from smolvlm.generation.engine import MIN_PREFILL_CHUNK, PREFILL_CHUNK, SLICE_PER_DECODE, SLICE_S, Engine
 from smolvlm.generation.feature_cache import FeatureCache, TileEncoding
 from smolvlm.generation.generate import generate_ids
 from smolvlm.model import vlm as vlm_mod
@@ -649,7 +649,7 @@ def test_a_prompt_chunk_holds_what_the_slice_has_time_for(model):
     """A step's time for newcomers: ``slice_s``, by default ``SLICE_S`` or ``SLICE_PER_DECODE`` decode steps.
     The tokens of a prompt chunk: as many as the time left holds at the last measured rate, at most
     ``prefill_chunk``; at least ``MIN_PREFILL_CHUNK`` when the step has done nothing else; none measured
-    yet: only that minimum."""
+    yet: ``prefill_chunk`` tokens a slice."""
     import time
 
     engine = Engine(model, max_batch=1, max_context=64, slice_s=0.5, prefill_chunk=200)
@@ -658,8 +658,10 @@ def test_a_prompt_chunk_holds_what_the_slice_has_time_for(model):
     default._decode_s = SLICE_S  # a decode step longer than a quarter of the slice: 4 decode steps
     assert default._slice() == SLICE_PER_DECODE * SLICE_S
     now = time.perf_counter()
-    assert engine._chunk_tokens(now + 10, worked=False) == MIN_PREFILL_CHUNK  # no rate yet
-    assert engine._chunk_tokens(now + 10, worked=True) == 0
+    # no rate measured yet: prefill_chunk tokens a slice (0.5 s / 200 tokens)
+    assert engine._chunk_tokens(now + 10, worked=False) == 200
+    assert 95 <= engine._chunk_tokens(time.perf_counter() + 0.25, worked=True) <= 100
+    assert engine._chunk_tokens(time.perf_counter() + 0.05, worked=False) == MIN_PREFILL_CHUNK
     engine._token_s = 0.01
     assert 90 <= engine._chunk_tokens(time.perf_counter() + 1.0, worked=True) <= 100
     assert engine._chunk_tokens(time.perf_counter() + 10, worked=True) == 200  # the cap
@@ -670,3 +672,21 @@ def test_a_prompt_chunk_holds_what_the_slice_has_time_for(model):
     assert small._chunk_tokens(time.perf_counter(), worked=False) == 8  # the cap under the minimum
     with pytest.raises(ValueError, match="slice_s >= 0"):
         Engine(model, max_batch=1, max_context=64, slice_s=float("nan"))
+
+
+def test_short_prompts_arriving_together_mid_decode_go_in_together(model, proc):
+    """With no chunk rate measured yet, a slice holds ``prefill_chunk`` tokens: a burst of short prompts
+    arriving while a row decodes is prefilled in one step (one batched forward), not one a step."""
+    engine = Engine(model, max_batch=4, max_context=256)
+    text = inputs(proc, "Tell me a long story about a cat and a dog.")
+    a = engine.submit(request(model, text, max_new_tokens=20, eos_token_id=[]))
+    engine.step()
+    short = [inputs(proc, f"Hi {i}") for i in range(3)]
+    assert sum(x["input_ids"].shape[1] for x in short) < PREFILL_CHUNK // 2
+    burst = [engine.submit(request(model, x, max_new_tokens=3, eos_token_id=[])) for x in short]
+    before = engine.metrics()["prefill_forwards"]
+    engine.step()
+    m = engine.metrics()
+    assert m["active_rows"] == 4 and m["pending_rows"] == 0 and m["prefill_forwards"] - before == 1
+    drain(engine)
+    assert all(len(tokens(h)) == 3 for h in burst) and len(tokens(a)) == 20

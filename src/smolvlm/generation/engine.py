@@ -285,7 +285,7 @@ class Engine:
                             self._prefill_chunk(r, prep, n)
                             worked = True
                         continue
-                    t_end -= left * (self._token_s or 0.0)  # its last chunk runs after this loop
+                    t_end -= left * self._token_time()  # its last chunk runs after this loop
                     worked = True
                 del self._pending[r]
                 ready.append((r, prep))
@@ -300,14 +300,18 @@ class Engine:
         return max(SLICE_S, SLICE_PER_DECODE * self._decode_s) if self.slice_s is None else self.slice_s
 
     def _chunk_tokens(self, t_end: float, worked: bool) -> int:
-        """How many prompt tokens a chunk may take now: what the time left to ``t_end`` holds at the last
-        measured rate (none measured yet: nothing), at least ``MIN_PREFILL_CHUNK`` if this step has done
-        nothing else yet, at most ``prefill_chunk``."""
+        """How many prompt tokens a chunk may take now: what the time left to ``t_end`` holds at
+        ``_token_time()``, at least ``MIN_PREFILL_CHUNK`` if this step has done nothing else yet, at most
+        ``prefill_chunk``."""
         left = t_end - time.perf_counter()
-        fits = (float("inf") if left == float("inf") else 0.0 if self._token_s is None or left <= 0
-                else left / self._token_s)
+        fits = float("inf") if left == float("inf") else 0.0 if left <= 0 else left / self._token_time()
         n = min(self.prefill_chunk, fits)
         return int(n if worked else max(n, min(MIN_PREFILL_CHUNK, self.prefill_chunk)))
+
+    def _token_time(self) -> float:
+        """Seconds a prompt token takes: as in the last chunk; none measured yet, ``prefill_chunk`` tokens a
+        slice (so short prompts arriving together go in together, as many as ``prefill_chunk`` tokens)."""
+        return self._slice() / self.prefill_chunk if self._token_s is None else self._token_s
 
     @torch.inference_mode()
     def _prefill_chunk(self, r: int, prep: PreparedRequest, n: int) -> None:
