@@ -5,6 +5,8 @@ model: ``batched=True``, the checkpoint's dtype), ``--streams`` greedy text requ
 10 steps a request with one random ``--image`` x ``--image`` picture arrives. Until its first token,
 every ``step()`` is timed (each holds a decode step of the streams plus the newcomer's slice). Per
 round: the streams' longest and median step, the steps taken, and the newcomer's time to first token.
+``--scenario idle``: the image alone on an idle engine (its time to first token), then again with a
+short question submitted after the engine's first step (the question's and the image's first token).
 
 ``--baseline REV`` measures a git revision too (a git worktree in the temp folder), in its own process,
 alternating with this tree round by round, so both see the same machine state.
@@ -57,6 +59,35 @@ def child(args: argparse.Namespace) -> None:
         settings = resolve_settings(model, n, max_new_tokens=new, do_sample=False, eos_token_id=[])
         return Request.from_inputs(inp, settings=settings), n
 
+    def first_token(h) -> bool:
+        return h.done or any(isinstance(e, TokenEvent) for e in list(h._queue.queue))
+
+    if args.scenario == "idle":
+        # the image alone on an idle engine; then again with a short question submitted after one step
+        engine = Engine(model, max_batch=8, max_context=args.context, feature_cache=FeatureCache())
+        req, n_tokens = request("Describe this image.", [img], 16)
+        t0, h = time.perf_counter(), engine.submit(req)
+        while not first_token(h):
+            engine.step()
+        lone = time.perf_counter() - t0
+        h.cancel()
+        engine = Engine(model, max_batch=8, max_context=args.context, feature_cache=FeatureCache())
+        t0, h = time.perf_counter(), engine.submit(request("Describe this image.", [img], 16)[0])
+        engine.step()
+        t1, q = time.perf_counter(), engine.submit(request("What is the capital of France?", [], 64)[0])
+        t_q = t_img = None
+        while t_q is None or t_img is None:
+            engine.step()
+            t_q = t_q if t_q is not None or not first_token(q) else time.perf_counter() - t1
+            t_img = t_img if t_img is not None or not first_token(h) else time.perf_counter() - t0
+        for x in (h, q):
+            x.cancel()
+        while engine.step():
+            pass
+        print(json.dumps(dict(dtype=str(model.dtype).replace("torch.", ""), prompt_tokens=n_tokens, lone=lone,
+                              question=t_q, image=t_img)))
+        return
+
     engine = Engine(model, max_batch=8, max_context=args.context, feature_cache=FeatureCache())
     streams = [engine.submit(request(f"Tell me story number {i} about a cat.", [], args.context - 64)[0])
                for i in range(args.streams)]
@@ -73,7 +104,7 @@ def child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - t0)
-        if handle.done or any(isinstance(e, TokenEvent) for e in list(handle._queue.queue)):
+        if first_token(handle):
             break
     ttft = time.perf_counter() - t_submit
     for h in streams + [handle]:
@@ -108,7 +139,7 @@ def worktree(rev: str) -> Path:
 def run_child(src: Path, args: argparse.Namespace, where: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, __file__, "--child", "--folder", str(where), "--streams", str(args.streams),
-           "--image", str(args.image), "--context", str(args.context)]
+           "--image", str(args.image), "--context", str(args.context), "--scenario", args.scenario]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         raise SystemExit(f"the round under {src} failed:\n{r.stderr[-3000:]}")
@@ -132,6 +163,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=3)
     ap.add_argument("--image", type=int, default=512, help="the newcomer's picture, pixels a side")
     ap.add_argument("--context", type=int, default=2048, help="the engine's context per row")
+    ap.add_argument("--scenario", choices=("streams", "idle"), default="streams",
+                    help="streams: the image arrives while --streams decode; idle: the image on an idle engine, "
+                         "alone and with a short question arriving one step after it")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -152,20 +186,30 @@ def main() -> None:
                 rows.append((label, r, res))
                 print(f"{label}, round {r}: {json.dumps(res)}", flush=True)
     name, flags = cpu()
-    lines = [f"## {args.model.name if args.model.name != 'ckpt' else args.model.parent.name}: {args.streams} streams "
-             f"and a new {args.image}x{args.image} image",
+    name_ = args.model.name if args.model.name != "ckpt" else args.model.parent.name
+    head = (f"{args.streams} streams and a new {args.image}x{args.image} image" if args.scenario == "streams" else
+            f"a {args.image}x{args.image} image on an idle engine, and a question one step after it")
+    lines = [f"## {name_}: {head}",
              "",
              f"Machine: {name}, {os.cpu_count()} cores, flags `{flags}`; torch threads as the engine sets them. "
              f"Commit of this tree: `{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}`. "
              f"Command: `{' '.join(['.venv/bin/python', 'bench/newcomer_stall.py', *sys.argv[1:]])}`",
-             "",
-             "| code | round | dtype | a step before it arrives | steps until its first token | the streams' longest step "
-             "| median step | its time to first token (prompt tokens) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for label, r, res in rows:
-        lines.append(f"| {label} | {r} | {res['dtype']} | {res['step_alone'] * 1e3:.0f} ms | {res['steps']} | "
-                     f"{res['longest'] * 1e3:.0f} ms | {res['median'] * 1e3:.0f} ms | {res['ttft']:.2f} s "
-                     f"({res['prompt_tokens']}) |")
+             ""]
+    if args.scenario == "streams":
+        lines += ["| code | round | dtype | a step before it arrives | steps until its first token | the streams' longest step "
+                  "| median step | its time to first token (prompt tokens) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, r, res in rows:
+            lines.append(f"| {label} | {r} | {res['dtype']} | {res['step_alone'] * 1e3:.0f} ms | {res['steps']} | "
+                         f"{res['longest'] * 1e3:.0f} ms | {res['median'] * 1e3:.0f} ms | {res['ttft']:.2f} s "
+                         f"({res['prompt_tokens']}) |")
+    else:
+        lines += ["| code | round | dtype | the image alone: first token (prompt tokens) | with the question: the question's "
+                  "first token | the image's first token |",
+                  "|---|---|---|---|---|---|"]
+        for label, r, res in rows:
+            lines.append(f"| {label} | {r} | {res['dtype']} | {res['lone']:.2f} s ({res['prompt_tokens']}) | "
+                         f"{res['question']:.2f} s | {res['image']:.2f} s |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -353,8 +353,8 @@ def test_failed_decode_step_fails_its_rows_and_engine_goes_on(model, proc, monke
 def test_second_question_about_an_image_skips_the_encoder(model, proc):
     engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache())
     calls = []
-    orig = model.model.vision_model.forward
-    model.model.vision_model.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    orig = model.model.vision_model.layerwise
+    model.model.vision_model.layerwise = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         first = inputs(proc, "Describe this image.", (IMG_B,))
         engine.submit(request(model, first, max_new_tokens=3))
@@ -364,9 +364,10 @@ def test_second_question_about_an_image_skips_the_encoder(model, proc):
         h = engine.submit(request(model, second, max_new_tokens=3, eos_token_id=[]))
         drain(engine)
     finally:
-        del model.model.vision_model.forward
+        del model.model.vision_model.layerwise
     assert n > 0 and len(calls) == n  # no encoder call for the second request
-    assert engine.metrics()["vision_encoder_calls"] == 1 and engine.metrics()["feature_cache_hits"] > 0
+    m = engine.metrics()  # each tile encoded once (a call a tile: in slices), then taken from the cache
+    assert m["vision_encoder_calls"] == m["feature_cache_misses"] == m["feature_cache_hits"] == first["pixel_values"].shape[1]
     assert tokens(h) == alone(model, second, max_new_tokens=3, eos_token_id=[])
 
 
@@ -382,7 +383,9 @@ def test_32_requests_through_8_rows(model, proc):
     assert [d.finish.reason for d in done] == ["length"] * 32
     assert [len(d.token_ids) for d in done] == [3 + i % 5 for i in range(32)]
     assert engine.cache.k[0].data_ptr() == ptr and m["kv_cache_bytes"] == nbytes
-    assert m["error"] == 0 and m["length"] == 32 and m["active_rows"] == 0 and m["vision_encoder_calls"] == 1
+    n_tiles = inps[0]["pixel_values"].shape[1]  # IMG_A's, encoded once (a call a tile, in slices), then cached
+    assert m["error"] == 0 and m["length"] == 32 and m["active_rows"] == 0
+    assert m["vision_encoder_calls"] == m["feature_cache_misses"] == n_tiles and m["feature_cache_hits"] == 7 * n_tiles
     for i in (0, 5, 31):
         assert done[i].token_ids == alone(model, inps[i], max_new_tokens=3 + i % 5, eos_token_id=[])
 
@@ -690,3 +693,24 @@ def test_short_prompts_arriving_together_mid_decode_go_in_together(model, proc):
     assert m["active_rows"] == 4 and m["pending_rows"] == 0 and m["prefill_forwards"] - before == 1
     drain(engine)
     assert all(len(tokens(h)) == 3 for h in burst) and len(tokens(a)) == 20
+
+
+def test_a_question_arriving_while_an_image_is_encoded_on_an_idle_engine_starts_at_once(model, proc):
+    """With nothing decoding, an image still goes in a slice a step (here one encoder layer): a short
+    question arriving meanwhile is prefilled at the next step and decodes while the image goes on, instead
+    of waiting for the whole image. Once its tiles are encoded, the image's prompt goes in too; both
+    answers are each request's alone."""
+    engine = Engine(model, max_batch=2, max_context=256, feature_cache=FeatureCache(), slice_s=0.0)
+    image, text = inputs(proc, "Describe it.", (IMG_B,)), inputs(proc, "Hi")
+    n_tiles, n_layers = image["pixel_values"].shape[1], model.config.vision_config.num_hidden_layers
+    a = engine.submit(request(model, image, max_new_tokens=4, eos_token_id=[]))
+    engine.step()
+    assert engine.metrics()["pending_rows"] == 1 and engine.metrics()["active_rows"] == 0
+    b = engine.submit(request(model, text, max_new_tokens=n_tiles * n_layers + 8, eos_token_id=[]))
+    engine.step()
+    m = engine.metrics()
+    assert m["active_rows"] == 1 and m["pending_rows"] == 1 and m["decode_steps"] == 1  # the question decodes
+    assert m["feature_cache_misses"] < n_tiles  # the image is still being encoded
+    drain(engine)
+    assert tokens(a) == alone(model, image, max_new_tokens=4, eos_token_id=[])
+    assert tokens(b) == alone(model, text, max_new_tokens=n_tiles * n_layers + 8, eos_token_id=[])

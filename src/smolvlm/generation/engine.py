@@ -30,7 +30,8 @@ encoding, a vision-encoder layer at a time, then of its prompt, a chunk at a tim
 streams get a token every step instead of waiting for a whole image and prompt (3 streams and a new
 512x512 image, bf16 on 2 Zen 5 cores: their longest step at 256M 4.9-5.2 s whole, 0.58-0.67 s a tile
 at a time, 0.13-0.16 s a layer at a time; at 2.2B 3.5 s a tile at a time, 0.39-0.48 s a layer at a
-time; bench/NEWCOMER_STALL.md). With nothing decoding, a prompt goes in at once.
+time; bench/NEWCOMER_STALL.md). With nothing decoding, a prompt goes in at once once its images are
+encoded; they go in slices even then, so a request arriving meanwhile starts at once.
 
 Threads. PyTorch's CPU kernels run on libgomp (OpenMP). A thread's OpenMP worker pool outlives its
 last parallel region, and while more OpenMP threads exist than cores libgomp stops spin-waiting, so
@@ -238,13 +239,15 @@ class Engine:
     def _advance_pending(self, admitted: list[tuple[int, PreparedRequest]]) -> list[tuple[int, PreparedRequest]]:
         """The requests ready for their (last) prefill forward this step, rows ascending.
 
-        With nothing decoding, every admitted request is ready: its images encoded at once, its prompt in
-        one forward. While rows decode, a request's prompt goes in slices, its row held meanwhile
-        (``_pending``), so the running streams get a token every step instead of waiting for a whole
-        image and prompt (a 512x512 image at 256M on 2 cores: 17 tiles, ~4.4 s, then 1141 tokens). A
-        step spends about ``_slice()`` on them, oldest first: its image tiles not in the feature cache, a
-        vision-encoder layer of one tile at a time (``TileEncoding.step``), then its prompt a chunk at a
-        time into its row (``_prefill_chunk``), the last chunk through ``_prefill``. Whatever the time,
+        A request's prompt goes in slices, its row held meanwhile (``_pending``), so the running streams
+        get a token every step instead of waiting for a whole image and prompt (a 512x512 image at 256M
+        on 2 cores: 17 tiles, ~4.4 s, then 1141 tokens). A step spends about ``_slice()`` on them, oldest
+        first: its image tiles not in the feature cache, a vision-encoder layer of one tile at a time
+        (``TileEncoding.step``), then, while rows decode, its prompt a chunk at a time into its row
+        (``_prefill_chunk``), the last chunk through ``_prefill``. With nothing decoding, a request whose
+        images are encoded is ready: its prompt in one forward, batched with the others ready. Its images
+        go in slices even then, so a request arriving meanwhile (a short question while an image is
+        encoded) is prefilled and decoding at the next step instead of after the whole image. Whatever the time,
         a step does at least one such piece: a layer, or a chunk of ``MIN_PREFILL_CHUNK`` tokens (a
         smaller chunk runs the GEMMs below their rate); a chunk holds as many tokens as the time left
         allows at the last measured rate, at most ``prefill_chunk``."""
@@ -266,9 +269,7 @@ class Engine:
                     del self._pending[r]
                     self._finish_unstarted(prep, "cancelled")
                     continue
-                if tiles is not None:
-                    if not decoding:
-                        tiles.encode()
+                if tiles is not None:  # in slices even with nothing decoding: a request arriving meanwhile goes in
                     while tiles.remaining and (not worked or time.perf_counter() + self._layer_s <= t_end):
                         t0 = time.perf_counter()
                         tiles.step()
