@@ -678,12 +678,14 @@ def test_a_prompt_chunk_holds_what_the_slice_has_time_for(model):
 
 
 def test_short_prompts_arriving_together_mid_decode_go_in_together(model, proc):
-    """With no chunk rate measured yet, a slice holds ``prefill_chunk`` tokens: a burst of short prompts
-    arriving while a row decodes is prefilled in one step (one batched forward), not one a step."""
+    """A slice holds as many prompt tokens as the rate measured on the last prompt forward allows (here the
+    decoding row's own prefill): a burst of short prompts arriving while a row decodes is prefilled in one
+    step (one batched forward), not one a step."""
     engine = Engine(model, max_batch=4, max_context=256)
     text = inputs(proc, "Tell me a long story about a cat and a dog.")
     a = engine.submit(request(model, text, max_new_tokens=20, eos_token_id=[]))
     engine.step()
+    assert engine._token_s is not None  # measured on that prefill
     short = [inputs(proc, f"Hi {i}") for i in range(3)]
     assert sum(x["input_ids"].shape[1] for x in short) < PREFILL_CHUNK // 2
     burst = [engine.submit(request(model, x, max_new_tokens=3, eos_token_id=[])) for x in short]

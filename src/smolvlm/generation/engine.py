@@ -149,7 +149,7 @@ class Engine:
         self.slice_s, self.prefill_chunk = slice_s, prefill_chunk
         self._layer_s = 0.0  # seconds the last vision-encoder layer of a tile took (``TileEncoding.step``)
         self._decode_s = 0.0  # seconds the last decode step took
-        self._token_s: float | None = None  # seconds a prompt token took in the last chunk
+        self._token_s: float | None = None  # seconds a prompt token took in the last prompt forward
         self._fused: dict[tuple[int, int], Any] = {}  # rows (lo, hi) -> the fused decode step over them, or None
         self._waiting: deque[PreparedRequest] = deque()
         self._lock = threading.Lock()
@@ -310,8 +310,8 @@ class Engine:
         return int(n if worked else max(n, min(MIN_PREFILL_CHUNK, self.prefill_chunk)))
 
     def _token_time(self) -> float:
-        """Seconds a prompt token takes: as in the last chunk; none measured yet, ``prefill_chunk`` tokens a
-        slice (so short prompts arriving together go in together, as many as ``prefill_chunk`` tokens)."""
+        """Seconds a prompt token takes: as in the last prompt forward (a chunk or a prefill); none measured
+        yet (nothing has been prefilled, so nothing decodes), ``prefill_chunk`` tokens a slice."""
         return self._slice() / self.prefill_chunk if self._token_s is None else self._token_s
 
     @torch.inference_mode()
@@ -395,7 +395,14 @@ class Engine:
     def _prefill(self, group: list[tuple[int, PreparedRequest]]) -> None:
         """The group's prompts (and images) into their rows; then sample each one's first token."""
         try:
+            t0 = time.perf_counter()
             logits = self._prompt_logits(group)
+            # the prompt-token rate chunks are sized by (``_token_time``); a forward's padded tokens, so a
+            # short prompt's fixed cost overstates it (fewer tokens a slice) until a chunk measures it
+            first = group[0][1]
+            n = (first.input_ids.shape[1] - first.prefilled if first.prefilled
+                 else len(group) * max(q.input_ids.shape[1] for _, q in group))
+            self._token_s = (time.perf_counter() - t0) / n
         except Exception as e:  # a bad request (e.g. images vs <image> tokens) must not stop the engine
             if len(group) > 1:  # nor fail the requests batched with it
                 for item in group:
