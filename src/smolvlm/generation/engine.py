@@ -28,8 +28,8 @@ While rows decode, a newcomer's prompt goes in slices, its row held meanwhile (`
 about ``slice_s`` a step (by default 0.1 s, or 4 decode steps where longer) of its image tiles'
 encoding, a vision-encoder layer at a time, then of its prompt, a chunk at a time, so the running
 streams get a token every step instead of waiting for a whole image and prompt (3 streams and a new
-512x512 image, bf16 on 2 Zen 5 cores: their longest step at 256M 4.9-5.2 s whole, 0.58-0.67 s a tile
-at a time, 0.13-0.16 s a layer at a time; at 2.2B 3.5 s a tile at a time, 0.39-0.48 s a layer at a
+512x512 image, bf16 on 2 Zen 5 cores: their longest step at 256M 4.9-5.2 s whole, 0.56-0.62 s a tile
+at a time, 0.13-0.17 s a layer at a time; at 2.2B 3.2-3.4 s a tile at a time, 0.47-0.48 s a layer at a
 time; bench/NEWCOMER_STALL.md). With nothing decoding, a prompt goes in at once once its images are
 encoded; they go in slices even then, so a request arriving meanwhile starts at once.
 
