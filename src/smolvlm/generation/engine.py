@@ -247,8 +247,8 @@ class Engine:
         (``_prefill_chunk``), the last chunk through ``_prefill``. With nothing decoding, a request whose
         images are encoded is ready: its prompt in one forward, batched with the others ready. Its images
         go in slices even then, so a request arriving meanwhile (a short question while an image is
-        encoded) is prefilled and decoding at the next step instead of after the whole image. Whatever the time,
-        a step does at least one such piece: a layer, or a chunk of ``MIN_PREFILL_CHUNK`` tokens (a
+        encoded) is prefilled and decoding at the next step instead of after the whole image. Whatever
+        the time, a step does at least one such piece: a layer, or a chunk of ``MIN_PREFILL_CHUNK`` tokens (a
         smaller chunk runs the GEMMs below their rate); a chunk holds as many tokens as the time left
         allows at the last measured rate, at most ``prefill_chunk``."""
         for r, prep in admitted:
@@ -296,7 +296,7 @@ class Engine:
         return sorted(ready, key=lambda item: item[0])
 
     def _slice(self) -> float:
-        """Seconds a step spends on newcomers while rows decode: ``slice_s``, or by default (None)
+        """Seconds a step spends on newcomers' images and prompt chunks: ``slice_s``, or by default (None)
         ``SLICE_S`` or ``SLICE_PER_DECODE`` times the last decode step, whichever is longer."""
         return max(SLICE_S, SLICE_PER_DECODE * self._decode_s) if self.slice_s is None else self.slice_s
 
@@ -316,17 +316,29 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill_chunk(self, r: int, prep: PreparedRequest, n: int) -> None:
-        """The next ``n`` prompt tokens of row r's request into its row (slots ``prefilled..+n``), their
-        image features included; no token is sampled."""
-        p, ids = prep.prefilled, prep.input_ids
-        t0 = time.perf_counter()
-        self.model(input_ids=ids[:, p:p + n], kv_cache=self.cache.rows(r, r + 1),
-                   input_pos=torch.arange(p, p + n, device=self.device),
-                   image_features=self._feature_rows(prep, p, p + n), logits_to_keep=1)
-        self._token_s = (time.perf_counter() - t0) / n
-        prep.prefilled += n
+        """The next ``n`` prompt tokens of row r's request into its row; no token is sampled."""
+        self._prompt_span(r, prep, prep.prefilled + n)
         self.counters["prefill_forwards"] += 1
         self.counters["prefill_chunks"] += 1
+
+    def _prompt_span(self, r: int, prep: PreparedRequest, stop: int) -> torch.Tensor:
+        """Prompt positions ``prefilled..stop-1`` of row r's request into its row (slots alike), with the
+        image-feature rows of their <image> tokens; the output's logits at position ``stop - 1`` (1, V)."""
+        p = prep.prefilled
+        out = self._timed_forward(stop - p, input_ids=prep.input_ids[:, p:stop], kv_cache=self.cache.rows(r, r + 1),
+                                  input_pos=torch.arange(p, stop, device=self.device),
+                                  image_features=self._feature_rows(prep, p, stop), logits_to_keep=1)
+        prep.prefilled = stop
+        return out.logits[:, -1]
+
+    def _timed_forward(self, tokens: int, **kwargs: Any) -> Any:
+        """A prompt forward of ``tokens`` (padded) tokens; its time a token is the rate the next chunks are
+        sized by (``_token_time``). A short prompt's fixed cost (the weights' read) overstates it: fewer
+        tokens a slice until a chunk measures it."""
+        t0 = time.perf_counter()
+        out = self.model(**kwargs)
+        self._token_s = (time.perf_counter() - t0) / tokens
+        return out
 
     def _check_features(self, prep: PreparedRequest) -> None:
         """The image features against the prompt's <image> tokens, once, before any forward: a prompt
@@ -373,11 +385,7 @@ class Engine:
         r0, n = group[0][0], len(group)
         if n == 1 and group[0][1].prefilled:  # the last chunk of a prompt written a chunk per step
             prep = group[0][1]
-            p, t = prep.prefilled, prep.input_ids.shape[1]
-            out = self.model(input_ids=prep.input_ids[:, p:], kv_cache=self.cache.rows(r0, r0 + 1),
-                             input_pos=torch.arange(p, t, device=self.device),
-                             image_features=self._feature_rows(prep, p, t), logits_to_keep=1)
-            return out.logits[:, -1].float()  # (1, V)
+            return self._prompt_span(r0, prep, prep.input_ids.shape[1]).float()  # (1, V)
         lens = [prep.input_ids.shape[1] for _, prep in group]
         t = max(lens)
         ids = torch.full((n, t), self._pad_id, dtype=torch.long, device=self.device)
@@ -387,22 +395,16 @@ class Engine:
             if prep.image_features is not None:
                 feats.append(prep.image_features)
         kw: dict[str, Any] = dict(logits_to_keep=1) if n == 1 else dict(logits_at=torch.tensor(lens) - 1)
-        out = self.model(input_ids=ids, kv_cache=self.cache.rows(r0, r0 + n), input_pos=torch.arange(t, device=self.device),
-                         image_features=torch.cat(feats) if feats else None, **kw)
+        out = self._timed_forward(n * t, input_ids=ids, kv_cache=self.cache.rows(r0, r0 + n),
+                                  input_pos=torch.arange(t, device=self.device),
+                                  image_features=torch.cat(feats) if feats else None, **kw)
         return out.logits[:, -1].float()  # (n, V)
 
     @torch.inference_mode()
     def _prefill(self, group: list[tuple[int, PreparedRequest]]) -> None:
         """The group's prompts (and images) into their rows; then sample each one's first token."""
         try:
-            t0 = time.perf_counter()
             logits = self._prompt_logits(group)
-            # the prompt-token rate chunks are sized by (``_token_time``); a forward's padded tokens, so a
-            # short prompt's fixed cost overstates it (fewer tokens a slice) until a chunk measures it
-            first = group[0][1]
-            n = (first.input_ids.shape[1] - first.prefilled if first.prefilled
-                 else len(group) * max(q.input_ids.shape[1] for _, q in group))
-            self._token_s = (time.perf_counter() - t0) / n
         except Exception as e:  # a bad request (e.g. images vs <image> tokens) must not stop the engine
             if len(group) > 1:  # nor fail the requests batched with it
                 for item in group:

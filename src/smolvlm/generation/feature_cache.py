@@ -81,9 +81,9 @@ class FeatureCache:
 
 
 class TileEncoding:
-    """One request's image tiles through a ``FeatureCache``, encodable a piece at a time: ``encode(limit)``
-    encodes up to ``limit`` of the real tiles neither cached nor encoded yet (None: all) in one encoder
-    call, ``step()`` one encoder layer of one such tile; ``remaining`` counts the tiles not encoded yet
+    """One request's image tiles through a ``FeatureCache``, encodable a piece at a time: ``encode()``
+    encodes the real tiles neither cached nor encoded yet in one encoder call, ``step()`` one encoder
+    layer of one such tile; ``remaining`` counts the tiles not encoded yet
     and ``features()`` is ``model.get_image_features``'s output ``(n_real, S, D)`` once none is left.
     Tiles are independent (module docstring), so the features do not depend on how the tiles were
     split. The engine spreads an image's encoding over its steps while other requests decode, so they
@@ -122,21 +122,26 @@ class TileEncoding:
         return len(self.keys) - len(self.done)
 
     @torch.inference_mode()
-    def encode(self, limit: int | None = None) -> None:
-        while self._running is not None:  # a tile ``step`` began: finish it
+    def encode(self) -> None:
+        """Every tile left, in one encoder call (a tile ``step`` began is finished first)."""
+        while self._running is not None:
             self.step()
         self._look_up()
-        todo = [j for j in range(len(self.keys)) if j not in self.done][:limit]
+        todo = [j for j in range(len(self.keys)) if j not in self.done]
         if not todo:
             return
         sel = torch.tensor([self.idx[j] for j in todo], device=self.tiles.device)
         pm = None if self.masks is None else self.masks[sel][None]  # (1, n, H, W)
         feats = self.model.get_image_features(self.tiles[sel][None], pm)  # (n, S, D)
         self.cache.encoder_calls += 1
-        self.cache.misses += len(todo)
         for row, j in enumerate(todo):
-            self.done[j] = feats[row]
-            self.cache._put(self.keys[j], feats[row].clone())
+            self._store(j, feats[row])
+
+    def _store(self, j: int, feats: torch.Tensor) -> None:
+        """Tile j's features (S, D): this request's, and a copy for the cache."""
+        self.cache.misses += 1
+        self.done[j] = feats
+        self.cache._put(self.keys[j], feats.clone())
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -157,9 +162,7 @@ class TileEncoding:
         feats = next(steps)
         if feats is not None:
             self._running = None
-            self.cache.misses += 1
-            self.done[j] = feats[0]
-            self.cache._put(self.keys[j], feats[0].clone())
+            self._store(j, feats[0])
 
     @torch.inference_mode()
     def features(self) -> torch.Tensor:

@@ -205,7 +205,7 @@ class SmolVLM(nn.Module):
     def _tile_chunks(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """The real tiles in the model dtype, ``vision_chunk_size`` at a time: (chunk, 3, H, W) pixels and
-        (chunk, H//p, W//p) patch mask (None without a pixel mask). Checked before any is yielded."""
+        (chunk, H//p, W//p) patch mask (None without a pixel mask). Checked before the first is yielded."""
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be (batch, num_images, 3, H, W); got shape {tuple(pixel_values.shape)}")
         b, n, c, h, w = pixel_values.shape
@@ -227,11 +227,6 @@ class SmolVLM(nn.Module):
             chunk = len(keep)
         elif not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"vision_chunk_size must be a positive int or None, got {chunk!r}")
-        return self._chunks(flat, keep, patch_mask, chunk, dtype)
-
-    @staticmethod
-    def _chunks(flat: torch.Tensor, keep: torch.Tensor, patch_mask: torch.Tensor | None, chunk: int,
-                dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         # Tiles never interact in the encoder (attention is per image), so encoding them a few at
         # a time gives the same rows while only ``chunk`` tiles' activations are alive at once.
         for i in range(0, len(keep), chunk):
