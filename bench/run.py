@@ -20,6 +20,13 @@ skipped the same way where they are missing.
     .venv/bin/python bench/run.py --quick                          # 1 rep, smaller workloads
     .venv/bin/python bench/run.py --engines ours,openvino          # a subset of the VLM engines
     .venv/bin/python bench/run.py --out bench/RESULTS-avx2.md      # another CPU kind: its own report
+    .venv/bin/python bench/run.py --isa avx2 --out bench/RESULTS-avx2-capped.md   # run as an AVX2-only CPU
+
+``--isa avx2`` runs ours and transformers with PyTorch, oneDNN and MKL capped at AVX2 (``smolvlm.cpu.avx2_only_env``: its own Inductor cache too;
+smolvlm's kernel choices follow PyTorch's level) and llama.cpp from an AVX2-only build
+(``bash bench/setup_llamacpp.sh avx2``); OpenVINO is left out: its release CPU plugin cannot be capped (under
+``ONEDNN_MAX_CPU_ISA=AVX2`` it still reports BF16; its own ``OV_CPU_MAX_ISA`` exists in debug builds only).
+Not an AVX2-only CPU: its caches, memory and clocks stay this one's.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 CACHE = ROOT / "bench" / ".cache"
 REFERENCE = Path(os.environ.get("SMOLVLM_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
 MODELS = {"256M": "SmolVLM-256M-Instruct", "500M": "SmolVLM-500M-Instruct", "2.2B": "SmolVLM-Instruct"}
-LLAMA_PY = CACHE / "llama-venv" / "bin" / "python"
+LLAMA_PY = CACHE / "llama-venv" / "bin" / "python"  # --isa avx2: llama-venv-avx2's (main)
 OV_PY = CACHE / "openvino-venv" / "bin" / "python"
 OV_CHILD = ROOT / "bench" / "_harness" / "openvino_child.py"
 OV_EXPORTS = {"openvino": "ov-fp", "openvino-int8": "ov-int8"}  # engine -> bench/.cache/<model>/<export>
@@ -49,6 +56,7 @@ LLAMA_TEXT = {"llama.cpp": {"bfloat16": "text-bf16.gguf", "float32": "text-f32.g
               "llama.cpp-q8_0": {"bfloat16": "text-q8_0.gguf", "float32": "text-q8_0.gguf"}}
 LLAMA_MMPROJ = {"bfloat16": "mmproj-bf16.gguf", "float32": "mmproj-f32.gguf"}
 from _harness.peer_common import COMPILED_ENGINES, COMPILED_SUFFIXES  # noqa: E402 - after the sys.path line
+from smolvlm.cpu import AVX2_ONLY, avx2_only_env  # noqa: E402
 
 VLM_ENGINES = ["ours", "transformers", *OV_EXPORTS, *LLAMA_TEXT]
 RAW = CACHE / "run_results.json"  # the raw rows behind bench/RESULTS.md (--out picks another report)
@@ -129,7 +137,9 @@ def vlm_engines(args: argparse.Namespace, model: str) -> list[str]:
     """The engines to run for this model: --engines, less the OpenVINO / llama.cpp ones whose venv/files are missing."""
     engines, skipped = [], {"openvino": {}, "llamacpp": {}}
     for eng in args.engines or VLM_ENGINES:
-        if eng in OV_EXPORTS and (why := openvino_missing(model, eng)):
+        if eng in OV_EXPORTS and args.isa == "avx2":
+            print(f"  -- skipping {eng}: OpenVINO's CPU plugin cannot be capped at AVX2 (see --isa)", flush=True)
+        elif eng in OV_EXPORTS and (why := openvino_missing(model, eng)):
             skipped["openvino"][eng] = why
         elif eng in LLAMA_TEXT and (why := llamacpp_missing(model, eng)):
             skipped["llamacpp"][eng] = why
@@ -257,17 +267,22 @@ def save_raw(args: argparse.Namespace, **parts: object) -> None:
     raw.write_text(json.dumps(data))
 
 
+CAPABILITY = "import torch; print(torch.backends.cpu.get_cpu_capability())"
 OV_VERSIONS = ("from importlib.metadata import version as v; "
                "print(' / '.join(v(p) for p in ('openvino', 'optimum-intel', 'transformers')))")
 
 
-def machine() -> dict[str, str]:
+def machine(isa: str) -> dict[str, str]:
     import torch
     import transformers
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    return {"CPU": cpu, "CPU flags (SIMD)": cpu_flags(), "cores (os.cpu_count)": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
+    capped = {} if isa == "native" else {
+        "run as": "an AVX2-only CPU: " + " ".join(f"{k}={v}" for k, v in AVX2_ONLY.items()) + " for ours and "
+                  "transformers (PyTorch's level in a child: " + sh([sys.executable, "-c", CAPABILITY]) + "), "
+                  "llama.cpp built with AVX2 + FMA + F16C only; OpenVINO left out (it cannot be capped)"}
+    return {"CPU": cpu, "CPU flags (SIMD)": cpu_flags(), **capped, "cores (os.cpu_count)": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llama-cpp-python": sh([str(LLAMA_PY), "-c", "import llama_cpp; print(llama_cpp.__version__)"]),
             "openvino / optimum-intel / transformers (bench venv)": sh([str(OV_PY), "-c", OV_VERSIONS]),
@@ -364,6 +379,8 @@ def main() -> None:
     ap.add_argument("--compiled-max", action="store_true",
                     help="also run ours through the compiled decode step in mode max-autotune (smolvlm --compile-mode "
                          "max-autotune): text rows ours-{none,int8,int4}-compiled-max and the VLM engine ours-compiled-max")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: run as an AVX2-only CPU (see the module docstring); native (default): this CPU as it is")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from its raw rows in bench/.cache")
     ap.add_argument("--out", default="bench/RESULTS.md",
@@ -392,6 +409,13 @@ def main() -> None:
         from _harness import text_child
         return text_child.agree_main(args)
 
+    if args.isa == "avx2":  # the children inherit the cap; llama.cpp's build is its own
+        global LLAMA_PY
+        os.environ.update(avx2_only_env())
+        LLAMA_PY = CACHE / "llama-venv-avx2" / "bin" / "python"
+        if not LLAMA_PY.is_file():
+            print(f"  -- {LLAMA_PY.parent.parent.relative_to(ROOT)} missing: make it with "
+                  "`bash bench/setup_llamacpp.sh avx2`", flush=True)
     args.models = [m for m in args.models.split(",") if m]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.engines = [e for e in (args.engines or "").split(",") if e] or None
@@ -411,7 +435,7 @@ def main() -> None:
         if raw.is_file() and not args.append:
             raw.unlink()
         commands = old.get("commands", []) + [".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])]
-        save_raw(args, commands=commands, machine=machine())
+        save_raw(args, commands=commands, machine=machine(args.isa))
         rows: list[dict] = [r for r in old.get("rows", [])  # keep what this run does not measure again
                             if "vlm" in skip or not (r.get("model") in args.models and r.get("dtype") in args.dtypes
                                                      and (args.engines is None or r.get("engine") in args.engines

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smolvlm import kernels
+from smolvlm import cpu, kernels
 
-BF16 = "avx512_bf16" in (kernels._cpu_flags() or []) and kernels._cpu_problem() is None
+BF16 = cpu.has("avx512_bf16") and kernels._cpu_problem() is None
 needs_bf16 = pytest.mark.skipif(not BF16, reason="the bf16 attention kernel needs a CPU with AVX-512 BF16 "
                                 f"({kernels._cpu_problem() or 'this one lacks it'}); layers.attention uses SDPA here")
 

@@ -216,19 +216,19 @@ def test_the_switch_and_the_reasons(monkeypatch):
     assert kernels._compile() == f"{kernels.ENV}=0"
     monkeypatch.delenv(kernels.ENV)
     monkeypatch.setattr(kernels, "_state", {})
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f", "amx_tile"])
+    monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(["avx2", "fma", "avx512f", "amx_tile"]))
     assert not kernels.prepare() and "AMX" in kernels.problem()  # decided without building
     assert not any(kernels.ready(kind) for kind in kernels.KINDS)  # none of them, the fused step included
     assert "built" not in kernels._state
     monkeypatch.setattr(kernels, "_state", {})
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma", "avx512f", "avx512_bf16"])
+    monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(["avx2", "fma", "avx512f", "avx512_bf16"]))
     monkeypatch.setattr(kernels, "build", lambda: None)
     assert kernels.prepare() and kernels.problem() is None  # AVX-512 without AMX: the decode attention
     assert kernels.ready("decode_attention") and kernels.ready("bf16_attention") and not kernels.ready()  # ... not the GEMVs
     assert kernels.ready("int8_rows") and kernels.ready("float_gemv")  # ... but int8's few rows and the bf16/f32 GEMV
     assert kernels.ready("decode_layers") and kernels.ready("rms_norm")  # ... and the fused step, the RMSNorm
     monkeypatch.setattr(kernels, "_state", {})
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
+    monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(["avx2", "fma"]))
     assert kernels.prepare() and kernels.ready() and kernels.ready("decode_attention")  # AVX2 only: all of them
     assert not kernels.ready("bf16_attention") and "AVX-512 BF16" in kernels._state["bf16_attention"]  # ... it can run
     monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
@@ -241,7 +241,7 @@ def test_a_failed_build_is_said_once_and_falls_back(monkeypatch, capsys):
 
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels, "_cpu_problem", lambda: None)
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ["avx2", "fma"])
+    monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(["avx2", "fma"]))
 
     def no_compiler(*a, **k):
         raise RuntimeError("Error building extension 'smolvlm_cpu_kernels': c++: not found")

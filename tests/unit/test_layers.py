@@ -2,7 +2,7 @@
 included) is parsed, and a forbidden edge between layers or an import cycle between modules fails.
 
 The layers, each importing only what is below it (docs/ARCHITECTURE.md):
-config, hub, kernels -> model -> quantization -> weights; processing; synth; data; generation (takes model
+config, hub, cpu -> kernels -> model -> quantization -> weights; processing; synth; data; generation (takes model
 and processor as arguments) -> evaluation, training, serving -> cli. The public model class keeps
 ``from_pretrained``/``from_config``/``save_pretrained``/``generate`` as thin facades over weights/
 and generation/: those four calls are the only upward imports, listed in FACADES.
@@ -23,8 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "hub": set(),
     "torchrun": set(),  # torchrun's RANK / WORLD_SIZE
     "memory": set(),  # handing freed heap blocks back to the OS (glibc malloc_trim)
-    "kernels": set(),  # native CPU kernels (torch C++ extensions), built on first use
-    "model": {"config", "kernels"},  # kernels: a leaf of ops, like torch's own (decode attention)
+    "cpu": set(),  # the CPU's features as PyTorch may use them (one home for feature checks)
+    "kernels": {"cpu"},  # native CPU kernels (torch C++ extensions), built on first use
+    "model": {"config", "kernels", "cpu"},  # kernels: a leaf of ops, like torch's own (decode attention)
     "quantization": {"config", "model", "memory", "kernels"},
     "weights": {"config", "hub", "model", "quantization", "memory"},
     "processing": {"config", "hub", "memory"},  # memory: a batch's temporaries back to the OS
@@ -33,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "generation": {"config", "model", "memory", "kernels"},  # kernels decided before a compiled trace
     "serving": {"config", "hub", "model", "weights", "processing", "generation"},  # a thin HTTP shell
     "evaluation": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
-    "training": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
+    "training": {"config", "cpu", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
     "cli": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation",
             "evaluation", "training", "serving", "smolvlm"},
     "smolvlm": {"config"},  # the package root: lazy attributes name their modules as strings

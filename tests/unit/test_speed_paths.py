@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.testing import assert_close
 
-from smolvlm import SmolVLM, kernels
+from smolvlm import SmolVLM, cpu, kernels
 from smolvlm.generation.generate import generate_ids
 from smolvlm.model import text as text_mod
 from smolvlm.model import vlm as vlm_mod
@@ -80,7 +80,7 @@ def test_kv_cache_dtype_follows_the_cpus_bf16_attention_speed(model, monkeypatch
     smolvlm's kernels on AVX-512 BF16), an fp32 one where it does not (AVX2-only CPUs; fp16 models
     everywhere); fp32 models an fp32 one."""
     bf = SmolVLM.from_config(model.config, dtype=torch.bfloat16)
-    native = torch.cpu._is_amx_tile_supported() or (kernels.ready("decode_attention") and kernels.ready("bf16_attention"))
+    native = cpu.has("amx_tile") or (kernels.ready("decode_attention") and kernels.ready("bf16_attention"))
     assert cpu_attends_fast_in(torch.bfloat16) == native and cpu_attends_fast_in(torch.float32)
     assert not cpu_attends_fast_in(torch.float16)
     assert bf.new_kv_cache(1, 4).dtype == (torch.bfloat16 if native else torch.float32)

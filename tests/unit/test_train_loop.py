@@ -355,9 +355,8 @@ def test_recipe_errors_found_before_anything_is_written(ref256, tmp_path):
 def test_autocast_auto_is_bf16_only_with_native_bf16(monkeypatch):
     from smolvlm.training import loop
 
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(loop.cpu, "flags", lambda: frozenset({"avx2", "fma"}))
     assert loop.autocast_dtype("auto", "cpu") is None  # an AVX2-only CPU: float32
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(loop.cpu, "flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}))
     assert loop.autocast_dtype("auto", "cpu") is torch.bfloat16
     assert loop.autocast_dtype("none", "cpu") is None and loop.autocast_dtype("bf16", "cpu") is torch.bfloat16

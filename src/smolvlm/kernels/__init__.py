@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from smolvlm import cpu
+
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "float_gemv.cpp",
@@ -51,21 +53,13 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for spli
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
 
 
-def _cpu_flags() -> list[str] | None:
-    try:
-        return next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")), [])
-    except OSError:
-        return None
-
-
 def _cpu_problem() -> str | None:
     """Why the kernel cannot be built or run here (None: it can)."""
     if os.environ.get(ENV, "1") == "0":
         return f"{ENV}=0"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return f"no kernel for {sys.platform} {platform.machine()} (Linux x86-64 only)"
-    flags = _cpu_flags()
+    flags = cpu.flags()  # capped at PyTorch's ISA level (smolvlm/cpu.py)
     if flags is None:
         return "cannot read /proc/cpuinfo"
     missing = [f for f in ("avx2", "fma") if f not in flags]
@@ -166,7 +160,7 @@ def prepare() -> bool:
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
     if "use" not in _state:
-        flags = _cpu_flags() or []
+        flags = cpu.flags() or frozenset()
         forced = os.environ.get(ENV) == "1"
         _state["use"] = ("this CPU has AMX: PyTorch's kernels are used" if "amx_tile" in flags and not forced
                          else build())

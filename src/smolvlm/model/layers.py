@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvlm import kernels
+from smolvlm import cpu, kernels
 from smolvlm.model.packed import fused_outputs, linear_add
 
 
@@ -102,8 +102,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 @functools.lru_cache(maxsize=None)
 def _has_amx() -> bool:
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return amx is not None and amx()
+    return cpu.has("amx_tile")
 
 
 def cpu_attends_fast_in(dtype: torch.dtype) -> bool:

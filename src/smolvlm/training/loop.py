@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from smolvlm import cpu
 from smolvlm.training import checkpoint as ckpt
 from smolvlm.training import distributed
 from smolvlm.training.optim import TrainError, build_optimizer, build_scheduler, lr_factor
@@ -49,8 +50,7 @@ def native_bf16(device: str) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if dev.type != "cpu":
         return False
-    probes = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(p()) for p in probes if p is not None)
+    return cpu.has("avx512_bf16") or cpu.has("amx_tile")
 
 
 def autocast_dtype(name: str, device: str) -> torch.dtype | None:

@@ -1,0 +1,100 @@
+"""smolvlm.cpu: the CPU's flags as PyTorch is allowed to use them (the one home of feature checks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from smolvlm import cpu
+
+HW = {"fma", "f16c", "avx", "avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "sse4_2"}
+
+
+@pytest.fixture
+def hardware(monkeypatch):
+    monkeypatch.setattr(cpu, "hardware_flags", lambda: frozenset(HW))
+    cpu.flags.cache_clear()
+    yield
+    cpu.flags.cache_clear()
+
+
+@pytest.mark.parametrize("level, dropped", [
+    ("AVX512", set()),
+    ("AVX2", {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
+    ("DEFAULT", {"fma", "f16c", "avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
+])
+def test_flags_above_pytorchs_level_are_dropped(hardware, monkeypatch, level, dropped):
+    monkeypatch.setattr(cpu, "capability", lambda: level)
+    assert cpu.flags() == HW - dropped
+    assert cpu.capped() == bool(dropped)
+    assert cpu.has("sse4_2") and cpu.has("avx") and not cpu.has("no_such_flag")
+    assert cpu.has("amx_tile") == (level == "AVX512")
+
+
+def test_unreadable_cpuinfo_means_no_flags(monkeypatch):
+    monkeypatch.setattr(cpu, "hardware_flags", lambda: None)
+    cpu.flags.cache_clear()
+    try:
+        assert cpu.flags() is None and not cpu.has("avx2")
+    finally:
+        cpu.flags.cache_clear()
+
+
+PROBE = """
+import json, torch
+from smolvlm import cpu, kernels
+from smolvlm.model.layers import cpu_attends_fast_in
+from smolvlm.model.packed import packing_available, packing_pays
+from smolvlm.training.loop import native_bf16
+kernels.prepare()
+print(json.dumps(dict(level=cpu.capability(), capped=cpu.capped(), avx512=cpu.has("avx512f"),
+    kernels={k: kernels.ready(k) for k in kernels.KINDS}, problem=kernels.problem(),
+    pack_bf16=packing_available(torch.bfloat16), pack_f32=packing_pays(torch.float32),
+    bf16_cache=cpu_attends_fast_in(torch.bfloat16), autocast=native_bf16("cpu"))))
+"""
+
+
+def test_avx2_only_runs_every_choice_as_an_avx2_only_cpu():
+    """Under ``cpu.avx2_only_env()`` a process on any AVX2 CPU takes the AVX2-only CPU's paths, as measured on one
+    (bench/ANALYSIS.md): all smolvlm kernels but the bf16 attention, no oneDNN bf16 packing, packed float32,
+    an fp32 KV cache for bf16 models, no bf16 autocast."""
+    hw = cpu.hardware_flags() or frozenset()
+    if not {"avx2", "fma"} <= hw:
+        pytest.skip("this CPU has no AVX2 + FMA to run as an AVX2-only one")
+    env = {**os.environ, **cpu.avx2_only_env()}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["level"] == "AVX2" and not got["avx512"]
+    assert got["capped"] == any(f.startswith(("avx512", "amx")) for f in hw)
+    assert not got["pack_bf16"] and not got["bf16_cache"] and not got["autocast"]
+    assert got["pack_f32"]  # float32 is packed where there is no AVX-512
+    if got["problem"] is None:  # the kernels built (a compiler is there): all but the bf16 attention
+        assert got["kernels"] == {k: k != "bf16_attention" for k in got["kernels"]}
+
+
+# What runs differently on an AVX2-only CPU: the kernels' dispatch, packing, upcasting, the KV cache dtype, quantized
+# and compiled decode, the engine; and everything the reference is compared with (tests/parity).
+AVX2_PATH_TESTS = ["tests/parity", *(f"tests/unit/test_{name}.py" for name in (
+    "cpu_kernels", "fused_decode", "speed_paths", "packed", "upcast", "quantization", "compiled_decode", "engine",
+    "model_unit", "stream", "qlora"))]
+
+
+def test_the_avx2_only_path_passes_the_numerics_tests():
+    """Every CPU this suite runs on also checks the AVX2-only CPU's paths: the tests above, in a process run as
+    one (``cpu.avx2_only_env``). Their own skips there (bf16 packing, the bf16 attention kernel: what such a CPU
+    lacks) are listed in the failure output only; natively they run here."""
+    hw = cpu.hardware_flags() or frozenset()
+    if not {"avx2", "fma"} <= hw:
+        pytest.skip("this CPU has no AVX2 + FMA to run as an AVX2-only one")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tests = [t for t in AVX2_PATH_TESTS if os.path.exists(os.path.join(root, t))]
+    assert len(tests) == len(AVX2_PATH_TESTS), "a test file named in AVX2_PATH_TESTS is gone: update the list"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "-x", *tests],
+                         env={**os.environ, **cpu.avx2_only_env()}, cwd=root, capture_output=True, text=True,
+                         timeout=1800)
+    assert out.returncode == 0, f"as an AVX2-only CPU:\n{out.stdout[-6000:]}\n{out.stderr[-2000:]}"
