@@ -15,6 +15,7 @@ generation (and, for ours, one image tile), before a pass that reads every weigh
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import platform
 import resource
@@ -28,6 +29,7 @@ CACHE = ROOT / "bench" / ".cache"
 REPORT = ROOT / "bench" / "BIG_MODEL.md"
 GIB = 2**30
 VISION_INT8 = "ours-int4+vision-int8"
+ENGINES = ("transformers", "ours-bf16", "ours-int4", VISION_INT8)
 FEATURES = CACHE / "big_model_bf16_features.pt"  # ours-bf16's features of one tile, for the int8 tower's error
 
 
@@ -117,31 +119,53 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags)
 
 
+def cpu_caps() -> dict[str, str]:
+    from smolvlm.cpu import AVX2_ONLY
+
+    return AVX2_ONLY
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="2.2B")
     ap.add_argument("--new", type=int, default=32, help="decoded tokens timed")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: every engine run as an AVX2-only CPU (smolvlm.cpu.avx2_only_env: PyTorch, oneDNN and "
+                         "MKL capped; smolvlm's choices follow)")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="comma list of the engines to run (default all; the ratios need transformers)")
+    ap.add_argument("--out", default=str(REPORT), help=f"the report (default {REPORT.relative_to(ROOT)})")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--part", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.part, args.ckpt, args.new)
+    if args.isa == "avx2":  # the children inherit it
+        from smolvlm.cpu import avx2_only_env
+
+        os.environ.update(avx2_only_env())
     ckpt = CACHE / args.model / "ckpt"
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"no checkpoint at {ckpt}: build it with bench/parity_full_size.py make {args.model} {ckpt}")
     FEATURES.unlink(missing_ok=True)
     rows = [run_child(kind, "run", ckpt, args.new) | run_child(kind, "read", ckpt, args.new)
-            for kind in ("transformers", "ours-bf16", "ours-int4", VISION_INT8)]
+            for kind in ENGINES if kind in args.engines.split(",")]
     by = {r["engine"]: r for r in rows}
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     import torch
 
     lines = [f"# SmolVLM-{args.model}: load, int4 memory and decode (issue #20)", "",
-             f"Regenerate: `.venv/bin/python bench/big_model.py --model {args.model} --new {args.new}` "
+             f"Regenerate: `.venv/bin/python bench/big_model.py --model {args.model} --new {args.new}"
+             + (f" --isa {args.isa}" if args.isa != "native" else "")
+             + (f" --engines {args.engines}" if args.engines != ",".join(ENGINES) else "")
+             + (f" --out {args.out}" if Path(args.out).resolve() != REPORT else "") + "` "
              f"(checkpoint: `bench/parity_full_size.py make {args.model} bench/.cache/{args.model}/ckpt`).", "",
-             f"Machine: {cpu}, 2 threads; CPU flags: {cpu_flags()}; torch {torch.__version__}. One run, each engine in "
+             f"Machine: {cpu}, 2 threads; CPU flags: {cpu_flags()}; torch {torch.__version__}"
+             + ("; **run as an AVX2-only CPU** (`--isa avx2`: " + " ".join(f"{k}={v}" for k, v in cpu_caps().items())
+                + ", so PyTorch, oneDNN, MKL and smolvlm's choices take the AVX2-only paths; not an AVX2-only CPU's "
+                "caches, memory or clocks)" if args.isa == "avx2" else "") + ". One run, each engine in "
              "its own process; random bf16 weights of the real config. Peak RSS is the process's `ru_maxrss` "
              "(interpreter and imports included) of a process that loads and generates (ours: and encodes one image tile). "
              "ours-bf16 is loaded as the CLI loads it (`pack=\"auto\"`); ours-int4 "
@@ -158,13 +182,14 @@ def main() -> None:
              "| engine | load s | vs transformers | load + read s | vs transformers | peak RSS GiB | decode tok/s | features vs bf16 |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        t = by["transformers"]
+        t = by.get("transformers")
+        vs = (lambda k: f"{r[k] / t[k]:.2f}x") if t else (lambda k: "-")
         dec = f"{r['decode_tok_s']:.1f}"
         feat = f"{r['features_rel_err']:.2%} / {r['features_cos']:.5f}" if "features_rel_err" in r else "-"
-        lines.append(f"| {r['engine']} | {r['load_s']:.1f} | {r['load_s'] / t['load_s']:.2f}x | {r['read_s']:.1f} | "
-                     f"{r['read_s'] / t['read_s']:.2f}x | {r['peak_rss_gib']:.2f} | {dec} | {feat} |")
-    REPORT.write_text("\n".join(lines) + "\n")
-    print(f"wrote {REPORT}")
+        lines.append(f"| {r['engine']} | {r['load_s']:.1f} | {vs('load_s')} | {r['read_s']:.1f} | "
+                     f"{vs('read_s')} | {r['peak_rss_gib']:.2f} | {dec} | {feat} |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
