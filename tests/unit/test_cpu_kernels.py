@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from smolvlm import kernels
+from smolvlm import cpu, kernels
 from smolvlm.quantization import Int8Linear
 from smolvlm.quantization.int8 import KERNEL_MAX_ROWS
 
@@ -571,6 +571,23 @@ def test_bf16_gemv_is_the_bf16_linear(m, n, k):
     want, scale = _bf16_reference(x, w)
     assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-3 * scale).all()
     assert_close(got.float(), F.linear(x, w).float(), rtol=2**-7, atol=1e-3 * scale.max().item())
+
+
+@needs_kernel
+def test_the_bf16_gemvs_path_follows_pytorchs_isa_level():
+    """One bf16 row takes the AVX-512 BF16 dot instruction only where the CPU has it *and* PyTorch runs at its
+    AVX-512 level (``smolvlm.cpu``: an AVX2-only run, ATEN_CPU_CAPABILITY=avx2, takes the widening loop). The
+    instruction treats bf16 subnormals as zero; the widening loop multiplies them exactly. So 64 weights of
+    1e-39 times 1 give 0 through the one and about 6.4e-38 through the other."""
+    assert kernels.build() is None
+    x = torch.ones(1, 64, dtype=torch.bfloat16)
+    w = torch.full((3, 64), 1e-39).bfloat16()
+    assert 0 < float(w[0, 0]) < torch.finfo(torch.bfloat16).tiny  # a subnormal bf16
+    got = torch.ops.smolvlm.bf16_gemv(x, w).float()
+    if cpu.has("avx512_bf16"):
+        assert torch.equal(got, torch.zeros(1, 3))
+    else:
+        assert_close(got, (w.float() * x.float()).sum(-1)[None], rtol=2**-7, atol=0)
 
 
 @needs_kernel

@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
     "training": {"config", "cpu", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation"},
     "cli": {"config", "hub", "torchrun", "model", "quantization", "weights", "processing", "synth", "data", "generation",
-            "evaluation", "training", "serving", "smolvlm"},
+            "evaluation", "training", "serving", "smolvlm", "cpu", "kernels"},  # cpu, kernels: `smolvlm doctor`
     "smolvlm": {"config"},  # the package root: lazy attributes name their modules as strings
 }
 # (importing module, imported module): the model class's facades, imported when called.

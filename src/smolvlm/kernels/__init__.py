@@ -123,6 +123,10 @@ def _compile() -> str | None:
     def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *rest) -> torch.Tensor:
         return x.new_empty(x.shape)
 
+    # the bf16 GEMV's AVX-512 BF16 dot: where PyTorch may use AVX-512 too (smolvlm/cpu.py), so an AVX2-only
+    # run (ATEN_CPU_CAPABILITY=avx2) takes the AVX2 loop, as an AVX2-only CPU does
+    torch.ops.smolvlm.use_bf16_dot(cpu.has("avx512_bf16"))
+
     @torch.library.register_fake("smolvlm::rms_norm")
     def _(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -18,6 +18,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
+
 #include <type_traits>
 
 namespace {
@@ -78,6 +80,11 @@ void one_row(const float* x, const W* wr, void* y, Store store, int64_t r, int64
 
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
+// Whether one bf16 row takes the dot instruction below: set once by smolvlm/kernels/__init__.py from
+// smolvlm.cpu (the CPU has AVX-512 BF16 and PyTorch runs at its AVX-512 level, so an AVX2-only run,
+// ATEN_CPU_CAPABILITY=avx2, takes the widening loop as an AVX2-only CPU does); off until then.
+std::atomic<bool> bf16_dot{false};
+
 // One bf16 row of x against bf16 weights where the CPU has AVX-512 BF16: each vdpbf16ps multiplies 32
 // pairs exactly (a bf16 product fits a float32) and adds them into float32 sums; four chains. Three
 // instructions per 64 bytes of weights where the widening loop above takes about twenty (eighteenth
@@ -127,8 +134,7 @@ at::Tensor gemv_cat(const at::Tensor& x, at::TensorList w, at::ScalarType dtype,
   const int64_t N = first.back();
   at::Tensor y = at::empty({M, N}, x.options());
   void* yp = y.data_ptr();
-  static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
-  if (std::is_same<W, uint16_t>::value && M == 1 && bf16_dot) {
+  if (std::is_same<W, uint16_t>::value && M == 1 && bf16_dot.load(std::memory_order_relaxed)) {
     const at::Tensor xc = x.contiguous();
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr());
     with_store(x.scalar_type(), [&](auto store) {
@@ -184,6 +190,8 @@ at::Tensor f32_gemv_cat(const at::Tensor& x, at::TensorList w) {
 
 at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) { return f32_gemv_cat(x, {w}); }
 
+void use_bf16_dot(bool on) { bf16_dot = on && __builtin_cpu_supports("avx512bf16"); }
+
 }  // namespace smolvlm_kernels
 
 TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
@@ -191,6 +199,7 @@ TORCH_LIBRARY_FRAGMENT(smolvlm, m) {
   m.def("bf16_gemv_cat(Tensor x, Tensor[] w) -> Tensor");
   m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("f32_gemv_cat(Tensor x, Tensor[] w) -> Tensor");
+  m.def("use_bf16_dot(bool on) -> ()", &smolvlm_kernels::use_bf16_dot);  // no tensor: every dispatch key
 }
 TORCH_LIBRARY_IMPL(smolvlm, CPU, m) {
   m.impl("bf16_gemv", smolvlm_kernels::bf16_gemv);
