@@ -51,9 +51,10 @@ def _cpu_status() -> str:
     from smolvlm import cpu
 
     flags = cpu.flags()
-    shown = "flags unknown" if flags is None else " ".join(f for f in INTERESTING if f in flags) or "none of " + \
-        " ".join(INTERESTING)
-    capped = "; capped below the hardware's by ATEN_CPU_CAPABILITY" if flags is not None and cpu.capped() else ""
+    if flags is None:
+        return f"{cpu.capability()} (flags unknown)"
+    shown = " ".join(f for f in INTERESTING if f in flags) or f"none of {' '.join(INTERESTING)}"
+    capped = "; capped below the hardware's by ATEN_CPU_CAPABILITY" if cpu.capped() else ""
     return f"{cpu.capability()} ({shown}{capped})"
 
 

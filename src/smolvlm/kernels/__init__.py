@@ -22,6 +22,9 @@ share; ``ops.h``: the entry points ``decode_layers`` composes; ``bf16_attention`
 functions for AVX-512 BF16 and runs only where the CPU has it), registered with a shape-only ("fake")
 version, so ``torch.compile`` keeps them inside a compiled graph. Why each exists: its header.
 
+Which run where is decided on ``smolvlm.cpu``'s flags: the CPU's, less those above PyTorch's ISA level, so a
+process run with ``ATEN_CPU_CAPABILITY=avx2`` chooses as an AVX2-only CPU does (``cpu.avx2_only_env``).
+
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
 CPUs with AMX they are not used either, on AVX-512 CPUs only the two attentions, the bf16/float32 GEMV,
