@@ -383,8 +383,8 @@ def main() -> None:
                     help="avx2: run as an AVX2-only CPU (see the module docstring); native (default): this CPU as it is")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from its raw rows in bench/.cache")
-    ap.add_argument("--out", default="bench/RESULTS.md",
-                    help="the report to write (default bench/RESULTS.md); bench/RESULTS-X.md keeps its own raw rows "
+    ap.add_argument("--out", default=None,
+                    help="the report to write (default bench/RESULTS.md, with --isa avx2 bench/RESULTS-avx2-capped.md); bench/RESULTS-X.md keeps its own raw rows "
                          "(bench/.cache/run_results-X.json) and chart (bench/results-X.png): one report per CPU kind")
     ap.add_argument("--append", action="store_true",
                     help="add to the rows of the previous run instead of starting over (measure models in stages)")
@@ -421,7 +421,12 @@ def main() -> None:
     args.engines = [e for e in (args.engines or "").split(",") if e] or None
     if args.engines and set(args.engines) - set(VLM_ENGINES):
         ap.error(f"--engines: unknown {sorted(set(args.engines) - set(VLM_ENGINES))} (of {','.join(VLM_ENGINES)})")
+    args.out = args.out or ("bench/RESULTS-avx2-capped.md" if args.isa == "avx2" else "bench/RESULTS.md")
     md, _, raw = outputs(args.out)
+    if args.append and not args.report_only and raw.is_file() \
+            and ("run as" in json.loads(raw.read_text()).get("machine", {})) != (args.isa == "avx2"):
+        ap.error(f"--append: {md.name}'s rows were measured {'as an AVX2-only CPU' if args.isa == 'native' else 'natively'}; "
+                 f"this run is {'native' if args.isa == 'native' else '--isa avx2'}: one report per way of running")
     if args.append and not args.report_only and md.is_file() and not raw.is_file():
         ap.error(f"--append: {md.name} has no raw rows here ({raw} is missing: they stay on the machine that "
                  "measured them), so it would be rewritten with this run's rows alone; run without --append "

@@ -21,3 +21,21 @@ def test_append_without_the_earlier_raw_rows_is_refused_before_any_work(tmp_path
     assert "--append" in r.stderr and "run_results-no-raw-rows-here.json is missing" in r.stderr
     assert "Traceback" not in r.stderr
     assert report.read_text() == "# an earlier report\n"
+
+
+def test_append_of_a_native_run_onto_an_avx2_only_report_is_refused(tmp_path):
+    """``--isa avx2`` rows and native rows never share a report: appending either to the other is refused
+    before any work, the raw rows and the report kept."""
+    name = "RESULTS-isa-mix-test"
+    raw = REPO / "bench" / ".cache" / f"run_results{name[len('RESULTS'):]}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    report = tmp_path / f"{name}.md"
+    report.write_text("# capped\n")
+    raw.write_text('{"machine": {"run as": "an AVX2-only CPU"}, "rows": []}')
+    try:
+        r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--out", str(report), "--append",
+                            "--quick"], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert r.returncode == 2 and "measured as an AVX2-only CPU" in r.stderr and "Traceback" not in r.stderr
+        assert report.read_text() == "# capped\n" and "run as" in raw.read_text()
+    finally:
+        raw.unlink()
