@@ -15,8 +15,8 @@ generation (and, for ours, one image tile), before a pass that reads every weigh
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -119,12 +119,6 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags)
 
 
-def cpu_caps() -> dict[str, str]:
-    from smolvlm.cpu import AVX2_ONLY
-
-    return AVX2_ONLY
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="2.2B")
@@ -141,9 +135,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.part, args.ckpt, args.new)
-    if args.isa == "avx2":  # the children inherit it
-        from smolvlm.cpu import avx2_only_env
+    unknown = set(args.engines.split(",")) - set(ENGINES)
+    if unknown:
+        ap.error(f"--engines: unknown {sorted(unknown)} (of {','.join(ENGINES)})")
+    from smolvlm.cpu import AVX2_ONLY, avx2_only_env
 
+    if args.isa == "avx2":  # the children inherit it
         os.environ.update(avx2_only_env())
     ckpt = CACHE / args.model / "ckpt"
     if not (ckpt / "config.json").is_file():
@@ -163,7 +160,7 @@ def main() -> None:
              + (f" --out {args.out}" if Path(args.out).resolve() != REPORT else "") + "` "
              f"(checkpoint: `bench/parity_full_size.py make {args.model} bench/.cache/{args.model}/ckpt`).", "",
              f"Machine: {cpu}, 2 threads; CPU flags: {cpu_flags()}; torch {torch.__version__}"
-             + ("; **run as an AVX2-only CPU** (`--isa avx2`: " + " ".join(f"{k}={v}" for k, v in cpu_caps().items())
+             + ("; **run as an AVX2-only CPU** (`--isa avx2`: " + " ".join(f"{k}={v}" for k, v in AVX2_ONLY.items())
                 + ", so PyTorch, oneDNN, MKL and smolvlm's choices take the AVX2-only paths; not an AVX2-only CPU's "
                 "caches, memory or clocks)" if args.isa == "avx2" else "") + ". One run, each engine in "
              "its own process; random bf16 weights of the real config. Peak RSS is the process's `ru_maxrss` "

@@ -45,6 +45,13 @@ def test_doctor_names_the_level_the_deciding_flags_and_a_cap(hardware, monkeypat
     assert doctor._cpu_status() == "AVX2 (avx2 fma; capped below the hardware's by ATEN_CPU_CAPABILITY)"
 
 
+def test_the_kernels_name_a_cap_below_avx2_as_the_reason(hardware, monkeypatch):
+    from smolvlm import kernels
+
+    monkeypatch.setattr(cpu, "capability", lambda: "DEFAULT")
+    assert kernels._cpu_problem() == "PyTorch runs at its DEFAULT level (ATEN_CPU_CAPABILITY), without avx2 and fma"
+
+
 def test_unreadable_cpuinfo_means_no_flags(monkeypatch):
     monkeypatch.setattr(cpu, "hardware_flags", lambda: None)
     cpu.flags.cache_clear()

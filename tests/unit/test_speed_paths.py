@@ -96,12 +96,12 @@ def test_bf16_attends_fast_with_amx_or_smolvlms_bf16_kernels(monkeypatch):
     kernels off, no; fp16 never."""
     from smolvlm.model import layers
 
-    monkeypatch.setattr(layers, "_has_amx", lambda: False)
+    monkeypatch.setattr(layers.cpu, "has", lambda flag: False)
     for use, bf16_kernel, want in ((None, None, True), (None, "this CPU lacks AVX-512 BF16", False),
                                    ("SMOLVLM_CPU_KERNELS=0", None, False)):
         monkeypatch.setattr(kernels, "_state", {"use": use, "gemv": use, "bf16_attention": bf16_kernel or use})
         assert cpu_attends_fast_in(torch.bfloat16) == want and not cpu_attends_fast_in(torch.float16)
-    monkeypatch.setattr(layers, "_has_amx", lambda: True)
+    monkeypatch.setattr(layers.cpu, "has", lambda flag: flag == "amx_tile")
     assert cpu_attends_fast_in(torch.bfloat16)
 
 

@@ -66,6 +66,8 @@ def _cpu_problem() -> str | None:
     if flags is None:
         return "cannot read /proc/cpuinfo"
     missing = [f for f in ("avx2", "fma") if f not in flags]
+    if missing and cpu.capped():
+        return f"PyTorch runs at its {cpu.capability()} level (ATEN_CPU_CAPABILITY), without {' and '.join(missing)}"
     return f"this CPU lacks {' and '.join(missing)}" if missing else None
 
 

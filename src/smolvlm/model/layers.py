@@ -7,7 +7,6 @@ cos/sin cast to the activation dtype; GQA repeats KV heads consecutively.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -100,11 +99,6 @@ class GatedMLP(nn.Module):
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
-def _has_amx() -> bool:
-    return cpu.has("amx_tile")
-
-
 def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
     """Whether this CPU attends at least as fast in ``dtype`` as in fp32 (decides the KV cache dtype:
     ``SmolVLM.new_kv_cache``).
@@ -123,7 +117,7 @@ def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
         return True
     if dtype != torch.bfloat16:
         return False
-    return _has_amx() or (kernels.ready("decode_attention") and kernels.ready("bf16_attention"))
+    return cpu.has("amx_tile") or (kernels.ready("decode_attention") and kernels.ready("bf16_attention"))
 
 
 def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
