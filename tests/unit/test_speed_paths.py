@@ -77,10 +77,10 @@ def test_bf16_single_query_attention_matches_sdpa():
 
 def test_kv_cache_dtype_follows_the_cpus_bf16_attention_speed(model, monkeypatch):
     """bf16 models get a bf16 cache (as the reference) where this CPU attends fast in bf16 (AMX, or
-    smolvlm's kernels on AVX-512 BF16), an fp32 one where it does not (AVX2-only CPUs; fp16 models
+    smolvlm's decode attention kernel), an fp32 one where it does not (neither; fp16 models
     everywhere); fp32 models an fp32 one."""
     bf = SmolVLM.from_config(model.config, dtype=torch.bfloat16)
-    native = cpu.has("amx_tile") or (kernels.ready("decode_attention") and kernels.ready("bf16_attention"))
+    native = cpu.has("amx_tile") or kernels.ready("decode_attention")
     assert cpu_attends_fast_in(torch.bfloat16) == native and cpu_attends_fast_in(torch.float32)
     assert not cpu_attends_fast_in(torch.float16)
     assert bf.new_kv_cache(1, 4).dtype == (torch.bfloat16 if native else torch.float32)
@@ -91,14 +91,15 @@ def test_kv_cache_dtype_follows_the_cpus_bf16_attention_speed(model, monkeypatch
 
 
 def test_bf16_attends_fast_with_amx_or_smolvlms_bf16_kernels(monkeypatch):
-    """The policy on each kind of CPU, whatever this one is: AMX yes; AVX-512 BF16 without AMX yes
-    when smolvlm's decode and bf16 attention kernels run; AVX2-only (no bf16 attention kernel), or
-    kernels off, no; fp16 never."""
+    """The policy on each kind of CPU, whatever this one is: AMX yes; without AMX yes when smolvlm's
+    decode attention kernel runs, with or without its bf16 attention kernel (AVX-512 BF16 or AVX2
+    only: prompts of more than one query are as fast in bf16 either way); kernels off (or no
+    compiler), no; fp16 never."""
     from smolvlm.model import layers
 
     monkeypatch.setattr(layers.cpu, "has", lambda flag: False)
-    for use, bf16_kernel, want in ((None, None, True), (None, "this CPU lacks AVX-512 BF16", False),
-                                   ("SMOLVLM_CPU_KERNELS=0", None, False)):
+    for use, bf16_kernel, want in ((None, None, True), (None, "this CPU lacks AVX-512 BF16", True),
+                                   ("SMOLVLM_CPU_KERNELS=0", None, False), ("no C++ compiler", None, False)):
         monkeypatch.setattr(kernels, "_state", {"use": use, "gemv": use, "bf16_attention": bf16_kernel or use})
         assert cpu_attends_fast_in(torch.bfloat16) == want and not cpu_attends_fast_in(torch.float16)
     monkeypatch.setattr(layers.cpu, "has", lambda flag: flag == "amx_tile")

@@ -103,21 +103,22 @@ def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
     """Whether this CPU attends at least as fast in ``dtype`` as in fp32 (decides the KV cache dtype:
     ``SmolVLM.new_kv_cache``).
 
-    bf16 on CPUs with AMX, whose tiles PyTorch's bf16 flash attention uses, and where smolvlm's own
-    kernels attend in bf16 (AVX-512 BF16 without AMX: the decode attention reads a bf16 cache, whole
-    prompts run the bf16 attention kernel or PyTorch's bf16 flash attention, as fast there as fp32).
-    Measured, 2 threads, one query over 900 keys x 3 KV heads: Xeon with AMX 72 us in bf16 vs 100 in
-    fp32 (batch 8 with a mask 348 vs 515 us); on the AVX2-only AMD EPYC PyTorch's bf16 was ~5x slower
-    (about 1 ms vs 0.18 ms per layer); on an AMD EPYC with AVX-512 BF16 but no AMX (Zen 5) 7.7x slower
-    (384 vs 50 us; 448 vs 58 over a 1024-slot compiled bucket), 13 of a 256M decode step's 23 ms,
-    where smolvlm's decode attention reads the bf16 cache in 24 us (fp32: 26). fp16: never (no
-    native fp16 SDPA path on these CPUs).
+    bf16: with AMX (PyTorch's bf16 flash attention uses its tiles), or where smolvlm's decode attention
+    kernel runs (any AVX2 CPU with a compiler). PyTorch's bf16 SDPA is slow only for one query: over
+    900 keys x 3 KV heads, 2 threads, ~5x fp32's time on an AVX2-only EPYC (about 1 ms vs 0.18 ms
+    per layer), 7.7x on a Zen 5 EPYC without AMX (384 vs 50 us); smolvlm's decode attention reads the
+    bf16 cache in fp32's time (24 vs 26 us there). Prompts of more than one query attend as fast in
+    bf16 as in fp32: smolvlm's bf16 attention kernel with AVX-512 BF16, else PyTorch's flash attention
+    (Zen 5 run as an AVX2-only CPU, ``cpu.avx2_only_env``: a 900-token causal prompt 12.5 vs 12.1 ms
+    a layer, 512 queries over 1024 keys with a mask 9.2 vs 9.0, 8 over 900 0.21 vs 0.20, a 512 px
+    tile's 12 heads 19.4 vs 22.7; ANALYSIS, twenty-second round). fp16: never (no native fp16 SDPA
+    path on these CPUs).
     """
     if dtype == torch.float32:
         return True
     if dtype != torch.bfloat16:
         return False
-    return cpu.has("amx_tile") or (kernels.ready("decode_attention") and kernels.ready("bf16_attention"))
+    return cpu.has("amx_tile") or kernels.ready("decode_attention")
 
 
 def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -167,8 +168,8 @@ def attention(
     if _decode_kernel_applies(q, k, v, mask, is_causal):
         out = torch.ops.smolvlm.decode_attention(q, k, v, mask)  # fp32 SDPA's numbers, ~0.6x its time
     elif q.dtype in _LOW_PRECISION and k.dtype == torch.float32:
-        # An fp32 cache (``new_kv_cache`` keeps one for bf16/fp16 models on CPUs that attend slowly
-        # in them, ``cpu_attends_fast_in``): attend in fp32 and round the result back, rather than
+        # An fp32 cache (``new_kv_cache`` keeps one for fp16 models, and for bf16 ones where no decode
+        # kernel runs: ``cpu_attends_fast_in``): attend in fp32 and round the result back, rather than
         # cast the whole cache down every call. With a mask too: the compiled decode step's static
         # cache, per-row decode, chunked prefill (AVX2 EPYC, 256M, 900 keys: 0.89 ms a layer in
         # bf16 with the cast, about 0.2 in fp32).

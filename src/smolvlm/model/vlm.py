@@ -152,8 +152,8 @@ class SmolVLM(nn.Module):
         """Zeroed static cache for this model.
 
         Default dtype: the model's (as the reference), except bf16/fp16 models on a CPU that attends
-        more slowly in that dtype than in fp32 (``layers.cpu_attends_fast_in``: AVX2-only CPUs, and
-        fp16 everywhere) get an fp32 cache. It holds the same (exactly representable) values;
+        more slowly in that dtype than in fp32 (``layers.cpu_attends_fast_in``: fp16 everywhere, bf16
+        without AMX where smolvlm's decode attention kernel does not run) get an fp32 cache. It holds the same (exactly representable) values;
         decode attention then runs in fp32 with no per-step cast. Costs 2x cache memory (256M:
         46 KB per token instead of 23 KB).
         """
