@@ -66,11 +66,13 @@ import json, torch
 from smolvlm import cpu, kernels
 from smolvlm.model.layers import cpu_attends_fast_in
 from smolvlm.model.packed import packing_available, packing_pays
+from smolvlm.model.upcast import text_gemv_pays
 from smolvlm.training.loop import native_bf16
 kernels.prepare()
 print(json.dumps(dict(level=cpu.capability(), capped=cpu.capped(), avx512=cpu.has("avx512f"),
     kernels={k: kernels.ready(k) for k in kernels.KINDS}, problem=kernels.problem(),
     pack_bf16=packing_available(torch.bfloat16), pack_f32=packing_pays(torch.float32),
+    gemv_f32=text_gemv_pays(torch.float32), gemv_bf16=text_gemv_pays(torch.bfloat16),
     bf16_cache=cpu_attends_fast_in(torch.bfloat16), autocast=native_bf16("cpu"))))
 """
 
@@ -90,7 +92,9 @@ def test_avx2_only_runs_every_choice_as_an_avx2_only_cpu():
     assert got["capped"] == any(f.startswith(("avx512", "amx")) for f in hw)
     assert not got["pack_bf16"] and not got["autocast"]
     assert got["bf16_cache"] == got["kernels"]["decode_attention"]
-    assert got["pack_f32"]  # float32 is packed where there is no AVX-512
+    assert got["pack_f32"]  # float32 is packed where there is no AVX-512 (the vision tower; batched text)
+    # single-stream text linears: float32 through smolvlm's GEMV where it runs, bf16 upcast (no GemvLinear)
+    assert got["gemv_f32"] == got["kernels"]["float_gemv"] and not got["gemv_bf16"]
     if got["problem"] is None:  # the kernels built (a compiler is there): all but the bf16 attention
         assert got["kernels"] == {k: k != "bf16_attention" for k in got["kernels"]}
 

@@ -18,7 +18,7 @@ PyTorch's bf16 GEMV over a 256M decode step's layers on an AVX2-only Zen 1 EPYC 
 round), else PyTorch's. The weights stay bf16 (no second copy); the state dict is unchanged.
 
 ``GemvLinear`` (the same GEMV, bf16 or float32, on text linears left unpacked where it beats the layers'
-other GEMV: AVX-512 CPUs without AMX, ``text_gemv_pays``) lives here too.
+other GEMV: CPUs without AMX, bf16 only with AVX-512, ``text_gemv_pays``) lives here too.
 """
 
 from __future__ import annotations
@@ -140,15 +140,18 @@ def text_gemv_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bo
       (46.7 against 36.3 GB/s); decode 73-81 -> 80-107 tokens/s eager, 87-90 -> 95-101 compiled.
       Prompts pay: without packing there are no fused q/k/v, gate/up or residual post-ops, and a
       900-token 256M prefill took 0.39-0.48 s against 0.34-0.38.
-    - float32 where packing does not pay (``packed.packing_pays``: AVX-512 CPUs), so those layers were
-      plain ``nn.Linear`` already: only their decode calls change, from PyTorch's (MKL's) GEMV to
-      smolvlm's (the Zen 5: 80 layers of 576x1536 and 1536x576, 4.4 against 14.9 ms, 64 against 19 GB/s;
-      oneDNN's packed float32 GEMV 8.9 ms; eighteenth round)."""
+    - float32 wherever the kernel runs. Where packing does not pay (``packed.packing_pays``: AVX-512
+      CPUs) those layers were plain ``nn.Linear`` already: only their decode calls change, from
+      PyTorch's (MKL's) GEMV to smolvlm's (the Zen 5: 80 layers of 576x1536 and 1536x576, 4.4 against
+      14.9 ms, 64 against 19 GB/s; oneDNN's packed float32 GEMV 8.9 ms; eighteenth round). Where it
+      pays (AVX2 only) they would be packed: the GEMV beats that too, for 1 to ``F32_GEMV_ROWS`` rows
+      (the same 80 layers as an AVX2-only CPU, ``cpu.avx2_only_env``: 1 row 6.9 against 10.0 ms, 8 rows
+      10.5 against 16.1, 16 rows 18.9 against 21.2; a 256M decode step at 900 tokens 13.8 against
+      18.8 ms, prefill within 10%; twenty-second round). Batches are still packed there
+      (``pack_gemv_linears``)."""
     if torch.device(device).type != "cpu" or not kernels.ready("float_gemv"):
         return False
-    if dtype == torch.float32:
-        return not packing_pays(dtype, device)
-    return dtype == torch.bfloat16 and not bf16_is_slow(device)
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not bf16_is_slow(device))
 
 
 def gemv_text_linears(model: nn.Module, force: bool = False) -> list[str]:
