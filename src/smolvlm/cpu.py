@@ -47,6 +47,25 @@ def hardware_flags() -> frozenset[str] | None:
                            if line.startswith("flags")), []))
 
 
+@functools.lru_cache(maxsize=None)
+def vendor() -> str | None:
+    """The CPU's vendor from ``/proc/cpuinfo`` ("GenuineIntel", "AuthenticAMD", ...; None where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), None)
+
+
+def mkl_runs_avx512() -> bool:
+    """Whether MKL, which PyTorch's float32 ``F.linear`` calls, runs AVX-512 code here: only on Intel CPUs
+    (MKL picks its code by vendor) with AVX-512 that PyTorch may use. Elsewhere it runs AVX2 code, and
+    oneDNN's float32 GEMM is the faster one: on an AMD EPYC Zen 5, 2 threads, 1024 x 768 by 768 x 3072
+    215 GFLOP/s through MKL (two 8-lane FMAs a cycle: AVX2's peak) against 494 through oneDNN
+    (``bench/ANALYSIS.md``, twenty-second round)."""
+    return vendor() == "GenuineIntel" and has("avx512f")
+
+
 def capability() -> str:
     """PyTorch's CPU ISA level: "AVX512", "AVX2", "DEFAULT" (or another architecture's name)."""
     return torch.backends.cpu.get_cpu_capability()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from smolvlm import cpu
 
@@ -33,6 +34,30 @@ def test_flags_above_pytorchs_level_are_dropped(hardware, monkeypatch, level, dr
     assert cpu.capped() == bool(dropped)
     assert cpu.has("sse4_2") and cpu.has("avx") and not cpu.has("no_such_flag")
     assert cpu.has("amx_tile") == (level == "AVX512")
+
+
+@pytest.mark.parametrize("vendor, level, avx512", [
+    ("GenuineIntel", "AVX512", True), ("GenuineIntel", "AVX2", False),  # the cap (MKL_ENABLE_INSTRUCTIONS too)
+    ("AuthenticAMD", "AVX512", False), (None, "AVX512", False)])
+def test_mkl_runs_avx512_only_on_intel_cpus_that_may_use_it(hardware, monkeypatch, vendor, level, avx512):
+    """MKL (float32 ``F.linear``) picks its code by vendor: AVX-512 on Intel CPUs only, so packing float32 (oneDNN's
+    GEMM) pays everywhere else (``packed.packing_pays``)."""
+    from smolvlm.model import packed
+
+    monkeypatch.setattr(cpu, "capability", lambda: level)
+    monkeypatch.setattr(cpu, "vendor", lambda: vendor)
+    assert cpu.mkl_runs_avx512() == avx512
+    assert packed.packing_pays(torch.float32) == (packed.packing_available(torch.float32) and not avx512)
+
+
+def test_vendor_reads_proc_cpuinfo():
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        assert cpu.vendor() is None
+        return
+    want = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), None)
+    assert cpu.vendor() == want
 
 
 def test_doctor_names_the_level_the_deciding_flags_and_a_cap(hardware, monkeypatch):

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
 from smolvlm import SmolVLM
 from smolvlm.generation.generate import generate_ids
 from smolvlm.model.packed import (FUSED_GROUPS, DenseFused, PackedFused, PackedLinear, PackedPart, pack_linears,
-                                  pack_targets, packing_available, unpack_linears)
+                                  pack_targets, packing_available, packing_pays, unpack_linears)
 from smolvlm.weights.safetensors_io import load_safetensors
 from tests.helpers import logits, tiny_config, watched_layer_reads
 
@@ -70,11 +71,13 @@ def test_packed_model_matches_plain(tmp_path, dtype, tie):
     attn = packed.model.text_model.layers[0].self_attn
     assert isinstance(attn.qkv_proj, PackedFused) and attn.q_proj.fused is attn.qkv_proj
     assert isinstance(packed.model.text_model.layers[0].mlp.gate_up_proj, PackedFused)
-    # the text decoder + head, and the vision tower only in bf16 (its fused GELU/residual post-ops);
-    # the connector keeps nn.Linear
+    # the text decoder + head, and the vision tower in bf16 (its fused GELU/residual post-ops) and in
+    # float32 where packing float32 pays (MKL runs AVX2 code: oneDNN's GEMM is faster); the connector
+    # keeps nn.Linear
     vision_packed = [isinstance(m, (PackedLinear, PackedPart)) for m in packed.model.vision_model.modules()
                      if isinstance(m, (nn.Linear, PackedLinear, PackedPart)) and not isinstance(m, PackedFused)]
-    assert vision_packed and all(p == (dtype == torch.bfloat16) for p in vision_packed)
+    want = dtype == torch.bfloat16 or packing_pays(torch.float32)
+    assert vision_packed and all(p == want for p in vision_packed)
     assert type(packed.model.connector.modality_projection.proj) is nn.Linear
     assert isinstance(packed.model.text_model.embed_tokens.weight, nn.Parameter)  # lookups still use the table
     assert_close(logits(packed), logits(plain), **TOL[dtype])
@@ -244,16 +247,16 @@ def test_packed_linear_handles_odd_inputs():
 
 
 def test_pack_auto_follows_the_measured_policy(tmp_path: Path) -> None:
-    """``pack="auto"`` (the CLI and server): bf16 packs wherever oneDNN can; fp32 only on CPUs without
-    AVX-512 (there packed fp32 GEMVs measured slower than ``F.linear``). Either way the outputs match
-    the plain model at the dtype's tolerance."""
-    from smolvlm.model.packed import packing_pays
+    """``pack="auto"`` (the CLI and server): bf16 packs wherever oneDNN can; fp32 where MKL runs AVX2
+    code (not on Intel CPUs with AVX-512, where packed fp32 GEMVs and GEMMs measured slower than
+    ``F.linear``). Either way the outputs match the plain model at the dtype's tolerance."""
+    from smolvlm import cpu
     from smolvlm.model.upcast import GemvLinear, text_gemv_pays
 
     d = save_tiny(tmp_path)
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    intel_avx512 = cpu.vendor() == "GenuineIntel" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     assert packing_pays(torch.bfloat16) == packing_available(torch.bfloat16)
-    assert packing_pays(torch.float32) == (packing_available(torch.float32) and not avx512)
+    assert packing_pays(torch.float32) == (packing_available(torch.float32) and not intel_avx512)
     assert not packing_pays(torch.float16)
     for dtype in (torch.float32, torch.bfloat16):
         auto = SmolVLM.from_pretrained(d, dtype=dtype, pack="auto")
@@ -261,8 +264,8 @@ def test_pack_auto_follows_the_measured_policy(tmp_path: Path) -> None:
         gemv = text_gemv_pays(dtype)
         assert isinstance(auto.lm_head, PackedLinear) == (packing_pays(dtype) and not gemv), dtype
         assert isinstance(auto.lm_head, GemvLinear) == gemv, dtype
-        if dtype == torch.bfloat16 and packing_pays(dtype):  # the vision tower is packed either way
-            assert isinstance(auto.model.vision_model.encoder.layers[0].mlp.fc1, PackedLinear)
+        # the vision tower is packed wherever its dtype's packing pays
+        assert isinstance(auto.model.vision_model.encoder.layers[0].mlp.fc1, PackedLinear) == packing_pays(dtype)
         assert_close(logits(auto), logits(SmolVLM.from_pretrained(d, dtype=dtype)), **TOL[dtype])
     late = SmolVLM.from_pretrained(d).pack_for_inference(auto=True)
     assert isinstance(late.lm_head, PackedLinear) == (packing_pays(torch.float32) and not text_gemv_pays(torch.float32))
@@ -340,3 +343,33 @@ def test_unpacking_the_text_side_keeps_outputs_fusion_and_checkpoint(tmp_path, t
     model.load_state_dict({k: torch.zeros_like(v) if k.endswith("k_proj.weight") else v for k, v in want.items()})
     k_rows = attn.qkv_proj.weight[attn.qkv_proj.rows_of(1)]
     assert not k_rows.any() and attn.qkv_proj.weight[attn.qkv_proj.rows_of(0)].any()
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_wide_linear_is_f_linear_through_onednn_where_packing_float32_pays(monkeypatch, onednn):
+    """``wide_linear``: float32 calls run oneDNN on the plain weight where packing float32 pays (the same
+    products as ``F.linear``, another summation order: fp32 tolerance), else ``F.linear`` itself; other
+    dtypes, calls that need a gradient and compiled traces always ``F.linear``."""
+    from smolvlm.model import packed
+
+    monkeypatch.setattr(packed, "_f32_onednn_pays", lambda: onednn)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    x = torch.randn(2, 37, 96, generator=g)[..., :64]  # batched rows, not contiguous
+    for bias in (b, None):
+        with torch.no_grad():
+            got = packed.wide_linear(x, w, bias)
+        assert got.shape == (2, 37, 48)
+        assert_close(got, F.linear(x, w, bias), **TOL[torch.float32])
+    assert len(calls) == (2 if onednn else 0)
+    calls.clear()
+    wb = w.bfloat16()  # bf16: F.linear (which runs oneDNN for bf16 itself)
+    with torch.no_grad():
+        assert torch.equal(packed.wide_linear(x.bfloat16(), wb), F.linear(x.bfloat16(), wb))
+    leaf = w.clone().requires_grad_()
+    out = packed.wide_linear(x, leaf, b)  # training: F.linear, which has a gradient
+    out.sum().backward()
+    assert leaf.grad is not None and calls == []

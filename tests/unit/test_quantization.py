@@ -301,6 +301,32 @@ def test_quantize_vision_is_int8_at_load_and_as_saved(tmp_path, mode):
         SmolVLM.from_pretrained(text_only, quantize_vision=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_inference_load_packs_the_float_vision_tower_as_a_float_load_does(tmp_path, dtype):
+    """``pack="auto"`` with a quantized text model (the CLI's ``--quantize``, at load or as saved): the float
+    vision tower is packed where packing its dtype pays, as a float model's is (oneDNN's GEMM and fused
+    GELU/residual post-ops), with the same image features at the dtype's tolerance; a quantized tower
+    (``quantize_vision``) is left as it is; the state dict is the unpacked load's."""
+    from smolvlm.model.packed import PackedLinear, packing_pays
+
+    torch.manual_seed(0)
+    d = SmolVLM.from_config(tiny_config()).save_pretrained(tmp_path / "f")
+    saved = SmolVLM.from_pretrained(d, quantize="int8").save_pretrained(tmp_path / "q")
+    plain = SmolVLM.from_pretrained(d, dtype=dtype, quantize="int8")
+    pv = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for m in (SmolVLM.from_pretrained(d, dtype=dtype, quantize="int8", pack="auto"),
+              SmolVLM.from_pretrained(saved, dtype=dtype, pack="auto")):
+        fc1 = m.model.vision_model.encoder.layers[0].mlp.fc1
+        assert isinstance(fc1, PackedLinear) == packing_pays(dtype)
+        assert isinstance(m.model.text_model.layers[0].mlp.up_proj, Int8Linear)
+        assert m.state_dict().keys() == plain.state_dict().keys()
+        with torch.no_grad():
+            assert_close(m.get_image_features(pv).float(), plain.get_image_features(pv).float(), **tol)
+    both = SmolVLM.from_pretrained(d, dtype=dtype, quantize="int8", quantize_vision=True, pack="auto")
+    assert isinstance(both.model.vision_model.encoder.layers[0].mlp.fc1, Int8Linear)
+
+
 def test_quantized_load_leaves_the_token_embedding_on_the_file_mapping(tmp_path, monkeypatch):
     """Quantizing at load reads every other tensor into private memory, but the token embedding
     stays on the file's copy-on-write mapping (a lookup touches only the rows it reads: SmolVLM-2.2B

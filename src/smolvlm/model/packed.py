@@ -13,7 +13,9 @@ oneDNN post-ops: ``linear_gelu_tanh`` (fc1 + GELU) and ``linear_add`` (out_proj 
 residual) run as one kernel each, so the vision tower is packed too in bf16, where the separate
 bf16 GELU and add passes cost a quarter of a tile's time (256M, Xeon AMX, 2 threads: 0.256 ->
 0.19 s per 512 px tile). In fp32 the packed GEMMs are slower there (0.82 -> 0.89 s per tile), so
-fp32 vision stays plain. The post-ops compute GELU and the add on the fp32 accumulator before
+fp32 vision stays plain on Intel CPUs with AVX-512; elsewhere ``F.linear``'s float32 GEMM is MKL's
+AVX2 code and the packed one oneDNN's, so fp32 vision is packed too (AMD EPYC Zen 5: 1.13 -> 0.60 s
+per tile; ``packing_pays``). The post-ops compute GELU and the add on the fp32 accumulator before
 the one rounding to bf16: at least as accurate as the separate passes, not bit-identical.
 
 Contract: a ``PackedLinear`` behaves as the ``nn.Linear`` it replaced for inference, and its state
@@ -32,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smolvlm import cpu
+
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -48,13 +52,36 @@ def packing_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool
     """Whether packing is available *and faster* here (``pack="auto"``, what the CLI and server use).
 
     bf16: yes wherever oneDNN packs it (Xeon with AVX-512 BF16/AMX, 256M decode step 33 -> 26.5 ms
-    at batch 1, 37 -> 31 ms at batch 8). fp32: only on CPUs without AVX-512. On that Xeon the packed
-    fp32 GEMV is slower than ``F.linear`` (decode step 30 -> 43 ms at batch 1, 53 -> 59 ms at batch 8),
-    while on the AVX2-only AMD EPYC it was faster (fp32 decode 1.37x -> 1.48x transformers,
-    bench/ANALYSIS.md). Measured with ``bench/decode_speed.py``-style steps, 2 threads."""
+    at batch 1, 37 -> 31 ms at batch 8). fp32: where MKL, which ``F.linear`` calls, runs AVX2 code
+    (``cpu.mkl_runs_avx512``: not on Intel CPUs with AVX-512). On an Intel Xeon with AVX-512 the packed
+    fp32 GEMV is slower than ``F.linear`` (decode step 30 -> 43 ms at batch 1, 53 -> 59 ms at batch 8)
+    and so were vision-sized GEMMs (0.82 -> 0.89 s per tile), while on the AVX2-only AMD EPYC it was
+    faster (fp32 decode 1.37x -> 1.48x transformers), and on an AMD EPYC Zen 5 (AVX-512, where MKL
+    runs AVX2 code) a fp32 vision tile took 1.13 s plain against 0.60 packed (``bench/ANALYSIS.md``,
+    twenty-second round). Measured with ``bench/decode_speed.py``-style steps, 2 threads."""
     if not packing_available(dtype, device):
         return False
-    return dtype == torch.bfloat16 or not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return dtype == torch.bfloat16 or not cpu.mkl_runs_avx512()
+
+
+def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a call of many rows (a prompt, a batch) on a plain weight: float32 ones through
+    oneDNN where its GEMM outruns MKL's (``packing_pays``), with the weight as it is (oneDNN reorders it
+    per call, which the rows amortize: 900 rows over a 256M decoder's 80 576x1536 and 1536x576 weights,
+    AMD EPYC Zen 5, 278 ms against MKL's 604 and 281 packed; as an AVX2-only CPU 6.5 against 7.4 ms for
+    one 900 x 576 by 576 x 1536). The same products as ``F.linear``, summed in another order. Inference
+    only (oneDNN's op has no gradient), and not inside a ``torch.compile`` trace."""
+    if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and _f32_onednn_pays()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and not torch.compiler.is_compiling()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _f32_onednn_pays() -> bool:
+    return packing_pays(torch.float32, "cpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -487,7 +514,7 @@ VISION_ROWS = 1024  # patch rows per 512 px tile: the vision tower's packed layo
 def pack_targets(model: nn.Module, text: bool = True) -> list[str]:
     """Names of the plain ``nn.Linear`` modules packing replaces: the text decoder's and lm_head
     (unless ``text`` is false: ``upcast.GemvLinear`` runs them instead), and the vision tower's when
-    it is bf16 (see the module docstring).
+    it is bf16, or float32 where packing float32 pays (see the module docstring).
 
     Not the layers inside another linear-like module (a LoRA layer's ``lora_A``/``lora_B``):
     those belong to a layer that is not packed and may be training."""
@@ -496,7 +523,11 @@ def pack_targets(model: nn.Module, text: bool = True) -> list[str]:
     return [name for name, m in modules.items()
             if type(m) is nn.Linear and not inside_linear(name)
             and ((text and (name.startswith("model.text_model.") or name == "lm_head"))
-                 or (name.startswith("model.vision_model.") and m.weight.dtype == torch.bfloat16))]
+                 or (name.startswith("model.vision_model.") and _vision_packs(m.weight.dtype)))]
+
+
+def _vision_packs(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and _f32_onednn_pays())
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolvlm import kernels
-from smolvlm.model.packed import packing_available, packing_pays
+from smolvlm.model.packed import packing_available, packing_pays, wide_linear
 
 MIN_ROWS = 8
 # float32 calls of up to this many rows run ``GemvLinear``'s GEMV, wider ones MKL's GEMM: 80 layers of
@@ -75,7 +75,7 @@ class UpcastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _wide_bf16(x, self.in_features):
-            return F.linear(x.float(), self.weight.float(), _f32(self.bias)).to(x.dtype)
+            return wide_linear(x.float(), self.weight.float(), _f32(self.bias)).to(x.dtype)
         if self._gemv(x):
             return self._run_gemv(x)
         return super().forward(x)
@@ -118,9 +118,9 @@ class GemvLinear(UpcastLinear):
     """A bf16 or float32 text linear left unpacked where smolvlm's GEMV streams it faster than the
     GEMV it would otherwise run (``text_gemv_pays``): narrow calls (decode, bf16 below ``MIN_ROWS`` rows,
     float32 up to ``F32_GEMV_ROWS``) run the kernel on the plain
-    weight, alone or q/k/v and gate/up together (``forward_together``); wider calls (prompts)
-    ``F.linear`` in the layer's dtype, which this CPU's oneDNN computes natively. Same parameters and
-    state dict as ``nn.Linear``."""
+    weight, alone or q/k/v and gate/up together (``forward_together``); wider calls (prompts, batches)
+    ``packed.wide_linear`` in the layer's dtype: oneDNN for bf16 (``F.linear``), and for float32 where
+    MKL runs AVX2 code. Same parameters and state dict as ``nn.Linear``."""
 
     KERNELS = "float_gemv"
     GEMV_DTYPES = (torch.bfloat16, torch.float32)
@@ -128,7 +128,7 @@ class GemvLinear(UpcastLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gemv(x):
             return self._run_gemv(x)
-        return F.linear(x, self.weight, self.bias)
+        return wide_linear(x, self.weight, self.bias)
 
 
 def text_gemv_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
@@ -172,19 +172,20 @@ def gemv_text_linears(model: nn.Module, force: bool = False) -> list[str]:
 
 
 def pack_gemv_linears(model: nn.Module) -> list[str]:
-    """Pack the ``GemvLinear`` layers now (``packed.pack_linears``, q/k/v and gate/up fused), for
+    """Pack the bf16 ``GemvLinear`` layers now (``packed.pack_linears``, q/k/v and gate/up fused), for
     batched decoding, where packing pays (bf16: from 2 rows up oneDNN's packed GEMM beats the GEMV,
     SmolVLM-256M on the Zen 5 EPYC: a step of 16 rows 8-14 ms packed against 36-38 as ``GemvLinear``s;
-    float32 layers, where packing does not pay, stay ``GemvLinear``). What the server's engine
+    float32 layers stay ``GemvLinear``). What the server's engine
     and batched evaluation load (``weights.load.pack_for_batches``). Returns the packed names; the plain weights'
     file pages, read while packing, are the caller's to unmap (``memory.drop_file_pages``)."""
     from smolvlm.model.packed import pack_linears
 
     gemv = [m for m in model.modules() if isinstance(m, GemvLinear)]
-    if not gemv or not packing_pays(gemv[0].weight.dtype, gemv[0].weight.device):
-        # float32 where packing does not pay: the GEMV stays, 1.5-4x MKL's at 1-16 rows (the Zen 5, 80
-        # layers of 576x1536 and 1536x576; eighteenth and nineteenth rounds, ``F32_GEMV_ROWS``); wider
-        # calls run F.linear as plain layers do
+    if not gemv or gemv[0].weight.dtype == torch.float32 or not packing_pays(gemv[0].weight.dtype, gemv[0].weight.device):
+        # float32: the GEMV stays, 1.5-4x MKL's at 1-16 rows (the Zen 5, 80 layers of 576x1536 and
+        # 1536x576; eighteenth and nineteenth rounds, ``F32_GEMV_ROWS``) and ahead of oneDNN's packed
+        # GEMV too up to 8 rows there, up to 16 as an AVX2-only CPU (twenty-second round); wider calls run
+        # ``packed.wide_linear``: oneDNN on the plain weight where packing float32 pays, as fast as packed
         return []
     for m in gemv:  # plain layers again, which packing replaces
         m.__class__ = nn.Linear

@@ -216,6 +216,8 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
     elif saved:
         for m in quantization.quantized_modules(model).values():
             quantization.prepare_kernel(m, dtype)
+    if inference and (quantizing or saved):  # the float vision tower of a quantized model, as a float model's
+        pack_linears(model, auto=auto, text=False)
     if quantizing or pack or saved:
         release_freed_memory()  # the last layer's float weights and the conversions' temporaries
     still_meta = sorted(set(missing) - optional - later) + [n for n, p in model.named_parameters() if p.is_meta]
