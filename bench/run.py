@@ -459,8 +459,9 @@ def main() -> None:
         raise SystemExit(f"{raw} missing: no run has measured rows for {md.name} on this machine yet "
                          "(run without --report-only first)")
     data = json.loads(raw.read_text())
-    if args.analysis_file:
+    if args.analysis_file:  # kept with the raw rows, so a later --append or --report-only keeps section 5
         data["analysis"] = Path(args.analysis_file).read_text()
+        save_raw(args, analysis=data["analysis"])
     write_report(args, data)
     print(f"wrote {md} and {png}")
 

@@ -1,4 +1,4 @@
-"""bench/run.py's own guard: ``--append`` onto a report whose raw rows are not on this machine."""
+"""bench/run.py's own guards: ``--append`` onto a report whose raw rows are not on this machine; section 5 kept."""
 
 from __future__ import annotations
 
@@ -37,5 +37,24 @@ def test_append_of_a_native_run_onto_an_avx2_only_report_is_refused(tmp_path):
                             "--quick"], capture_output=True, text=True, timeout=120, cwd=REPO)
         assert r.returncode == 2 and "measured as an AVX2-only CPU" in r.stderr and "Traceback" not in r.stderr
         assert report.read_text() == "# capped\n" and "run as" in raw.read_text()
+    finally:
+        raw.unlink()
+
+
+def test_section_5_is_kept_with_the_raw_rows(tmp_path):
+    """``--analysis-file`` is stored with the raw rows, so a later run (``--append``, ``--report-only``) that
+    does not pass it again keeps section 5 instead of dropping it."""
+    name = "RESULTS-analysis-kept-test"
+    raw = REPO / "bench" / ".cache" / f"run_results{name[len('RESULTS'):]}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    report, analysis = tmp_path / f"{name}.md", tmp_path / "analysis.md"
+    analysis.write_text("Targets met: all of them, said once.\n")
+    raw.write_text('{"commands": ["run.py"], "machine": {"CPU": "test"}, "rows": [], "text": []}')
+    run = [sys.executable, str(REPO / "bench" / "run.py"), "--out", str(report), "--report-only"]
+    try:
+        for extra in (["--analysis-file", str(analysis)], []):
+            r = subprocess.run(run + extra, capture_output=True, text=True, timeout=120, cwd=REPO)
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert "Targets met: all of them, said once." in report.read_text().split("## 5. Targets and analysis")[1]
     finally:
         raw.unlink()
