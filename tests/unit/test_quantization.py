@@ -327,6 +327,33 @@ def test_quantized_inference_load_packs_the_float_vision_tower_as_a_float_load_d
     assert isinstance(both.model.vision_model.encoder.layers[0].mlp.fc1, Int8Linear)
 
 
+def test_packing_a_saved_quantized_models_vision_tower_unmaps_the_file_pages_it_read(tmp_path, monkeypatch):
+    """A saved quantized model loads its float vision tower as views of the file's mapping; packing reads
+    them all, so their file pages are unmapped after (the packed copy replaces them; RSS would otherwise
+    hold the tower twice). Quantizing at load reads them into private memory: nothing to unmap. (The tiny
+    weights are below ``ALIAS_MIN_BYTES``: lowered here.)"""
+    from smolvlm.model.packed import packing_pays
+    from smolvlm.weights import load as load_mod
+
+    if not packing_pays(torch.float32):
+        pytest.skip("packing float32 does not pay on this CPU (an Intel CPU with AVX-512: MKL is faster), so "
+                    "the vision tower stays on the file mapping unpacked; the CPUs that pack it run this test")
+    torch.manual_seed(0)
+    d = SmolVLM.from_config(tiny_config()).save_pretrained(tmp_path / "f")
+    saved = SmolVLM.from_pretrained(d, quantize="int8").save_pretrained(tmp_path / "q")
+    from smolvlm.weights import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "ALIAS_MIN_BYTES", 0)  # the tiny weights alias as full-size ones do
+    dropped = []
+    monkeypatch.setattr(load_mod, "drop_file_pages", lambda t: dropped.append(tuple(t.shape)) or 0)
+    SmolVLM.from_pretrained(saved, pack="auto")
+    fc1 = tuple(SmolVLM.from_pretrained(saved).model.vision_model.encoder.layers[0].mlp.fc1.weight.shape)
+    assert fc1 in dropped and len(dropped) == 2 * 6  # 2 layers x q/k/v/out/fc1/fc2
+    dropped.clear()
+    SmolVLM.from_pretrained(d, quantize="int8", pack="auto")
+    assert dropped == []
+
+
 def test_quantized_load_leaves_the_token_embedding_on_the_file_mapping(tmp_path, monkeypatch):
     """Quantizing at load reads every other tensor into private memory, but the token embedding
     stays on the file's copy-on-write mapping (a lookup touches only the rows it reads: SmolVLM-2.2B

@@ -33,9 +33,11 @@ from smolvlm import kernels
 from smolvlm.model.packed import packing_available, packing_pays, wide_linear
 
 MIN_ROWS = 8
-# float32 calls of up to this many rows run ``GemvLinear``'s GEMV, wider ones MKL's GEMM: 80 layers of
-# 576x1536 and 1536x576, 2 threads, AMD EPYC Zen 5, ms (nineteenth round): 8 rows 9.9 against 21.8,
-# 16 rows 18.3 against 26.8, 24 rows 33.4 against 31.5
+# float32 calls of up to this many rows run ``GemvLinear``'s GEMV, wider ones ``packed.wide_linear``: 80 layers
+# of 576x1536 and 1536x576, 2 threads, AMD EPYC Zen 5, ms, against MKL's GEMM (nineteenth round): 8 rows 9.9
+# against 21.8, 16 rows 18.3 against 26.8, 24 rows 33.4 against 31.5; against oneDNN's (twenty-second round,
+# what wide_linear runs there): 8 rows 10.3 against 12.1, 16 rows 19.0 against 14.2, 24 rows 32.4 against
+# 16.4, and as an AVX2-only CPU 16 rows 18.9 against 21.2 packed. 16 is kept for both
 F32_GEMV_ROWS = 16
 
 
@@ -147,8 +149,7 @@ def text_gemv_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bo
       pays (AVX2 only) they would be packed: the GEMV beats that too, for 1 to ``F32_GEMV_ROWS`` rows
       (the same 80 layers as an AVX2-only CPU, ``cpu.avx2_only_env``: 1 row 6.9 against 10.0 ms, 8 rows
       10.5 against 16.1, 16 rows 18.9 against 21.2; a 256M decode step at 900 tokens 13.8 against
-      18.8 ms, prefill within 10%; twenty-second round). Batches are still packed there
-      (``pack_gemv_linears``)."""
+      18.8 ms, prefill within 10%; twenty-second round). Batches keep them too (``pack_gemv_linears``)."""
     if torch.device(device).type != "cpu" or not kernels.ready("float_gemv"):
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and not bf16_is_slow(device))

@@ -217,7 +217,7 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
         for m in quantization.quantized_modules(model).values():
             quantization.prepare_kernel(m, dtype)
     if inference and (quantizing or saved):  # the float vision tower of a quantized model, as a float model's
-        pack_linears(model, auto=auto, text=False)
+        _pack_float_vision(model, auto)
     if quantizing or pack or saved:
         release_freed_memory()  # the last layer's float weights and the conversions' temporaries
     still_meta = sorted(set(missing) - optional - later) + [n for n, p in model.named_parameters() if p.is_meta]
@@ -237,6 +237,19 @@ def load_model(path_or_repo_id: str | Path | None = None, *, dtype: torch.dtype 
         register_lookup_table(table)
     model.generation_config = read_generation_config(directory)
     return model.eval()
+
+
+def _pack_float_vision(model: SmolVLM, auto: bool) -> list[str]:
+    """Pack a quantized model's float vision tower as a float model's is packed (``packed.pack_targets``),
+    then unmap the file pages of the weights that were views of the checkpoint's mapping (a saved quantized
+    model's, in the file's dtype), which packing read: the packed copy replaces them."""
+    mapped = [w for w in (model.get_submodule(n).weight for n in pack_targets(model, text=False))
+              if w.untyped_storage().nbytes() > w.numel() * w.element_size()]  # views of the file's mapping
+    names = pack_linears(model, auto=auto, text=False)
+    if names:
+        for weight in mapped:
+            drop_file_pages(weight)
+    return names
 
 
 def pack_for_batches(model: SmolVLM) -> list[str]:
