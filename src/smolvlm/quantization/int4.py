@@ -24,10 +24,10 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smolvlm import kernels
+from smolvlm.model.packed import wide_linear
 from smolvlm.model.upcast import compute_dtype
 from smolvlm.quantization.int8 import row_chunks  # same chunking
 
@@ -311,7 +311,7 @@ class Int4Linear(nn.Module):
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             cd = compute_dtype(x, self.in_features)  # float32 for a bf16 prefill on AVX2-only CPUs
-            y = F.linear(x.to(cd), self.dequantized_weight(cd)).to(x.dtype)
+            y = wide_linear(x.to(cd), self.dequantized_weight(cd)).to(x.dtype)  # float32: oneDNN where MKL is slow
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

@@ -11,10 +11,10 @@ smolvlm's kernel) dequantizes and calls ``linear``: exact with respect to the qu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smolvlm import kernels
+from smolvlm.model.packed import wide_linear
 from smolvlm.model.upcast import compute_dtype
 
 _FAST = (torch.bfloat16, torch.float16)
@@ -157,7 +157,7 @@ class Int8Linear(nn.Module):
             # where smolvlm's kernel is off.)
             # bf16 prefill on a CPU without fast bf16 GEMMs (AVX2-only) runs in float32 (model/upcast.py).
             cd = compute_dtype(x, self.in_features)
-            y = (F.linear(x.to(cd), self.weight_int8.to(cd)) * self._scales_for(cd)).to(x.dtype)
+            y = (wide_linear(x.to(cd), self.weight_int8.to(cd)) * self._scales_for(cd)).to(x.dtype)  # (packed.wide_linear)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
