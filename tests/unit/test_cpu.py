@@ -120,7 +120,7 @@ print(json.dumps(dict(level=cpu.capability(), capped=cpu.capped(), avx512=cpu.ha
 
 def test_avx2_only_runs_every_choice_as_an_avx2_only_cpu():
     """Under ``cpu.avx2_only_env()`` a process on any AVX2 CPU takes the AVX2-only CPU's paths, as measured on one
-    (bench/ANALYSIS.md): all smolvlm kernels but the bf16 attention, no oneDNN bf16 packing, packed float32,
+    (bench/ANALYSIS.md): all smolvlm kernels but the AVX-512 attentions, no oneDNN bf16 packing, packed float32,
     a bf16 KV cache for bf16 models where the decode attention kernel runs (else fp32), no bf16 autocast."""
     hw = cpu.hardware_flags() or frozenset()
     if not {"avx2", "fma"} <= hw:
@@ -136,8 +136,8 @@ def test_avx2_only_runs_every_choice_as_an_avx2_only_cpu():
     assert got["pack_f32"]  # float32 is packed where there is no AVX-512 (the vision tower; batched text)
     # single-stream text linears: float32 through smolvlm's GEMV where it runs, bf16 upcast (no GemvLinear)
     assert got["gemv_f32"] == got["kernels"]["float_gemv"] and not got["gemv_bf16"]
-    if got["problem"] is None:  # the kernels built (a compiler is there): all but the bf16 attention
-        assert got["kernels"] == {k: k != "bf16_attention" for k in got["kernels"]}
+    if got["problem"] is None:  # the kernels built (a compiler is there): all but the AVX-512 attentions
+        assert got["kernels"] == {k: k not in ("bf16_attention", "f32_attention") for k in got["kernels"]}
 
 
 # What runs differently on an AVX2-only CPU: the kernels' dispatch, packing, upcasting, the KV cache dtype, quantized
@@ -149,7 +149,7 @@ AVX2_PATH_TESTS = ["tests/parity", *(f"tests/unit/test_{name}.py" for name in (
 
 def test_the_avx2_only_path_passes_the_numerics_tests():
     """Every CPU this suite runs on also checks the AVX2-only CPU's paths: the tests above, in a process run as
-    one (``cpu.avx2_only_env``). Their own skips there (bf16 packing, the bf16 attention kernel: what such a CPU
+    one (``cpu.avx2_only_env``). Their own skips there (bf16 packing, the AVX-512 attention kernels: what such a CPU
     lacks) are listed in the failure output only; natively they run here."""
     hw = cpu.hardware_flags() or frozenset()
     if not {"avx2", "fma"} <= hw:

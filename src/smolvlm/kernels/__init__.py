@@ -11,6 +11,8 @@
   ``torch.ops.smolvlm.decode_attention``.
 - ``bf16_attention.cpp``: bf16 attention of a whole sequence, with a key mask, a mask per query or
   causal (the vision encoder's, a prompt's), AVX-512 BF16 only, ``torch.ops.smolvlm.bf16_attention``.
+- ``f32_attention.cpp``: the same in float32, AVX-512 only, where MKL (inside PyTorch's flash attention)
+  runs AVX2 code (non-Intel CPUs: ``cpu.mkl_runs_avx512``), ``torch.ops.smolvlm.f32_attention``.
 - ``rms_norm.cpp``: Llama's RMSNorm in one call (eager steps; ``layers.RMSNorm``),
   ``torch.ops.smolvlm.rms_norm``.
 - ``decode_layers.cpp``: an eager decode step (one sequence, or continuous batching's rows at their own
@@ -18,8 +20,8 @@
   (``model/fused_decode.py``), ``torch.ops.smolvlm.decode_layers``.
 
 All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``attention.h``: what the attentions
-share; ``ops.h``: the entry points ``decode_layers`` composes; ``bf16_attention`` compiles its
-functions for AVX-512 BF16 and runs only where the CPU has it), registered with a shape-only ("fake")
+share; ``ops.h``: the entry points ``decode_layers`` composes; ``bf16_attention`` and ``f32_attention``
+compile their functions for AVX-512 (BF16) and run only where the CPU has it), registered with a shape-only ("fake")
 version, so ``torch.compile`` keeps them inside a compiled graph. Why each exists: its header.
 
 Which run where is decided on ``smolvlm.cpu``'s flags: the CPU's, less those above PyTorch's ISA level, so a
@@ -27,7 +29,7 @@ process run with ``ATEN_CPU_CAPABILITY=avx2`` chooses as an AVX2-only CPU does (
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AMX they are not used either, on AVX-512 CPUs only the two attentions, the bf16/float32 GEMV,
+CPUs with AMX they are not used either, on AVX-512 CPUs only the attentions, the bf16/float32 GEMV,
 the RMSNorm, the int8 GEMV for one or two bf16 rows (any float32 decode call) and the fused decode
 step, unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
 build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
@@ -49,8 +51,8 @@ from smolvlm import cpu
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "float_gemv.cpp",
-                                                       "decode_attention.cpp", "bf16_attention.cpp", "rms_norm.cpp",
-                                                       "decode_layers.cpp")]
+                                                       "decode_attention.cpp", "bf16_attention.cpp", "f32_attention.cpp",
+                                                       "rms_norm.cpp", "decode_layers.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
@@ -118,11 +120,13 @@ def _compile() -> str | None:
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return q.new_empty(q.shape)
 
-    @torch.library.register_fake("smolvlm::bf16_attention")
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-          is_causal: bool) -> torch.Tensor:
+    def seq_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      is_causal: bool) -> torch.Tensor:
         b, h, t, d = q.shape
         return q.new_empty(b, t, h * d)
+
+    for kind in ("bf16", "f32"):
+        torch.library.register_fake(f"smolvlm::{kind}_attention")(seq_attention)
 
     @torch.library.register_fake("smolvlm::decode_layers")
     def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *rest) -> torch.Tensor:
@@ -177,15 +181,19 @@ def prepare() -> bool:
                           else _state["use"])
         _state["bf16_attention"] = ("this CPU lacks AVX-512 BF16" if "avx512_bf16" not in flags
                                     else _state["use"])
+        _state["f32_attention"] = ("this CPU lacks AVX-512" if "avx512f" not in flags
+                                   else "MKL runs AVX-512 here: PyTorch's attention is used" if cpu.mkl_runs_avx512()
+                                   else _state["use"])
     return _state["use"] is None
 
 
-KINDS = ("gemv", "decode_attention", "bf16_attention", "float_gemv", "int8_rows", "rms_norm", "decode_layers")
+KINDS = ("gemv", "decode_attention", "bf16_attention", "f32_attention", "float_gemv", "int8_rows", "rms_norm",
+         "decode_layers")
 
 
 def ready(kind: str = "gemv") -> bool:
     """Whether the layers run these kernels of one kind: ``"gemv"`` (``Int8Linear``, ``Int4Linear``,
-    ``UpcastLinear``), ``"decode_attention"`` or ``"bf16_attention"`` (``layers.attention``),
+    ``UpcastLinear``), ``"decode_attention"``, ``"bf16_attention"`` or ``"f32_attention"`` (``layers.attention``),
     ``"float_gemv"`` (``upcast.GemvLinear``: a bf16 or float32 model's unpacked text linears), ``"int8_rows"``
     (``Int8Linear``'s GEMV for ``int8.OWN_ROWS`` bf16/fp16 rows or fewer, and for float32, where
     ``"gemv"`` is not ready), ``"rms_norm"`` (``layers.RMSNorm`` outside autograd and compiled
@@ -203,8 +211,8 @@ def ready(kind: str = "gemv") -> bool:
         return False
     if kind == "gemv":
         return _state.get("gemv") is None
-    if kind == "bf16_attention":
-        return _state.get("bf16_attention", "not decided") is None
+    if kind in ("bf16_attention", "f32_attention"):
+        return _state.get(kind, "not decided") is None
     return True  # the decode attention, the bf16 GEMV, int8's few rows, the RMSNorm, the fused step: wherever any run
 
 

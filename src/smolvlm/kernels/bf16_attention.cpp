@@ -39,21 +39,6 @@ constexpr int R = 8;      // queries per block: their scores (R x T floats) stay
 constexpr int KB = 16;    // keys per vector of scores
 constexpr int DMAX = 256;
 
-// exp of 16 floats (attention.h's polynomial); -inf gives 0, inputs clamped at 88.7
-AVX512BF16 inline __m512 exp16(__m512 x) {
-  using namespace smolvlm_kernels::exp_poly;
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.7228391f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), f);
-  __m512 y = _mm512_set1_ps(P[0]);
-  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(P[i]));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
-  // scalef: y * 2^n without building exponent bits; n = -inf (x = -inf) gives +0, NaN stays NaN
-  return _mm512_scalef_ps(y, n);
-}
-
 // K of one head packed for the scores: per block of 16 keys, per pair of channels (d, d + 1), the 16
 // keys' two values interleaved (32 bf16, one vector). Keys past T are zero (and masked).
 void pack_k(const uint16_t* k, int64_t ks, int64_t T, int64_t D, uint16_t* out) {
@@ -109,26 +94,7 @@ AVX512BF16 void scores(const uint32_t* const* q, int n, const uint16_t* kp, int6
       _mm512_storeu_ps(s + r * Tp + j0 + KB, _mm512_mul_ps(acc[r][1], sc));
     }
   }
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  const __m512 ninf = _mm512_set1_ps(neg_inf);
-  for (int r = 0; r < n; ++r) {
-    float* sr = s + r * Tp;
-    const int64_t Lm = std::min(Lr, T);  // keys past T: -inf below
-    int64_t j = 0;
-    if (mask[r] && ms == 1)  // 16 mask bytes at a time: their zeros become -inf scores
-      for (; j + KB <= Lm; j += KB) {
-        const __mmask16 hide = _mm_cmpeq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask[r] + j)),
-                                                   _mm_setzero_si128());
-        _mm512_mask_storeu_ps(sr + j, hide, ninf);
-      }
-    if (mask[r])
-      for (; j < Lm; ++j)
-        if (!mask[r][j * ms]) sr[j] = neg_inf;
-    for (j = Lm; j < Lr; ++j) sr[j] = neg_inf;
-  }
-  if (causal_t0 >= 0)
-    for (int r = 0; r < n; ++r)
-      for (int64_t j = causal_t0 + r + 1; j < Lr; ++j) s[r * Tp + j] = neg_inf;
+  smolvlm_kernels::hide_keys(s, n, T, Lr, Tp, mask, ms, causal_t0);
 }
 
 // One row of scores -> its exps rounded to bf16 in e (Tp, even), returns their float32 sum (0: nothing
@@ -144,7 +110,7 @@ AVX512BF16 float softmax_row(const float* s, int64_t Tp, uint16_t* e) {
   const __m512 m = _mm512_set1_ps(mx);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < Tp; j += KB) {
-    const __m512 x = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+    const __m512 x = smolvlm_kernels::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
     sum = _mm512_add_ps(sum, x);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(e + j), (__m256i)_mm512_cvtneps_pbh(x));
   }
@@ -231,21 +197,8 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t i = w / nq, b = i / H, h = i % H, t0 = (w % nq) * R, kvh = b * Hkv + h / group;
       const int n = static_cast<int>(std::min<int64_t>(R, T - t0));
       const bool* mrows[R];
-      int64_t last = is_causal ? t0 + n - 1 : L - 1;  // the last key any of the block's queries may see
-      if (mask.query_stride) {  // a mask per query: up to the last key one of them sees
-        last = -1;
-        for (int r = 0; r < n; ++r) {
-          const bool* m = mask.row(b, t0 + r);
-          for (int64_t j = L - 1; j > last; --j)
-            if (m[j * mask.key_stride]) {
-              last = j;
-              break;
-            }
-        }
-      }
-      for (int r = 0; r < R; ++r) mrows[r] = mask.row(b, t0 + std::min(r, n - 1));
       // keys computed: those up to the last visible one, in whole pairs of vectors
-      const int64_t Lr = std::min(Tp, std::max<int64_t>(last + 2 * KB, 2 * KB) / (2 * KB) * (2 * KB));
+      const int64_t Lr = smolvlm_kernels::block_keys<R>(mask, b, t0, n, L, is_causal, Tp, 2 * KB, mrows);
       const uint32_t* qr[R];
       for (int r = 0; r < R; ++r)
         qr[r] = reinterpret_cast<const uint32_t*>(qd + b * q.stride(0) + h * q.stride(1) +

@@ -7,6 +7,7 @@ cos/sin cast to the activation dtype; GQA repeats KV heads consecutively.
 
 from __future__ import annotations
 
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,30 @@ def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
             and not (q.requires_grad and torch.is_grad_enabled()) and kernels.ready("decode_attention"))
 
 
+def _seq_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool) -> Callable[..., torch.Tensor] | None:
+    """smolvlm's whole-sequence attention for this call, or None: bf16 (``_bf16_kernel_applies``), or the
+    same call in float32 where MKL, which PyTorch's flash attention calls for its products, runs AVX2 code
+    on an AVX-512 CPU (``kernels/f32_attention.cpp``: one 512 px tile's 12 heads 17.5 ms through PyTorch on
+    a Zen 5 EPYC; ANALYSIS, twenty-second round)."""
+    if q.dtype == torch.bfloat16:
+        return torch.ops.smolvlm.bf16_attention if _bf16_kernel_applies(q, k, v, mask, is_causal) else None
+    if q.dtype == torch.float32 and _sequence_call(q, k, v, mask, is_causal) and kernels.ready("f32_attention"):
+        return torch.ops.smolvlm.f32_attention
+    return None
+
+
+def _sequence_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   is_causal: bool) -> bool:
+    """What both whole-sequence kernels take: more than one query of one dtype, D at most 256, a key mask,
+    a mask per query or none, causal only over exactly its own keys, no gradient."""
+    return (q.dtype == k.dtype == v.dtype and q.shape[2] > 1 and q.device.type == "cpu"
+            and q.shape[-1] <= 256 and k.shape == v.shape and k.shape[1] > 0
+            and q.shape[1] % k.shape[1] == 0 and (not is_causal or (k.shape[2] == q.shape[2] and mask is None))
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] in (1, q.shape[2])))
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
 def _bf16_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                         is_causal: bool) -> bool:
     """bf16 attention of a whole sequence with a key mask or a mask per query (a prompt over a cache
@@ -141,11 +166,7 @@ def _bf16_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     attention (fp32 scores and softmax, exps rounded to bf16 for the product with v) in a fraction of
     its time on a Zen 5 EPYC: one 512 px tile's 12 heads 4.7 vs 17.2 ms, a 1141-token 256M prompt's
     layer (9 query heads over 3 KV heads, causal) 2.4 vs 11.7 ms (ANALYSIS, fifteenth round)."""
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[2] > 1 and q.device.type == "cpu"
-            and q.shape[-1] % 2 == 0 and q.shape[-1] <= 256 and k.shape == v.shape and k.shape[1] > 0
-            and q.shape[1] % k.shape[1] == 0 and (not is_causal or (k.shape[2] == q.shape[2] and mask is None))
-            and (mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] in (1, q.shape[2])))
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    return (q.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and _sequence_call(q, k, v, mask, is_causal)
             and kernels.ready("bf16_attention"))
 
 
@@ -163,8 +184,9 @@ def attention(
     attend. Returns (B, T, Hq*hd).
     """
     gqa = q.shape[1] != k.shape[1]
-    if _bf16_kernel_applies(q, k, v, mask, is_causal):
-        return torch.ops.smolvlm.bf16_attention(q, k, v, mask, is_causal)  # (B, T, Hq*hd) already
+    seq = _seq_kernel(q, k, v, mask, is_causal)
+    if seq is not None:
+        return seq(q, k, v, mask, is_causal)  # (B, T, Hq*hd) already
     if _decode_kernel_applies(q, k, v, mask, is_causal):
         out = torch.ops.smolvlm.decode_attention(q, k, v, mask)  # fp32 SDPA's numbers, ~0.6x its time
     elif q.dtype in _LOW_PRECISION and k.dtype == torch.float32:
