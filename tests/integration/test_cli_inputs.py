@@ -173,6 +173,8 @@ def stdin_bytes(monkeypatch, data: bytes) -> None:
 @pytest.mark.parametrize("setup,argv,message", [
     (None, [], "no prompt: give it as an argument, as - to read stdin, or with --prompt-file PATH"),
     ("p.txt", ["--prompt-file", "{d}/p.txt", "q"], "not both"),
+    ("p.txt", ["--prompt-file", "{d}/p.txt", "--prompt", "q"], "not both"),
+    (None, ["--prompt", "q", "q"], "give the prompt as an argument or with --prompt, not both"),
     (None, ["--prompt-file", "{d}/none.txt"], "cannot read --prompt-file {d}/none.txt: No such file or directory"),
     (None, ["--prompt-file", "{d}"], "cannot read --prompt-file {d}: Is a directory"),
     ("blank.txt", ["--prompt-file", "{d}/blank.txt"], "--prompt-file {d}/blank.txt is empty"),
@@ -205,7 +207,9 @@ def test_prompt_from_file_and_stdin_match_the_argument(ckpt, tmp_path, capsys, m
     stdin_bytes(monkeypatch, (prompt + "\n").encode())
     assert main(base + ["--prompt-file", "-"]) == 0
     from_stdin_flag = json.loads(capsys.readouterr().out)
-    for rec in (from_file, from_stdin, from_stdin_flag):
+    assert main(base + ["--prompt", prompt]) == 0  # as llama.cpp and mlx-vlm take it (not --prompt-file's prefix)
+    from_option = json.loads(capsys.readouterr().out)
+    for rec in (from_file, from_stdin, from_stdin_flag, from_option):
         assert (rec["text"], rec["prompt_tokens"]) == (want["text"], want["prompt_tokens"])
 
 

@@ -1,5 +1,5 @@
 """`smolvlm generate`: answer one prompt (with images and/or a video: `--video PATH [--fps F] [--max-frames N]`),
-streaming the text to stdout. The prompt is an argument, or read from a file (`--prompt-file PATH`) or
+streaming the text to stdout. The prompt is an argument (or `--prompt TEXT`), or read from a file (`--prompt-file PATH`) or
 stdin (`-`). Every flag and input file is checked before the model loads."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from smolvlm.cli import common
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default=None,
                    help="the question or instruction; - reads it from stdin (or use --prompt-file)")
+    p.add_argument("--prompt", dest="prompt_option", default=None, metavar="TEXT",
+                   help="the prompt as an option (as llama.cpp and mlx-vlm take it), instead of the argument")
     p.add_argument("--prompt-file", default=None, metavar="PATH",
                    help="read the prompt from this UTF-8 text file (- for stdin) instead of the argument")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -33,7 +35,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """The one prompt source: the argument, ``--prompt-file PATH`` (UTF-8), or stdin (``-`` for either).
     Text from a file or stdin loses its surrounding whitespace (the file's final newline)."""
     if prompt is not None and prompt_file is not None:
-        raise common.UserError("give the prompt as an argument or with --prompt-file, not both")
+        raise common.UserError("give the prompt as an argument (or --prompt) or with --prompt-file, not both")
     if prompt is None and prompt_file is None:
         raise common.UserError("no prompt: give it as an argument, as - to read stdin, or with --prompt-file PATH")
     if prompt is not None and prompt != "-":
@@ -77,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     common.check_model_args(args)
     common.check_generation_args(args)
-    prompt = read_prompt(args.prompt, args.prompt_file)
+    if args.prompt is not None and args.prompt_option is not None:
+        raise common.UserError("give the prompt as an argument or with --prompt, not both")
+    prompt = read_prompt(args.prompt if args.prompt_option is None else args.prompt_option, args.prompt_file)
     if args.video is None and (args.fps is not None or args.max_frames is not None):
         raise common.UserError("--fps / --max-frames need --video")
     if args.video is not None and not Path(args.video).expanduser().is_file():
