@@ -1,6 +1,7 @@
-// What the two attention kernels (decode_attention.cpp, bf16_attention.cpp) share: exp's polynomial
-// and reading an optional mask (Bm, 1, 1 or T, L) bool, True = may attend, Bm is B or 1 (one mask for
-// every row), 1 or T (one for every query, or one per query).
+// What the attention kernels (decode_attention.cpp, bf16_attention.cpp, f32_attention.cpp) share: exp's
+// polynomial and reading an optional mask (Bm, 1, 1 or T, L) bool, True = may attend, Bm is B or 1 (one mask
+// for every row), 1 or T (one for every query, or one per query); and, for the two whole-sequence kernels,
+// the AVX-512 exp, hiding keys from a block's scores and the keys a block computes.
 #pragma once
 
 #include <torch/extension.h>
