@@ -311,3 +311,30 @@ def rss_growth(setup: str, statement: str, report: str = "None", *args: str) -> 
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return r["delta"] / 2**20, r["result"]
+
+
+def vision_tower_with_and_without_kernel(monkeypatch, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``dtype`` vision tower (2 layers, 4 heads of 16) on a padded image, once through smolvlm's
+    ``{kind}`` whole-sequence attention kernel (asserted to run once per layer) and once with it off
+    (PyTorch's SDPA): (features with, features without)."""
+    from smolvlm import kernels
+    from smolvlm.model.vision import VisionTransformer
+
+    torch.manual_seed(0)
+    cfg = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=64, patch_size=8)
+    tower = VisionTransformer(cfg).to(dtype).eval()
+    pv = torch.randn(2, 3, 64, 64).to(dtype)
+    patch_mask = torch.ones(2, 8, 8, dtype=torch.bool)
+    patch_mask[1, 5:] = False
+    patch_mask[1, :, 6:] = False
+    calls = []
+    op = getattr(torch.ops.smolvlm, kind)
+    monkeypatch.setattr(torch.ops.smolvlm, kind, lambda *a: calls.append(1) or op(*a))
+    with torch.inference_mode():
+        got = tower(pv, patch_mask)
+        assert len(calls) == cfg.num_hidden_layers
+        monkeypatch.setitem(kernels._state, kind, "off for this test")
+        want = tower(pv, patch_mask)
+    assert len(calls) == cfg.num_hidden_layers
+    return got, want

@@ -220,25 +220,8 @@ def test_attention_takes_the_bf16_kernel_for_bidirectional_bf16_self_attention_o
 def test_the_vision_encoder_gives_sdpas_features_with_the_kernel(monkeypatch):
     """A bf16 vision tower (2 layers, D 16 heads) with and without the kernel, on a padded image: the
     same features up to the two roundings per layer (bf16 outputs of O(1): 2^-6 relative)."""
-    from smolvlm.config import VisionConfig
-    from smolvlm.model.vision import VisionTransformer
+    from tests.helpers import vision_tower_with_and_without_kernel
 
     assert kernels.prepare() and kernels.ready("bf16_attention")
-    torch.manual_seed(0)
-    cfg = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=64, patch_size=8)
-    tower = VisionTransformer(cfg).to(torch.bfloat16).eval()
-    pv = torch.randn(2, 3, 64, 64).to(torch.bfloat16)
-    patch_mask = torch.ones(2, 8, 8, dtype=torch.bool)
-    patch_mask[1, 5:] = False
-    patch_mask[1, :, 6:] = False
-    calls = []
-    op = torch.ops.smolvlm.bf16_attention
-    monkeypatch.setattr(torch.ops.smolvlm, "bf16_attention", lambda *a: calls.append(1) or op(*a))
-    with torch.inference_mode():
-        got = tower(pv, patch_mask)
-        assert len(calls) == cfg.num_hidden_layers
-        monkeypatch.setitem(kernels._state, "bf16_attention", "off for this test")
-        want = tower(pv, patch_mask)
-    assert len(calls) == cfg.num_hidden_layers
+    got, want = vision_tower_with_and_without_kernel(monkeypatch, "bf16_attention", torch.bfloat16)
     torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-6, atol=2.0**-6)

@@ -165,27 +165,10 @@ def test_f32_attention_is_ready_only_with_avx512_where_mkl_runs_avx2_code(monkey
 def test_the_vision_encoder_gives_sdpas_features_with_the_kernel(monkeypatch):
     """A float32 vision tower (2 layers) on a padded image with and without the kernel: the same features
     at float32 tolerance."""
-    from smolvlm.config import VisionConfig
-    from smolvlm.model.vision import VisionTransformer
+    from tests.helpers import vision_tower_with_and_without_kernel
 
     monkeypatch.setitem(kernels._state, "use", None)
     monkeypatch.setitem(kernels._state, "f32_attention", None)
     assert kernels.build() is None and kernels.ready("f32_attention")
-    torch.manual_seed(0)
-    cfg = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=64, patch_size=8)
-    tower = VisionTransformer(cfg).eval()
-    pv = torch.randn(2, 3, 64, 64)
-    patch_mask = torch.ones(2, 8, 8, dtype=torch.bool)
-    patch_mask[1, 5:] = False
-    patch_mask[1, :, 6:] = False
-    calls = []
-    op = torch.ops.smolvlm.f32_attention
-    monkeypatch.setattr(torch.ops.smolvlm, "f32_attention", lambda *a: calls.append(1) or op(*a))
-    with torch.inference_mode():
-        got = tower(pv, patch_mask)
-        assert len(calls) == cfg.num_hidden_layers
-        monkeypatch.setitem(kernels._state, "f32_attention", "off for this test")
-        want = tower(pv, patch_mask)
-    assert len(calls) == cfg.num_hidden_layers
+    got, want = vision_tower_with_and_without_kernel(monkeypatch, "f32_attention", torch.float32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include "attention.h"
+#include "seq_attention.h"
 
 #include <algorithm>
 #include <cmath>
@@ -156,70 +157,53 @@ AVX512BF16 void round_row(const float* x, int64_t D, uint16_t* y) {
   }
 }
 
+// bf16 for seq_attention.h's driver
+struct Bf16 {
+  using Elem = uint16_t;
+  static constexpr const char* NAME = "bf16_attention";
+  static constexpr at::ScalarType DTYPE = at::kBFloat16;
+  static constexpr const char* DTYPE_NAME = "bfloat16";
+  static constexpr int R = ::R;
+  static constexpr int64_t KEY_STEP = 2 * KB;  // scores computes pairs of key vectors
+  static constexpr const char* CPU_NEED = "AVX-512 BF16";
+  static constexpr const char* HEAD_DIM_RULE = "D even and at most 256";
+  static bool cpu_ok() { return __builtin_cpu_supports("avx512bf16"); }
+  static bool head_dim_ok(int64_t D) { return D % 2 == 0 && D <= DMAX; }
+  static int64_t k_size(int64_t Tp, int64_t D) { return Tp * D; }
+  static int64_t v_size(int64_t Tp, int64_t Dp) { return Tp * Dp; }
+  static void pack_k(const uint16_t* k, int64_t ks, int64_t L, int64_t D, uint16_t* out) { ::pack_k(k, ks, L, D, out); }
+  static void pack_v(const uint16_t* v, int64_t vs, int64_t L, int64_t, int64_t D, int64_t Dp, uint16_t* out) {
+    ::pack_v(v, vs, L, D, Dp, out);
+  }
+  struct Scratch {
+    std::vector<float> s, o;
+    std::vector<uint16_t> e;
+    Scratch(int64_t Tp, int64_t Dp) : s(R * Tp), o(R * Dp), e(R * Tp) {}
+  };
+  AVX512BF16 static void block(const uint16_t* const* q, int n, const uint16_t* kp, const uint16_t* vp, int64_t L,
+                               int64_t Lr, int64_t Tp, int64_t D, int64_t Dp, const bool* const* mask, int64_t ms,
+                               int64_t causal_t0, float scale, Scratch& w, uint16_t* const* out) {
+    const uint32_t* qr[R];  // each row's channel pairs
+    for (int r = 0; r < R; ++r) qr[r] = reinterpret_cast<const uint32_t*>(q[r]);
+    scores(qr, n, kp, L, Lr, Tp, D, mask, ms, causal_t0, scale, w.s.data());
+    float inv[R];
+    for (int r = 0; r < n; ++r) {
+      const float sum = softmax_row(w.s.data() + r * Tp, Lr, w.e.data() + r * Tp);
+      inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+    for (int r0 = 0; r0 < n; r0 += 4) {
+      const uint32_t* er[4];
+      for (int r = 0; r < 4; ++r)  // rows past n repeat the last one (their results are dropped)
+        er[r] = reinterpret_cast<const uint32_t*>(w.e.data() + (r0 + std::min(r, n - 1 - r0)) * Tp);
+      values(er, std::min(4, n - r0), vp, Lr / 2, Dp, inv + r0, w.o.data() + r0 * Dp, Dp);
+    }
+    for (int r = 0; r < n; ++r) round_row(w.o.data() + r * Dp, D, out[r]);
+  }
+};
+
 at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const c10::optional<at::Tensor>& mask_opt, bool is_causal) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "bf16_attention: this CPU lacks AVX-512 BF16");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
-                  k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "bf16_attention: q (B, Hq, T, D), k and v (B, Hkv, L, D) with Hq a multiple of Hkv");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "bf16_attention: q, k, v bfloat16");
-  TORCH_CHECK(!is_causal || k.size(2) == q.size(2), "bf16_attention: causal needs as many keys as queries");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
-  const int64_t group = H / Hkv;
-  TORCH_CHECK(D % 2 == 0 && D <= DMAX && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "bf16_attention: D even and at most 256, contiguous last dim");
-  const smolvlm_kernels::KeyMask mask = smolvlm_kernels::key_mask(mask_opt, B, T, L, "bf16_attention", true);
-  at::Tensor out = at::empty({B, T, H * D}, q.options());
-  if (B * H * T == 0) return out;
-  TORCH_CHECK(L > 0, "bf16_attention: no keys");
-  const int64_t Tp = (L + 2 * KB - 1) / (2 * KB) * (2 * KB);  // keys padded to whole pairs of key vectors
-  const int64_t Dp = (D + KB - 1) / KB * KB;
-  const int64_t kn = Tp * D, vn = Tp * Dp;  // packed sizes per head (uint16)
-  std::vector<uint16_t> kpack(B * Hkv * kn), vpack(B * Hkv * vn);
-  const auto* qd = reinterpret_cast<const uint16_t*>(q.data_ptr());
-  const auto* kd = reinterpret_cast<const uint16_t*>(k.data_ptr());
-  const auto* vd = reinterpret_cast<const uint16_t*>(v.data_ptr());
-  auto* od = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv;
-      pack_k(kd + b * k.stride(0) + h * k.stride(1), k.stride(2), L, D, kpack.data() + i * kn);
-      pack_v(vd + b * v.stride(0) + h * v.stride(1), v.stride(2), L, D, Dp, vpack.data() + i * vn);
-    }
-  });
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-  const int64_t nq = (T + R - 1) / R;  // query blocks per head
-  at::parallel_for(0, B * H * nq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(R * Tp), o(R * Dp);
-    std::vector<uint16_t> e(R * Tp);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w / nq, b = i / H, h = i % H, t0 = (w % nq) * R, kvh = b * Hkv + h / group;
-      const int n = static_cast<int>(std::min<int64_t>(R, T - t0));
-      const bool* mrows[R];
-      // keys computed: those up to the last visible one, in whole pairs of vectors
-      const int64_t Lr = smolvlm_kernels::block_keys<R>(mask, b, t0, n, L, is_causal, Tp, 2 * KB, mrows);
-      const uint32_t* qr[R];
-      for (int r = 0; r < R; ++r)
-        qr[r] = reinterpret_cast<const uint32_t*>(qd + b * q.stride(0) + h * q.stride(1) +
-                                                  (t0 + (r < n ? r : 0)) * q.stride(2));
-      scores(qr, n, kpack.data() + kvh * kn, L, Lr, Tp, D, mrows, mask.key_stride, is_causal ? t0 : -1, scale,
-             s.data());
-      float inv[R];
-      for (int r = 0; r < n; ++r) {
-        const float sum = softmax_row(s.data() + r * Tp, Lr, e.data() + r * Tp);
-        inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
-      }
-      for (int r0 = 0; r0 < n; r0 += 4) {
-        const uint32_t* er[4];
-        for (int r = 0; r < 4; ++r)  // rows past n repeat the last one (their results are dropped)
-          er[r] = reinterpret_cast<const uint32_t*>(e.data() + (r0 + std::min(r, n - 1 - r0)) * Tp);
-        values(er, std::min(4, n - r0), vpack.data() + kvh * vn, Lr / 2, Dp, inv + r0, o.data() + r0 * Dp, Dp);
-      }
-      for (int r = 0; r < n; ++r) round_row(o.data() + r * Dp, D, od + ((b * T + t0 + r) * H + h) * D);
-    }
-  });
-  return out;
+  return smolvlm_kernels::attend<Bf16>(q, k, v, mask_opt, is_causal);
 }
 
 }  // namespace
