@@ -20,7 +20,7 @@
   (``model/fused_decode.py``), ``torch.ops.smolvlm.decode_layers``.
 
 All are x86-64 AVX2 + FMA (``common.h``: what the GEMVs share; ``attention.h``: what the attentions
-share; ``ops.h``: the entry points ``decode_layers`` composes; ``bf16_attention`` and ``f32_attention``
+share; ``seq_attention.h``: the two whole-sequence attentions' driver; ``ops.h``: the entry points ``decode_layers`` composes; ``bf16_attention`` and ``f32_attention``
 compile their functions for AVX-512 (BF16) and run only where the CPU has it), registered with a shape-only ("fake")
 version, so ``torch.compile`` keeps them inside a compiled graph. Why each exists: its header.
 
