@@ -734,10 +734,11 @@ def test_gemv_linear_runs_the_kernel_for_decode_rows_and_bf16_for_prompts(monkey
 
 @needs_kernel
 def test_a_float32_gemv_linear_runs_the_f32_gemv_for_decode_rows(monkeypatch):
-    """``GemvLinear`` of float32 weights (``text_gemv_pays``: where packing float32 does not pay): narrow
+    """``GemvLinear`` of float32 weights (``text_gemv_pays``: wherever the kernel runs): narrow
     no-grad float32 calls (up to ``F32_GEMV_ROWS`` rows, a batched decode step's) run ``f32_gemv`` (q/k/v
-    together: ``f32_gemv_cat``), within float32 summation of ``F.linear``; wider calls are ``F.linear``
-    itself; a bf16 input to a float32 layer is PyTorch's."""
+    together: ``f32_gemv_cat``), within float32 summation of ``F.linear``; wider calls are
+    ``packed.wide_linear`` (``F.linear``, or oneDNN's GEMM where MKL runs AVX2 code: the same products,
+    another summation order); a bf16 input to a float32 layer is PyTorch's."""
     from smolvlm.model.packed import fused_outputs
     from smolvlm.model.upcast import F32_GEMV_ROWS, GemvLinear
 
@@ -769,7 +770,8 @@ def test_a_float32_gemv_linear_runs_the_f32_gemv_for_decode_rows(monkeypatch):
         assert calls == ["f32_gemv"]
         calls.clear()
         wide = torch.randn(1, F32_GEMV_ROWS + 1, 128)
-        assert torch.equal(owner.q_proj(wide), F.linear(wide, owner.q_proj.weight)) and calls == []
+        assert_close(owner.q_proj(wide), F.linear(wide, owner.q_proj.weight), rtol=1e-5, atol=1e-5)
+        assert calls == []
         assert owner.q_proj.decode_weights(torch.float32)[0] == "f32" and owner.q_proj.decode_weights(torch.bfloat16) is None
 
 
