@@ -338,3 +338,24 @@ def vision_tower_with_and_without_kernel(monkeypatch, kind: str, dtype: torch.dt
         want = tower(pv, patch_mask)
     assert len(calls) == cfg.num_hidden_layers
     return got, want
+
+
+def stand_in_attention_kernel(monkeypatch, kind: str, record: Callable) -> list:
+    """Make ``kind`` (``bf16_attention``, ``f32_attention``) the only kernel ``layers`` sees as ready and
+    stand in for it with SDPA (the layout the kernels return: (B, T, Hq*hd)), so its dispatch is tested on
+    any CPU. Returns the list each call appends ``record(q, is_causal)`` to."""
+    import torch.nn.functional as F
+
+    from smolvlm.model import layers
+
+    calls: list = []
+
+    def stand_in(q, k, v, mask, is_causal):
+        calls.append(record(q, is_causal))
+        b, h, t, d = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, t, h * d)
+
+    monkeypatch.setattr(layers.kernels, "ready", lambda k="gemv": k == kind)
+    monkeypatch.setattr(torch.ops.smolvlm, kind, stand_in, raising=False)
+    return calls

@@ -182,17 +182,9 @@ def test_attention_takes_the_bf16_kernel_for_bidirectional_bf16_self_attention_o
     keep SDPA. Runs
     on every CPU: the kernel is stood in for by SDPA here, its numbers are the tests above."""
     from smolvlm.model import layers
+    from tests.helpers import stand_in_attention_kernel
 
-    calls = []
-
-    def stand_in(q, k, v, mask, is_causal):
-        calls.append((q.shape, is_causal))
-        b, h, t, d = q.shape
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-        return out.transpose(1, 2).reshape(b, t, h * d)
-
-    monkeypatch.setattr(layers.kernels, "ready", lambda kind="gemv": kind == "bf16_attention")
-    monkeypatch.setattr(torch.ops.smolvlm, "bf16_attention", stand_in, raising=False)
+    calls = stand_in_attention_kernel(monkeypatch, "bf16_attention", lambda q, c: (q.shape, c))
     q, k, v = _qkv(2, 4, 20, 16, seed=3)
     key_mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
     out = layers.attention(q, k, v, key_mask)

@@ -121,17 +121,9 @@ def test_attention_takes_the_f32_kernel_where_it_is_ready(monkeypatch):
     MKL running AVX2 code: ``cpu.mkl_runs_avx512``); single queries, gradient-tracking calls, additive masks
     and bf16 keep their paths. Runs on every CPU: the kernel is stood in for by SDPA here."""
     from smolvlm.model import layers
+    from tests.helpers import stand_in_attention_kernel
 
-    calls = []
-
-    def stand_in(q, k, v, mask, is_causal):
-        calls.append((q.dtype, q.shape[2], is_causal))
-        b, h, t, d = q.shape
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-        return out.transpose(1, 2).reshape(b, t, h * d)
-
-    monkeypatch.setattr(layers.kernels, "ready", lambda kind="gemv": kind == "f32_attention")
-    monkeypatch.setattr(torch.ops.smolvlm, "f32_attention", stand_in, raising=False)
+    calls = stand_in_attention_kernel(monkeypatch, "f32_attention", lambda q, c: (q.dtype, q.shape[2], c))
     q, k, v = _qkv(2, 4, 20, 16, seed=3)
     layers.attention(q, k, v, torch.ones(2, 1, 1, 20, dtype=torch.bool))
     layers.attention(q, k[:, :2], v[:, :2], None, is_causal=True)

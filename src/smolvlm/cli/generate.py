@@ -31,9 +31,12 @@ def register(p: argparse.ArgumentParser) -> None:
     common.add_generation_args(p)
 
 
-def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
-    """The one prompt source: the argument, ``--prompt-file PATH`` (UTF-8), or stdin (``-`` for either).
-    Text from a file or stdin loses its surrounding whitespace (the file's final newline)."""
+def read_prompt(prompt: str | None, prompt_file: str | None, prompt_option: str | None = None) -> str:
+    """The one prompt source: the argument or ``--prompt TEXT``, ``--prompt-file PATH`` (UTF-8), or stdin
+    (``-`` for any). Text from a file or stdin loses its surrounding whitespace (the file's final newline)."""
+    if prompt is not None and prompt_option is not None:
+        raise common.UserError("give the prompt as an argument or with --prompt, not both")
+    prompt = prompt if prompt_option is None else prompt_option
     if prompt is not None and prompt_file is not None:
         raise common.UserError("give the prompt as an argument (or --prompt) or with --prompt-file, not both")
     if prompt is None and prompt_file is None:
@@ -79,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     common.check_model_args(args)
     common.check_generation_args(args)
-    if args.prompt is not None and args.prompt_option is not None:
-        raise common.UserError("give the prompt as an argument or with --prompt, not both")
-    prompt = read_prompt(args.prompt if args.prompt_option is None else args.prompt_option, args.prompt_file)
+    prompt = read_prompt(args.prompt, args.prompt_file, args.prompt_option)
     if args.video is None and (args.fps is not None or args.max_frames is not None):
         raise common.UserError("--fps / --max-frames need --video")
     if args.video is not None and not Path(args.video).expanduser().is_file():

@@ -36,7 +36,7 @@
 
 namespace {
 
-constexpr int R = 8;      // queries per block: their scores (R x T floats) stay in L1/L2
+constexpr int R = smolvlm_kernels::SEQ_R;  // queries per block (seq_attention.h)
 constexpr int KB = 16;    // keys per vector of scores
 constexpr int DMAX = 256;
 
@@ -163,14 +163,10 @@ struct Bf16 {
   static constexpr const char* NAME = "bf16_attention";
   static constexpr at::ScalarType DTYPE = at::kBFloat16;
   static constexpr const char* DTYPE_NAME = "bfloat16";
-  static constexpr int R = ::R;
-  static constexpr int64_t KEY_STEP = 2 * KB;  // scores computes pairs of key vectors
   static constexpr const char* CPU_NEED = "AVX-512 BF16";
   static constexpr const char* HEAD_DIM_RULE = "D even and at most 256";
   static bool cpu_ok() { return __builtin_cpu_supports("avx512bf16"); }
   static bool head_dim_ok(int64_t D) { return D % 2 == 0 && D <= DMAX; }
-  static int64_t k_size(int64_t Tp, int64_t D) { return Tp * D; }
-  static int64_t v_size(int64_t Tp, int64_t Dp) { return Tp * Dp; }
   static void pack_k(const uint16_t* k, int64_t ks, int64_t L, int64_t D, uint16_t* out) { ::pack_k(k, ks, L, D, out); }
   static void pack_v(const uint16_t* v, int64_t vs, int64_t L, int64_t, int64_t D, int64_t Dp, uint16_t* out) {
     ::pack_v(v, vs, L, D, Dp, out);

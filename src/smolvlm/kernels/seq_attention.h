@@ -2,11 +2,10 @@
 // checks, K and V packed once per KV head, then blocks of a kernel's R queries of one head over the keys
 // they can see (attention.h's block_keys), split over torch's threads. A kernel is a Kind:
 //   using Elem;                           q, k, v and out elements (uint16_t for bf16, float)
-//   NAME, DTYPE, DTYPE_NAME, R, KEY_STEP  its name, dtype, queries per block, keys per block of scores
+//   NAME, DTYPE, DTYPE_NAME               its name and dtype
 //   bool cpu_ok(); CPU_NEED               the instruction set it runs on, named for the error
 //   bool head_dim_ok(D); HEAD_DIM_RULE    the head sizes it takes, named for the error
-//   k_size(Tp, D), v_size(Tp, Dp)         one head's packed K and V (Elems)
-//   pack_k(k, ks, L, D, out), pack_v(v, vs, L, Tp, D, Dp, out)
+//   pack_k(k, ks, L, D, out), pack_v(v, vs, L, Tp, D, Dp, out)   one head's K and V into Tp * D and Tp * Dp Elems
 //   struct Scratch(Tp, Dp)                one thread's buffers
 //   block(q rows, n, kp, vp, L, Lr, Tp, D, Dp, mask rows, key stride, causal t0 or -1, scale, scratch,
 //         out rows)                       n <= R queries' outputs, each D Elems at out[r]
@@ -23,11 +22,14 @@
 
 namespace smolvlm_kernels {
 
+constexpr int SEQ_R = 8;             // queries per block: their scores (R x L floats) stay in L1/L2
+constexpr int64_t SEQ_KEY_STEP = 32;  // keys per step of the scores: two vectors of 16
+
 template <class Kind>
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const c10::optional<at::Tensor>& mask_opt, bool is_causal) {
   using Elem = typename Kind::Elem;
-  constexpr int R = Kind::R;
+  constexpr int R = SEQ_R;
   const std::string name = Kind::NAME;
   TORCH_CHECK(Kind::cpu_ok(), name, ": this CPU lacks ", Kind::CPU_NEED);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
@@ -44,9 +46,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   at::Tensor out = at::empty({B, T, H * D}, q.options());
   if (B * H * T == 0) return out;
   TORCH_CHECK(L > 0, name, ": no keys");
-  const int64_t Tp = (L + Kind::KEY_STEP - 1) / Kind::KEY_STEP * Kind::KEY_STEP;  // keys padded to whole blocks
+  const int64_t Tp = (L + SEQ_KEY_STEP - 1) / SEQ_KEY_STEP * SEQ_KEY_STEP;  // keys padded to whole steps
   const int64_t Dp = (D + 15) / 16 * 16;
-  const int64_t kn = Kind::k_size(Tp, D), vn = Kind::v_size(Tp, Dp);  // packed sizes per head
+  const int64_t kn = Tp * D, vn = Tp * Dp;  // packed sizes per head
   std::vector<Elem> kpack(B * Hkv * kn), vpack(B * Hkv * vn);  // zeroed: keys past L stay zero
   const auto* qd = reinterpret_cast<const Elem*>(q.data_ptr());
   const auto* kd = reinterpret_cast<const Elem*>(k.data_ptr());
@@ -67,7 +69,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t i = w / nq, b = i / H, h = i % H, t0 = (w % nq) * R, kvh = b * Hkv + h / group;
       const int n = static_cast<int>(std::min<int64_t>(R, T - t0));
       const bool* mrows[R];
-      const int64_t Lr = block_keys<R>(mask, b, t0, n, L, is_causal, Tp, Kind::KEY_STEP, mrows);
+      const int64_t Lr = block_keys<R>(mask, b, t0, n, L, is_causal, Tp, SEQ_KEY_STEP, mrows);
       const Elem* qr[R];
       Elem* orows[R];
       for (int r = 0; r < R; ++r) {  // rows past n repeat row 0 (their results are dropped)

@@ -135,39 +135,28 @@ def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def _seq_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool) -> Callable[..., torch.Tensor] | None:
-    """smolvlm's whole-sequence attention for this call, or None: bf16 (``_bf16_kernel_applies``), or the
-    same call in float32 where MKL, which PyTorch's flash attention calls for its products, runs AVX2 code
-    on an AVX-512 CPU (``kernels/f32_attention.cpp``: one 512 px tile's 12 heads 17.5 ms through PyTorch on
-    a Zen 5 EPYC; ANALYSIS, twenty-second round)."""
-    if q.dtype == torch.bfloat16:
-        return torch.ops.smolvlm.bf16_attention if _bf16_kernel_applies(q, k, v, mask, is_causal) else None
-    if q.dtype == torch.float32 and _sequence_call(q, k, v, mask, is_causal) and kernels.ready("f32_attention"):
-        return torch.ops.smolvlm.f32_attention
-    return None
-
-
-def _sequence_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   is_causal: bool) -> bool:
-    """What both whole-sequence kernels take: more than one query of one dtype, D at most 256, a key mask,
-    a mask per query or none, causal only over exactly its own keys, no gradient."""
-    return (q.dtype == k.dtype == v.dtype and q.shape[2] > 1 and q.device.type == "cpu"
+    """smolvlm's attention of a whole sequence for this call, or None. Both kernels take more than one query
+    of one dtype, D at most 256, a key mask, a mask per query or none, causal only over exactly their own
+    keys, and no gradient; each runs where ``kernels.ready`` says so:
+    - bf16 (D even; ``kernels/bf16_attention.cpp``, AVX-512 BF16 without AMX): the vision encoder's attention,
+      with its key mask; a prompt's, causal over its own keys, or with a mask per query after a cache prefix
+      or in a padded batch. The numbers of PyTorch's bf16 flash attention (fp32 scores and softmax, exps
+      rounded to bf16 for the product with v) in a fraction of its time on a Zen 5 EPYC: one 512 px tile's
+      12 heads 4.7 vs 17.2 ms, a 1141-token 256M prompt's layer 2.4 vs 11.7 ms (ANALYSIS, fifteenth round).
+    - float32 (``kernels/f32_attention.cpp``, AVX-512 where MKL, which PyTorch's flash attention calls for its
+      products, runs AVX2 code): fp32 SDPA's numbers; that tile 8.2 vs 17.7 ms on the Zen 5, a 900-token
+      causal layer 2.5 vs 7.8 (ANALYSIS, twenty-second round)."""
+    if not (q.dtype == k.dtype == v.dtype and q.shape[2] > 1 and q.device.type == "cpu"
             and q.shape[-1] <= 256 and k.shape == v.shape and k.shape[1] > 0
             and q.shape[1] % k.shape[1] == 0 and (not is_causal or (k.shape[2] == q.shape[2] and mask is None))
             and (mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] in (1, q.shape[2])))
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
-
-
-def _bf16_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                        is_causal: bool) -> bool:
-    """bf16 attention of a whole sequence with a key mask or a mask per query (a prompt over a cache
-    prefix, a padded batch of prompts) or none, or causal over exactly its own keys (the vision
-    encoder's; a prompt's without a cache prefix), no gradient: ``smolvlm.kernels``' bf16 attention,
-    where this CPU runs it (AVX-512 BF16, no AMX). The numbers of PyTorch's bf16 flash
-    attention (fp32 scores and softmax, exps rounded to bf16 for the product with v) in a fraction of
-    its time on a Zen 5 EPYC: one 512 px tile's 12 heads 4.7 vs 17.2 ms, a 1141-token 256M prompt's
-    layer (9 query heads over 3 KV heads, causal) 2.4 vs 11.7 ms (ANALYSIS, fifteenth round)."""
-    return (q.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and _sequence_call(q, k, v, mask, is_causal)
-            and kernels.ready("bf16_attention"))
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    if q.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and kernels.ready("bf16_attention"):
+        return torch.ops.smolvlm.bf16_attention
+    if q.dtype == torch.float32 and kernels.ready("f32_attention"):
+        return torch.ops.smolvlm.f32_attention
+    return None
 
 
 def attention(
