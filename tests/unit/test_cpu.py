@@ -86,6 +86,22 @@ def test_doctor_names_the_library_of_float32_gemms(hardware, monkeypatch, vendor
     assert doctor._float32_gemm_status() == "MKL through F.linear (oneDNN cannot run them here)"
 
 
+@pytest.mark.parametrize("flags, built, says", [
+    ({"avx2", "fma", "avx512f", "amx_tile"}, None, "built, in the fused decode step only (this CPU has AMX"),
+    ({"avx2", "fma", "avx512f", "amx_tile"}, "c++: not found", "not used: this CPU has AMX"),
+    ({"avx2", "fma"}, None, "built, in use"),
+    ({"avx2", "fma"}, "c++: not found", "not used: c++: not found")])
+def test_doctor_says_where_the_kernels_run(monkeypatch, flags, built, says):
+    from smolvlm import kernels
+    from smolvlm.cli import doctor
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(flags))
+    monkeypatch.setattr(kernels, "build", lambda: built)
+    assert doctor._kernels_status().startswith(says)
+
+
 def test_the_kernels_name_a_cap_below_avx2_as_the_reason(hardware, monkeypatch):
     from smolvlm import kernels
 

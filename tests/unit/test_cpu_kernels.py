@@ -217,9 +217,17 @@ def test_the_switch_and_the_reasons(monkeypatch):
     monkeypatch.delenv(kernels.ENV)
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(["avx2", "fma", "avx512f", "amx_tile"]))
-    assert not kernels.prepare() and "AMX" in kernels.problem()  # decided without building
-    assert not any(kernels.ready(kind) for kind in kernels.KINDS)  # none of them, the fused step included
-    assert "built" not in kernels._state
+    monkeypatch.setattr(kernels, "build", lambda: "c++: not found")
+    assert not kernels.prepare() and "AMX" in kernels.problem()
+    assert not any(kernels.ready(kind) for kind in kernels.KINDS)  # not built: none of them
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "build", lambda: None)
+    assert not kernels.prepare() and "AMX" in kernels.problem()  # AMX: only the fused step's kernels
+    assert {kind for kind in kernels.KINDS if kernels.ready(kind)} == set(kernels.ON_AMX)
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv(kernels.ENV, "1")
+    assert kernels.prepare() and kernels.ready() and kernels.ready("float_gemv") and kernels.ready("decode_layers")  # forced
+    monkeypatch.delenv(kernels.ENV)
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(["avx2", "fma", "avx512f", "avx512_bf16"]))
     monkeypatch.setattr(kernels, "build", lambda: None)

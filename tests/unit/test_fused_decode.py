@@ -206,3 +206,42 @@ def test_a_slot_outside_the_cache_is_refused_in_one_line(monkeypatch):
         rows = model.fused_decoder(_cache(model, torch.float32, rows=2))
         with pytest.raises(RuntimeError, match="one slot per row"):
             rows(torch.tensor([[3], [4]]), torch.tensor([[2], [3]]), [2])
+
+
+@torch.inference_mode()
+def test_on_amx_cpus_only_the_fused_step_runs_over_onednn_packed_weights(monkeypatch):
+    """On AMX CPUs (``kernels.ON_AMX``, decided here from this CPU's flags plus ``amx_tile``) the GEMVs stay
+    oneDNN's packed ones and the layers' other kernels PyTorch's; only the fused step runs (with its decode
+    attention and RMSNorm, which the layer-by-layer forward then runs too). A packed model takes it, bit for
+    bit that forward and its greedy tokens; with those kernels off (the old AMX policy) it is not taken."""
+    assert kernels.build() is None
+    flags = kernels.cpu.flags() or frozenset()
+    monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(flags | {"amx_tile"}))
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert not kernels.prepare() and kernels.problem() == kernels.AMX
+    assert not kernels.ready("gemv") and not kernels.ready("float_gemv") and not kernels.ready("bf16_attention")
+    dtype = torch.bfloat16 if packing_available(torch.bfloat16) else torch.float32
+    model = _model(dtype, "packed")
+    text = model.model.text_model
+    gen = torch.Generator().manual_seed(3)
+    fused_cache, layer_cache = _cache(model, dtype), _cache(model, dtype)
+    prompt = torch.randn(1, 5, text.config.hidden_size, generator=gen).to(dtype)
+    for cache in (fused_cache, layer_cache):
+        text(prompt, kv_cache=cache, input_pos=torch.arange(5))
+    step = fused_decode.plan(text, fused_cache)
+    assert isinstance(step, fused_decode.FusedDecoder) and set(step.kinds) == {fused_decode.KINDS["packed"]}
+    for slot in range(5, 8):
+        x = torch.randn(1, 1, text.config.hidden_size, generator=gen).to(dtype)
+        want = text(x, torch.ones(1, slot + 1, dtype=torch.long), torch.tensor([[slot]]), kv_cache=layer_cache,
+                    input_pos=torch.tensor([slot]))
+        assert torch.equal(step(x, torch.tensor([[slot]]), slot), want)
+    _same_caches(fused_cache, layer_cache)
+    ids = torch.tensor([[5, 9, 11, 40, 7]])
+    fused = generate_ids(model, ids, max_new_tokens=6, eos_token_id=[])
+    with monkeypatch.context() as m:
+        m.setattr(SmolVLM, "fused_decoder", lambda self, cache: "off for this test")
+        assert torch.equal(generate_ids(model, ids, max_new_tokens=6, eos_token_id=[]), fused)
+    monkeypatch.setitem(kernels._state, "fused", "off: the old AMX policy")
+    assert not kernels.ready("decode_attention") and not kernels.ready("rms_norm")
+    assert "AMX" in fused_decode.plan(text, _cache(model, dtype))

@@ -78,4 +78,8 @@ def _kernels_status() -> str:
     """Whether the native kernels run here (built on first use, about a minute), or why not."""
     from smolvlm import kernels
 
-    return "built, in use" if kernels.prepare() else f"not used: {kernels.problem()}"
+    if kernels.prepare():
+        return "built, in use"
+    if kernels.ready("decode_layers"):  # AMX
+        return "built, in the fused decode step only (this CPU has AMX: PyTorch's and oneDNN's kernels elsewhere)"
+    return f"not used: {kernels.problem()}"

@@ -136,7 +136,7 @@ class GemvLinear(UpcastLinear):
 def text_gemv_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Whether a ``dtype`` model's text linears and lm_head stay unpacked as ``GemvLinear`` with
     ``pack="auto"`` (the vision tower is still packed where packing pays), on a CPU where smolvlm's
-    kernels run (``kernels.prepare``: not with AMX):
+    GEMV runs (``kernels.ready("float_gemv")``: not with AMX):
     - bf16 where oneDNN has bf16, i.e. AVX-512 without AMX. Measured there (AMD EPYC, Zen 5, 2
       threads): a 256M decode step's 121 linears 5.8 ms against 7.4 through oneDNN's packed weights
       (46.7 against 36.3 GB/s); decode 73-81 -> 80-107 tokens/s eager, 87-90 -> 95-101 compiled.
