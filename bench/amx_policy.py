@@ -1,0 +1,88 @@
+"""The AMX kernel policy, measured on a CPU without AMX: old (every smolvlm kernel off) against new
+(``kernels.ON_AMX``: the fused decode step, its decode attention and RMSNorm).
+
+Not run in CI. ``smolvlm.cpu.flags`` is made to report ``amx_tile`` too, so ``kernels.prepare`` decides as on
+an AMX CPU: the text linears are oneDNN-packed (``pack="auto"``, as an AMX CPU loads them), every GEMV goes
+through oneDNN under both policies, and only what surrounds the GEMVs differs. The old policy is the new one
+with ``kernels._state["fused"]`` set to a reason (the step's kernels off), so both run in one process,
+alternating, on one loaded model.
+
+What it cannot show: AMX's own GEMV times (the same calls under both policies, so they shift both rows
+alike), and PyTorch's one-query bf16 flash attention on AMX, which the old policy runs. Here, without AMX,
+that call is ~7.7x slower than in float32 (``layers.cpu_attends_fast_in``), so the old policy's bf16 rows at a
+long context are slower than an AMX CPU's would be; the float32 rows and the short-context bf16 rows are not
+affected by it.
+
+Decode tokens/s = N / (last token - first token) from per-token timestamps (as ``bench/run.py``'s child
+measures it), greedy, never stopping early, after a prompt of ``--ctx`` random token ids (text only); the
+checkpoint is ``bench/parity_full_size.py make 256M``'s (random weights of the real config). Also prints how
+many greedy tokens the two policies share: float32 must share all (the same numbers up to summation order),
+bf16 on random weights drifts after a few (near-ties; ``bench/run.py``'s method notes).
+
+    .venv/bin/python bench/amx_policy.py [--ckpt bench/.cache/256M/ckpt] [--ctx 16 900] [--dtypes bfloat16 float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from smolvlm import cpu, kernels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", default="bench/.cache/256M/ckpt")
+    ap.add_argument("--ctx", type=int, nargs="+", default=[16, 900])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    real = cpu.flags() or frozenset()
+    if "amx_tile" in real:
+        raise SystemExit("this CPU has AMX: measure the policy with bench/run.py instead")
+    cpu.flags = lambda: frozenset(real | {"amx_tile"})  # kernels.prepare decides as on an AMX CPU
+    kernels.prepare()
+    assert {k for k in kernels.KINDS if kernels.ready(k)} == set(kernels.ON_AMX), kernels.problem()
+
+    from smolvlm.generation.generate import generate_tokens
+    from smolvlm.weights.load import load_model
+
+    print(f"CPU flags: {' '.join(sorted(f for f in real if f.startswith(('avx', 'amx', 'fma'))))}; "
+          f"torch {torch.__version__}, {args.threads} threads; the policy as on an AMX CPU (cpu.flags + amx_tile)")
+    print("| dtype | context | old policy tok/s | fused step tok/s | ratio (medians) | greedy tokens shared |")
+    print("|---|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        model = load_model(args.ckpt, dtype=dtype, pack="auto")
+        for ctx in args.ctx:
+            ids = torch.randint(100, 40000, (1, ctx), generator=torch.Generator().manual_seed(0))
+
+            def decode() -> tuple[float, list[int]]:
+                times, toks = [], []
+                for tok in generate_tokens(model, ids, max_new_tokens=args.new + 1, eos_token_id=[]):
+                    times.append(time.perf_counter())
+                    toks.append(int(tok[0]))
+                return args.new / (times[-1] - times[0]), toks
+
+            speed: dict[str, list[float]] = {"old": [], "new": []}
+            tokens: dict[str, list[int]] = {}
+            for _ in range(args.reps):
+                for name, fused in (("old", "off: the old AMX policy"), ("new", None)):
+                    kernels._state["fused"] = fused
+                    tps, tokens[name] = decode()
+                    speed[name].append(tps)
+            kernels._state["fused"] = None
+            old, new = (statistics.median(speed[k]) for k in ("old", "new"))
+            shared = sum(a == b for a, b in zip(tokens["old"], tokens["new"]))
+            span = {k: f"{min(v):.1f}-{max(v):.1f}" for k, v in speed.items()}
+            print(f"| {dtype} | {ctx} | {span['old']} | {span['new']} | {new / old:.2f}x | "
+                  f"{shared} / {len(tokens['new'])} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
