@@ -8,8 +8,8 @@ calls and ~60 PyTorch calls a layer around those kernels are gone. ``plan`` buil
 text linear runs, for the cache's number of rows, a kernel the fused step can call
 (``decode_weights``: the bf16 or float32 GEMV of ``upcast``'s layers, ``Int8Linear``'s and
 ``Int4Linear``'s kernels, smolvlm's or PyTorch's, oneDNN's packed weights of ``packed``'s layers),
-where ``kernels.ready("decode_layers")`` (on AMX CPUs too, over oneDNN's packed weights); anything else (LoRA layers, biases, fp16,
-the kernels off) keeps the layer-by-layer path, and ``plan`` says why.
+where ``kernels.ready("decode_layers")`` (on AMX CPUs too, over oneDNN's packed weights); anything else
+(LoRA layers, biases, fp16, the kernels off) keeps the layer-by-layer path, and ``plan`` says why.
 
 Each row writes one token at its own slot and attends over its slots up to that one, or over those
 of them a key mask marks: ``generate``'s step, left-padded batches included, and continuous

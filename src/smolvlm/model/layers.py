@@ -125,8 +125,8 @@ def cpu_attends_fast_in(dtype: torch.dtype) -> bool:
 def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            is_causal: bool) -> bool:
     """One query per row over an fp32 or bf16 cache (decode), no gradient: ``smolvlm.kernels``' decode
-    attention, where this CPU runs it (AMX CPUs included: ``kernels.ON_AMX``). Its result is fp32 SDPA's over the cache's
-    values (bf16 ones widened exactly), rounded once to q's dtype, like the branch below, in about 0.6x
+    attention, where this CPU runs it (AMX CPUs included: ``kernels.ON_AMX``). Its result is fp32 SDPA's over
+    the cache's values (bf16 ones widened exactly), rounded once to q's dtype, like the branch below, in about 0.6x
     the time of PyTorch's flash-attention call over an fp32 cache (bench/ANALYSIS.md, eleventh round)."""
     return (q.shape[2] == 1 and not is_causal and k.dtype == v.dtype and k.dtype in (torch.float32, torch.bfloat16)
             and q.device.type == "cpu" and q.shape[-1] % 8 == 0 and (mask is None or mask.dtype == torch.bool)
