@@ -1,11 +1,13 @@
 """The AMX kernel policy, measured on a CPU without AMX: old (every smolvlm kernel off) against new
-(``kernels.ON_AMX``: the fused decode step, its decode attention and RMSNorm).
+(``kernels.ON_AMX``: the fused decode step, its decode attention and RMSNorm, int8's GEMV for a row or two).
 
 Not run in CI. ``smolvlm.cpu.flags`` is made to report ``amx_tile`` too, so ``kernels.prepare`` decides as on
-an AMX CPU: the text linears are oneDNN-packed (``pack="auto"``, as an AMX CPU loads them), every GEMV goes
-through oneDNN under both policies, and only what surrounds the GEMVs differs. The old policy is the new one
-with ``kernels._state["fused"]`` set to a reason (the step's kernels off), so both run in one process,
-alternating, on one loaded model.
+an AMX CPU: the text linears are oneDNN-packed (``pack="auto"``, as an AMX CPU loads them), every bf16 GEMV
+goes through oneDNN under both policies, and only what surrounds the GEMVs differs. With ``--quantize int8``
+the new policy's single row also takes smolvlm's int8 GEMV where the old one takes PyTorch's (bf16; PyTorch's
+has no AMX code, so an AMX CPU runs the same AVX-512 kernel as this one) or dequantizes (float32). The old
+policy is the new one with ``kernels._state["on_amx"]`` set to a reason (those kernels off), so both run in
+one process, alternating, on one loaded model.
 
 What it cannot show: AMX's own GEMV times (the same calls under both policies, so they shift both rows
 alike), and PyTorch's one-query bf16 flash attention on AMX, which the old policy runs. Here, without AMX,
@@ -20,6 +22,7 @@ many greedy tokens the two policies share: float32 must share all (the same numb
 bf16 on random weights drifts after a few (near-ties; ``bench/run.py``'s method notes).
 
     .venv/bin/python bench/amx_policy.py [--ckpt bench/.cache/256M/ckpt] [--ctx 16 900] [--dtypes bfloat16 float32]
+        [--quantize none int8]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default="bench/.cache/256M/ckpt")
     ap.add_argument("--ctx", type=int, nargs="+", default=[16, 900])
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4"])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -55,10 +59,10 @@ def main() -> None:
 
     print(f"CPU flags: {' '.join(sorted(f for f in real if f.startswith(('avx', 'amx', 'fma'))))}; "
           f"torch {torch.__version__}, {args.threads} threads; the policy as on an AMX CPU (cpu.flags + amx_tile)")
-    print("| dtype | context | old policy tok/s | fused step tok/s | ratio (medians) | greedy tokens shared |")
-    print("|---|---|---|---|---|---|")
-    for dtype in args.dtypes:
-        model = load_model(args.ckpt, dtype=dtype, pack="auto")
+    print("| dtype | weights | context | old policy tok/s | new policy tok/s | ratio (medians) | greedy tokens shared |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype, quantize in ((d, q) for q in args.quantize for d in args.dtypes):
+        model = load_model(args.ckpt, dtype=dtype, pack="auto", quantize=quantize)
         for ctx in args.ctx:
             ids = torch.randint(100, 40000, (1, ctx), generator=torch.Generator().manual_seed(0))
 
@@ -73,14 +77,14 @@ def main() -> None:
             tokens: dict[str, list[int]] = {}
             for _ in range(args.reps):
                 for name, fused in (("old", "off: the old AMX policy"), ("new", None)):
-                    kernels._state["fused"] = fused
+                    kernels._state["on_amx"] = fused
                     tps, tokens[name] = decode()
                     speed[name].append(tps)
-            kernels._state["fused"] = None
+            kernels._state["on_amx"] = None
             old, new = (statistics.median(speed[k]) for k in ("old", "new"))
             shared = sum(a == b for a, b in zip(tokens["old"], tokens["new"]))
             span = {k: f"{min(v):.1f}-{max(v):.1f}" for k, v in speed.items()}
-            print(f"| {dtype} | {ctx} | {span['old']} | {span['new']} | {new / old:.2f}x | "
+            print(f"| {dtype} | {quantize} | {ctx} | {span['old']} | {span['new']} | {new / old:.2f}x | "
                   f"{shared} / {len(tokens['new'])} |", flush=True)
 
 

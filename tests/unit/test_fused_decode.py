@@ -210,9 +210,9 @@ def test_a_slot_outside_the_cache_is_refused_in_one_line(monkeypatch):
 
 @torch.inference_mode()
 def test_on_amx_cpus_only_the_fused_step_runs_over_onednn_packed_weights(monkeypatch):
-    """On AMX CPUs (``kernels.ON_AMX``, decided here from this CPU's flags plus ``amx_tile``) the GEMVs stay
+    """On AMX CPUs (``kernels.ON_AMX``, decided here from this CPU's flags plus ``amx_tile``) the bf16 GEMVs stay
     oneDNN's packed ones and the layers' other kernels PyTorch's; only the fused step runs (with its decode
-    attention and RMSNorm, which the layer-by-layer forward then runs too). A packed model takes it, bit for
+    attention and RMSNorm, which the layer-by-layer forward then runs too) and int8's GEMV for a row or two. A packed model takes it, bit for
     bit that forward and its greedy tokens; with those kernels off (the old AMX policy) it is not taken."""
     assert kernels.build() is None
     flags = kernels.cpu.flags() or frozenset()
@@ -242,6 +242,9 @@ def test_on_amx_cpus_only_the_fused_step_runs_over_onednn_packed_weights(monkeyp
     with monkeypatch.context() as m:
         m.setattr(SmolVLM, "fused_decoder", lambda self, cache: "off for this test")
         assert torch.equal(generate_ids(model, ids, max_new_tokens=6, eos_token_id=[]), fused)
-    monkeypatch.setitem(kernels._state, "fused", "off: the old AMX policy")
-    assert not kernels.ready("decode_attention") and not kernels.ready("rms_norm")
+    int8 = _model(torch.bfloat16, "int8")  # one row: smolvlm's int8 GEMV (PyTorch's has no AMX code); three: PyTorch's
+    for rows, kind in ((1, "int8"), (3, "int8_torch")):
+        assert set(fused_decode.plan(int8.model.text_model, _cache(int8, dtype, rows)).kinds) == {fused_decode.KINDS[kind]}
+    monkeypatch.setitem(kernels._state, "on_amx", "off: the old AMX policy")
+    assert not kernels.ready("decode_attention") and not kernels.ready("rms_norm") and not kernels.ready("int8_rows")
     assert "AMX" in fused_decode.plan(text, _cache(model, dtype))

@@ -29,7 +29,8 @@ process run with ``ATEN_CPU_CAPABILITY=avx2`` chooses as an AVX2-only CPU does (
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AMX only the fused decode step runs them (its attention and RMSNorm; the GEMVs stay oneDNN's), on
+CPUs with AMX only the fused decode step (its attention and RMSNorm; the GEMVs stay oneDNN's) and int8's GEMV for
+one or two rows run them, on
 AVX-512 CPUs only the attentions, the bf16/float32 GEMV,
 the RMSNorm, the int8 GEMV for one or two bf16 rows (any float32 decode call) and the fused decode
 step, unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
@@ -170,12 +171,14 @@ def prepare() -> bool:
       its own weight layout); and the RMSNorm of eager steps (about 3 against 11 us a call); the
       float32 GEMV of a float32 model's plain text linears (80 layers of 576x1536 and 1536x576: 4.4
       against 14.9 ms through MKL, 8.9 through oneDNN's packed weights); the fused decode step (256M bf16 10.5 -> 7.3 ms a step; eighteenth round);
-    - AMX: only the fused decode step (``ON_AMX``: the step, its decode attention and RMSNorm, and the
-      same two in the layer-by-layer forward, whose numbers the step must match), its GEMVs oneDNN's packed
-      AMX ones as before. PyTorch's GEMMs and flash attention and Inductor's templates use the tiles. The
-      step removes the ~2,000 PyTorch calls a token that surround those GEMVs: measured with the same
-      oneDNN-packed bf16 weights on an AMD EPYC (no AMX), a 256M step 11.8-12.4 -> 8.0-8.4 ms at a
-      16-token context (twenty-third round; not measured on an AMX CPU).
+    - AMX: the fused decode step (``ON_AMX``: the step, its decode attention and RMSNorm, and the same two
+      in the layer-by-layer forward, whose numbers the step must match), its GEMVs oneDNN's packed AMX ones
+      as before; and the int8 GEMV for one or two rows (any float32 call), as on AVX-512 without AMX:
+      PyTorch's int8 GEMV has no AMX code, so it is the same AVX-512 kernel that ours beat 1.4x on the Zen 5.
+      PyTorch's GEMMs and flash attention and Inductor's templates use the tiles. The step removes the
+      ~2,000 PyTorch calls a token that surround the GEMVs: measured with the same oneDNN-packed bf16
+      weights on an AMD EPYC (no AMX), a 256M step 11.8-12.4 -> 8.0-8.4 ms at a 16-token context
+      (twenty-third round; not measured on an AMX CPU).
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
     if "use" not in _state:
@@ -183,8 +186,8 @@ def prepare() -> bool:
         forced = os.environ.get(ENV) == "1"
         amx = "amx_tile" in flags and not forced
         _state["use"] = AMX if amx else build()
-        if amx:  # the fused step's kernels only (``ON_AMX``)
-            _state["fused"] = build()
+        if amx:  # the kinds of ``ON_AMX`` only
+            _state["on_amx"] = build()
         _state["gemv"] = ("this CPU has AVX-512: PyTorch's GEMVs are used" if "avx512f" in flags and not forced
                           else _state["use"])
         _state["bf16_attention"] = ("this CPU lacks AVX-512 BF16" if "avx512_bf16" not in flags
@@ -197,8 +200,8 @@ def prepare() -> bool:
 
 KINDS = ("gemv", "decode_attention", "bf16_attention", "f32_attention", "float_gemv", "int8_rows", "rms_norm",
          "decode_layers")
-AMX = "this CPU has AMX: PyTorch's and oneDNN's kernels are used, smolvlm's only in the fused decode step"
-ON_AMX = ("decode_layers", "decode_attention", "rms_norm")  # the kinds that run on AMX CPUs too (``prepare``)
+AMX = "this CPU has AMX: PyTorch's and oneDNN's kernels are used, smolvlm's only in the fused decode step and int8 decode"
+ON_AMX = ("decode_layers", "decode_attention", "rms_norm", "int8_rows")  # the kinds run on AMX CPUs (``prepare``)
 
 
 def ready(kind: str = "gemv") -> bool:
@@ -219,7 +222,7 @@ def ready(kind: str = "gemv") -> bool:
         prepare()
     use = _state["use"]
     if use == AMX and kind in ON_AMX:
-        use = _state.get("fused", use)
+        use = _state.get("on_amx", use)
     if use is not None:
         return False
     if kind == "gemv":
@@ -230,7 +233,7 @@ def ready(kind: str = "gemv") -> bool:
 
 
 def problem() -> str | None:
-    """Why the layers use none of the kernels here, or on AMX CPUs only the fused step's (``AMX``; None: they use
+    """Why the layers use none of the kernels here, or on AMX CPUs only ``ON_AMX``'s (``AMX``; None: they use
     them, the GEMVs only where ``ready()`` says so)."""
     prepare()
     return _state["use"]  # type: ignore[return-value]
