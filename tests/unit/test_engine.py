@@ -390,6 +390,33 @@ def test_32_requests_through_8_rows(model, proc):
         assert done[i].token_ids == alone(model, inps[i], max_new_tokens=3 + i % 5, eos_token_id=[])
 
 
+def test_a_row_taken_from_the_queue_never_looks_free(model, proc):
+    """From the step that takes a request off the queue until its row holds it (images encoded, prompt in), the
+    row must not count as free. If it did, ``generate`` and the server would see room that is not there, and
+    the next ``submit`` would raise ``EngineBusy``: ``test_32_requests_through_8_rows`` failed so, once in a
+    while, when the loop thread took a request between its room check and its submit."""
+    engine = Engine(model, max_batch=2, max_context=128, max_queue=0)
+    seen, advance, prefill = [], engine._advance_pending, engine._prefill
+
+    def watched_advance(admitted):  # the rows just taken off the queue, before they are marked pending
+        seen.append(("admitted", {r for r, _ in admitted}, set(engine._free_rows())))
+        return advance(admitted)
+
+    def watched_prefill(group):  # the rows out of pending, before they hold their request
+        seen.append(("ready", {r for r, _ in group}, set(engine._free_rows())))
+        return prefill(group)
+
+    engine._advance_pending, engine._prefill = watched_advance, watched_prefill
+    handles = [engine.submit(request(model, inputs(proc, f"Question {i}?", (IMG_A,) if i else ()), max_new_tokens=2,
+                                     eos_token_id=[])) for i in range(2)]
+    drain(engine)
+    assert all(h.done for h in handles) and [h.result().finish.reason for h in handles] == ["length"] * 2
+    assert {what for what, rows, _ in seen if rows} == {"admitted", "ready"}
+    for what, rows, free in seen:
+        assert not rows & free, f"{what} rows {sorted(rows)} counted free"
+    assert engine._free_rows() == [0, 1]  # and free again once the requests are done
+
+
 # -- (6) per-row sampling ------------------------------------------------------------------------
 def test_seeded_sampling_same_alone_and_in_batch(model, proc):
     inp = inputs(proc, "Write a poem about the sea.")

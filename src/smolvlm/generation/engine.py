@@ -146,6 +146,9 @@ class Engine:
         self.rows: list[_Row | None] = [None] * max_batch
         # rows held by requests whose prompt goes in a slice per step (``_advance_pending``)
         self._pending: dict[int, _Pending] = {}
+        # rows of requests taken off the queue, or out of ``_pending``, this step and not yet holding them
+        # (``rows[r]`` still None): not free, or a room check in another thread would count them
+        self._reserved: set[int] = set()
         self.slice_s, self.prefill_chunk = slice_s, prefill_chunk
         self._layer_s = 0.0  # seconds the last vision-encoder layer of a tile took (``TileEncoding.step``)
         self._decode_s = 0.0  # seconds the last decode step took
@@ -199,7 +202,8 @@ class Engine:
         return max(0, len(self._waiting) + extra - len(self._free_rows()))
 
     def _free_rows(self) -> list[int]:
-        return [r for r, row in enumerate(self.rows) if row is None and r not in self._pending]
+        return [r for r, row in enumerate(self.rows)
+                if row is None and r not in self._pending and r not in self._reserved]
 
     def _wake(self) -> None:
         with self._lock:
@@ -222,6 +226,8 @@ class Engine:
             return (bool(admitted) or any(row is not None for row in self.rows) or bool(self._waiting)
                     or bool(self._pending))
         finally:
+            with self._lock:  # each row taken this step now holds its request, is pending, or was finished
+                self._reserved.clear()
             self._step_lock.release()
 
     def _admit(self) -> list[tuple[int, PreparedRequest]]:
@@ -234,6 +240,7 @@ class Engine:
                 if not self._waiting:
                     break
                 admitted.append((r, self._waiting.popleft()))
+                self._reserved.add(r)
         return admitted
 
     def _advance_pending(self, admitted: list[tuple[int, PreparedRequest]]) -> list[tuple[int, PreparedRequest]]:
@@ -288,6 +295,7 @@ class Engine:
                         continue
                     t_end -= left * self._token_time()  # its last chunk runs after this loop
                     worked = True
+                self._reserved.add(r)  # before it leaves pending: its prefill below makes it the row's
                 del self._pending[r]
                 ready.append((r, prep))
             except Exception as e:  # a bad image fails its own request only
