@@ -185,9 +185,9 @@ def prepare() -> bool:
         flags = cpu.flags() or frozenset()
         forced = os.environ.get(ENV) == "1"
         amx = "amx_tile" in flags and not forced
-        _state["use"] = AMX if amx else build()
-        if amx:  # the kinds of ``ON_AMX`` only
-            _state["on_amx"] = build()
+        _state["use"] = built = build()
+        if amx and built is None:  # the kinds of ``ON_AMX`` only
+            _state["use"], _state["on_amx"] = AMX, None
         _state["gemv"] = ("this CPU has AVX-512: PyTorch's GEMVs are used" if "avx512f" in flags and not forced
                           else _state["use"])
         _state["bf16_attention"] = ("this CPU lacks AVX-512 BF16" if "avx512_bf16" not in flags
