@@ -272,7 +272,7 @@ def _cache_slices(b: int, hkv: int, length: int, d: int, g: torch.Generator) -> 
 
 
 @needs_kernel
-@pytest.mark.parametrize("b,hq,hkv,length", [(1, 9, 3, 256), (2, 4, 4, 37), (1, 2, 1, 1)])
+@pytest.mark.parametrize("b,hq,hkv,length", [(1, 9, 3, 256), (2, 4, 4, 37), (1, 2, 1, 1), (1, 15, 5, 700), (2, 32, 8, 300)])
 @pytest.mark.parametrize("mask_rows", [None, 1, "B"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
@@ -326,6 +326,33 @@ def test_decode_attention_edge_cases():
         torch.ops.smolvlm.decode_attention(q, k, v.bfloat16(), None)
     with pytest.raises(RuntimeError, match="mask"):
         torch.ops.smolvlm.decode_attention(q, k, v, torch.ones(2, 1, 1, 5, dtype=torch.bool))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dot", [True, False])
+def test_bf16_decode_attention_over_key_chunks_both_paths(dot):
+    """A bf16 query over a bf16 cache with D % 32 == 0 takes the AVX-512 BF16 path where the CPU has it
+    (``bf16_decode_attention.cpp``: 256-key chunks merged at the end), else (``dot`` False, or no such
+    CPU) the AVX2 loop: either way SDPA's numbers up to one bf16 rounding, for a NaN key in a later chunk,
+    a row with no visible key, and a row whose only visible key is in its last chunk."""
+    assert kernels.build() is None
+    torch.ops.smolvlm.use_bf16_dot(dot and kernels.cpu.has("avx512_bf16"))
+    try:
+        g = torch.Generator().manual_seed(5)
+        q = torch.randn(3, 8, 1, 64, generator=g).bfloat16()
+        k, v = (torch.randn(3, 2, 600, 64, generator=g).bfloat16() for _ in range(2))
+        mask = torch.ones(3, 1, 1, 600, dtype=torch.bool)
+        mask[1] = False  # nothing visible: zeros
+        mask[2, ..., :599] = False  # one key, in the last chunk: its value
+        got = torch.ops.smolvlm.decode_attention(q, k, v, mask)
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+        assert_close(got[0].float(), want[0], rtol=2.0**-7, atol=1e-5)
+        assert (got[1] == 0).all() and torch.equal(got[2], v[2, :, 599:600].repeat_interleave(4, 0))
+        k[0, 1, 400, 5] = float("nan")  # KV head 1 of row 0, in its second chunk: that row's heads 4-7 only
+        got = torch.ops.smolvlm.decode_attention(q, k, v, None)
+        assert got[0, 4:].isnan().all() and not got[0, :4].isnan().any() and not got[1:].isnan().any()
+    finally:
+        torch.ops.smolvlm.use_bf16_dot(kernels.cpu.has("avx512_bf16"))
 
 
 @needs_kernel

@@ -7,8 +7,9 @@
 - ``float_gemv.cpp``: the GEMV of plain bf16 and float32 weights (bf16 decode where oneDNN has no bf16
   kernels, AVX2-only CPUs: ``model/upcast.py``'s ``UpcastLinear``; bf16 and float32 text linears left
   unpacked on AVX-512 CPUs without AMX: ``GemvLinear``), ``torch.ops.smolvlm.bf16_gemv`` / ``f32_gemv``.
-- ``decode_attention.cpp``: one query per row over an fp32 KV cache (the decode step's attention),
-  ``torch.ops.smolvlm.decode_attention``.
+- ``decode_attention.cpp``: one query per row over an fp32 or bf16 KV cache (the decode step's attention),
+  ``torch.ops.smolvlm.decode_attention``; a bf16 query over a bf16 cache goes to
+  ``bf16_decode_attention.cpp`` where the CPU has AVX-512 BF16 (key chunks split over the threads).
 - ``bf16_attention.cpp``: bf16 attention of a whole sequence, with a key mask, a mask per query or
   causal (the vision encoder's, a prompt's), AVX-512 BF16 only, ``torch.ops.smolvlm.bf16_attention``.
 - ``f32_attention.cpp``: the same in float32, AVX-512 only, where MKL (inside PyTorch's flash attention)
@@ -54,7 +55,7 @@ ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "float_gemv.cpp",
                                                        "decode_attention.cpp", "bf16_attention.cpp", "f32_attention.cpp",
-                                                       "rms_norm.cpp", "decode_layers.cpp")]
+                                                       "rms_norm.cpp", "decode_layers.cpp", "bf16_decode_attention.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None

@@ -1,4 +1,5 @@
-// Attention of one new token per row over an fp32 or bf16 KV cache: the decode step's SDPA, x86 AVX2 + FMA.
+// Attention of one new token per row over an fp32 or bf16 KV cache: the decode step's SDPA, x86 AVX2 + FMA
+// (a bf16 query over a bf16 cache goes to bf16_decode_attention.cpp where the CPU has AVX-512 BF16).
 //
 // q (B, Hq, 1, D) float32/bfloat16/float16, k and v (B, Hkv, L, D) float32 or bfloat16, both the same
 // (any strides but a contiguous last dim: slices of the static cache; bf16 values are widened exactly), mask (Bm, 1, 1, L) bool or None (True = may
@@ -135,6 +136,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: k, v both float32 or both bfloat16");
   const smolvlm_kernels::KeyMask mask = smolvlm_kernels::key_mask(mask_opt, B, 1, L, "decode_attention");
   TORCH_CHECK(D % 8 == 0 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: D % 8 == 0, contiguous last dim");
+  if (q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && D % 32 == 0 && bf16_dot_on())
+    return bf16_decode_attention(q, k, v, mask);  // AVX-512 BF16: bf16_decode_attention.cpp
   // q widened to float32 here, the result rounded to q's dtype at the end: no ATen casts (~7 us each)
   std::vector<float> q32(B * Hq * D);
   at::Tensor out = at::empty({B, Hq, 1, D}, q.options());

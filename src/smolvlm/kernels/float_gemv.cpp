@@ -80,7 +80,8 @@ void one_row(const float* x, const W* wr, void* y, Store store, int64_t r, int64
 
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-// Whether one bf16 row takes the dot instruction below: set once by smolvlm/kernels/__init__.py from
+// Whether one bf16 row takes the dot instruction below (and bf16 decode attention its own, bf16_decode_attention.cpp):
+// set once by smolvlm/kernels/__init__.py from
 // smolvlm.cpu (the CPU has AVX-512 BF16 and PyTorch runs at its AVX-512 level, so an AVX2-only run,
 // ATEN_CPU_CAPABILITY=avx2, takes the widening loop as an AVX2-only CPU does); off until then.
 std::atomic<bool> bf16_dot{false};
@@ -191,6 +192,8 @@ at::Tensor f32_gemv_cat(const at::Tensor& x, at::TensorList w) {
 at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) { return f32_gemv_cat(x, {w}); }
 
 void use_bf16_dot(bool on) { bf16_dot = on && __builtin_cpu_supports("avx512bf16"); }
+
+bool bf16_dot_on() { return bf16_dot.load(std::memory_order_relaxed); }
 
 }  // namespace smolvlm_kernels
 

@@ -13,5 +13,9 @@ at::Tensor int4_gemv_cat(const at::Tensor& x, at::TensorList w, at::TensorList t
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+// whether the AVX-512 BF16 dot products run (``use_bf16_dot``, set by kernels/__init__.py from smolvlm.cpu)
+bool bf16_dot_on();
+struct KeyMask;  // attention.h
+at::Tensor bf16_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const KeyMask& mask);
 
 }  // namespace smolvlm_kernels
