@@ -30,13 +30,11 @@ process run with ``ATEN_CPU_CAPABILITY=avx2`` chooses as an AVX2-only CPU does (
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AMX only the fused decode step (its attention and RMSNorm; the GEMVs stay oneDNN's) and int8's GEMV for
-one or two rows run them, on
-AVX-512 CPUs only the attentions, the bf16/float32 GEMV,
-the RMSNorm, the int8 GEMV for one or two bf16 rows (any float32 decode call) and the fused decode
-step, unless ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The
-build takes about a minute on 2 cores and is cached by PyTorch (``~/.cache/torch_extensions``, or
-``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
+CPUs with AMX only the fused decode step (its attention and RMSNorm; the GEMVs stay oneDNN's) and int8's GEMV
+for one or two rows run them, on AVX-512 CPUs only the attentions, the bf16/float32 GEMV, the RMSNorm, the
+int8 GEMV for one or two bf16 rows (any float32 decode call) and the fused decode step, unless
+``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The build takes about a minute on 2 cores and is cached by
+PyTorch (``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
 """
 
 from __future__ import annotations
@@ -54,8 +52,9 @@ from smolvlm import cpu
 ENV = "SMOLVLM_CPU_KERNELS"  # "0": never build or use them
 _NAME = "smolvlm_cpu_kernels"
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_gemv.cpp", "int4_gemv.cpp", "float_gemv.cpp",
-                                                       "decode_attention.cpp", "bf16_attention.cpp", "f32_attention.cpp",
-                                                       "rms_norm.cpp", "decode_layers.cpp", "bf16_decode_attention.cpp")]
+                                                       "decode_attention.cpp", "bf16_decode_attention.cpp",
+                                                       "bf16_attention.cpp", "f32_attention.cpp", "rms_norm.cpp",
+                                                       "decode_layers.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for splits rows over torch's threads
 
 _state: dict[str, object] = {}  # "built": build problem or None; "use": why the layers do not use them, or None
@@ -201,7 +200,8 @@ def prepare() -> bool:
 
 KINDS = ("gemv", "decode_attention", "bf16_attention", "f32_attention", "float_gemv", "int8_rows", "rms_norm",
          "decode_layers")
-AMX = "this CPU has AMX: PyTorch's and oneDNN's kernels are used, smolvlm's only in the fused decode step and int8 decode"
+AMX = ("this CPU has AMX: PyTorch's and oneDNN's kernels are used, smolvlm's only in the fused decode step and "
+       "int8 decode")
 ON_AMX = ("decode_layers", "decode_attention", "rms_norm", "int8_rows")  # the kinds run on AMX CPUs (``prepare``)
 
 

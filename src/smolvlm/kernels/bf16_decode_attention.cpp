@@ -51,7 +51,8 @@ AVX512BF16 inline __m512 sums16(const __m512* a) {
 }
 
 AVX512BF16 inline __m512 widen16(const uint16_t* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
 }
 
 // G query heads (q: G rows of D bf16, D % 32 == 0) over keys [0, n) of one chunk (n <= CHUNK); per head g:
@@ -154,7 +155,8 @@ at::Tensor bf16_decode_attention(const at::Tensor& q, const at::Tensor& k, const
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   at::Tensor out = at::empty({B, Hq, 1, D}, q.options());
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-  const int64_t group = Hq / Hkv, passes = (group + MAXG - 1) / MAXG, chunks = std::max<int64_t>(1, (L + CHUNK - 1) / CHUNK);
+  const int64_t group = Hq / Hkv, passes = (group + MAXG - 1) / MAXG;
+  const int64_t chunks = std::max<int64_t>(1, (L + CHUNK - 1) / CHUNK);
   // per (row, query head, chunk): the chunk's largest score, its sum of exps and its D weighted values
   std::vector<float> part(B * Hq * chunks * (D + 2));
   auto at_part = [&](int64_t b, int64_t h, int64_t c) { return part.data() + ((b * Hq + h) * chunks + c) * (D + 2); };
