@@ -6,7 +6,7 @@ an AMX CPU: the text linears are oneDNN-packed (``pack="auto"``, as an AMX CPU l
 goes through oneDNN under both policies, and only what surrounds the GEMVs differs. With ``--quantize int8``
 the new policy's single row also takes smolvlm's int8 GEMV where the old one takes PyTorch's (bf16; PyTorch's
 has no AMX code, so an AMX CPU runs the same AVX-512 kernel as this one) or dequantizes (float32). The old
-policy is the new one with ``kernels._state["on_amx"]`` set to a reason (those kernels off), so both run in
+policy is the new one with ``kernels._state["use"]`` set to a reason (every kernel off), so both run in
 one process, alternating, on one loaded model.
 
 What it cannot show: AMX's own GEMV times (the same calls under both policies, so they shift both rows
@@ -76,11 +76,11 @@ def main() -> None:
             speed: dict[str, list[float]] = {"old": [], "new": []}
             tokens: dict[str, list[int]] = {}
             for _ in range(args.reps):
-                for name, fused in (("old", "off: the old AMX policy"), ("new", None)):
-                    kernels._state["on_amx"] = fused
+                for name, use in (("old", "off: the old AMX policy"), ("new", kernels.AMX)):
+                    kernels._state["use"] = use
                     tps, tokens[name] = decode()
                     speed[name].append(tps)
-            kernels._state["on_amx"] = None
+            kernels._state["use"] = kernels.AMX
             old, new = (statistics.median(speed[k]) for k in ("old", "new"))
             shared = sum(a == b for a, b in zip(tokens["old"], tokens["new"]))
             span = {k: f"{min(v):.1f}-{max(v):.1f}" for k, v in speed.items()}

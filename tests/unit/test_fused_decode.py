@@ -245,6 +245,6 @@ def test_on_amx_cpus_only_the_fused_step_runs_over_onednn_packed_weights(monkeyp
     int8 = _model(torch.bfloat16, "int8")  # one row: smolvlm's int8 GEMV (PyTorch's has no AMX code); three: PyTorch's
     for rows, kind in ((1, "int8"), (3, "int8_torch")):
         assert set(fused_decode.plan(int8.model.text_model, _cache(int8, dtype, rows)).kinds) == {fused_decode.KINDS[kind]}
-    monkeypatch.setitem(kernels._state, "on_amx", "off: the old AMX policy")
+    monkeypatch.setitem(kernels._state, "use", "off: the old AMX policy")
     assert not kernels.ready("decode_attention") and not kernels.ready("rms_norm") and not kernels.ready("int8_rows")
     assert "AMX" in fused_decode.plan(text, _cache(model, dtype))

@@ -177,17 +177,16 @@ def prepare() -> bool:
       PyTorch's int8 GEMV has no AMX code, so it is the same AVX-512 kernel that ours beat 1.4x on the Zen 5.
       PyTorch's GEMMs and flash attention and Inductor's templates use the tiles. The step removes the
       ~2,000 PyTorch calls a token that surround the GEMVs: measured with the same oneDNN-packed bf16
-      weights on an AMD EPYC (no AMX), a 256M step 11.8-12.4 -> 8.0-8.4 ms at a 16-token context
-      (twenty-third round; not measured on an AMX CPU).
+      weights on an AMD EPYC Zen 5 (no AMX), 256M bf16 decode at a 16-token context 1.45-1.78x faster
+      (``bench/amx_policy.py``, two runs; twenty-third round; not measured on an AMX CPU).
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
     if "use" not in _state:
         flags = cpu.flags() or frozenset()
         forced = os.environ.get(ENV) == "1"
-        amx = "amx_tile" in flags and not forced
-        _state["use"] = built = build()
-        if amx and built is None:  # the kinds of ``ON_AMX`` only
-            _state["use"], _state["on_amx"] = AMX, None
+        _state["use"] = build()
+        if "amx_tile" in flags and not forced and _state["use"] is None:
+            _state["use"] = AMX  # the kinds of ``ON_AMX`` only
         _state["gemv"] = ("this CPU has AVX-512: PyTorch's GEMVs are used" if "avx512f" in flags and not forced
                           else _state["use"])
         _state["bf16_attention"] = ("this CPU lacks AVX-512 BF16" if "avx512_bf16" not in flags
@@ -221,10 +220,7 @@ def ready(kind: str = "gemv") -> bool:
         if torch.compiler.is_compiling():
             return False
         prepare()
-    use = _state["use"]
-    if use == AMX and kind in ON_AMX:
-        use = _state.get("on_amx", use)
-    if use is not None:
+    if _state["use"] is not None and not (_state["use"] == AMX and kind in ON_AMX):
         return False
     if kind == "gemv":
         return _state.get("gemv") is None

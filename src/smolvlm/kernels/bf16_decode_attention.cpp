@@ -11,7 +11,8 @@
 // Here a KV head's query heads (up to MAXG) share each key and value load, the scores are pair dot products
 // summed 16 keys at a time, and the work is split into (row, KV head, CHUNK keys) units whose partial
 // softmaxes (max, sum, weighted values) are merged at the end, so 2 threads get equal halves. One 900-key
-// layer (9 over 3 heads) 28.4 -> 16.3 us with its cache in L2. In a decode step the caches come from memory
+// layer (9 over 3 heads) 23.0 -> 11.8 us with its cache in L2 (AMD EPYC Zen 5, 2 threads,
+// bench/decode_attention.py). In a decode step the caches come from memory
 // and the gain shows at long contexts: a 256M step at 4,000 tokens 11.7-12.1 -> 10.5-10.8 ms, at 900 within
 // 1% (bench/ANALYSIS.md, twenty-third round).
 #include <torch/extension.h>
