@@ -55,7 +55,8 @@ LLAMA_VLM_CHILD = ROOT / "bench" / "_harness" / "llamacpp_vlm_child.py"
 LLAMA_TEXT = {"llama.cpp": {"bfloat16": "text-bf16.gguf", "float32": "text-f32.gguf"},
               "llama.cpp-q8_0": {"bfloat16": "text-q8_0.gguf", "float32": "text-q8_0.gguf"}}
 LLAMA_MMPROJ = {"bfloat16": "mmproj-bf16.gguf", "float32": "mmproj-f32.gguf"}
-from _harness.peer_common import COMPILED_ENGINES, COMPILED_SUFFIXES  # noqa: E402 - after the sys.path line
+from _harness.peer_common import (COMPILED_ENGINES, COMPILED_SUFFIXES, KERNEL_ENGINES,  # noqa: E402 - after sys.path
+                                  KERNEL_SUFFIXES)
 from smolvlm.cpu import AVX2_ONLY, avx2_only_env  # noqa: E402
 
 VLM_ENGINES = ["ours", "transformers", *OV_EXPORTS, *LLAMA_TEXT]
@@ -82,9 +83,11 @@ def sh(cmd: list[str]) -> str:
         return "unknown"
 
 
-def child(cmd: list[str], label: str) -> dict | None:
+def child(cmd: list[str], label: str, kernels: str | None = None) -> dict | None:
+    """Run one child; ``kernels``: its SMOLVLM_CPU_KERNELS (``KERNEL_ENGINES``), None: as this process has it."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = None if kernels is None else {**os.environ, "SMOLVLM_CPU_KERNELS": kernels}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not lines:
         print(f"  !! {label} failed (rc {p.returncode}):\n{p.stderr[-3000:]}", flush=True)
@@ -170,6 +173,7 @@ def run_vlm(args: argparse.Namespace, rows: list[dict]) -> None:
         if not (ckpt / "config.json").is_file():
             raise SystemExit(f"{ckpt} missing: build it with .venv/bin/python bench/parity_full_size.py --models {model}")
         engines = vlm_engines(args, model) + [e for e, mode in COMPILED_ENGINES.items() if mode in compile_modes(args)]
+        engines += list(KERNEL_ENGINES) if args.kernel_policies else []
         llama_spec = json.dumps({"prompt": vlm_decode_ids(ref, args.quick)}) if set(engines) & set(LLAMA_TEXT) else None
         for dtype in args.dtypes:
             for rep in range(args.reps):
@@ -188,7 +192,7 @@ def run_vlm(args: argparse.Namespace, rows: list[dict]) -> None:
                     else:
                         cmd = me("--child", "vlm", "--engine", eng, "--ckpt", str(ckpt), "--ref", str(ref),
                                  "--dtype", dtype, *extra)
-                    r = child(cmd, f"{model} {dtype} rep{rep} {eng}")
+                    r = child(cmd, f"{model} {dtype} rep{rep} {eng}", KERNEL_ENGINES.get(eng))
                     if r:
                         rows.append({"model": model, "rep": rep, **r})
                         save_raw(args, rows=rows)
@@ -250,13 +254,17 @@ def run_text(args: argparse.Namespace, rows: list[dict]) -> None:
         **{f"ours-{m}-{suffix}": me("--child", "text", "--dtype", "bfloat16", "--quantize", m, "--compile-mode", cm,
                                     "--spec", json.dumps(spec), "--threads", str(threads))
            for suffix, cm in COMPILED_SUFFIXES.items() if cm in compile_modes(args) for m in ("none", "int8", "int4")},
+        **{f"ours-{m}-{suffix}": me("--child", "text", "--dtype", "bfloat16", "--quantize", m, "--spec", json.dumps(spec),
+                                    "--threads", str(threads))
+           for suffix in (KERNEL_SUFFIXES if args.kernel_policies else ()) for m in ("none", "int8", "int4")},
     }
     names = list(engines)
     for rep in range(args.text_reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate the order each rep
-            r = child(engines[name], f"text rep{rep} {name}")
-            if r:
-                rows.append({"rep": rep, **r})
+            suffix = name.split("-", 2)[-1]
+            r = child(engines[name], f"text rep{rep} {name}", KERNEL_SUFFIXES.get(suffix))
+            if r:  # the child names its row by its weights (ours-bfloat16, ours-int8...): add the kernel policy
+                rows.append({"rep": rep, **r, **({"engine": f"{r['engine']}-{suffix}"} if suffix in KERNEL_SUFFIXES else {})})
                 save_raw(args, text=rows)
 
 
@@ -379,6 +387,10 @@ def main() -> None:
     ap.add_argument("--compiled-max", action="store_true",
                     help="also run ours through the compiled decode step in mode max-autotune (smolvlm --compile-mode "
                          "max-autotune): text rows ours-{none,int8,int4}-compiled-max and the VLM engine ours-compiled-max")
+    ap.add_argument("--kernel-policies", action="store_true",
+                    help="also run ours with SMOLVLM_CPU_KERNELS=0 (none of smolvlm's kernels) and =1 (all of them): "
+                         "the VLM engines ours-kernels-off and ours-kernels-all, text rows ours-{none,int8,int4}-kernels-"
+                         "{off,all}; weighs the kernel policy of a CPU (kernels.prepare)")
     ap.add_argument("--isa", choices=("native", "avx2"), default="native",
                     help="avx2: run as an AVX2-only CPU (see the module docstring); native (default): this CPU as it is")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: vlm,text,agree")
@@ -444,7 +456,8 @@ def main() -> None:
         rows: list[dict] = [r for r in old.get("rows", [])  # keep what this run does not measure again
                             if "vlm" in skip or not (r.get("model") in args.models and r.get("dtype") in args.dtypes
                                                      and (args.engines is None or r.get("engine") in args.engines
-                                                          or COMPILED_ENGINES.get(r.get("engine")) in compile_modes(args)))]
+                                                          or COMPILED_ENGINES.get(r.get("engine")) in compile_modes(args)
+                                                          or (args.kernel_policies and r.get("engine") in KERNEL_ENGINES)))]
         text: list[dict] = old.get("text", []) if "text" in skip else []
         if "vlm" not in skip:
             run_vlm(args, rows)

@@ -19,6 +19,11 @@ GREEDY_N = 32  # greedy ids after the decode prompt, for the agreement row
 # (VLM engines ours-compiled, ours-compiled-max; text rows ours-<quantize>-compiled...)
 COMPILED_SUFFIXES = {"compiled": "default", "compiled-max": "max-autotune"}
 COMPILED_ENGINES = {f"ours-{suffix}": mode for suffix, mode in COMPILED_SUFFIXES.items()}
+# ours under another kernel policy (bench/run.py --kernel-policies): engine-name suffix -> SMOLVLM_CPU_KERNELS
+# ("0": none of smolvlm's kernels, the policy AMX CPUs had before the twenty-third round; "1": all of them,
+# as on a CPU without AMX). VLM engines ours-kernels-off, ours-kernels-all; text rows ours-<quantize>-kernels-...
+KERNEL_SUFFIXES = {"kernels-off": "0", "kernels-all": "1"}
+KERNEL_ENGINES = {f"ours-{suffix}": value for suffix, value in KERNEL_SUFFIXES.items()}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
