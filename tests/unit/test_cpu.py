@@ -87,7 +87,7 @@ def test_doctor_names_the_library_of_float32_gemms(hardware, monkeypatch, vendor
 
 
 @pytest.mark.parametrize("flags, built, says", [
-    ({"avx2", "fma", "avx512f", "amx_tile"}, None, "built, in the fused decode step and int8 decode only (this CPU has AMX"),
+    ({"avx2", "fma", "avx512f", "amx_tile"}, None, "built, in decode only (this CPU has AMX"),
     ({"avx2", "fma", "avx512f", "amx_tile"}, "c++: not found", "not used: c++: not found"),
     ({"avx2", "fma"}, None, "built, in use"),
     ({"avx2", "fma"}, "c++: not found", "not used: c++: not found")])

@@ -16,7 +16,7 @@ from smolvlm.generation.generate import generate_ids
 from smolvlm.model import fused_decode
 from smolvlm.model.kv_cache import KVCache
 from smolvlm.model.packed import pack_linears, packing_available
-from smolvlm.model.upcast import gemv_text_linears, upcast_slow_bf16
+from smolvlm.model.upcast import gemv_text_linears, text_gemv_pays, upcast_slow_bf16
 from smolvlm.quantization import quantize
 from tests.helpers import tiny_config
 
@@ -209,19 +209,25 @@ def test_a_slot_outside_the_cache_is_refused_in_one_line(monkeypatch):
 
 
 @torch.inference_mode()
-def test_on_amx_cpus_only_the_fused_step_runs_over_onednn_packed_weights(monkeypatch):
-    """On AMX CPUs (``kernels.ON_AMX``, decided here from this CPU's flags plus ``amx_tile``) the bf16 GEMVs stay
-    oneDNN's packed ones and the layers' other kernels PyTorch's; only the fused step runs (with its decode
-    attention and RMSNorm, which the layer-by-layer forward then runs too) and int8's GEMV for a row or two. A packed model takes it, bit for
-    bit that forward and its greedy tokens; with those kernels off (the old AMX policy) it is not taken."""
+def test_on_amx_cpus_the_kernels_run_in_decode_only(monkeypatch):
+    """On AMX CPUs (``kernels.ON_AMX``, decided here from this CPU's flags plus ``amx_tile``) smolvlm's kernels
+    run in decode only: the fused step (with its decode attention and RMSNorm, which the layer-by-layer
+    forward then runs too), the bf16/float32 GEMV of plain text linears (what ``pack="auto"`` leaves them as)
+    and int8's GEMV for a row or two; images' and prompts' attention and wider products stay PyTorch's. A
+    packed model (``pack=True``, and the server's batches) takes the step too, bit for bit that forward and
+    its greedy tokens; with those kernels off (the policy before) it is not taken."""
     assert kernels.build() is None
     flags = kernels.cpu.flags() or frozenset()
     monkeypatch.setattr(kernels.cpu, "flags", lambda: frozenset(flags | {"amx_tile"}))
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.delenv(kernels.ENV, raising=False)
     assert not kernels.prepare() and kernels.problem() == kernels.AMX
-    assert not kernels.ready("gemv") and not kernels.ready("float_gemv") and not kernels.ready("bf16_attention")
+    assert not kernels.ready("gemv") and not kernels.ready("bf16_attention") and not kernels.ready("f32_attention")
+    assert kernels.ready("float_gemv") and text_gemv_pays(torch.float32)
     dtype = torch.bfloat16 if packing_available(torch.bfloat16) else torch.float32
+    assert text_gemv_pays(dtype)  # pack="auto" leaves the text linears plain: the GEMV's
+    gemv = _model(dtype, "gemv")
+    assert set(fused_decode.plan(gemv.model.text_model, _cache(gemv, dtype)).kinds) == {_kind(dtype, "gemv", True, 1)}
     model = _model(dtype, "packed")
     text = model.model.text_model
     gen = torch.Generator().manual_seed(3)
@@ -246,5 +252,5 @@ def test_on_amx_cpus_only_the_fused_step_runs_over_onednn_packed_weights(monkeyp
     for rows, kind in ((1, "int8"), (3, "int8_torch")):
         assert set(fused_decode.plan(int8.model.text_model, _cache(int8, dtype, rows)).kinds) == {fused_decode.KINDS[kind]}
     monkeypatch.setitem(kernels._state, "use", "off: the old AMX policy")
-    assert not kernels.ready("decode_attention") and not kernels.ready("rms_norm") and not kernels.ready("int8_rows")
+    assert not any(kernels.ready(kind) for kind in kernels.ON_AMX)
     assert "AMX" in fused_decode.plan(text, _cache(model, dtype))

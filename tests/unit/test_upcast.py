@@ -84,7 +84,7 @@ def test_loader_upcasts_bf16_only_where_it_is_slow(tmp_path: Path, monkeypatch, 
     if slow:  # every bf16 layer packing left plain computes in float32, the patch embedding among them
         assert plain_layers(fast) == [] and "model.vision_model.embeddings.patch_embedding" in ups
         assert "model.connector.modality_projection.proj" in ups and gemv == []
-    else:  # nothing computes in float32; the text linears run the bf16 GEMV where that pays (AVX-512, no AMX)
+    else:  # nothing computes in float32; the text linears run the bf16 GEMV where that pays (AVX-512, AMX included)
         assert ups == []
         assert bool(gemv) == upcast.text_gemv_pays(torch.bfloat16)
         assert all(n.startswith("model.text_model.") or n == "lm_head" for n in gemv)

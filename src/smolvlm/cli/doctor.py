@@ -81,6 +81,6 @@ def _kernels_status() -> str:
     if kernels.prepare():
         return "built, in use"
     if kernels.ready("decode_layers"):  # AMX
-        return ("built, in the fused decode step and int8 decode only (this CPU has AMX: PyTorch's and oneDNN's "
-                "kernels elsewhere)")
+        return ("built, in decode only (this CPU has AMX: PyTorch's and oneDNN's kernels for images and "
+                "prompts)")
     return f"not used: {kernels.problem()}"

@@ -6,7 +6,7 @@
   (quantized to int8 per 32, llama.cpp's Q4_1 x Q8_1 dot), ``torch.ops.smolvlm.int4_gemv``.
 - ``float_gemv.cpp``: the GEMV of plain bf16 and float32 weights (bf16 decode where oneDNN has no bf16
   kernels, AVX2-only CPUs: ``model/upcast.py``'s ``UpcastLinear``; bf16 and float32 text linears left
-  unpacked on AVX-512 CPUs without AMX: ``GemvLinear``), ``torch.ops.smolvlm.bf16_gemv`` / ``f32_gemv``.
+  unpacked on AVX-512 CPUs, AMX ones included: ``GemvLinear``), ``torch.ops.smolvlm.bf16_gemv`` / ``f32_gemv``.
 - ``decode_attention.cpp``: one query per row over an fp32 or bf16 KV cache (the decode step's attention),
   ``torch.ops.smolvlm.decode_attention``; a bf16 query over a bf16 cache goes to
   ``bf16_decode_attention.cpp`` where the CPU has AVX-512 BF16 (key chunks split over the threads).
@@ -30,8 +30,8 @@ process run with ``ATEN_CPU_CAPABILITY=avx2`` chooses as an AVX2-only CPU does (
 
 Nothing needs them: without a C++ compiler, without AVX2/FMA, off Linux x86-64 or with
 ``SMOLVLM_CPU_KERNELS=0``, the layers use PyTorch's own kernels and :func:`problem` says why. On
-CPUs with AMX only the fused decode step (its attention and RMSNorm; the GEMVs stay oneDNN's) and int8's GEMV
-for one or two rows run them, on AVX-512 CPUs only the attentions, the bf16/float32 GEMV, the RMSNorm, the
+CPUs with AMX only decode runs them (the fused step, its attention and RMSNorm, the bf16/float32 GEMV, int8's
+GEMV for one or two rows; images and prompts stay on oneDNN's and PyTorch's AMX kernels), on AVX-512 CPUs only the attentions, the bf16/float32 GEMV, the RMSNorm, the
 int8 GEMV for one or two bf16 rows (any float32 decode call) and the fused decode step, unless
 ``SMOLVLM_CPU_KERNELS=1`` (see :func:`prepare`). The build takes about a minute on 2 cores and is cached by
 PyTorch (``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when a source changes.
@@ -171,14 +171,16 @@ def prepare() -> bool:
       its own weight layout); and the RMSNorm of eager steps (about 3 against 11 us a call); the
       float32 GEMV of a float32 model's plain text linears (80 layers of 576x1536 and 1536x576: 4.4
       against 14.9 ms through MKL, 8.9 through oneDNN's packed weights); the fused decode step (256M bf16 10.5 -> 7.3 ms a step; eighteenth round);
-    - AMX: the fused decode step (``ON_AMX``: the step, its decode attention and RMSNorm, and the same two
-      in the layer-by-layer forward, whose numbers the step must match), its GEMVs oneDNN's packed AMX ones
-      as before; and the int8 GEMV for one or two rows (any float32 call), as on AVX-512 without AMX:
-      PyTorch's int8 GEMV has no AMX code, so it is the same AVX-512 kernel that ours beat 1.4x on the Zen 5.
-      PyTorch's GEMMs and flash attention and Inductor's templates use the tiles. The step removes the
-      ~2,000 PyTorch calls a token that surround the GEMVs: measured with the same oneDNN-packed bf16
-      weights on an AMD EPYC Zen 5 (no AMX), 256M bf16 decode at a 16-token context 1.45-1.78x faster
-      (``bench/amx_policy.py``, two runs; twenty-third round; not measured on an AMX CPU).
+    - AMX: decode only (``ON_AMX``): the fused decode step, its decode attention and RMSNorm (and the same
+      two in the layer-by-layer forward, whose numbers the step must match), the bf16/float32 GEMV of the
+      plain text linears (``GemvLinear``) and the int8 GEMV for one or two rows (any float32 call; PyTorch's
+      int8 GEMV has no AMX code). Images and prompts stay on PyTorch's flash attention and oneDNN's AMX
+      GEMMs (the vision tower packed), int4 and wider int8 calls on PyTorch's kernels. Measured on a Xeon
+      with AMX (2 cores; twenty-fourth round, ``bench/run.py --kernel-policies``, ``bench/gemv_rows.py``):
+      256M bf16 decode at a 900-token context 35.6 tok/s with no kernels, 55.2 with the step over oneDNN's
+      packed GEMVs, 70.0 with the GEMV too (one row: 9.7 against 15.0 ms for 30 layers' linears), a
+      512 px tile 0.233 s against 0.43 with smolvlm's bf16 attention, prefill 0.88x unpacked;
+      SmolLM2-135M int8 decode 48 -> 115 tok/s.
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
     if "use" not in _state:
@@ -199,9 +201,9 @@ def prepare() -> bool:
 
 KINDS = ("gemv", "decode_attention", "bf16_attention", "f32_attention", "float_gemv", "int8_rows", "rms_norm",
          "decode_layers")
-AMX = ("this CPU has AMX: PyTorch's and oneDNN's kernels are used, smolvlm's only in the fused decode step and "
-       "int8 decode")
-ON_AMX = ("decode_layers", "decode_attention", "rms_norm", "int8_rows")  # the kinds run on AMX CPUs (``prepare``)
+AMX = ("this CPU has AMX: smolvlm's kernels run in decode only, PyTorch's and oneDNN's AMX kernels for images and "
+       "prompts")
+ON_AMX = ("decode_layers", "decode_attention", "rms_norm", "int8_rows", "float_gemv")  # the kinds run on AMX CPUs (``prepare``)
 
 
 def ready(kind: str = "gemv") -> bool:
