@@ -1,9 +1,12 @@
-"""The AMX kernel policy, measured on a CPU without AMX: old (every smolvlm kernel off) against new
-(``kernels.ON_AMX``: the fused decode step, its decode attention and RMSNorm, int8's GEMV for a row or two).
+"""The twenty-third round's AMX kernel policy, measured on a CPU without AMX: old (every smolvlm kernel off)
+against new (the fused decode step, its decode attention and RMSNorm, int8's GEMV for a row or two), both
+over oneDNN's packed text weights.
 
-Not run in CI. ``smolvlm.cpu.flags`` is made to report ``amx_tile`` too, so ``kernels.prepare`` decides as on
-an AMX CPU: the text linears are oneDNN-packed (``pack="auto"``, as an AMX CPU loads them), every bf16 GEMV
-goes through oneDNN under both policies, and only what surrounds the GEMVs differs. With ``--quantize int8``
+Superseded on a real AMX CPU by ``bench/run.py --kernel-policies`` (twenty-fourth round, where AMX CPUs also
+took smolvlm's GEMV of the plain text weights, ``kernels.ON_AMX``'s "float_gemv"); kept to regenerate that
+round's table. Not run in CI. ``smolvlm.cpu.flags`` is made to report ``amx_tile`` too, so ``kernels.prepare``
+decides as on an AMX CPU; the text linears are oneDNN-packed (``pack=True``, as AMX CPUs loaded them then), every
+bf16 GEMV goes through oneDNN under both policies, and only what surrounds the GEMVs differs. With ``--quantize int8``
 the new policy's single row also takes smolvlm's int8 GEMV where the old one takes PyTorch's (bf16; PyTorch's
 has no AMX code, so an AMX CPU runs the same AVX-512 kernel as this one) or dequantizes (float32). The old
 policy is the new one with ``kernels._state["use"]`` set to a reason (every kernel off), so both run in
@@ -49,10 +52,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     real = cpu.flags() or frozenset()
     if "amx_tile" in real:
-        raise SystemExit("this CPU has AMX: measure the policy with bench/run.py instead")
+        raise SystemExit("this CPU has AMX: measure the policies with bench/run.py --kernel-policies instead")
     cpu.flags = lambda: frozenset(real | {"amx_tile"})  # kernels.prepare decides as on an AMX CPU
     kernels.prepare()
-    assert {k for k in kernels.KINDS if kernels.ready(k)} == set(kernels.ON_AMX), kernels.problem()
+    assert {k for k in kernels.KINDS if kernels.ready(k)} == set(kernels.ON_AMX), kernels.problem()  # + float_gemv,
+    # which packed weights never call
 
     from smolvlm.generation.generate import generate_tokens
     from smolvlm.weights.load import load_model
@@ -62,7 +66,7 @@ def main() -> None:
     print("| dtype | weights | context | old policy tok/s | new policy tok/s | ratio (medians) | greedy tokens shared |")
     print("|---|---|---|---|---|---|---|")
     for dtype, quantize in ((d, q) for q in args.quantize for d in args.dtypes):
-        model = load_model(args.ckpt, dtype=dtype, pack="auto", quantize=quantize)
+        model = load_model(args.ckpt, dtype=dtype, pack=True, quantize=quantize)
         for ctx in args.ctx:
             ids = torch.randint(100, 40000, (1, ctx), generator=torch.Generator().manual_seed(0))
 
