@@ -58,3 +58,19 @@ def test_section_5_is_kept_with_the_raw_rows(tmp_path):
             assert "Targets met: all of them, said once." in report.read_text().split("## 5. Targets and analysis")[1]
     finally:
         raw.unlink()
+
+
+def test_a_kernel_policy_reaches_its_child(monkeypatch):
+    """``--kernel-policies`` runs ours with SMOLVLM_CPU_KERNELS=0 and =1 (engines ours-kernels-off/-all): the
+    value reaches the child's environment, and a child without a policy inherits this process's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run_under_test", REPO / "bench" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert run.KERNEL_ENGINES == {"ours-kernels-off": "0", "ours-kernels-all": "1"}
+    probe = [sys.executable, "-c", "import json, os; print('RESULT ' + json.dumps(os.environ.get('SMOLVLM_CPU_KERNELS')))"]
+    monkeypatch.setenv("SMOLVLM_CPU_KERNELS", "inherited")
+    for engine, value in run.KERNEL_ENGINES.items():
+        assert run.child(probe, engine, run.KERNEL_ENGINES.get(engine)) == value
+    assert run.child(probe, "ours", run.KERNEL_ENGINES.get("ours")) == "inherited"
