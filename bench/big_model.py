@@ -173,7 +173,7 @@ def main() -> None:
              "\"Load + read\": another process loads, then reads every parameter and buffer once (what a first answer "
              "needs; transformers maps the file and reads the weights only then). ours-bf16's packed layers read and pack "
              "their weights on first use (`PackedLinear.later`): its pass packs them all (`packed.pack_pending`), then "
-             "reads what is left (norms, embeddings, biases). Where smolvlm's bf16 GEMV runs (AVX-512 without AMX, "
+             "reads what is left (norms, embeddings, biases). Where smolvlm's bf16 GEMV runs (AVX-512 CPUs, AMX ones included, "
              "`upcast.text_gemv_pays`) only the vision tower is packed; the text linears are read from the file "
              "mapping as they are.", "",
              "| engine | load s | vs transformers | load + read s | vs transformers | peak RSS GiB | decode tok/s | features vs bf16 |",

@@ -22,7 +22,7 @@ _FAST = (torch.bfloat16, torch.float16)
 # M=900 (prefill) it is ~4x slower than dequantize + oneDNN GEMM (measured on the 2-core AMD EPYC
 # bench machine, 1536x576). Above this many rows we dequantize to the activation dtype instead.
 KERNEL_MAX_ROWS = 8
-# Rows up to which smolvlm's GEMV runs where PyTorch's runs the rest (AVX-512 without AMX, kernels
+# Rows up to which smolvlm's GEMV runs where PyTorch's runs the rest (AVX-512 CPUs, AMX ones included, kernels
 # kind "int8_rows"): a single stream's decode step. Streaming 40 layer pairs (576x1536 + 1536x576,
 # 53 MB, past the L3) on an AMD EPYC Zen 5, 2 threads: 1 row 0.039 against PyTorch's 0.055 ms a
 # pair, 2 rows 0.045 against 0.055, 4 rows 0.071 against 0.062 (bench/ANALYSIS.md, seventeenth round).
