@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from smolvlm import SmolVLM
+from smolvlm import SmolVLM, cpu
 from smolvlm.config import SmolVLMConfig, TextConfig, VisionConfig
 from smolvlm.weights.safetensors_io import CheckpointError, load_safetensors, read_safetensors_header
 from tests.helpers import rss_growth
@@ -284,9 +284,17 @@ def test_chunked_vision_gradients_match():
         assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
 
 
-def test_default_and_bad_chunk_size():
+def test_default_and_bad_chunk_size(monkeypatch):
+    """Two tiles per vision batch on CPUs with AMX (oneDNN's tiles run two tiles' rows per call faster),
+    one elsewhere; whatever this CPU is, both rules are checked."""
+    from smolvlm.model import vlm
+
+    for amx, want in ((True, 2), (False, 1)):
+        monkeypatch.setattr(vlm.cpu, "has", lambda flag, amx=amx: amx and flag == "amx_tile")
+        assert SmolVLM.from_config(tiny_config()).vision_chunk_size == want
+    monkeypatch.undo()
     model = SmolVLM.from_config(tiny_config())
-    assert model.vision_chunk_size == 1
+    assert model.vision_chunk_size == (2 if cpu.has("amx_tile") else 1)
     model.vision_chunk_size = 0
     with pytest.raises(ValueError, match="vision_chunk_size"):
         model.get_image_features(torch.randn(1, 1, 3, 32, 32))
