@@ -177,10 +177,10 @@ def prepare() -> bool:
       int8 GEMV has no AMX code). Images and prompts stay on PyTorch's flash attention and oneDNN's AMX
       GEMMs (the vision tower packed), int4 and wider int8 calls on PyTorch's kernels. Measured on a Xeon
       with AMX (2 cores; twenty-fourth round, ``bench/run.py --kernel-policies`` in ``bench/RESULTS.md``,
-      ``bench/gemv_rows.py``): 256M bf16 decode at a 900-token context 35.5 tok/s with no kernels, 55.2 with
-      the step over oneDNN's packed GEMVs (a run before), 66.9 with the GEMV too (one row: 9.7 against 15.0
-      ms for 30 layers' linears); a 512 px tile 0.233 s, against 0.419 with smolvlm's bf16 attention; prefill
-      0.84x on the unpacked text weights; SmolLM2-135M int8 decode 47 -> 118 tok/s.
+      ``bench/gemv_rows.py``): 256M bf16 decode at a 900-token context 34.5 tok/s with no kernels, 55.2 with
+      the step over oneDNN's packed GEMVs (a run before), 64.1 with the GEMV too (one row: 9.7 against 15.0
+      ms for 30 layers' linears); a 512 px tile 0.224 s, against 0.399 with smolvlm's bf16 attention; prefill
+      0.82x on the unpacked text weights; SmolLM2-135M int8 decode 47 -> 118 tok/s.
     ``SMOLVLM_CPU_KERNELS=1`` runs all of them on any x86-64 CPU with AVX2 (the bf16 attention only
     where the CPU has AVX-512 BF16)."""
     if "use" not in _state:

@@ -141,9 +141,9 @@ def text_gemv_pays(dtype: torch.dtype, device: torch.device | str = "cpu") -> bo
       decode step's 121 linears 5.8 ms against 7.4 through oneDNN's packed weights (46.7 against 36.3
       GB/s); decode 73-81 -> 80-107 tokens/s eager, 87-90 -> 95-101 compiled. On a Xeon with AMX
       (``bench/gemv_rows.py``, twenty-fourth round): 30 layers' linears at one row 9.7 against 15.0 ms
-      packed, two rows 13.9 against 15.2; 256M decode at a 900-token context 55.2 -> 66.9 tokens/s.
+      packed, two rows 13.9 against 15.2; 256M decode at a 900-token context 55.2 -> 64.1 tokens/s.
       Prompts pay: without packing there are no fused q/k/v, gate/up or residual post-ops, and a
-      900-token 256M prefill took 0.39-0.48 s against 0.34-0.38 (the Xeon: 0.84x the packed speed).
+      900-token 256M prefill took 0.39-0.48 s against 0.34-0.38 (the Xeon: 0.82x the packed speed).
     - float32 wherever the kernel runs. Where packing does not pay (``packed.packing_pays``: AVX-512
       CPUs) those layers were plain ``nn.Linear`` already: only their decode calls change, from
       PyTorch's (MKL's) GEMV to smolvlm's (the Zen 5: 80 layers of 576x1536 and 1536x576, 4.4 against
