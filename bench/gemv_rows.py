@@ -50,10 +50,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    kernels._state.update(use=None, gemv=None)  # smolvlm's GEMV callable on any CPU (SMOLVLM_CPU_KERNELS=1)
-    assert kernels.build() is None, kernels.build()
-    flags = cpu.flags() or frozenset()
-    print(f"CPU flags: {' '.join(sorted(f for f in flags if f.startswith(('avx', 'amx', 'fma'))))}; "
+    if problem := kernels.build():  # the ops are called directly, whatever this CPU's policy (kernels.prepare)
+        raise SystemExit(f"needs smolvlm's kernels: {problem}")
+    print(f"CPU flags: {cpu.simd_flags()}; "
           f"torch {torch.__version__}, {args.threads} threads; {LAYERS} layers of {SHAPES} (out, in)")
     print("| dtype | rows | smolvlm GEMV, plain (ms) | F.linear, plain (ms) | oneDNN packed (ms) | GEMV vs best other |")
     print("|---|---|---|---|---|---|")
@@ -74,10 +73,9 @@ def main() -> None:
                 for k, calls in variants.items():
                     times[k] = min(times[k], best_ms(calls, xs, max(1, args.reps // 3)))
             other = min(v for k, v in times.items() if k != "gemv")
-            print(f"| {name} | {rows} | {times['gemv']:.2f} | {times['plain']:.2f} | "
-                  f"{times['packed']:.2f} | {other / times['gemv']:.2f}x |" if "packed" in times else
-                  f"| {name} | {rows} | {times['gemv']:.2f} | {times['plain']:.2f} | - | {other / times['gemv']:.2f}x |",
-                  flush=True)
+            packed = f"{times['packed']:.2f}" if "packed" in times else "-"
+            print(f"| {name} | {rows} | {times['gemv']:.2f} | {times['plain']:.2f} | {packed} | "
+                  f"{other / times['gemv']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

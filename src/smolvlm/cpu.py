@@ -87,6 +87,12 @@ def has(flag: str) -> bool:
     return found is not None and flag in found
 
 
+def simd_flags() -> str:
+    """The SIMD flags PyTorch may use here (``avx*``, ``amx*``, ``fma``), sorted: what a benchmark prints
+    beside its numbers, since the paths differ between AVX2-only, AVX-512 and AMX CPUs."""
+    return " ".join(sorted(f for f in (flags() or ()) if f.startswith(("avx", "amx", "fma")))) or "unknown"
+
+
 def capped() -> bool:
     """Whether PyTorch runs below the hardware's ISA (``ATEN_CPU_CAPABILITY`` set lower)."""
     return flags() != hardware_flags()

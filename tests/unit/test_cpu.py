@@ -177,3 +177,11 @@ def test_the_avx2_only_path_passes_the_numerics_tests():
                          env={**os.environ, **cpu.avx2_only_env()}, cwd=root, capture_output=True, text=True,
                          timeout=1800)
     assert out.returncode == 0, f"as an AVX2-only CPU:\n{out.stdout[-6000:]}\n{out.stderr[-2000:]}"
+
+
+def test_simd_flags_names_the_vector_flags_pytorch_may_use(monkeypatch):
+    """What benchmarks print beside their numbers: the avx/amx/fma flags, sorted; "unknown" without flags."""
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"sse4_2", "fma", "avx512f", "amx_tile", "avx2", "f16c"}))
+    assert cpu.simd_flags() == "amx_tile avx2 avx512f fma"
+    monkeypatch.setattr(cpu, "flags", lambda: None)
+    assert cpu.simd_flags() == "unknown"
